@@ -1,0 +1,135 @@
+//! greet-server: serve Greet, stay registered in etcd, leave in order.
+//!
+//! [`run`] is the whole server given a bound listener and a shutdown signal,
+//! so tests run it in-process on port 0 and `main` only parses flags and
+//! turns signals into the shutdown token.
+//!
+//! Shutdown order (each step bounded): health NOT_SERVING; weight 0 in
+//! etcd (draining); keep serving for `drain` so every client sees it; stop
+//! accepting and finish in-flight calls; revoke the lease (the key goes with
+//! it); return.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod service;
+
+use std::time::Duration;
+
+use greet_proto::GreetServer;
+use registry::etcd::EtcdConfig;
+use registry::registrar::{Registrar, RegistrarConfig};
+use registry::schema::Addr;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tracing::{info, info_span, warn, Instrument};
+
+pub use config::{Args, Config};
+pub use service::GreetService;
+
+/// Errors that end the server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The listener's address could not be read.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+    /// The registration could not be set up.
+    #[error(transparent)]
+    Registrar(#[from] registry::registrar::RegistrarError),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// How long to wait for etcd to confirm the drain weight before draining
+/// anyway (clients also see the server's health and GOAWAY).
+const DRAIN_WRITE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bound for revoking the lease at the end.
+const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves Greet and the gRPC health service on `listener`, registered in
+/// etcd, until `shutdown` is cancelled; then drains and deregisters.
+///
+/// # Errors
+/// The listener or the gRPC server failing; etcd trouble is never an error
+/// here (the registrar retries forever).
+pub async fn run(
+    cfg: Config,
+    etcd: EtcdConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let local = listener.local_addr()?;
+    let advertise = cfg
+        .advertise
+        .clone()
+        .unwrap_or_else(|| Addr::from_socket(local));
+    let span = info_span!("greet_server", service = %cfg.service, addr = %advertise);
+    async move {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<GreetServer<GreetService>>().await;
+        health.set_service_status("", ServingStatus::Serving).await;
+
+        let registrar = Registrar::spawn(
+            etcd,
+            RegistrarConfig {
+                root: cfg.root.clone(),
+                service: cfg.service.clone(),
+                addr: advertise.clone(),
+                version: cfg.version.clone(),
+                weight: cfg.weight,
+                ttl: cfg.ttl,
+            },
+        )?;
+
+        let stop_accepting = CancellationToken::new();
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let server = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(GreetServer::new(
+                GreetService::new(advertise.to_string()).with_latency(cfg.latency),
+            ))
+            .serve_with_incoming_shutdown(incoming, stop_accepting.clone().cancelled_owned());
+        let mut server = tokio::spawn(server);
+        info!(listen = %local, "serving");
+
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            res = &mut server => {
+                // The server ended on its own: an error; still deregister.
+                registrar.deregister(DEREGISTER_TIMEOUT).await;
+                return match res {
+                    Ok(r) => r.map_err(Error::from),
+                    Err(join) => Err(Error::Io(std::io::Error::other(join))),
+                };
+            }
+        }
+
+        info!(drain = ?cfg.drain, "shutting down: draining");
+        health.set_service_status("", ServingStatus::NotServing).await;
+        health.set_not_serving::<GreetServer<GreetService>>().await;
+        if !registrar.set_weight(0, DRAIN_WRITE_TIMEOUT).await {
+            warn!("could not confirm weight 0 in etcd; draining anyway");
+        }
+        tokio::time::sleep(cfg.drain).await;
+
+        info!("stopping: no new connections, finishing in-flight calls");
+        stop_accepting.cancel();
+        match tokio::time::timeout(cfg.shutdown_timeout, &mut server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => warn!(error = %e, "gRPC server ended with an error"),
+            Ok(Err(e)) => warn!(error = %e, "gRPC server task failed"),
+            Err(_) => {
+                warn!(timeout = ?cfg.shutdown_timeout, "in-flight calls did not finish in time; abandoning them");
+                server.abort();
+            }
+        }
+        registrar.deregister(DEREGISTER_TIMEOUT).await;
+        info!("stopped");
+        Ok(())
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,232 @@
+//! How every binary reaches etcd: endpoints, TLS and auth, from flags or env.
+//!
+//! Secrets never come from a plain command-line flag (it would show in `ps`):
+//! the password is read from `ETCD_PASSWORD` or from `--etcd-password-file`.
+//! Connecting does not prove etcd is up (etcd-client connects lazily), so
+//! [`EtcdConfig::connect`] checks with a real request.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+
+/// Errors reaching etcd or reading its credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    /// The flags or files describing the connection are unusable.
+    #[error("etcd configuration: {0}")]
+    Config(String),
+    /// etcd did not answer or refused.
+    #[error("etcd: {0}")]
+    Client(#[from] etcd_client::Error),
+    /// etcd did not answer in time.
+    #[error("etcd did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// The etcd connection flags shared by every binary (`#[command(flatten)]`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated (`host:port` or URLs).
+    #[arg(
+        long = "etcd-endpoints",
+        env = "ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:2379"
+    )]
+    pub endpoints: Vec<String>,
+    /// CA certificate (PEM) to verify etcd's server certificate; enables TLS.
+    #[arg(long = "etcd-ca", env = "ETCD_CA")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's client-cert auth; needs --etcd-key.
+    #[arg(long = "etcd-cert", env = "ETCD_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Client private key (PEM); needs --etcd-cert.
+    #[arg(long = "etcd-key", env = "ETCD_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// etcd user; the password comes from ETCD_PASSWORD or --etcd-password-file.
+    #[arg(long = "etcd-user", env = "ETCD_USER")]
+    pub user: Option<String>,
+    /// File holding the etcd password (its first line).
+    #[arg(long = "etcd-password-file", env = "ETCD_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
+}
+
+impl Default for EtcdArgs {
+    fn default() -> Self {
+        Self {
+            endpoints: vec!["127.0.0.1:2379".to_owned()],
+            ca: None,
+            cert: None,
+            key: None,
+            user: None,
+            password_file: None,
+        }
+    }
+}
+
+impl EtcdArgs {
+    /// Args for plain endpoints, as tests and tools use.
+    pub fn plain(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Self {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Reads certificates and secrets now, so a bad path fails at start-up
+    /// with a clear message rather than on the first reconnect.
+    ///
+    /// # Errors
+    /// Unreadable files, a user without password, no endpoints.
+    pub fn resolve(&self) -> Result<EtcdConfig, EtcdError> {
+        let endpoints: Vec<String> = self
+            .endpoints
+            .iter()
+            .map(|e| e.trim().to_owned())
+            .filter(|e| !e.is_empty())
+            .collect();
+        if endpoints.is_empty() {
+            return Err(EtcdError::Config("no etcd endpoints given".into()));
+        }
+        let read = |p: &PathBuf, what: &str| {
+            std::fs::read(p)
+                .map_err(|e| EtcdError::Config(format!("cannot read {what} {}: {e}", p.display())))
+        };
+        let tls = if self.ca.is_some() || self.cert.is_some() {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &self.ca {
+                tls = tls.ca_certificate(Certificate::from_pem(read(ca, "CA certificate")?));
+            }
+            if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+                tls = tls.identity(Identity::from_pem(
+                    read(cert, "client certificate")?,
+                    read(key, "client key")?,
+                ));
+            }
+            Some(tls)
+        } else {
+            None
+        };
+        let auth = match &self.user {
+            None => None,
+            Some(user) => {
+                let password = match (&self.password_file, std::env::var("ETCD_PASSWORD")) {
+                    (Some(file), _) => {
+                        let raw = read(file, "password file")?;
+                        String::from_utf8_lossy(&raw)
+                            .lines()
+                            .next()
+                            .unwrap_or_default()
+                            .to_owned()
+                    }
+                    (None, Ok(pw)) => pw,
+                    (None, Err(_)) => {
+                        return Err(EtcdError::Config(format!(
+                            "--etcd-user {user} needs a password: set ETCD_PASSWORD or --etcd-password-file"
+                        )))
+                    }
+                };
+                Some((user.clone(), password))
+            }
+        };
+        Ok(EtcdConfig {
+            endpoints,
+            tls,
+            auth,
+        })
+    }
+}
+
+/// A resolved, ready-to-dial etcd configuration (cheap to clone).
+#[derive(Clone)]
+pub struct EtcdConfig {
+    /// Endpoints as given.
+    pub endpoints: Vec<String>,
+    tls: Option<TlsOptions>,
+    auth: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdConfig")
+            .field("endpoints", &self.endpoints)
+            .field("tls", &self.tls.is_some())
+            .field("user", &self.auth.as_ref().map(|(u, _)| u))
+            .finish()
+    }
+}
+
+/// How long one connection attempt, and the request that proves it, may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+impl EtcdConfig {
+    /// Plain endpoints, no TLS, no auth.
+    pub fn plain(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Self {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            tls: None,
+            auth: None,
+        }
+    }
+
+    fn options(&self) -> ConnectOptions {
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            // HTTP/2 pings find a dead etcd member in seconds rather than
+            // waiting for TCP to give up.
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true);
+        if let Some(tls) = &self.tls {
+            opts = opts.with_tls(tls.clone());
+        }
+        if let Some((user, password)) = &self.auth {
+            opts = opts.with_user(user.clone(), password.clone());
+        }
+        opts
+    }
+
+    /// Dials etcd and proves it answers (a `status` call: `connect` alone
+    /// succeeds even where nothing listens).
+    ///
+    /// # Errors
+    /// etcd unreachable, TLS or auth refused, or no answer within
+    /// [`CONNECT_TIMEOUT`].
+    pub async fn connect(&self) -> Result<Client, EtcdError> {
+        let attempt = async {
+            let mut client = Client::connect(&self.endpoints, Some(self.options())).await?;
+            client.status().await?;
+            Ok::<_, EtcdError>(client)
+        };
+        // Twice the connect timeout: TCP connect plus one request.
+        tokio::time::timeout(CONNECT_TIMEOUT * 2, attempt)
+            .await
+            .map_err(|_| EtcdError::Timeout(CONNECT_TIMEOUT * 2))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_user_without_password_is_a_clear_error() {
+        let args = EtcdArgs {
+            user: Some("svc".into()),
+            password_file: Some("/nonexistent/pw".into()),
+            ..EtcdArgs::default()
+        };
+        let err = args.resolve().unwrap_err().to_string();
+        assert!(err.contains("password file"), "{err}");
+    }
+
+    #[test]
+    fn empty_endpoints_are_rejected() {
+        let args = EtcdArgs::plain([" ", ""]);
+        assert!(args.resolve().is_err());
+        let ok = EtcdArgs::plain(["127.0.0.1:2379", " 127.0.0.1:2380 "])
+            .resolve()
+            .unwrap();
+        assert_eq!(ok.endpoints, ["127.0.0.1:2379", "127.0.0.1:2380"]);
+    }
+}

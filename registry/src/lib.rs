@@ -1,0 +1,16 @@
+//! The registry: everything server, client and controller share about etcd.
+//!
+//! - [`schema`]: keys, values and their validation (the contract);
+//! - [`etcd`]: how to reach etcd (endpoints, TLS, auth);
+//! - [`registrar`]: keeping one endpoint registered on a lease;
+//! - [`backoff`]: the jittered exponential backoff of every reconnecting loop.
+
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod etcd;
+pub mod logging;
+pub mod registrar;
+pub mod schema;
+
+pub use schema::{Addr, Endpoint, Member, SchemaError, ServiceName, ValueKind};

@@ -1,0 +1,487 @@
+//! Keeps one endpoint registered in etcd for as long as its process lives.
+//!
+//! The registrar owns one lease per process and one key,
+//! `<root><service>/<addr>`. It
+//! - grants the lease and keeps it alive (a ping every TTL/3, draining the
+//!   responses; a response with TTL 0 means etcd forgot the lease, so a new
+//!   one is granted);
+//! - watches its own key and registers again when the key vanishes (deleted
+//!   by a person or a controller, expired during a partition, lost with a
+//!   wiped etcd);
+//! - is *fenced*: the key is written in a transaction that succeeds only when
+//!   the key is absent, lease-less, or already on this process's lease. When
+//!   another live lease owns the address (a reused pod IP, a stray second
+//!   process) it logs the conflict once, writes nothing, and takes over when
+//!   that key goes away with its lease;
+//! - retries everything with jittered exponential backoff and never gives up;
+//! - on [`Registrar::deregister`] revokes the lease, which deletes the key.
+//!
+//! A lease-less key on our address is taken over: no heartbeating process
+//! can own it, and it names this very endpoint.
+
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, EventType, PutOptions, Txn, TxnOp};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::backoff::Backoff;
+use crate::etcd::{EtcdConfig, EtcdError};
+use crate::schema::{self, Addr, Endpoint, SchemaError, ServiceName};
+
+/// The smallest TTL etcd grants.
+pub const MIN_TTL: Duration = Duration::from_secs(2);
+
+/// Per-request bound for etcd calls made by the registrar.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What to register.
+#[derive(Debug, Clone)]
+pub struct RegistrarConfig {
+    /// Key root, normally [`schema::DEFAULT_ROOT`].
+    pub root: String,
+    /// Service name (the key's middle segment).
+    pub service: ServiceName,
+    /// The advertised address: the key suffix and the value's `addr`.
+    pub addr: Addr,
+    /// The value's `version`.
+    pub version: String,
+    /// The value's initial `weight`.
+    pub weight: u32,
+    /// Lease TTL; at least [`MIN_TTL`], whole seconds.
+    pub ttl: Duration,
+}
+
+/// Errors that stop a registrar from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistrarError {
+    /// The configuration cannot produce a valid registration.
+    #[error("registrar configuration: {0}")]
+    Config(String),
+    /// The value would be rejected by readers.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+}
+
+/// Where the registration stands; observable by the process and its tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// Not (yet) confirmed in etcd: starting, or etcd unreachable.
+    Connecting,
+    /// The key is ours, on this lease.
+    Registered {
+        /// Our lease id.
+        lease: i64,
+    },
+    /// Another live lease owns the address; waiting for it to go.
+    Conflict {
+        /// The owner's lease id.
+        owner_lease: i64,
+    },
+    /// The lease was revoked on request; the loop has ended.
+    Deregistered,
+}
+
+/// Handle to the background registration loop.
+#[derive(Debug)]
+pub struct Registrar {
+    desired: watch::Sender<(u64, Endpoint)>,
+    applied: watch::Receiver<u64>,
+    status: watch::Receiver<Status>,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Registrar {
+    /// Starts registering in the background; returns at once, even while
+    /// etcd is unreachable (the loop keeps trying).
+    ///
+    /// # Errors
+    /// A TTL below [`MIN_TTL`] or a weight readers would reject.
+    pub fn spawn(etcd: EtcdConfig, cfg: RegistrarConfig) -> Result<Self, RegistrarError> {
+        if cfg.ttl < MIN_TTL {
+            return Err(RegistrarError::Config(format!(
+                "ttl {:?} is below etcd's minimum of {MIN_TTL:?}",
+                cfg.ttl
+            )));
+        }
+        let endpoint = Endpoint::new(&cfg.addr, cfg.version.clone(), cfg.weight);
+        endpoint.to_json()?;
+        let (desired, desired_rx) = watch::channel((0, endpoint));
+        let (applied_tx, applied) = watch::channel(0);
+        let (status_tx, status) = watch::channel(Status::Connecting);
+        let cancel = CancellationToken::new();
+        let span = info_span!("registrar", service = %cfg.service, addr = %cfg.addr);
+        let worker = Worker {
+            key: schema::key(&cfg.root, &cfg.service, &cfg.addr),
+            ttl_secs: cfg.ttl.as_secs().max(MIN_TTL.as_secs()) as i64,
+            etcd,
+            desired: desired_rx,
+            applied: applied_tx,
+            status: status_tx,
+            cancel: cancel.clone(),
+        };
+        let task = tokio::spawn(worker.run().instrument(span));
+        Ok(Self {
+            desired,
+            applied,
+            status,
+            cancel,
+            task,
+        })
+    }
+
+    /// Watches the registration status.
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// Changes the advertised weight (0 = draining) and waits until etcd has
+    /// it, or until `wait` passes. Returns whether it was written (or whether
+    /// there was nothing to update because we are not registered).
+    pub async fn set_weight(&self, weight: u32, wait: Duration) -> bool {
+        let mut generation = 0;
+        self.desired.send_modify(|(g, ep)| {
+            *g += 1;
+            generation = *g;
+            ep.weight = weight.min(schema::MAX_WEIGHT);
+        });
+        let mut applied = self.applied.clone();
+        timeout(wait, applied.wait_for(|g| *g >= generation))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Stops the loop and revokes the lease (deleting the key), waiting at
+    /// most `wait`. If etcd cannot be reached the key expires with its TTL.
+    pub async fn deregister(self, wait: Duration) {
+        self.cancel.cancel();
+        let mut task = self.task;
+        if timeout(wait, &mut task).await.is_err() {
+            warn!("deregistration timed out; the key expires with its lease");
+            task.abort();
+        }
+    }
+}
+
+/// Why a session with etcd ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Connect(#[from] EtcdError),
+    #[error("etcd request failed: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("etcd did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("etcd no longer knows lease {0}")]
+    LeaseLost(i64),
+    #[error("no keep-alive answer for lease {0} within its TTL")]
+    KeepAliveSilent(i64),
+    #[error("the {0} stream ended")]
+    StreamEnded(&'static str),
+    #[error("the watch on our key was cancelled: {0}")]
+    WatchCancelled(String),
+}
+
+/// etcd reports a forgotten lease as an error on keep-alive or put (not
+/// only as a TTL-0 response); either way it means "grant a new one".
+fn lease_not_found(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::LeaseKeepAliveError(msg) => msg.contains("not found"),
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == tonic::Code::NotFound || status.message().contains("lease not found")
+        }
+        _ => false,
+    }
+}
+
+async fn bounded<T, E>(
+    fut: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, SessionError>
+where
+    SessionError: From<E>,
+{
+    timeout(REQUEST_TIMEOUT, fut)
+        .await
+        .map_err(|_| SessionError::Timeout(REQUEST_TIMEOUT))?
+        .map_err(SessionError::from)
+}
+
+struct Worker {
+    key: String,
+    ttl_secs: i64,
+    etcd: EtcdConfig,
+    desired: watch::Receiver<(u64, Endpoint)>,
+    applied: watch::Sender<u64>,
+    status: watch::Sender<Status>,
+    cancel: CancellationToken,
+}
+
+impl Worker {
+    async fn run(mut self) {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        let mut lease: Option<i64> = None;
+        let mut client: Option<Client> = None;
+        while !self.cancel.is_cancelled() {
+            let result = match &client {
+                Some(c) => self.session(c.clone(), &mut lease, &mut backoff).await,
+                None => tokio::select! {
+                    c = self.etcd.connect() => match c {
+                        Ok(c) => { client = Some(c); continue; }
+                        Err(e) => Err(SessionError::from(e)),
+                    },
+                    () = self.cancel.cancelled() => break,
+                },
+            };
+            let result = match result {
+                Err(SessionError::Etcd(e)) if lease_not_found(&e) => {
+                    Err(SessionError::LeaseLost(lease.unwrap_or_default()))
+                }
+                other => other,
+            };
+            match result {
+                Ok(()) => break,
+                Err(SessionError::LeaseLost(id)) => {
+                    // Not a failure of etcd: register again at once.
+                    info!(lease = id, "lease lost; registering with a new lease");
+                    lease = None;
+                    continue;
+                }
+                Err(e) => {
+                    self.set_status(Status::Connecting);
+                    // The backoff is reset by every successful registration,
+                    // so attempt 0 is the first failure of a streak.
+                    if backoff.attempts() == 0 {
+                        warn!(error = %e, "etcd unreachable or failing; retrying with backoff");
+                    } else {
+                        debug!(error = %e, attempt = backoff.attempts(), "still failing");
+                    }
+                    if matches!(e, SessionError::Connect(_)) {
+                        client = None;
+                    }
+                }
+            }
+            // Nothing to write while etcd is away: acknowledge value changes
+            // so a draining server is not held up; the next registration
+            // writes the current value.
+            self.ack_desired();
+            let delay = backoff.next_delay();
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.cancel.cancelled() => break,
+            }
+        }
+        if let (Some(id), Some(mut c)) = (lease, client) {
+            match timeout(REQUEST_TIMEOUT, c.lease_revoke(id)).await {
+                Ok(Ok(_)) => info!(lease = id, "deregistered: lease revoked, key deleted"),
+                Ok(Err(e)) => {
+                    warn!(lease = id, error = %e, "revoke failed; the key expires with its lease")
+                }
+                Err(_) => warn!(
+                    lease = id,
+                    "revoke timed out; the key expires with its lease"
+                ),
+            }
+        }
+        self.set_status(Status::Deregistered);
+    }
+
+    fn set_status(&self, status: Status) {
+        self.status.send_if_modified(|s| {
+            if *s == status {
+                return false;
+            }
+            match &status {
+                Status::Registered { lease } => info!(lease, key = %self.key, "registered"),
+                Status::Conflict { owner_lease } => warn!(
+                    owner_lease,
+                    key = %self.key,
+                    "address owned by another live lease; not overwriting, waiting for it to expire"
+                ),
+                Status::Connecting | Status::Deregistered => {}
+            }
+            *s = status;
+            true
+        });
+    }
+
+    fn ack_desired(&mut self) {
+        let generation = self.desired.borrow_and_update().0;
+        self.applied.send_replace(generation);
+    }
+
+    fn value(&self) -> String {
+        self.desired
+            .borrow()
+            .1
+            .to_json()
+            .expect("weight validated at spawn and clamped in set_weight")
+    }
+
+    /// One connected stretch: keep-alive + watch, until an error or cancel.
+    async fn session(
+        &mut self,
+        mut client: Client,
+        lease: &mut Option<i64>,
+        backoff: &mut Backoff,
+    ) -> Result<(), SessionError> {
+        let id = match *lease {
+            Some(id) => id,
+            None => {
+                let granted = bounded(client.lease_grant(self.ttl_secs, None)).await?;
+                debug!(lease = granted.id(), ttl = granted.ttl(), "lease granted");
+                *lease = Some(granted.id());
+                granted.id()
+            }
+        };
+        let (mut keeper, mut keepalive) = bounded(client.lease_keep_alive(id)).await?;
+        bounded(keeper.keep_alive()).await?;
+        match bounded(keepalive.message()).await? {
+            Some(r) if r.ttl() > 0 => {}
+            Some(_) => return Err(SessionError::LeaseLost(id)),
+            None => return Err(SessionError::StreamEnded("keep-alive")),
+        }
+
+        let mut watch = bounded(client.watch(self.key.as_str(), None)).await?;
+        match bounded(watch.message()).await? {
+            Some(r) if r.created() => {}
+            Some(r) => return Err(SessionError::WatchCancelled(r.cancel_reason().to_owned())),
+            None => return Err(SessionError::StreamEnded("watch")),
+        }
+
+        let mut registered = self.claim(&mut client, id).await?;
+        backoff.reset();
+        let period = Duration::from_secs(self.ttl_secs as u64) / 3;
+        let mut ticker = tokio::time::interval(period.max(Duration::from_millis(500)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_answer = Instant::now();
+        let silence_limit = Duration::from_secs(self.ttl_secs as u64);
+
+        loop {
+            tokio::select! {
+                () = self.cancel.cancelled() => return Ok(()),
+                _ = ticker.tick() => {
+                    if last_answer.elapsed() > silence_limit {
+                        return Err(SessionError::KeepAliveSilent(id));
+                    }
+                    bounded(keeper.keep_alive()).await?;
+                }
+                msg = keepalive.message() => match msg? {
+                    None => return Err(SessionError::StreamEnded("keep-alive")),
+                    Some(r) if r.ttl() <= 0 => return Err(SessionError::LeaseLost(id)),
+                    Some(_) => last_answer = Instant::now(),
+                },
+                msg = watch.message() => {
+                    let resp = msg?.ok_or(SessionError::StreamEnded("watch"))?;
+                    if resp.canceled() {
+                        return Err(SessionError::WatchCancelled(resp.cancel_reason().to_owned()));
+                    }
+                    for event in resp.events() {
+                        let Some(kv) = event.kv() else { continue };
+                        match event.event_type() {
+                            EventType::Delete => {
+                                if registered {
+                                    info!(lease = id, "our key vanished; registering again");
+                                }
+                                registered = self.claim(&mut client, id).await?;
+                            }
+                            EventType::Put if kv.lease() != id => {
+                                registered = false;
+                                if kv.lease() == 0 {
+                                    // A lease-less write on our address: take it back.
+                                    registered = self.claim(&mut client, id).await?;
+                                } else {
+                                    self.set_status(Status::Conflict { owner_lease: kv.lease() });
+                                }
+                            }
+                            EventType::Put => {}
+                        }
+                    }
+                }
+                changed = self.desired.changed() => {
+                    if changed.is_err() {
+                        // Handle dropped without deregistering: keep going.
+                        std::future::pending::<()>().await;
+                    }
+                    if registered {
+                        registered = self.update(&mut client, id).await?;
+                    }
+                    self.ack_desired();
+                }
+            }
+        }
+    }
+
+    /// Fenced registration: put our value only where the key is absent,
+    /// lease-less or already ours. Returns whether we own the key now.
+    async fn claim(&mut self, client: &mut Client, id: i64) -> Result<bool, SessionError> {
+        for _ in 0..5 {
+            let current = bounded(client.get(self.key.as_str(), None)).await?;
+            let value = self.value();
+            let compare = match current.kvs().first() {
+                None => Compare::create_revision(self.key.as_str(), CompareOp::Equal, 0),
+                Some(kv) if kv.lease() == id => {
+                    if kv.value() == value.as_bytes() {
+                        self.set_status(Status::Registered { lease: id });
+                        return Ok(true);
+                    }
+                    Compare::lease(self.key.as_str(), CompareOp::Equal, id)
+                }
+                Some(kv) if kv.lease() == 0 => {
+                    info!(
+                        mod_revision = kv.mod_revision(),
+                        "taking over a lease-less key on our address"
+                    );
+                    Compare::mod_revision(self.key.as_str(), CompareOp::Equal, kv.mod_revision())
+                }
+                Some(kv) => {
+                    self.set_status(Status::Conflict {
+                        owner_lease: kv.lease(),
+                    });
+                    return Ok(false);
+                }
+            };
+            let txn = Txn::new().when([compare]).and_then([TxnOp::put(
+                self.key.as_str(),
+                value,
+                Some(PutOptions::new().with_lease(id)),
+            )]);
+            if bounded(client.txn(txn)).await?.succeeded() {
+                self.ack_desired();
+                self.set_status(Status::Registered { lease: id });
+                return Ok(true);
+            }
+        }
+        // Lost the race five times in a row: someone else keeps writing.
+        // Report the conflict and wait for the next event on the key.
+        let owner = bounded(client.get(self.key.as_str(), None))
+            .await?
+            .kvs()
+            .first()
+            .map_or(0, |kv| kv.lease());
+        self.set_status(Status::Conflict { owner_lease: owner });
+        Ok(false)
+    }
+
+    /// Rewrites our value (e.g. weight 0 for draining) only while the key is
+    /// still on our lease.
+    async fn update(&mut self, client: &mut Client, id: i64) -> Result<bool, SessionError> {
+        let value = self.value();
+        let txn = Txn::new()
+            .when([Compare::lease(self.key.as_str(), CompareOp::Equal, id)])
+            .and_then([TxnOp::put(
+                self.key.as_str(),
+                value,
+                Some(PutOptions::new().with_lease(id)),
+            )]);
+        if bounded(client.txn(txn)).await?.succeeded() {
+            debug!(lease = id, "value updated");
+            Ok(true)
+        } else {
+            self.claim(client, id).await
+        }
+    }
+}

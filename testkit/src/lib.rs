@@ -1,0 +1,297 @@
+//! Test support: real etcd processes and real binaries on loopback.
+//!
+//! Every test gets its own etcd on free ports with a temporary data dir, so
+//! tests run in parallel and never share state. Processes are killed when
+//! their handle drops, even when a test panics.
+
+#![forbid(unsafe_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// A free loopback TCP port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral loopback port")
+}
+
+/// One etcd member on loopback; killed on drop, data dir removed.
+pub struct Etcd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    /// `127.0.0.1:<port>` for clients.
+    pub client_port: u16,
+    peer_port: u16,
+    name: String,
+}
+
+impl Etcd {
+    /// Starts a single-member etcd and waits until it answers.
+    pub async fn start() -> Result<Self> {
+        let mut etcd = Self {
+            child: None,
+            dir: tempfile::Builder::new().prefix("testkit-etcd").tempdir()?,
+            client_port: free_port(),
+            peer_port: free_port(),
+            name: "default".into(),
+        };
+        etcd.spawn()?;
+        etcd.wait_ready().await?;
+        Ok(etcd)
+    }
+
+    /// The client endpoint, `127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// The data directory (inside the temp dir).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Where etcd's own log goes.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let child = Command::new(etcd_binary())
+            .arg("--name")
+            .arg(&self.name)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--listen-client-urls")
+            .arg(&client)
+            .arg("--advertise-client-urls")
+            .arg(&client)
+            .arg("--listen-peer-urls")
+            .arg(&peer)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer)
+            .arg("--initial-cluster")
+            .arg(format!("{}={peer}", self.name))
+            .arg("--logger")
+            .arg("zap")
+            .arg("--log-outputs")
+            .arg("stderr")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting etcd (is Debian's etcd-server installed? .ci/setup installs it)")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!(
+                        "etcd exited with {status}; log: {}",
+                        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+                    );
+                }
+            }
+            if let Ok(Ok(mut c)) = tokio::time::timeout(
+                Duration::from_secs(2),
+                etcd_client::Client::connect([self.endpoint()], None),
+            )
+            .await
+            {
+                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), c.status()).await {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("etcd on {} not ready within 20 s", self.endpoint());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A client connected to this member.
+    pub async fn client(&self) -> Result<etcd_client::Client> {
+        Ok(etcd_client::Client::connect([self.endpoint()], None).await?)
+    }
+
+    /// Kills the process (SIGKILL) and waits for it; data stays.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same ports, keeping (or wiping) the data.
+    pub async fn restart(&mut self, wipe: bool) -> Result<()> {
+        self.stop();
+        if wipe {
+            let _ = std::fs::remove_dir_all(self.data_dir());
+        }
+        self.spawn()?;
+        self.wait_ready().await
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn etcd_binary() -> PathBuf {
+    std::env::var_os("ETCD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("etcd"))
+}
+
+/// The path of a workspace binary built next to the running test
+/// (`target/<profile>/<name>`). `cargo test --workspace` builds them all.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test>-<hash>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    profile_dir.join(name)
+}
+
+/// A child process killed (SIGKILL) on drop; its output goes to a log file
+/// that is printed by [`Proc::log`] for failing tests.
+pub struct Proc {
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+    /// Name for messages.
+    pub name: String,
+}
+
+impl Proc {
+    /// Spawns `program args...` with extra environment; output to a log file.
+    pub fn spawn(
+        name: &str,
+        program: impl AsRef<Path>,
+        args: &[String],
+        envs: &[(&str, &str)],
+    ) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("testkit-proc").tempdir()?;
+        let log = dir.path().join("out.log");
+        let file = std::fs::File::create(&log)?;
+        let mut cmd = Command::new(program.as_ref());
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .env_remove("ETCD_ENDPOINTS");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {}", program.as_ref().display()))?;
+        Ok(Self {
+            child: Some(child),
+            log,
+            _dir: dir,
+            name: name.to_owned(),
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().map_or(0, |c| c.id() as i32))
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: Signal) -> Result<()> {
+        kill(self.pid(), sig).with_context(|| format!("signalling {}", self.name))
+    }
+
+    /// Everything the process wrote so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits up to `limit` for exit; returns the exit code (None if killed
+    /// by a signal), or an error on timeout.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Result<Option<i32>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    self.child = None;
+                    return Ok(status.code());
+                }
+            } else {
+                bail!("{} already reaped", self.name);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not exit within {limit:?}; log:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or fails after
+/// `limit` with `what` in the message. For waiting on eventual states in
+/// tests (never for asserting on speed).
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
