@@ -134,6 +134,7 @@ impl EtcdArgs {
             endpoints,
             tls,
             auth,
+            require_leader: false,
         })
     }
 }
@@ -145,6 +146,7 @@ pub struct EtcdConfig {
     pub endpoints: Vec<String>,
     tls: Option<TlsOptions>,
     auth: Option<(String, String)>,
+    require_leader: bool,
 }
 
 impl std::fmt::Debug for EtcdConfig {
@@ -167,7 +169,16 @@ impl EtcdConfig {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
             tls: None,
             auth: None,
+            require_leader: false,
         }
+    }
+
+    /// The same settings with etcd's require-leader option: requests (and
+    /// watches) fail on a member cut off from the leader instead of serving
+    /// stale data, so the caller can fail over to another member.
+    pub fn require_leader(mut self) -> Self {
+        self.require_leader = true;
+        self
     }
 
     fn options(&self) -> ConnectOptions {
@@ -176,7 +187,8 @@ impl EtcdConfig {
             // HTTP/2 pings find a dead etcd member in seconds rather than
             // waiting for TCP to give up.
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(self.require_leader);
         if let Some(tls) = &self.tls {
             opts = opts.with_tls(tls.clone());
         }

@@ -3,6 +3,7 @@
 //! - [`schema`]: keys, values and their validation (the contract);
 //! - [`etcd`]: how to reach etcd (endpoints, TLS, auth);
 //! - [`registrar`]: keeping one endpoint registered on a lease;
+//! - [`watcher`]: the list+watch reflector of a prefix, as events;
 //! - [`backoff`]: the jittered exponential backoff of every reconnecting loop.
 
 #![forbid(unsafe_code)]
@@ -12,5 +13,6 @@ pub mod etcd;
 pub mod logging;
 pub mod registrar;
 pub mod schema;
+pub mod watcher;
 
 pub use schema::{Addr, Endpoint, Member, SchemaError, ServiceName, ValueKind};

@@ -1,0 +1,475 @@
+//! The list+watch reflector: a local copy of one etcd prefix, as events.
+//!
+//! Written once for client and controller (kube-rs's watcher is the model):
+//! Get the prefix in pages at one revision, Watch from revision+1, and turn
+//! both into [`Event`]s keyed by the full etcd key. On a broken stream it
+//! reconnects and resumes from the last revision it saw; when etcd answers
+//! that the revision was compacted, or when etcd came back with less history
+//! than we saw (wiped or restored), it relists and emits only the
+//! difference. Every (re)list ends with [`Event::Synced`], the moment the
+//! consumer's view is complete.
+//!
+//! Static stability: while etcd is unreachable nothing is emitted, so
+//! consumers keep their last state; the watcher never reports "empty"
+//! because etcd went away. [`WatchState`] says how fresh the view is (the age
+//! of the last event or progress notice), so a silent stream is visible.
+//!
+//! Schema rules are applied here: keys are parsed into service and address,
+//! values into a [`Member`]; invalid entries are still emitted (the
+//! controller reports them) with the reason, and warned about once per key
+//! and revision.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions, WatchStream};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+use crate::etcd::{EtcdConfig, EtcdError};
+use crate::schema::{self, Addr, Member, SchemaError, ServiceName};
+
+/// Page size of the initial list: bounded responses even with huge values.
+const PAGE: i64 = 500;
+/// Responses may carry values up to etcd's request limit; allow big pages.
+const MAX_MESSAGE: usize = 256 * 1024 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One key under the watched prefix, as the schema reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// The full etcd key.
+    pub key: String,
+    /// Service and address from the key; `None` for keys outside the schema.
+    pub id: Option<(ServiceName, Addr)>,
+    /// The parsed value, or why the key or value is invalid.
+    pub member: Result<Member, SchemaError>,
+    /// Lease id, 0 when the key has none.
+    pub lease: i64,
+    /// Revision that created the key (changes on re-registration).
+    pub create_revision: i64,
+    /// Revision of the last write (the compare target for safe deletes).
+    pub mod_revision: i64,
+}
+
+impl Entry {
+    /// Reads one etcd key-value under `root`.
+    pub fn from_kv(root: &str, kv: &KeyValue) -> Self {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        let (id, member) = match schema::parse_key(root, kv.key()) {
+            Ok((service, addr)) => {
+                let member = schema::parse_value(&addr, kv.value());
+                (Some((service, addr)), member)
+            }
+            Err(e) => (None, Err(e)),
+        };
+        Self {
+            key,
+            id,
+            member,
+            lease: kv.lease(),
+            create_revision: kv.create_revision(),
+            mod_revision: kv.mod_revision(),
+        }
+    }
+}
+
+/// A change to the local copy.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A key was created or changed (valid or not).
+    Applied(Entry),
+    /// A key is gone; the last known entry.
+    Removed(Entry),
+    /// The view is complete as of this revision (after every list/relist).
+    Synced {
+        /// etcd revision of the list.
+        revision: i64,
+    },
+}
+
+/// How current the view is, for logs, metrics and readiness.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatchState {
+    /// At least one full list has been applied.
+    pub synced: bool,
+    /// The watch stream is up now.
+    pub connected: bool,
+    /// Last revision known to be reflected.
+    pub revision: i64,
+    /// Last event or progress notice from etcd.
+    pub last_contact: Option<Instant>,
+    /// Keys in the view.
+    pub entries: usize,
+    /// Relists so far (initial list included).
+    pub relists: u64,
+}
+
+impl WatchState {
+    /// Time since etcd last confirmed the view (None before the first sync).
+    pub fn age(&self) -> Option<Duration> {
+        self.last_contact.map(|t| t.elapsed())
+    }
+}
+
+/// What to watch.
+#[derive(Debug, Clone)]
+pub struct WatcherConfig {
+    /// Schema root, e.g. `/ns/`.
+    pub root: String,
+    /// Prefix to list and watch: the root, or `<root><service>/`.
+    pub prefix: String,
+    /// How often to ask etcd for a progress notice (etcd's own are rare), so
+    /// a quiet prefix still proves the stream alive.
+    pub progress_interval: Duration,
+}
+
+impl WatcherConfig {
+    /// Watches one service's prefix.
+    pub fn service(root: &str, service: &ServiceName) -> Self {
+        Self {
+            root: root.to_owned(),
+            prefix: schema::service_prefix(root, service),
+            progress_interval: Duration::from_secs(2),
+        }
+    }
+
+    /// Watches every service under the root.
+    pub fn all(root: &str) -> Self {
+        Self {
+            root: root.to_owned(),
+            prefix: root.to_owned(),
+            progress_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum WatchError {
+    #[error(transparent)]
+    Connect(#[from] EtcdError),
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("etcd did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("watch stream ended")]
+    Ended,
+    #[error("watch cancelled by etcd: {0}")]
+    Cancelled(String),
+}
+
+/// The reflector. Drive it with [`Watcher::next`], or [`Watcher::spawn`] it.
+pub struct Watcher {
+    etcd: EtcdConfig,
+    cfg: WatcherConfig,
+    client: Option<Client>,
+    stream: Option<WatchStream>,
+    map: BTreeMap<String, Entry>,
+    revision: i64,
+    cluster_id: u64,
+    pending: VecDeque<Event>,
+    state: watch::Sender<WatchState>,
+    backoff: Backoff,
+    failing: bool,
+    next_progress: Instant,
+}
+
+impl Watcher {
+    /// A watcher that has not connected yet; the first [`Watcher::next`]
+    /// connects and lists.
+    pub fn new(etcd: EtcdConfig, cfg: WatcherConfig) -> Self {
+        let (state, _) = watch::channel(WatchState {
+            synced: false,
+            connected: false,
+            revision: 0,
+            last_contact: None,
+            entries: 0,
+            relists: 0,
+        });
+        Self {
+            etcd: etcd.require_leader(),
+            cfg,
+            client: None,
+            stream: None,
+            map: BTreeMap::new(),
+            revision: 0,
+            cluster_id: 0,
+            pending: VecDeque::new(),
+            state,
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(3)),
+            failing: false,
+            next_progress: Instant::now(),
+        }
+    }
+
+    /// Observes freshness and sync state.
+    pub fn state(&self) -> watch::Receiver<WatchState> {
+        self.state.subscribe()
+    }
+
+    /// Runs the watcher in a task, forwarding events until `cancel`.
+    /// Unbounded so etcd's stream is never held up by a slow consumer;
+    /// events are small and a consumer that stops reading is a bug.
+    pub fn spawn(
+        self,
+        cancel: CancellationToken,
+    ) -> (
+        mpsc::UnboundedReceiver<Event>,
+        watch::Receiver<WatchState>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = self.state();
+        let mut me = self;
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    ev = me.next() => if tx.send(ev).is_err() { break },
+                }
+            }
+        });
+        (rx, state, task)
+    }
+
+    /// The next change. Retries etcd forever with backoff; never returns an
+    /// error. Not cancel-safe in the middle of a relist: drop the watcher
+    /// rather than abandoning a call (or use [`Watcher::spawn`]).
+    pub async fn next(&mut self) -> Event {
+        loop {
+            if let Some(ev) = self.pending.pop_front() {
+                return ev;
+            }
+            if let Err(e) = self.step().await {
+                self.stream = None;
+                if matches!(e, WatchError::Connect(_)) {
+                    self.client = None;
+                }
+                self.state.send_modify(|s| s.connected = false);
+                if !self.failing {
+                    warn!(prefix = %self.cfg.prefix, error = %e, "watch lost; keeping the last known view and retrying");
+                    self.failing = true;
+                } else {
+                    debug!(prefix = %self.cfg.prefix, error = %e, "watch still failing");
+                }
+                tokio::time::sleep(self.backoff.next_delay()).await;
+            }
+        }
+    }
+
+    async fn step(&mut self) -> Result<(), WatchError> {
+        let Some(stream) = self.stream.as_mut() else {
+            return self.connect().await;
+        };
+        let progress_at = self.next_progress;
+        tokio::select! {
+            msg = stream.message() => {
+                let resp = msg?.ok_or(WatchError::Ended)?;
+                if resp.compact_revision() > 0 {
+                    info!(prefix = %self.cfg.prefix, compact_revision = resp.compact_revision(),
+                          "watch fell behind compaction; relisting");
+                    self.stream = None;
+                    self.relist().await?;
+                    return self.start_watch().await;
+                }
+                if resp.canceled() {
+                    return Err(WatchError::Cancelled(resp.cancel_reason().to_owned()));
+                }
+                for event in resp.events() {
+                    let Some(kv) = event.kv() else { continue };
+                    match event.event_type() {
+                        EventType::Put => {
+                            let entry = Entry::from_kv(&self.cfg.root, kv);
+                            warn_invalid(&entry);
+                            self.map.insert(entry.key.clone(), entry.clone());
+                            self.pending.push_back(Event::Applied(entry));
+                        }
+                        EventType::Delete => {
+                            let key = String::from_utf8_lossy(kv.key()).into_owned();
+                            if let Some(prev) = self.map.remove(&key) {
+                                self.pending.push_back(Event::Removed(prev));
+                            }
+                        }
+                    }
+                }
+                if let Some(h) = resp.header() {
+                    self.revision = self.revision.max(h.revision());
+                }
+                let (revision, entries) = (self.revision, self.map.len());
+                self.state.send_modify(|s| {
+                    s.revision = revision;
+                    s.entries = entries;
+                    s.last_contact = Some(Instant::now());
+                });
+                Ok(())
+            }
+            () = tokio::time::sleep_until(progress_at) => {
+                self.next_progress = Instant::now() + self.cfg.progress_interval;
+                stream.request_progress().await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// (Re)connects: resumes from the last revision when etcd still has it,
+    /// relists otherwise.
+    async fn connect(&mut self) -> Result<(), WatchError> {
+        if self.client.is_none() {
+            self.client = Some(self.etcd.connect().await?);
+        }
+        let client = self.client.as_mut().expect("set above");
+        let head = bounded(client.get(
+            self.cfg.prefix.as_str(),
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        ))
+        .await?;
+        let (rev, cluster) = head
+            .header()
+            .map(|h| (h.revision(), h.cluster_id()))
+            .unwrap_or_default();
+        let synced = self.state.borrow().synced;
+        if !synced || cluster != self.cluster_id || rev < self.revision {
+            if synced {
+                info!(prefix = %self.cfg.prefix, seen = self.revision, now = rev,
+                      "etcd has a different history (wiped or restored); relisting");
+            }
+            self.relist().await?;
+        }
+        self.start_watch().await
+    }
+
+    async fn start_watch(&mut self) -> Result<(), WatchError> {
+        let client = self.client.as_mut().expect("connected before watching");
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(self.revision + 1)
+            .with_progress_notify();
+        let mut watch_client = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
+        let mut stream = bounded(watch_client.watch(self.cfg.prefix.as_str(), Some(opts))).await?;
+        let created = bounded(stream.message()).await?.ok_or(WatchError::Ended)?;
+        if created.compact_revision() > 0 {
+            info!(prefix = %self.cfg.prefix, "resume revision compacted; relisting");
+            self.relist().await?;
+            return Box::pin(self.start_watch()).await;
+        }
+        if created.canceled() {
+            return Err(WatchError::Cancelled(created.cancel_reason().to_owned()));
+        }
+        self.stream = Some(stream);
+        if self.failing {
+            info!(prefix = %self.cfg.prefix, revision = self.revision, "watch restored");
+        }
+        self.failing = false;
+        self.backoff.reset();
+        self.next_progress = Instant::now() + self.cfg.progress_interval;
+        self.state.send_modify(|s| {
+            s.connected = true;
+            s.last_contact = Some(Instant::now());
+        });
+        Ok(())
+    }
+
+    /// Lists the prefix in pages at one revision, swaps the new map in and
+    /// queues the difference, then [`Event::Synced`].
+    async fn relist(&mut self) -> Result<(), WatchError> {
+        let client = self.client.as_mut().expect("connected before listing");
+        let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+        let end = prefix_end(self.cfg.prefix.as_bytes());
+        let mut from = self.cfg.prefix.as_bytes().to_vec();
+        let mut at_revision = 0;
+        let mut cluster = 0;
+        let mut fresh = BTreeMap::new();
+        loop {
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if at_revision > 0 {
+                opts = opts.with_revision(at_revision);
+            }
+            let resp = bounded(kv.get(from.clone(), Some(opts))).await?;
+            if at_revision == 0 {
+                if let Some(h) = resp.header() {
+                    at_revision = h.revision();
+                    cluster = h.cluster_id();
+                }
+            }
+            for kv in resp.kvs() {
+                let entry = Entry::from_kv(&self.cfg.root, kv);
+                fresh.insert(entry.key.clone(), entry);
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        let old = std::mem::take(&mut self.map);
+        for (key, entry) in &fresh {
+            if old.get(key).is_none_or(|o| o.mod_revision != entry.mod_revision || o.create_revision != entry.create_revision) {
+                warn_invalid(entry);
+                self.pending.push_back(Event::Applied(entry.clone()));
+            }
+        }
+        for (key, entry) in old {
+            if !fresh.contains_key(&key) {
+                self.pending.push_back(Event::Removed(entry));
+            }
+        }
+        self.map = fresh;
+        self.revision = at_revision;
+        self.cluster_id = cluster;
+        self.pending.push_back(Event::Synced { revision: at_revision });
+        let entries = self.map.len();
+        self.state.send_modify(|s| {
+            s.synced = true;
+            s.revision = at_revision;
+            s.entries = entries;
+            s.relists += 1;
+            s.last_contact = Some(Instant::now());
+        });
+        debug!(prefix = %self.cfg.prefix, revision = at_revision, entries, "listed");
+        Ok(())
+    }
+}
+
+fn warn_invalid(entry: &Entry) {
+    if let Err(e) = &entry.member {
+        warn!(key = %entry.key.chars().take(200).collect::<String>(), revision = entry.mod_revision, reason = %e, "ignoring invalid registry entry");
+    }
+}
+
+async fn bounded<T>(
+    fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, WatchError> {
+    timeout(REQUEST_TIMEOUT, fut)
+        .await
+        .map_err(|_| WatchError::Timeout(REQUEST_TIMEOUT))?
+        .map_err(WatchError::from)
+}
+
+/// The smallest key greater than every key with this prefix.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_increments_the_last_byte() {
+        assert_eq!(prefix_end(b"/ns/"), b"/ns0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff"), b"\0");
+    }
+}
