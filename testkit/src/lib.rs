@@ -163,7 +163,8 @@ fn etcd_binary() -> PathBuf {
 }
 
 /// The path of a workspace binary built next to the running test
-/// (`target/<profile>/<name>`). `cargo test --workspace` builds them all.
+/// (`target/<profile>/<name>`). `cargo test --workspace` builds them all;
+/// when a single package's tests run, a missing binary is built here first.
 pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test>-<hash>
@@ -171,7 +172,19 @@ pub fn bin_path(name: &str) -> PathBuf {
         .parent()
         .and_then(Path::parent)
         .expect("test binary lives in target/<profile>/deps");
-    profile_dir.join(name)
+    let path = profile_dir.join(name);
+    if !path.exists() {
+        let target_dir = profile_dir.parent().expect("target dir");
+        let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        cmd.args(["build", "-p", name, "--bin", name, "--target-dir"])
+            .arg(target_dir);
+        if profile_dir.file_name().is_some_and(|p| p == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build");
+        assert!(status.success(), "building {name} failed");
+    }
+    path
 }
 
 /// A child process killed (SIGKILL) on drop; its output goes to a log file
