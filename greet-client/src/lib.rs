@@ -1,1 +1,20 @@
-//! Placeholder.
+//! greet-client: reach a service registered in etcd, balanced by weight.
+//!
+//! - [`scheduler`]: smooth weighted round-robin (EDF), O(log n);
+//! - [`balance`]: the `tower::Service` a generated tonic client wraps;
+//! - [`retry`]: which failed calls go again;
+//! - [`discover`]: feeds the balancer from etcd through the registry's
+//!   reflector, with version selection and freshness logging.
+
+#![forbid(unsafe_code)]
+
+pub mod balance;
+pub mod discover;
+pub mod retry;
+pub mod scheduler;
+
+pub use balance::{Balancer, BalancerConfig, EndpointInfo};
+pub use discover::{Discovery, DiscoveryConfig};
+pub use retry::RetryPolicy;
+pub mod config;
+pub mod load;

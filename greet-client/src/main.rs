@@ -1,1 +1,106 @@
-fn main() {}
+//! greet-client binary: flags, logs, signals; the library does the work.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use greet_client::config::{Args, Command};
+use greet_client::load::{self, LoadSpec};
+use greet_client::{Balancer, BalancerConfig, Discovery, DiscoveryConfig, RetryPolicy};
+use greet_proto::{GreetClient, GreetRequest};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let common = &args.common;
+    registry::logging::init(common.log_format);
+    let etcd = common.etcd.resolve().context("etcd settings")?;
+    let root = match registry::schema::normalize_root(&common.prefix) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: --prefix: {e}");
+            std::process::exit(2);
+        }
+    };
+
+    let cancel = CancellationToken::new();
+    let balancer = Balancer::new(BalancerConfig {
+        retry: RetryPolicy::greet(),
+        slow_start: common.slow_start,
+        ..BalancerConfig::new(common.service.as_str())
+    });
+    let discovery = Discovery::spawn(
+        etcd,
+        DiscoveryConfig {
+            root,
+            version_req: common.version_req.clone(),
+            ..DiscoveryConfig::new(common.service.clone())
+        },
+        balancer.clone(),
+        cancel.clone(),
+    );
+    if !discovery.wait_synced(common.sync_timeout).await {
+        tracing::warn!(waited = ?common.sync_timeout, "no list from etcd yet; calling anyway (calls fail until endpoints appear)");
+    }
+
+    let result = match &args.command {
+        Some(Command::Bench(b)) => {
+            let spec = LoadSpec {
+                concurrency: b.concurrency as usize,
+                requests: b.requests,
+                duration: b.duration,
+                name: common.name.clone(),
+                timeout: common.timeout,
+            };
+            let report = load::run(&balancer, &spec).await;
+            if b.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(())
+        }
+        None => greet_loop(&balancer, &args).await,
+    };
+    cancel.cancel();
+    result
+}
+
+/// The original client's loop: Morning then Night, print who answered.
+async fn greet_loop(balancer: &Balancer, args: &Args) -> anyhow::Result<()> {
+    let mut client = GreetClient::new(balancer.clone());
+    let mut round = 0u64;
+    let mut ticker = tokio::time::interval(args.interval.max(Duration::from_millis(1)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+        if args.count.is_some_and(|c| round >= c) {
+            return Ok(());
+        }
+        round += 1;
+        for night in [false, true] {
+            let mut req = tonic::Request::new(GreetRequest {
+                name: args.common.name.clone(),
+            });
+            req.set_timeout(args.common.timeout);
+            let result = if night {
+                client.night(req).await
+            } else {
+                client.morning(req).await
+            };
+            match result {
+                Ok(resp) => {
+                    let r = resp.into_inner();
+                    println!("{} (from {})", r.message, r.from);
+                }
+                Err(status) => {
+                    println!("call failed: {:?}: {}", status.code(), status.message());
+                }
+            }
+        }
+    }
+}

@@ -408,7 +408,9 @@ impl Watcher {
         }
         let old = std::mem::take(&mut self.map);
         for (key, entry) in &fresh {
-            if old.get(key).is_none_or(|o| o.mod_revision != entry.mod_revision || o.create_revision != entry.create_revision) {
+            if old.get(key).is_none_or(|o| {
+                o.mod_revision != entry.mod_revision || o.create_revision != entry.create_revision
+            }) {
                 warn_invalid(entry);
                 self.pending.push_back(Event::Applied(entry.clone()));
             }
@@ -421,7 +423,9 @@ impl Watcher {
         self.map = fresh;
         self.revision = at_revision;
         self.cluster_id = cluster;
-        self.pending.push_back(Event::Synced { revision: at_revision });
+        self.pending.push_back(Event::Synced {
+            revision: at_revision,
+        });
         let entries = self.map.len();
         self.state.send_modify(|s| {
             s.synced = true;

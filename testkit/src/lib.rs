@@ -6,6 +6,9 @@
 
 #![forbid(unsafe_code)]
 
+mod proxy;
+pub use proxy::Proxy;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,0 +1,473 @@
+//! The weighted balancer: a `tower::Service` over one tonic `Channel` per
+//! endpoint, that a generated client (`GreetClient::new(balancer)`) wraps.
+//!
+//! - Picks with the [`Scheduler`] (smooth weighted round-robin, O(log n)).
+//! - Updates touch only the endpoints that changed: an unchanged endpoint
+//!   keeps its channel and its established connection.
+//! - Weight 0 (draining) takes an endpoint out of the schedule but keeps its
+//!   channel, so calls already running on it finish.
+//! - An endpoint whose connection fails is marked down and skipped; a
+//!   background task reconnects it with backoff and puts it back when the
+//!   connection is up again (readiness, not a fixed timeout).
+//! - A call that was never sent is retried on another endpoint, always; a
+//!   call lost after sending is retried when its method is retryable, within
+//!   its `grpc-timeout`. Request bodies are buffered so they can be replayed:
+//!   this balancer is for unary calls.
+//! - With nothing usable, calls fail at once with `UNAVAILABLE` and a
+//!   message that says why (none registered, all draining, all unreachable).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, StreamBody};
+use registry::backoff::Backoff;
+use registry::schema::Addr;
+use tokio::time::Instant;
+use tonic::body::Body;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tower::ServiceExt;
+use tracing::{debug, info, warn};
+
+use crate::retry::{grpc_timeout, not_sent, RetryPolicy};
+use crate::scheduler::Scheduler;
+
+/// Boxed error, as tonic's `GrpcService` expects.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Balancer settings.
+#[derive(Debug, Clone)]
+pub struct BalancerConfig {
+    /// Service name, for error messages.
+    pub service: String,
+    /// Retry policy.
+    pub retry: RetryPolicy,
+    /// Ramp a new endpoint's weight from 10 % to 100 % over this window.
+    pub slow_start: Option<Duration>,
+    /// TCP connect timeout per endpoint.
+    pub connect_timeout: Duration,
+    /// Connect to new endpoints at once (true) or on their first call.
+    pub eager_connect: bool,
+}
+
+impl BalancerConfig {
+    /// Defaults for a service: retry policy none, 1 s connect timeout, eager.
+    pub fn new(service: impl Into<String>) -> Self {
+        Self {
+            service: service.into(),
+            retry: RetryPolicy::none(),
+            slow_start: None,
+            connect_timeout: Duration::from_secs(1),
+            eager_connect: true,
+        }
+    }
+}
+
+/// What the balancer knows about one endpoint (for logs, tests, tables).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// Address (the key suffix).
+    pub addr: Addr,
+    /// Configured weight.
+    pub weight: u32,
+    /// Advertised version.
+    pub version: String,
+    /// Whether calls may go there now (connection not known to be down).
+    pub up: bool,
+}
+
+struct Ep {
+    channel: Channel,
+    weight: u32,
+    version: String,
+    up: bool,
+    since: Instant,
+    recovering: bool,
+    generation: u64,
+}
+
+struct Pool {
+    sched: Scheduler<Addr>,
+    endpoints: HashMap<Addr, Ep>,
+    next_generation: u64,
+}
+
+struct Inner {
+    cfg: BalancerConfig,
+    pool: Mutex<Pool>,
+}
+
+/// A cheap-to-clone handle; every clone balances over the same pool.
+#[derive(Clone)]
+pub struct Balancer {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Balancer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Balancer")
+            .field("service", &self.inner.cfg.service)
+            .field("endpoints", &self.endpoints().len())
+            .finish()
+    }
+}
+
+impl Balancer {
+    /// An empty balancer; feed it with [`Balancer::upsert`] /
+    /// [`Balancer::remove`] (usually through [`crate::discover`]).
+    pub fn new(cfg: BalancerConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                cfg,
+                pool: Mutex::new(Pool {
+                    sched: Scheduler::new(),
+                    endpoints: HashMap::new(),
+                    next_generation: 0,
+                }),
+            }),
+        }
+    }
+
+    fn pool(&self) -> MutexGuard<'_, Pool> {
+        // A panic while holding the lock leaves plain data behind; keep going.
+        self.inner.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds an endpoint or updates its weight and version. An existing
+    /// endpoint keeps its channel and connection.
+    pub fn upsert(&self, addr: &Addr, weight: u32, version: &str) {
+        let mut pool = self.pool();
+        let pool = &mut *pool;
+        if let Some(ep) = pool.endpoints.get_mut(addr) {
+            if ep.weight != weight {
+                info!(%addr, from = ep.weight, to = weight, "endpoint weight changed");
+            }
+            ep.weight = weight;
+            ep.version = version.to_owned();
+            if ep.up {
+                pool.sched.set(addr.clone(), weight);
+            }
+            return;
+        }
+        let endpoint = match self.endpoint(addr) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(%addr, error = %e, "cannot dial this address; ignoring it");
+                return;
+            }
+        };
+        pool.next_generation += 1;
+        pool.endpoints.insert(
+            addr.clone(),
+            Ep {
+                channel: endpoint.connect_lazy(),
+                weight,
+                version: version.to_owned(),
+                up: true,
+                since: Instant::now(),
+                recovering: false,
+                generation: pool.next_generation,
+            },
+        );
+        pool.sched.set(addr.clone(), weight);
+        info!(%addr, weight, version, "endpoint added");
+        if self.inner.cfg.eager_connect {
+            self.spawn_connect(addr.clone(), pool.next_generation, endpoint, false);
+        }
+    }
+
+    /// Removes an endpoint; calls running on it finish on their own.
+    pub fn remove(&self, addr: &Addr) {
+        let mut pool = self.pool();
+        if pool.endpoints.remove(addr).is_some() {
+            pool.sched.remove(addr);
+            info!(%addr, "endpoint removed");
+        }
+    }
+
+    /// The endpoints, sorted by address.
+    pub fn endpoints(&self) -> Vec<EndpointInfo> {
+        let pool = self.pool();
+        let mut v: Vec<_> = pool
+            .endpoints
+            .iter()
+            .map(|(addr, ep)| EndpointInfo {
+                addr: addr.clone(),
+                weight: ep.weight,
+                version: ep.version.clone(),
+                up: ep.up,
+            })
+            .collect();
+        v.sort_by(|a, b| a.addr.cmp(&b.addr));
+        v
+    }
+
+    fn endpoint(&self, addr: &Addr) -> Result<Endpoint, tonic::transport::Error> {
+        Ok(Endpoint::from_shared(addr.uri())?
+            .connect_timeout(self.inner.cfg.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5)))
+    }
+
+    /// Picks an endpoint, or says why none can take a call.
+    fn pick(&self, avoid: Option<&Addr>) -> Result<(Addr, Channel, u64), Status> {
+        let mut pool = self.pool();
+        let pool = &mut *pool;
+        let slow_start = self.inner.cfg.slow_start;
+        let now = Instant::now();
+        let tries = if avoid.is_some() { 2 } else { 1 };
+        for _ in 0..tries {
+            let endpoints = &pool.endpoints;
+            let picked = pool.sched.pick(|addr, w| {
+                let w = f64::from(w);
+                match (slow_start, endpoints.get(addr)) {
+                    (Some(window), Some(ep)) if !window.is_zero() => {
+                        let frac = (now.duration_since(ep.since).as_secs_f64()
+                            / window.as_secs_f64())
+                        .min(1.0);
+                        w * (0.1 + 0.9 * frac)
+                    }
+                    _ => w,
+                }
+            });
+            let Some(addr) = picked else { break };
+            if avoid == Some(&addr) && pool.sched.active() > 1 {
+                continue;
+            }
+            if let Some(ep) = pool.endpoints.get(&addr) {
+                return Ok((addr, ep.channel.clone(), ep.generation));
+            }
+        }
+        let total = pool.endpoints.len();
+        let service = &self.inner.cfg.service;
+        let why = if total == 0 {
+            format!("no endpoints registered for {service}")
+        } else if pool.endpoints.values().all(|e| e.weight == 0) {
+            format!("all {total} endpoints of {service} are draining (weight 0)")
+        } else {
+            format!("all {total} endpoints of {service} are unreachable")
+        };
+        Err(Status::unavailable(why))
+    }
+
+    /// Takes an endpoint out of the schedule until a fresh connection to it
+    /// succeeds.
+    fn mark_down(&self, addr: &Addr, generation: u64, why: &str) {
+        let endpoint = {
+            let mut pool = self.pool();
+            let pool = &mut *pool;
+            let Some(ep) = pool.endpoints.get_mut(addr) else {
+                return;
+            };
+            if ep.generation != generation || !ep.up {
+                return;
+            }
+            ep.up = false;
+            pool.sched.remove(addr);
+            if ep.recovering {
+                return;
+            }
+            ep.recovering = true;
+            warn!(%addr, reason = why, "endpoint unreachable; skipping it until it reconnects");
+            match self.endpoint(addr) {
+                Ok(e) => e,
+                Err(_) => return,
+            }
+        };
+        self.spawn_connect(addr.clone(), generation, endpoint, true);
+    }
+
+    /// Connects in the background. `recover`: the endpoint is down and goes
+    /// back into the schedule on success. Stops when the endpoint is removed.
+    fn spawn_connect(&self, addr: Addr, generation: u64, endpoint: Endpoint, recover: bool) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+            loop {
+                let result = endpoint.connect().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let me = Balancer { inner };
+                if me.connected(&addr, generation, result, recover) {
+                    return;
+                }
+                drop(me);
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        });
+    }
+
+    /// Applies a background connection attempt; returns whether to stop.
+    fn connected(
+        &self,
+        addr: &Addr,
+        generation: u64,
+        result: Result<Channel, tonic::transport::Error>,
+        recover: bool,
+    ) -> bool {
+        let mut pool = self.pool();
+        let pool = &mut *pool;
+        let Some(ep) = pool.endpoints.get_mut(addr) else {
+            return true;
+        };
+        if ep.generation != generation {
+            return true;
+        }
+        match result {
+            Ok(channel) => {
+                ep.channel = channel;
+                if recover || !ep.up {
+                    ep.up = true;
+                    ep.since = Instant::now();
+                    pool.sched.set(addr.clone(), ep.weight);
+                    info!(%addr, "endpoint reachable again");
+                }
+                ep.recovering = false;
+                true
+            }
+            Err(e) if !recover && ep.up => {
+                // First connection failed: skip it like any other
+                // unreachable endpoint until it answers.
+                ep.up = false;
+                ep.recovering = true;
+                pool.sched.remove(addr);
+                warn!(%addr, error = %e, "cannot connect to new endpoint; skipping it until it answers");
+                false
+            }
+            Err(e) => {
+                debug!(%addr, error = %e, "still unreachable");
+                false
+            }
+        }
+    }
+
+    /// Sends one unary call with retries; see the module docs.
+    async fn send(self, req: http::Request<Body>) -> Result<http::Response<Body>, BoxError> {
+        let (parts, body) = req.into_parts();
+        let bytes = body.collect().await.map_err(BoxError::from)?.to_bytes();
+        let started = Instant::now();
+        let deadline = parts
+            .headers
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(grpc_timeout)
+            .map(|d| started + d);
+        let policy = &self.inner.cfg.retry;
+        let retryable = policy.is_retryable(parts.uri.path());
+        let mut lost_attempts = 1u32;
+        let mut unsent = 0u32;
+        let mut avoid: Option<Addr> = None;
+        loop {
+            let (addr, channel, generation) = self.pick(avoid.as_ref())?;
+            let mut req = http::Request::new(Body::new(Full::new(bytes.clone())));
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = parts.uri.clone();
+            *req.version_mut() = parts.version;
+            *req.headers_mut() = parts.headers.clone();
+            *req.extensions_mut() = parts.extensions.clone();
+
+            let outcome = match channel.oneshot(req).await {
+                Err(e) => {
+                    let unsent_call = not_sent(&e);
+                    self.mark_down(&addr, generation, &e.to_string());
+                    Err((unsent_call, Status::unavailable(format!("{addr}: {e}"))))
+                }
+                Ok(resp) if retryable => match buffer(resp).await {
+                    Ok((resp, Some(code))) if policy.retryable_codes.contains(&code) => Err((
+                        false,
+                        Status::new(code, format!("{addr} answered {code:?}")),
+                    ))
+                    .map(|()| resp),
+                    Ok((resp, _)) => Ok(resp),
+                    Err(e) => {
+                        self.mark_down(&addr, generation, &e.to_string());
+                        Err((false, Status::unavailable(format!("{addr}: {e}"))))
+                    }
+                },
+                Ok(resp) => Ok(resp.map(Body::new)),
+            };
+            let (was_unsent, status) = match outcome {
+                Ok(resp) => return Ok(resp),
+                Err(e) => e,
+            };
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Err(Status::deadline_exceeded(status.message().to_owned()).into());
+            }
+            if was_unsent {
+                unsent += 1;
+                // Every endpoint may be tried once, and a few more for luck.
+                if unsent > 8 + self.pool().endpoints.len() as u32 {
+                    return Err(status.into());
+                }
+                debug!(%addr, "call not sent; retrying on another endpoint");
+                avoid = Some(addr);
+                continue;
+            }
+            if !retryable || lost_attempts >= policy.max_attempts {
+                return Err(status.into());
+            }
+            lost_attempts += 1;
+            let pause = policy.backoff(lost_attempts);
+            if deadline.is_some_and(|d| now + pause >= d) {
+                return Err(status.into());
+            }
+            debug!(%addr, attempt = lost_attempts, "call lost; retrying on another endpoint");
+            tokio::time::sleep(pause).await;
+            avoid = Some(addr);
+        }
+    }
+}
+
+/// Buffers a unary response: body and trailers, plus its grpc-status code.
+async fn buffer(
+    resp: http::Response<Body>,
+) -> Result<(http::Response<Body>, Option<Code>), Status> {
+    let (parts, body) = resp.into_parts();
+    if let Some(code) = status_of(&parts.headers) {
+        // Trailers-only response: nothing more to read.
+        return Ok((http::Response::from_parts(parts, body), Some(code)));
+    }
+    let collected = body.collect().await?;
+    let trailers = collected.trailers().cloned();
+    let code = trailers.as_ref().and_then(status_of);
+    let data = collected.to_bytes();
+    let mut frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![Ok(Frame::data(data))];
+    if let Some(t) = trailers {
+        frames.push(Ok(Frame::trailers(t)));
+    }
+    let body = Body::new(StreamBody::new(futures::stream::iter(frames)));
+    Ok((http::Response::from_parts(parts, body), code))
+}
+
+fn status_of(headers: &HeaderMap) -> Option<Code> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<i32>().ok())
+        .map(Code::from_i32)
+}
+
+impl tower::Service<http::Request<Body>> for Balancer {
+    type Response = http::Response<Body>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Picking happens per call (and per retry), so a call never waits
+        // for an endpoint that died between readiness and the call.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        Box::pin(self.clone().send(req))
+    }
+}

@@ -1,0 +1,150 @@
+//! Command-line flags of the greet-client binary (each with an env fallback).
+
+use std::time::Duration;
+
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use registry::etcd::EtcdArgs;
+use registry::logging::LogFormat;
+use registry::schema::{ServiceName, DEFAULT_ROOT};
+use semver::VersionReq;
+
+/// Calls Greet on the servers registered in etcd, balanced by weight.
+///
+/// Default mode does what the original client did: every `--interval` call
+/// Morning then Night and print the reply and which server answered. The
+/// `bench` subcommand runs many calls in parallel and prints throughput,
+/// latency percentiles and each endpoint's share against its weight.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about, long_about)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub common: Common,
+    /// Pause between rounds (Morning + Night) in the default mode.
+    #[arg(long, env = "GREET_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+    /// Rounds to make in the default mode (default: forever).
+    #[arg(long, env = "GREET_COUNT")]
+    pub count: Option<u64>,
+}
+
+/// Flags shared by both modes (accepted before or after `bench`).
+#[derive(Debug, Clone, ClapArgs)]
+pub struct Common {
+    /// Service to call.
+    #[arg(long, global = true, env = "GREET_SERVICE", default_value = "greet_service", value_parser = parse_service)]
+    pub service: ServiceName,
+    /// Key root in etcd.
+    #[arg(long, global = true, env = "GREET_PREFIX", default_value = DEFAULT_ROOT)]
+    pub prefix: String,
+    /// Name to greet.
+    #[arg(long, global = true, env = "GREET_NAME", default_value = "JetWu")]
+    pub name: String,
+    /// Use only endpoints whose version matches this semver requirement
+    /// (e.g. `^1.2`); non-semver versions never match.
+    #[arg(long, global = true, env = "GREET_VERSION_REQ")]
+    pub version_req: Option<VersionReq>,
+    /// Ramp a newly seen endpoint from 10 % to 100 % of its weight over
+    /// this window (off by default).
+    #[arg(long, global = true, env = "GREET_SLOW_START", value_parser = humantime::parse_duration)]
+    pub slow_start: Option<Duration>,
+    /// Deadline of each call, retries included.
+    #[arg(long, global = true, env = "GREET_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// How long to wait for the first list from etcd before calling anyway.
+    #[arg(long, global = true, env = "GREET_SYNC_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub sync_timeout: Duration,
+    /// Log format.
+    #[arg(long, global = true, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+}
+
+/// Modes.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Load mode: parallel calls, then a table (or JSON).
+    Bench(Bench),
+}
+
+/// Load mode flags.
+#[derive(Debug, Clone, ClapArgs)]
+#[command(group(clap::ArgGroup::new("amount").required(true).args(["requests", "duration"])))]
+pub struct Bench {
+    /// Calls in flight at once.
+    #[arg(long, env = "GREET_CONCURRENCY", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub concurrency: u64,
+    /// Total calls.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub requests: Option<u64>,
+    /// Run for this long.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_service(s: &str) -> Result<ServiceName, String> {
+    ServiceName::new(s).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("greet-client").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults() {
+        let a = parse(&[]).unwrap();
+        assert!(a.command.is_none());
+        assert_eq!(a.common.name, "JetWu");
+        assert_eq!(a.interval, Duration::from_secs(1));
+        assert_eq!(a.common.service.as_str(), "greet_service");
+        assert!(a.count.is_none());
+    }
+
+    #[test]
+    fn bench_flags_and_global_flags_after_the_subcommand() {
+        let a = parse(&[
+            "bench",
+            "--concurrency",
+            "8",
+            "--requests",
+            "100",
+            "--json",
+            "--etcd-endpoints",
+            "a:1,b:2",
+            "--version-req",
+            "^1.2",
+        ])
+        .unwrap();
+        let Some(Command::Bench(b)) = a.command else {
+            panic!("bench")
+        };
+        assert_eq!((b.concurrency, b.requests, b.json), (8, Some(100), true));
+        assert_eq!(a.common.etcd.endpoints, ["a:1", "b:2"]);
+        assert!(a.common.version_req.is_some());
+    }
+
+    #[test]
+    fn bad_flags_are_usage_errors() {
+        for bad in [
+            &["--interval", "often"][..],
+            &["--version-req", "not a req"],
+            &["--service", "UPPER"],
+            &["bench"],
+            &["bench", "--requests", "0"],
+            &["bench", "--concurrency", "0", "--requests", "5"],
+            &["--count", "-1"],
+        ] {
+            assert_eq!(parse(bad).unwrap_err().exit_code(), 2, "{bad:?}");
+        }
+    }
+}

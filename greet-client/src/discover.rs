@@ -1,0 +1,179 @@
+//! Feeds a [`Balancer`] from etcd: the registry's reflector lists and
+//! watches `<root><service>/`, and each event becomes an upsert or removal.
+//!
+//! Schema rules come from the registry (legacy values count with weight
+//! 100, invalid values are skipped with a warning, the key suffix is the
+//! address). On top of them:
+//! - `--version-req`: only endpoints whose version matches a semver
+//!   requirement are used (canaries); a non-semver version never matches;
+//! - static stability: while etcd is unreachable the reflector emits
+//!   nothing, so the balancer keeps its last endpoints;
+//! - freshness: the age of the last event or progress notice is watched,
+//!   and a view older than `stale_after` is logged once, as is its recovery.
+
+use std::time::Duration;
+
+use registry::etcd::EtcdConfig;
+use registry::schema::ServiceName;
+use registry::watcher::{Event, WatchState, Watcher, WatcherConfig};
+use semver::{Version, VersionReq};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+use crate::balance::Balancer;
+
+/// What to discover.
+#[derive(Debug, Clone)]
+pub struct DiscoveryConfig {
+    /// Schema root, normally `/ns/`.
+    pub root: String,
+    /// The service to balance over.
+    pub service: ServiceName,
+    /// Keep only endpoints whose version satisfies this.
+    pub version_req: Option<VersionReq>,
+    /// Log the view as stale when etcd has been silent this long.
+    pub stale_after: Duration,
+}
+
+impl DiscoveryConfig {
+    /// Defaults: `/ns/`, no version filter, stale after 10 s.
+    pub fn new(service: ServiceName) -> Self {
+        Self {
+            root: registry::schema::DEFAULT_ROOT.to_owned(),
+            service,
+            version_req: None,
+            stale_after: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Whether `version` satisfies `req` (no requirement: everything does).
+pub fn version_matches(req: Option<&VersionReq>, version: &str) -> bool {
+    match req {
+        None => true,
+        Some(req) => Version::parse(version.trim_start_matches('v')).is_ok_and(|v| req.matches(&v)),
+    }
+}
+
+/// A running discovery: its freshness and sync state.
+#[derive(Debug, Clone)]
+pub struct Discovery {
+    state: watch::Receiver<WatchState>,
+}
+
+impl Discovery {
+    /// Starts watching and feeding `balancer` until `cancel`.
+    pub fn spawn(
+        etcd: EtcdConfig,
+        cfg: DiscoveryConfig,
+        balancer: Balancer,
+        cancel: CancellationToken,
+    ) -> Self {
+        let watcher = Watcher::new(etcd, WatcherConfig::service(&cfg.root, &cfg.service));
+        let (mut events, state, _task) = watcher.spawn(cancel.clone());
+        let span = tracing::info_span!("discovery", service = %cfg.service);
+        let req = cfg.version_req.clone();
+        tokio::spawn(
+            async move {
+                while let Some(event) = events.recv().await {
+                    apply(&balancer, req.as_ref(), event);
+                }
+            }
+            .instrument(span.clone()),
+        );
+        tokio::spawn(watch_freshness(state.clone(), cfg.stale_after, cancel).instrument(span));
+        Self { state }
+    }
+
+    /// Sync and freshness of the view.
+    pub fn state(&self) -> WatchState {
+        self.state.borrow().clone()
+    }
+
+    /// Waits until the first full list has been applied, or `limit` passes.
+    /// Returns whether it synced.
+    pub async fn wait_synced(&self, limit: Duration) -> bool {
+        let mut state = self.state.clone();
+        tokio::time::timeout(limit, state.wait_for(|s| s.synced))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}
+
+fn apply(balancer: &Balancer, req: Option<&VersionReq>, event: Event) {
+    match event {
+        Event::Applied(entry) => {
+            let Some((_, addr)) = &entry.id else { return };
+            match &entry.member {
+                Ok(m) if version_matches(req, &m.version) => {
+                    balancer.upsert(addr, m.weight, &m.version);
+                }
+                Ok(m) => {
+                    info!(%addr, version = %m.version, "version does not match --version-req; not used");
+                    balancer.remove(addr);
+                }
+                // The reflector already warned, once per key and revision.
+                Err(_) => balancer.remove(addr),
+            }
+        }
+        Event::Removed(entry) => {
+            if let Some((_, addr)) = &entry.id {
+                balancer.remove(addr);
+            }
+        }
+        Event::Synced { revision } => {
+            info!(
+                revision,
+                endpoints = balancer.endpoints().len(),
+                "in sync with etcd"
+            );
+        }
+    }
+}
+
+async fn watch_freshness(
+    state: watch::Receiver<WatchState>,
+    stale_after: Duration,
+    cancel: CancellationToken,
+) {
+    let mut stale = false;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let s = state.borrow().clone();
+        let age = s.age();
+        let is_stale = age.is_none_or(|a| a > stale_after);
+        if is_stale && !stale {
+            warn!(age = ?age, connected = s.connected, revision = s.revision,
+                  "registry view is stale: etcd silent; serving from the last known endpoints");
+        } else if !is_stale && stale {
+            info!(age = ?age, revision = s.revision, "registry view fresh again");
+        }
+        stale = is_stale;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_requirements() {
+        let req = VersionReq::parse("^1.2").unwrap();
+        assert!(version_matches(Some(&req), "1.2.0"));
+        assert!(version_matches(Some(&req), "1.9.3"));
+        assert!(version_matches(Some(&req), "v1.4.2"));
+        assert!(!version_matches(Some(&req), "2.0.0"));
+        assert!(!version_matches(Some(&req), "1.1.9"));
+        assert!(
+            !version_matches(Some(&req), ""),
+            "legacy entries never match"
+        );
+        assert!(!version_matches(Some(&req), "canary"));
+        assert!(version_matches(None, ""));
+    }
+}

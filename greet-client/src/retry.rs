@@ -1,0 +1,159 @@
+//! When a failed call may be sent again, as gRPC's retryPolicy decides it.
+//!
+//! Two kinds of failure are told apart:
+//! - *not sent*: the connection could not be made (refused, timed out), so
+//!   no server saw the request; always safe to retry on another endpoint;
+//! - *lost*: the request may have reached a server that then died (the
+//!   connection reset, or the server answered `UNAVAILABLE`); retried only
+//!   for methods marked retryable (idempotent), within the call's deadline.
+
+use std::collections::HashSet;
+use std::error::Error as StdError;
+use std::time::Duration;
+
+use tonic::Code;
+
+/// Which calls are retried, how often, with what pause.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// gRPC paths (`/Greet/Morning`) whose calls are idempotent.
+    pub retryable_methods: HashSet<String>,
+    /// Status codes that make a retryable call go again.
+    pub retryable_codes: Vec<Code>,
+    /// Attempts in all, first included, for *lost* calls (gRPC caps at 5).
+    pub max_attempts: u32,
+    /// First pause between lost-call attempts; doubles, jittered.
+    pub initial_backoff: Duration,
+    /// Largest pause.
+    pub max_backoff: Duration,
+}
+
+impl RetryPolicy {
+    /// Retries only calls that were never sent.
+    pub fn none() -> Self {
+        Self {
+            retryable_methods: HashSet::new(),
+            retryable_codes: vec![Code::Unavailable],
+            max_attempts: 1,
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(500),
+        }
+    }
+
+    /// Greet's two methods are idempotent: retry them on `UNAVAILABLE`.
+    pub fn greet() -> Self {
+        Self {
+            retryable_methods: [greet_proto::paths::MORNING, greet_proto::paths::NIGHT]
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+            max_attempts: 5,
+            ..Self::none()
+        }
+    }
+
+    /// Whether calls to `path` may be retried after being sent.
+    pub fn is_retryable(&self, path: &str) -> bool {
+        self.retryable_methods.contains(path)
+    }
+
+    /// Pause before lost-call attempt `n` (2, 3, ...).
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .initial_backoff
+            .saturating_mul(1 << attempt.saturating_sub(2).min(16))
+            .min(self.max_backoff);
+        let half = exp / 2;
+        half + Duration::from_micros(rand_below(half.as_micros() as u64 + 1))
+    }
+}
+
+fn rand_below(n: u64) -> u64 {
+    // Cheap jitter without a dependency: the low bits of the clock.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    u64::from(nanos) % n.max(1)
+}
+
+/// Whether a transport error happened before the request left this process.
+pub fn not_sent(err: &(dyn StdError + 'static)) -> bool {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if e.is::<tonic::ConnectError>() {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        // h2's REFUSED_STREAM: the server did not process the stream.
+        if e.to_string().contains("refused stream") {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// Parses the `grpc-timeout` header (`"100m"`, `"5S"`, ...).
+pub fn grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_parse() {
+        assert_eq!(grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(grpc_timeout("7n"), Some(Duration::from_nanos(7)));
+        for bad in ["", "m", "10x", "1234567890S", "-1S"] {
+            assert_eq!(grpc_timeout(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn greet_methods_are_retryable() {
+        let p = RetryPolicy::greet();
+        assert!(p.is_retryable("/Greet/Morning"));
+        assert!(p.is_retryable("/Greet/Night"));
+        assert!(!p.is_retryable("/Other/Write"));
+        assert!(!RetryPolicy::none().is_retryable("/Greet/Morning"));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let p = RetryPolicy::greet();
+        assert!(p.backoff(2) <= Duration::from_millis(20));
+        assert!(p.backoff(30) <= p.max_backoff);
+        assert!(p.backoff(30) >= p.max_backoff / 2);
+    }
+
+    #[test]
+    fn connect_errors_count_as_not_sent() {
+        let e = tonic::ConnectError(Box::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
+        assert!(not_sent(&e));
+        let other = std::io::Error::other("connection reset");
+        assert!(!not_sent(&other));
+    }
+}

@@ -1,0 +1,248 @@
+//! The reflector against a real etcd: list, events, outages, compaction,
+//! wiped etcd.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use etcd_client::{CompactionOptions, PutOptions};
+use registry::etcd::EtcdConfig;
+use registry::watcher::{Event, Watcher, WatcherConfig};
+use testkit::{Etcd, Proxy};
+
+/// Applies events to a map of key -> weight (None for invalid values).
+#[derive(Default)]
+struct View(BTreeMap<String, Option<u32>>);
+
+impl View {
+    fn apply(&mut self, ev: &Event) {
+        match ev {
+            Event::Applied(e) => {
+                self.0
+                    .insert(e.key.clone(), e.member.as_ref().ok().map(|m| m.weight));
+            }
+            Event::Removed(e) => {
+                self.0.remove(&e.key);
+            }
+            Event::Synced { .. } => {}
+        }
+    }
+}
+
+async fn until(
+    w: &mut Watcher,
+    view: &mut View,
+    what: &str,
+    pred: impl Fn(&View) -> bool,
+) -> Result<()> {
+    tokio::time::timeout(Duration::from_secs(15), async {
+        while !pred(view) {
+            let ev = w.next().await;
+            view.apply(&ev);
+        }
+    })
+    .await
+    .with_context(|| format!("waiting for {what}; view: {:?}", view.0))
+}
+
+/// Reads events up to and including the next `Synced`.
+async fn sync(w: &mut Watcher, view: &mut View) -> Result<()> {
+    tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let ev = w.next().await;
+            view.apply(&ev);
+            if matches!(ev, Event::Synced { .. }) {
+                return;
+            }
+        }
+    })
+    .await
+    .context("waiting for a sync")
+}
+
+fn svc_cfg() -> WatcherConfig {
+    WatcherConfig {
+        progress_interval: Duration::from_millis(200),
+        ..WatcherConfig::all("/ns/")
+    }
+}
+
+#[tokio::test]
+async fn lists_then_watches_and_reports_invalid_entries() -> Result<()> {
+    let etcd = Etcd::start().await?;
+    let mut c = etcd.client().await?;
+    c.put(
+        "/ns/a/127.0.0.1:1",
+        r#"{"addr":"127.0.0.1:1","weight":5}"#,
+        None,
+    )
+    .await?;
+    c.put("/ns/a/127.0.0.1:2", "127.0.0.1:2", None).await?;
+    c.put("/ns/a/127.0.0.1:3", r#"{"weight":"heavy"}"#, None)
+        .await?;
+    c.put("/other/x", "not ours", None).await?;
+
+    let mut w = Watcher::new(EtcdConfig::plain([etcd.endpoint()]), svc_cfg());
+    let state = w.state();
+    let mut view = View::default();
+    let mut synced = false;
+    while !synced {
+        let ev = w.next().await;
+        synced = matches!(ev, Event::Synced { .. });
+        view.apply(&ev);
+    }
+    assert_eq!(view.0.len(), 3);
+    assert_eq!(view.0["/ns/a/127.0.0.1:1"], Some(5));
+    assert_eq!(
+        view.0["/ns/a/127.0.0.1:2"],
+        Some(100),
+        "legacy value, weight 100"
+    );
+    assert_eq!(
+        view.0["/ns/a/127.0.0.1:3"], None,
+        "invalid value reported as such"
+    );
+    assert!(state.borrow().synced);
+
+    c.put(
+        "/ns/a/127.0.0.1:1",
+        r#"{"addr":"127.0.0.1:1","weight":0}"#,
+        None,
+    )
+    .await?;
+    c.delete("/ns/a/127.0.0.1:2", None).await?;
+    until(&mut w, &mut view, "update and delete", |v| {
+        v.0.get("/ns/a/127.0.0.1:1") == Some(&Some(0)) && !v.0.contains_key("/ns/a/127.0.0.1:2")
+    })
+    .await?;
+
+    // Progress notices keep the view's age small on a quiet prefix.
+    for _ in 0..20 {
+        tokio::select! {
+            ev = w.next() => view.apply(&ev),
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+    let age = state.borrow().age().context("age")?;
+    assert!(
+        age < Duration::from_secs(2),
+        "view age {age:?} on a quiet prefix"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn keeps_the_last_view_through_an_outage_and_relists_after_compaction() -> Result<()> {
+    let etcd = Etcd::start().await?;
+    let mut c = etcd.client().await?;
+    let proxy = Proxy::start(format!("127.0.0.1:{}", etcd.client_port).parse()?).await?;
+    for i in 1..=3 {
+        c.put(
+            format!("/ns/a/127.0.0.1:{i}"),
+            format!("127.0.0.1:{i}"),
+            None,
+        )
+        .await?;
+    }
+    let mut w = Watcher::new(EtcdConfig::plain([proxy.addr.to_string()]), svc_cfg());
+    let state = w.state();
+    let mut view = View::default();
+    sync(&mut w, &mut view).await?;
+    assert_eq!(view.0.len(), 3);
+
+    // Cut the watcher off; etcd moves on and compacts its history.
+    proxy.cut();
+    let outage = tokio::time::timeout(Duration::from_secs(2), w.next()).await;
+    assert!(
+        outage.is_err(),
+        "no events while cut off (static stability): {outage:?}"
+    );
+    assert!(!state.borrow().connected);
+    assert_eq!(view.0.len(), 3, "the last view is kept");
+
+    c.delete("/ns/a/127.0.0.1:1", None).await?;
+    c.put("/ns/a/127.0.0.1:2", r#"{"weight":7}"#, None).await?;
+    c.put("/ns/a/127.0.0.1:4", "127.0.0.1:4", None).await?;
+    let rev = c
+        .put("/ns/z", "bump", None)
+        .await?
+        .header()
+        .context("header")?
+        .revision();
+    c.compact(rev, Some(CompactionOptions::new().with_physical()))
+        .await?;
+    let relists_before = state.borrow().relists;
+
+    proxy.heal();
+    until(&mut w, &mut view, "convergence after compaction", |v| {
+        !v.0.contains_key("/ns/a/127.0.0.1:1")
+            && v.0.get("/ns/a/127.0.0.1:2") == Some(&Some(7))
+            && v.0.contains_key("/ns/a/127.0.0.1:4")
+    })
+    .await?;
+    assert!(state.borrow().relists > relists_before, "it relisted");
+    assert!(state.borrow().connected);
+
+    // And it keeps watching after the relist.
+    c.put("/ns/a/127.0.0.1:5", "127.0.0.1:5", None).await?;
+    until(&mut w, &mut view, "a change after the relist", |v| {
+        v.0.contains_key("/ns/a/127.0.0.1:5")
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn resumes_without_relisting_after_a_short_outage() -> Result<()> {
+    let etcd = Etcd::start().await?;
+    let mut c = etcd.client().await?;
+    let proxy = Proxy::start(format!("127.0.0.1:{}", etcd.client_port).parse()?).await?;
+    c.put("/ns/a/127.0.0.1:1", "127.0.0.1:1", None).await?;
+    let mut w = Watcher::new(EtcdConfig::plain([proxy.addr.to_string()]), svc_cfg());
+    let state = w.state();
+    let mut view = View::default();
+    sync(&mut w, &mut view).await?;
+    proxy.cut();
+    let _ = tokio::time::timeout(Duration::from_millis(500), w.next()).await;
+    c.put("/ns/a/127.0.0.1:2", "127.0.0.1:2", None).await?;
+    proxy.heal();
+    until(&mut w, &mut view, "the missed put", |v| v.0.len() == 2).await?;
+    assert_eq!(
+        state.borrow().relists,
+        1,
+        "resumed from its revision, no relist"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn relists_when_etcd_comes_back_wiped() -> Result<()> {
+    let mut etcd = Etcd::start().await?;
+    let mut c = etcd.client().await?;
+    for i in 1..=5 {
+        c.put(
+            format!("/ns/a/127.0.0.1:{i}"),
+            format!("127.0.0.1:{i}"),
+            None,
+        )
+        .await?;
+    }
+    let mut w = Watcher::new(EtcdConfig::plain([etcd.endpoint()]), svc_cfg());
+    let mut view = View::default();
+    until(&mut w, &mut view, "initial list", |v| v.0.len() == 5).await?;
+
+    etcd.restart(true).await?;
+    let mut c = etcd.client().await?;
+    let lease = c.lease_grant(30, None).await?.id();
+    c.put(
+        "/ns/a/127.0.0.1:9",
+        "127.0.0.1:9",
+        Some(PutOptions::new().with_lease(lease)),
+    )
+    .await?;
+    until(&mut w, &mut view, "the wiped etcd's view", |v| {
+        v.0.len() == 1 && v.0.contains_key("/ns/a/127.0.0.1:9")
+    })
+    .await?;
+    Ok(())
+}
