@@ -60,6 +60,9 @@ pub fn version_matches(req: Option<&VersionReq>, version: &str) -> bool {
 #[derive(Debug, Clone)]
 pub struct Discovery {
     state: watch::Receiver<WatchState>,
+    /// Set once the first full list has been applied to the balancer (not
+    /// merely received), so callers that wait for it see the endpoints.
+    applied: watch::Receiver<bool>,
 }
 
 impl Discovery {
@@ -74,16 +77,21 @@ impl Discovery {
         let (mut events, state, _task) = watcher.spawn(cancel.clone());
         let span = tracing::info_span!("discovery", service = %cfg.service);
         let req = cfg.version_req.clone();
+        let (applied_tx, applied) = watch::channel(false);
         tokio::spawn(
             async move {
                 while let Some(event) = events.recv().await {
+                    let synced = matches!(event, Event::Synced { .. });
                     apply(&balancer, req.as_ref(), event);
+                    if synced {
+                        applied_tx.send_replace(true);
+                    }
                 }
             }
             .instrument(span.clone()),
         );
         tokio::spawn(watch_freshness(state.clone(), cfg.stale_after, cancel).instrument(span));
-        Self { state }
+        Self { state, applied }
     }
 
     /// Sync and freshness of the view.
@@ -94,8 +102,8 @@ impl Discovery {
     /// Waits until the first full list has been applied, or `limit` passes.
     /// Returns whether it synced.
     pub async fn wait_synced(&self, limit: Duration) -> bool {
-        let mut state = self.state.clone();
-        tokio::time::timeout(limit, state.wait_for(|s| s.synced))
+        let mut applied = self.applied.clone();
+        tokio::time::timeout(limit, applied.wait_for(|s| *s))
             .await
             .is_ok_and(|r| r.is_ok())
     }

@@ -30,25 +30,26 @@ pub struct EtcdArgs {
     /// etcd endpoints, comma-separated (`host:port` or URLs).
     #[arg(
         long = "etcd-endpoints",
+        global = true,
         env = "ETCD_ENDPOINTS",
         value_delimiter = ',',
         default_value = "127.0.0.1:2379"
     )]
     pub endpoints: Vec<String>,
     /// CA certificate (PEM) to verify etcd's server certificate; enables TLS.
-    #[arg(long = "etcd-ca", env = "ETCD_CA")]
+    #[arg(long = "etcd-ca", global = true, env = "ETCD_CA")]
     pub ca: Option<PathBuf>,
     /// Client certificate (PEM) for etcd's client-cert auth; needs --etcd-key.
-    #[arg(long = "etcd-cert", env = "ETCD_CERT", requires = "key")]
+    #[arg(long = "etcd-cert", global = true, env = "ETCD_CERT", requires = "key")]
     pub cert: Option<PathBuf>,
     /// Client private key (PEM); needs --etcd-cert.
-    #[arg(long = "etcd-key", env = "ETCD_KEY", requires = "cert")]
+    #[arg(long = "etcd-key", global = true, env = "ETCD_KEY", requires = "cert")]
     pub key: Option<PathBuf>,
     /// etcd user; the password comes from ETCD_PASSWORD or --etcd-password-file.
-    #[arg(long = "etcd-user", env = "ETCD_USER")]
+    #[arg(long = "etcd-user", global = true, env = "ETCD_USER")]
     pub user: Option<String>,
     /// File holding the etcd password (its first line).
-    #[arg(long = "etcd-password-file", env = "ETCD_PASSWORD_FILE")]
+    #[arg(long = "etcd-password-file", global = true, env = "ETCD_PASSWORD_FILE")]
     pub password_file: Option<PathBuf>,
 }
 
