@@ -1,1 +1,161 @@
-//! Placeholder; see issue 4.
+//! The controller: keeps the registry in etcd honest and shows it.
+//!
+//! Kubernetes-operator-like without CRDs: the etcd key space is the schema.
+//! The pieces, each in its module:
+//! - [`store`]: the watcher's copy of `<prefix>` joined with probe results;
+//! - [`probe`]: the gRPC health check (any gRPC answer proves "up");
+//! - [`reconcile`]: the level-triggered pass that decides what is stale and
+//!   deletes it, guarded, bounded, and held back by the safety valve;
+//! - [`leader`]: etcd election, so only one replica deletes;
+//! - [`http`]: the read-only JSON view, live page and metrics endpoint;
+//! - [`metrics`]: the Prometheus registry;
+//! - [`config`]: flags and their validation.
+//!
+//! [`run`] is the whole controller given a bound listener and a shutdown
+//! token, so tests run it in-process on `127.0.0.1:0`; `main` only parses
+//! flags, sets up logs and turns signals into the token.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod probe;
+pub mod reconcile;
+pub mod store;
+
+use std::sync::Arc;
+
+use registry::etcd::EtcdConfig;
+use registry::watcher::{Watcher, WatcherConfig};
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, warn, Instrument};
+
+pub use config::{Args, Budget, Config};
+
+/// Errors that end the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The listener failed.
+    #[error("HTTP listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the controller until `shutdown` is cancelled: watches
+/// `cfg.root`, probes and reconciles, campaigns for leadership, and serves
+/// the HTTP view on `listener`. Shutdown is bounded by
+/// `cfg.shutdown_timeout`: open streams end, the leader resigns so a
+/// standby takes over at once.
+///
+/// # Errors
+/// Only the HTTP server failing; etcd trouble is never an error here (every
+/// loop retries, and the view keeps the last known state).
+pub async fn run(
+    cfg: Config,
+    etcd: EtcdConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let local = listener.local_addr()?;
+    let id = format!("{}@{local}", std::process::id());
+    let span = info_span!("controller", %id, prefix = %cfg.root);
+    async move {
+        let tasks = CancellationToken::new();
+        let store = Arc::new(store::Store::new());
+        let metrics = Arc::new(metrics::Metrics::new());
+
+        let watcher = Watcher::new(etcd.clone(), WatcherConfig::all(&cfg.root));
+        let (mut events, watch_state, watch_task) = watcher.spawn(tasks.clone());
+        let applier = {
+            let store = store.clone();
+            let mut state = watch_state.clone();
+            let cancel = tasks.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = cancel.cancelled() => break,
+                        ev = events.recv() => match ev {
+                            Some(ev) => store.apply(ev, Instant::now()),
+                            None => break,
+                        },
+                        changed = state.changed() => {
+                            if changed.is_err() { break }
+                            let s = state.borrow_and_update().clone();
+                            if s.synced && store.synced() {
+                                store.observe_revision(s.revision);
+                            }
+                        }
+                    }
+                }
+            })
+        };
+
+        let (leader_rx, leader_task) = leader::spawn(
+            etcd.clone(),
+            cfg.election_key.clone(),
+            cfg.election_ttl,
+            id.clone(),
+            tasks.clone(),
+        );
+        let reconciler = reconcile::Reconciler::new(
+            cfg.clone(),
+            etcd,
+            store.clone(),
+            metrics.clone(),
+            leader_rx.clone(),
+        );
+        let reconcile_task = tokio::spawn(reconciler.run(tasks.clone()));
+
+        let state = Arc::new(http::AppState::new(
+            store,
+            metrics,
+            watch_state,
+            leader_rx,
+            id.clone(),
+            shutdown.clone(),
+        ));
+        let app = http::router(state);
+        info!(listen = %local, "serving the HTTP view");
+        let server = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let mut server = tokio::spawn(async move { server.await });
+
+        let served = tokio::select! {
+            () = shutdown.cancelled() => None,
+            res = &mut server => Some(res),
+        };
+        info!("shutting down");
+        tasks.cancel();
+        let deadline = cfg.shutdown_timeout;
+        let background = async {
+            let _ = leader_task.await;
+            let _ = reconcile_task.await;
+            let _ = applier.await;
+            let _ = watch_task.await;
+        };
+        if tokio::time::timeout(deadline, background).await.is_err() {
+            warn!(timeout = ?deadline, "background tasks did not stop in time");
+        }
+        let result = match served {
+            Some(res) => res,
+            None => match tokio::time::timeout(deadline, &mut server).await {
+                Ok(res) => res,
+                Err(_) => {
+                    warn!(timeout = ?deadline, "HTTP connections did not close in time; dropping them");
+                    server.abort();
+                    Ok(Ok(()))
+                }
+            },
+        };
+        info!("stopped");
+        match result {
+            Ok(r) => r.map_err(Error::from),
+            Err(join) => Err(Error::Io(std::io::Error::other(join))),
+        }
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,312 @@
+//! The reconcile loop: level-triggered, one pass per `--probe-interval`.
+//!
+//! Each pass compares what etcd holds (the store, kept by the watcher) with
+//! what probes see now, so a missed event costs nothing: the next pass sees
+//! the same keys again. A pass
+//! 1. takes every key with the mod revision it has now,
+//! 2. probes every address (bounded concurrency, each probe bounded),
+//! 3. looks up the remaining TTL of every lease (for the view),
+//! 4. plans: what is stale, per service within the budget, nothing at all
+//!    for a service whose safety valve tripped,
+//! 5. deletes, on the leader only, each key in a transaction that compares
+//!    the key's mod revision *as probed* and the leader key's create
+//!    revision, so neither a re-registration nor a deposed leader can be
+//!    hurt.
+//!
+//! Nothing is decided before the watcher's first full list: an empty store
+//! must never look like "everything vanished".
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
+use futures::StreamExt;
+use registry::etcd::EtcdConfig;
+use tokio::sync::watch;
+use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::config::Config;
+use crate::leader::{LeaderState, Leadership};
+use crate::metrics::{DeletionLabels, Metrics, ProbeLabels, ServiceLabel};
+use crate::probe::Prober;
+use crate::store::{Policy, Store};
+
+/// Bound of each etcd request made by a pass.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Lease lookups in flight at once.
+const LEASE_LOOKUPS: usize = 16;
+
+/// What a guarded deletion did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    /// The key was deleted.
+    Deleted,
+    /// The key was rewritten or removed since it was probed: kept.
+    Changed,
+    /// This replica no longer owns the election key: nothing written.
+    NotLeader,
+}
+
+/// Errors of a guarded deletion.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteError {
+    /// etcd refused or failed.
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    /// etcd did not answer in time.
+    #[error("etcd did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Deletes `key` only if its mod revision is still `mod_revision` and the
+/// election key of `leadership` still has its create revision: one
+/// transaction, so a server that re-registered after the probe, or a
+/// replica that lost the election, never removes anything.
+///
+/// # Errors
+/// etcd unreachable or failing; nothing was deleted then.
+pub async fn delete_if_unchanged(
+    client: &mut Client,
+    key: &str,
+    mod_revision: i64,
+    leadership: &Leadership,
+) -> Result<DeleteOutcome, DeleteError> {
+    let txn = Txn::new()
+        .when([
+            Compare::mod_revision(key, CompareOp::Equal, mod_revision),
+            Compare::create_revision(
+                leadership.key.clone(),
+                CompareOp::Equal,
+                leadership.create_revision,
+            ),
+        ])
+        .and_then([TxnOp::delete(key, None)])
+        .or_else([TxnOp::get(leadership.key.clone(), None)]);
+    let resp = timeout(REQUEST_TIMEOUT, client.txn(txn))
+        .await
+        .map_err(|_| DeleteError::Timeout(REQUEST_TIMEOUT))??;
+    if resp.succeeded() {
+        return Ok(DeleteOutcome::Deleted);
+    }
+    let still_leader = resp.op_responses().iter().any(|r| match r {
+        TxnOpResponse::Get(g) => g
+            .kvs()
+            .first()
+            .is_some_and(|kv| kv.create_revision() == leadership.create_revision),
+        _ => false,
+    });
+    Ok(if still_leader {
+        DeleteOutcome::Changed
+    } else {
+        DeleteOutcome::NotLeader
+    })
+}
+
+/// The loop's state: store, metrics, prober, and its own etcd client for
+/// deletions and lease lookups.
+pub struct Reconciler {
+    cfg: Config,
+    etcd: EtcdConfig,
+    client: Option<Client>,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    prober: Prober,
+    leader: watch::Receiver<LeaderState>,
+}
+
+impl Reconciler {
+    /// A reconciler over `store`, deleting only while `leader` says so.
+    pub fn new(
+        cfg: Config,
+        etcd: EtcdConfig,
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        leader: watch::Receiver<LeaderState>,
+    ) -> Self {
+        Self {
+            prober: Prober::new(cfg.probe_timeout),
+            cfg,
+            etcd,
+            client: None,
+            store,
+            metrics,
+            leader,
+        }
+    }
+
+    /// Runs passes every probe interval until `cancel`. A pass in progress
+    /// is abandoned on cancel (each deletion is one transaction, so there
+    /// is nothing half-done).
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(self.cfg.probe_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let pass = self.store.passes() + 1;
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = self.pass().instrument(info_span!("pass", n = pass)) => {}
+            }
+        }
+    }
+
+    async fn client(&mut self) -> Option<&mut Client> {
+        if self.client.is_none() {
+            match self.etcd.connect().await {
+                Ok(c) => self.client = Some(c),
+                Err(e) => {
+                    debug!(error = %e, "etcd unreachable for this pass");
+                    return None;
+                }
+            }
+        }
+        self.client.as_mut()
+    }
+
+    /// One reconcile pass.
+    pub async fn pass(&mut self) {
+        if !self.store.synced() {
+            debug!("not synced with etcd yet; probing nothing");
+            return;
+        }
+        let targets = self.store.targets();
+        let addrs: HashSet<_> = targets.iter().map(|t| t.addr.clone()).collect();
+        self.prober.retain(|a| addrs.contains(a));
+        let prober = &self.prober;
+        let results: Vec<_> = futures::stream::iter(targets)
+            .map(|t| async move {
+                let outcome = prober.probe(&t.addr).await;
+                (t, outcome)
+            })
+            .buffer_unordered(self.cfg.probe_concurrency.max(1))
+            .collect()
+            .await;
+        for (t, o) in &results {
+            self.metrics
+                .probes
+                .get_or_create(&ProbeLabels {
+                    result: o.label().to_owned(),
+                })
+                .inc();
+            if !o.is_alive() {
+                debug!(service = %t.service, addr = %t.addr, outcome = ?o, "probe failed");
+            }
+        }
+        let leases: HashSet<i64> = results
+            .iter()
+            .map(|(t, _)| t.lease)
+            .filter(|l| *l != 0)
+            .collect();
+        self.store
+            .record(results, Instant::now(), SystemTime::now());
+        self.metrics.passes.inc();
+        self.lookup_leases(leases).await;
+
+        let policy = Policy {
+            dead_after: self.cfg.dead_after,
+            budget: self.cfg.max_deletions_per_pass,
+            max_unhealthy_ratio: self.cfg.max_unhealthy_ratio,
+        };
+        let plan = self.store.plan(&policy, Instant::now(), SystemTime::now());
+        for (service, valve) in &plan.tripped {
+            warn!(%service, dead = valve.dead, members = valve.members, withheld = valve.withheld,
+                  "safety valve: most members look dead at once; deleting nothing for this service (the controller may be cut off)");
+            self.metrics
+                .valve_trips
+                .get_or_create(&ServiceLabel {
+                    service: service.to_string(),
+                })
+                .inc();
+        }
+        for service in &plan.cleared {
+            info!(%service, "safety valve closed; deletions resume");
+        }
+        if plan.deferred > 0 {
+            info!(
+                deferred = plan.deferred,
+                "more stale entries than the per-pass budget; the rest waits for later passes"
+            );
+        }
+        if plan.deletions.is_empty() {
+            return;
+        }
+        let Some(leadership) = self.leader.borrow().valid(Instant::now()).cloned() else {
+            debug!(
+                stale = plan.deletions.len(),
+                "not the leader; leaving stale entries to it"
+            );
+            return;
+        };
+        for d in plan.deletions {
+            if !leadership.is_valid(Instant::now())
+                || self.leader.borrow().valid(Instant::now()).is_none()
+            {
+                warn!("leadership expired during the pass; stopping deletions");
+                return;
+            }
+            let Some(client) = self.client().await else {
+                return;
+            };
+            match delete_if_unchanged(client, &d.key, d.mod_revision, &leadership).await {
+                Ok(DeleteOutcome::Deleted) => {
+                    info!(service = %d.service, addr = %d.addr, key = %d.key,
+                          mod_revision = d.mod_revision, reason = d.reason.as_str(),
+                          "deleted stale registration");
+                    self.metrics
+                        .deletions
+                        .get_or_create(&DeletionLabels {
+                            service: d.service.to_string(),
+                            reason: d.reason.as_str().to_owned(),
+                        })
+                        .inc();
+                }
+                Ok(DeleteOutcome::Changed) => {
+                    info!(service = %d.service, addr = %d.addr, key = %d.key,
+                          "kept: the key changed after its probe (re-registered)");
+                    self.metrics.deletions_skipped.inc();
+                }
+                Ok(DeleteOutcome::NotLeader) => {
+                    warn!("the election key is no longer ours; stopping deletions");
+                    return;
+                }
+                Err(e) => {
+                    warn!(key = %d.key, error = %e, "deletion failed; retrying next pass");
+                    self.client = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn lookup_leases(&mut self, leases: HashSet<i64>) {
+        if leases.is_empty() {
+            return;
+        }
+        let Some(client) = self.client().await else {
+            return;
+        };
+        let client = client.clone();
+        let ttls: HashMap<i64, i64> = futures::stream::iter(leases)
+            .map(|id| {
+                let mut c = client.clone();
+                async move {
+                    let r = timeout(REQUEST_TIMEOUT, c.lease_time_to_live(id, None)).await;
+                    match r {
+                        Ok(Ok(resp)) => Some((id, resp.ttl())),
+                        _ => None,
+                    }
+                }
+            })
+            .buffer_unordered(LEASE_LOOKUPS)
+            .filter_map(|x| async move { x })
+            .collect()
+            .await;
+        self.store.record_lease_ttls(&ttls, Instant::now());
+    }
+}

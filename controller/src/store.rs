@@ -1,0 +1,1048 @@
+//! The controller's picture of the registry: what etcd holds (from the
+//! watcher) joined with what probes saw, plus the per-service safety-valve
+//! state. The reconciler writes it, the HTTP view and metrics read it.
+//!
+//! Invariants:
+//! - an entry exists here exactly while its key exists in the watcher's
+//!   view; probe results for a key that left are dropped;
+//! - probe state belongs to the key and survives value updates (a weight
+//!   change does not make a dead endpoint look fresh), and goes with the key;
+//! - the lock is a plain `RwLock`, never held across an `.await`; every
+//!   change bumps a generation number that the HTTP side uses to cache
+//!   rendered JSON and to wake `/services/stream`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::RwLock;
+use std::time::{Duration, SystemTime};
+
+use registry::schema::{Addr, ServiceName, ValueKind};
+use registry::watcher::{Entry, Event};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::Budget;
+use crate::probe::Outcome;
+
+/// Probe history of one entry.
+#[derive(Debug, Clone, Default)]
+pub struct ProbeState {
+    /// The latest outcome, `None` before the first probe.
+    pub last: Option<Outcome>,
+    /// Wall-clock time of the latest probe (for people).
+    pub last_at: Option<SystemTime>,
+    /// Failed probes in a row.
+    pub consecutive_failures: u32,
+    /// Start of the current run of failures.
+    pub failing_since: Option<Instant>,
+    /// The key's mod revision when it was last probed: a deletion compares
+    /// against it, so a value written after the probe is never removed.
+    pub probed_mod_revision: i64,
+}
+
+/// One registered key with a valid `<service>/<addr>`.
+#[derive(Debug, Clone)]
+pub struct Tracked {
+    /// What etcd holds.
+    pub entry: Entry,
+    /// Since when the value has been invalid (continuously).
+    pub invalid_since: Option<Instant>,
+    /// What probes saw.
+    pub probe: ProbeState,
+    /// Seconds left on the lease when it was last looked up (-1: etcd does
+    /// not know the lease), and when.
+    pub lease_ttl: Option<(i64, Instant)>,
+}
+
+/// Why an entry is stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Failed every probe for `--dead-after`.
+    Unreachable,
+    /// No lease, and the address does not answer.
+    NoLeaseUnreachable,
+    /// The value has been invalid for `--dead-after`.
+    InvalidValue,
+}
+
+impl Reason {
+    /// Label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unreachable => "unreachable",
+            Self::NoLeaseUnreachable => "no_lease_unreachable",
+            Self::InvalidValue => "invalid_value",
+        }
+    }
+}
+
+/// A deletion the reconciler may make, guarded by `mod_revision`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deletion {
+    /// Service of the key.
+    pub service: ServiceName,
+    /// Address of the key.
+    pub addr: Addr,
+    /// The full key.
+    pub key: String,
+    /// The revision the decision was based on.
+    pub mod_revision: i64,
+    /// Why.
+    pub reason: Reason,
+}
+
+/// A tripped safety valve of one service.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Valve {
+    /// Members that looked dead in the pass.
+    pub dead: usize,
+    /// Members of the service.
+    pub members: usize,
+    /// Stale entries that were therefore kept.
+    pub withheld: usize,
+    /// Wall-clock time the valve tripped (this time).
+    #[serde(serialize_with = "ser_time")]
+    pub since: SystemTime,
+}
+
+/// The decisions of one pass.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// Deletions within each service's budget, oldest failure first.
+    pub deletions: Vec<Deletion>,
+    /// Stale entries over budget, left for the next pass.
+    pub deferred: usize,
+    /// Services whose valve tripped in this pass but was open before.
+    pub tripped: Vec<(ServiceName, Valve)>,
+    /// Services whose valve closed in this pass.
+    pub cleared: Vec<ServiceName>,
+}
+
+/// The thresholds a plan is made with.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Failing this long makes an entry stale (and an invalid value too).
+    pub dead_after: Duration,
+    /// Per service and pass.
+    pub budget: Budget,
+    /// Safety-valve threshold.
+    pub max_unhealthy_ratio: f64,
+}
+
+/// What a probe pass looks at: one key, as it was when the pass started.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Service.
+    pub service: ServiceName,
+    /// Address to probe.
+    pub addr: Addr,
+    /// Mod revision at the start of the pass.
+    pub mod_revision: i64,
+    /// Lease (0: none).
+    pub lease: i64,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    services: BTreeMap<ServiceName, BTreeMap<Addr, Tracked>>,
+    invalid_keys: BTreeMap<String, String>,
+    revision: i64,
+    synced: bool,
+    valves: BTreeMap<ServiceName, Valve>,
+    passes: u64,
+}
+
+/// The shared store. Cheap reads; writers hold the lock briefly.
+#[derive(Debug)]
+pub struct Store {
+    inner: RwLock<Inner>,
+    generation: watch::Sender<u64>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Counts of a service's members by state, for metrics and the view.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    /// Members.
+    pub members: usize,
+    /// Answering and serving.
+    pub healthy: usize,
+    /// Answering NOT_SERVING.
+    pub draining: usize,
+    /// Latest probe failed.
+    pub failing: usize,
+    /// Not probed yet.
+    pub unknown: usize,
+    /// Invalid values.
+    pub invalid: usize,
+}
+
+impl Store {
+    /// An empty, unsynced store.
+    pub fn new() -> Self {
+        Self {
+            inner: RwLock::new(Inner::default()),
+            generation: watch::channel(0).0,
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Notified on every change; the value is the generation.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// The current generation (changes with every update).
+    pub fn generation(&self) -> u64 {
+        *self.generation.borrow()
+    }
+
+    /// Applies one watcher event.
+    pub fn apply(&self, event: Event, now: Instant) {
+        {
+            let mut inner = self.write();
+            match event {
+                Event::Synced { revision } => {
+                    inner.synced = true;
+                    inner.revision = inner.revision.max(revision);
+                }
+                Event::Applied(entry) => {
+                    inner.revision = inner.revision.max(entry.mod_revision);
+                    match entry.id.clone() {
+                        None => {
+                            let why = match &entry.member {
+                                Err(e) => e.to_string(),
+                                Ok(_) => "key outside the schema".to_owned(),
+                            };
+                            inner.invalid_keys.insert(entry.key.clone(), why);
+                        }
+                        Some((service, addr)) => {
+                            let members = inner.services.entry(service).or_default();
+                            let invalid = entry.member.is_err();
+                            match members.get_mut(&addr) {
+                                Some(t) => {
+                                    t.invalid_since = match (invalid, t.invalid_since) {
+                                        (false, _) => None,
+                                        (true, since) => Some(since.unwrap_or(now)),
+                                    };
+                                    if t.entry.lease != entry.lease {
+                                        t.lease_ttl = None;
+                                    }
+                                    t.entry = entry;
+                                }
+                                None => {
+                                    members.insert(
+                                        addr,
+                                        Tracked {
+                                            entry,
+                                            invalid_since: invalid.then_some(now),
+                                            probe: ProbeState::default(),
+                                            lease_ttl: None,
+                                        },
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+                Event::Removed(entry) => {
+                    inner.revision = inner.revision.max(entry.mod_revision);
+                    match entry.id {
+                        None => {
+                            inner.invalid_keys.remove(&entry.key);
+                        }
+                        Some((service, addr)) => {
+                            if let Some(members) = inner.services.get_mut(&service) {
+                                members.remove(&addr);
+                                if members.is_empty() {
+                                    inner.services.remove(&service);
+                                    inner.valves.remove(&service);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.bump();
+    }
+
+    /// Raises the revision the view is known to reflect (etcd's progress
+    /// notices move it without events).
+    pub fn observe_revision(&self, revision: i64) {
+        let changed = {
+            let mut inner = self.write();
+            let old = inner.revision;
+            inner.revision = old.max(revision);
+            inner.revision != old
+        };
+        if changed {
+            self.bump();
+        }
+    }
+
+    /// Whether a full list has been applied.
+    pub fn synced(&self) -> bool {
+        self.read().synced
+    }
+
+    /// The revision the view reflects.
+    pub fn revision(&self) -> i64 {
+        self.read().revision
+    }
+
+    /// Passes recorded so far.
+    pub fn passes(&self) -> u64 {
+        self.read().passes
+    }
+
+    /// Every key to probe now, with the revision it has now.
+    pub fn targets(&self) -> Vec<Target> {
+        let inner = self.read();
+        inner
+            .services
+            .iter()
+            .flat_map(|(service, members)| {
+                members.iter().map(move |(addr, t)| Target {
+                    service: service.clone(),
+                    addr: addr.clone(),
+                    mod_revision: t.entry.mod_revision,
+                    lease: t.entry.lease,
+                })
+            })
+            .collect()
+    }
+
+    /// Records the outcomes of a pass. Results for keys that left or were
+    /// rewritten during the pass still count for the address, but the
+    /// revision they vouch for is the one probed.
+    pub fn record(&self, results: Vec<(Target, Outcome)>, now: Instant, wall: SystemTime) {
+        {
+            let mut inner = self.write();
+            inner.passes += 1;
+            for (target, outcome) in results {
+                let Some(t) = inner
+                    .services
+                    .get_mut(&target.service)
+                    .and_then(|m| m.get_mut(&target.addr))
+                else {
+                    continue;
+                };
+                let p = &mut t.probe;
+                if outcome.is_alive() {
+                    p.consecutive_failures = 0;
+                    p.failing_since = None;
+                } else {
+                    p.consecutive_failures = p.consecutive_failures.saturating_add(1);
+                    p.failing_since.get_or_insert(now);
+                }
+                p.last = Some(outcome);
+                p.last_at = Some(wall);
+                p.probed_mod_revision = target.mod_revision;
+            }
+        }
+        self.bump();
+    }
+
+    /// Records lease lookups: lease id -> seconds left (-1: not found).
+    pub fn record_lease_ttls(&self, ttls: &HashMap<i64, i64>, at: Instant) {
+        {
+            let mut inner = self.write();
+            for members in inner.services.values_mut() {
+                for t in members.values_mut() {
+                    if let Some(ttl) = ttls.get(&t.entry.lease) {
+                        t.lease_ttl = Some((*ttl, at));
+                    }
+                }
+            }
+        }
+        self.bump();
+    }
+
+    /// Decides what is stale, applies the safety valve and the budget, and
+    /// remembers the valve state for the view.
+    pub fn plan(&self, policy: &Policy, now: Instant, wall: SystemTime) -> Plan {
+        let mut plan = Plan::default();
+        {
+            let mut inner = self.write();
+            let mut valves = BTreeMap::new();
+            for (service, members) in &inner.services {
+                let mut stale: Vec<(Instant, &Addr, &Tracked, Reason)> = Vec::new();
+                let mut dead = 0;
+                for (addr, t) in members {
+                    let p = &t.probe;
+                    let failing = p.consecutive_failures > 0;
+                    if failing {
+                        dead += 1;
+                    }
+                    // Decide only on what the latest probe saw.
+                    if p.last.is_none() || p.probed_mod_revision != t.entry.mod_revision {
+                        continue;
+                    }
+                    let since = p.failing_since.unwrap_or(now);
+                    let reason = if failing && t.entry.lease == 0 {
+                        Some(Reason::NoLeaseUnreachable)
+                    } else if failing && now.saturating_duration_since(since) >= policy.dead_after {
+                        Some(Reason::Unreachable)
+                    } else if t
+                        .invalid_since
+                        .is_some_and(|s| now.saturating_duration_since(s) >= policy.dead_after)
+                    {
+                        Some(Reason::InvalidValue)
+                    } else {
+                        None
+                    };
+                    if let Some(reason) = reason {
+                        let order = p.failing_since.or(t.invalid_since).unwrap_or(now);
+                        stale.push((order, addr, t, reason));
+                    }
+                }
+                let n = members.len();
+                // One dead member alone never trips the valve: it cannot
+                // tell "cut off" from "one server died".
+                if dead > 1 && dead as f64 > policy.max_unhealthy_ratio * n as f64 {
+                    let valve = Valve {
+                        dead,
+                        members: n,
+                        withheld: stale.len(),
+                        since: inner.valves.get(service).map_or(wall, |v| v.since),
+                    };
+                    if !inner.valves.contains_key(service) {
+                        plan.tripped.push((service.clone(), valve.clone()));
+                    }
+                    valves.insert(service.clone(), valve);
+                    continue;
+                }
+                if inner.valves.contains_key(service) {
+                    plan.cleared.push(service.clone());
+                }
+                stale.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+                let limit = policy.budget.limit(n);
+                plan.deferred += stale.len().saturating_sub(limit);
+                for (_, addr, t, reason) in stale.into_iter().take(limit) {
+                    plan.deletions.push(Deletion {
+                        service: service.clone(),
+                        addr: addr.clone(),
+                        key: t.entry.key.clone(),
+                        mod_revision: t.probe.probed_mod_revision,
+                        reason,
+                    });
+                }
+            }
+            inner.valves = valves;
+        }
+        self.bump();
+        plan
+    }
+
+    /// Counts by state per service, and the number of keys outside the
+    /// schema.
+    pub fn counts(&self) -> (BTreeMap<ServiceName, Counts>, usize) {
+        let inner = self.read();
+        let counts = inner
+            .services
+            .iter()
+            .map(|(s, members)| {
+                let mut c = Counts {
+                    members: members.len(),
+                    ..Counts::default()
+                };
+                for t in members.values() {
+                    match &t.probe.last {
+                        None => c.unknown += 1,
+                        Some(o) if !o.is_alive() => c.failing += 1,
+                        Some(Outcome::NotServing) => c.draining += 1,
+                        Some(_) => c.healthy += 1,
+                    }
+                    if t.entry.member.is_err() {
+                        c.invalid += 1;
+                    }
+                }
+                (s.clone(), c)
+            })
+            .collect();
+        (counts, inner.invalid_keys.len())
+    }
+
+    /// Services whose valve is tripped now.
+    pub fn valves(&self) -> BTreeMap<ServiceName, Valve> {
+        self.read().valves.clone()
+    }
+
+    /// Whether a service is known.
+    pub fn has_service(&self, name: &ServiceName) -> bool {
+        self.read().services.contains_key(name)
+    }
+
+    /// The whole view, or one service's, optionally only members whose
+    /// `healthy` equals `healthy`.
+    pub fn view(
+        &self,
+        only: Option<&ServiceName>,
+        healthy: Option<bool>,
+        now: Instant,
+    ) -> ServicesView {
+        let inner = self.read();
+        let services = inner
+            .services
+            .iter()
+            .filter(|(name, _)| only.is_none_or(|o| o == *name))
+            .map(|(name, members)| {
+                let mut counts = Counts {
+                    members: members.len(),
+                    ..Counts::default()
+                };
+                let members = members
+                    .values()
+                    .map(|t| member_view(t, now))
+                    .inspect(|m| {
+                        match m.healthy {
+                            None => counts.unknown += 1,
+                            Some(true) => counts.healthy += 1,
+                            Some(false) if m.status == "not_serving" => counts.draining += 1,
+                            Some(false) => counts.failing += 1,
+                        }
+                        if m.problems.iter().any(|p| p.starts_with("invalid value")) {
+                            counts.invalid += 1;
+                        }
+                    })
+                    .filter(|m| healthy.is_none_or(|h| m.healthy == Some(h)))
+                    .collect();
+                ServiceView {
+                    name: name.clone(),
+                    members,
+                    counts,
+                    safety_valve: inner.valves.get(name).cloned(),
+                }
+            })
+            .collect();
+        ServicesView {
+            revision: inner.revision,
+            services,
+            invalid_keys: inner
+                .invalid_keys
+                .iter()
+                .map(|(key, problem)| InvalidKeyView {
+                    key: key.clone(),
+                    problem: problem.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn member_view(t: &Tracked, now: Instant) -> MemberView {
+    let e = &t.entry;
+    let mut problems = Vec::new();
+    let (version, weight, kind) = match &e.member {
+        Ok(m) => {
+            problems.extend(m.problems.iter().cloned());
+            let kind = match m.kind {
+                ValueKind::Json => "json",
+                ValueKind::Legacy => "legacy",
+            };
+            (Some(m.version.clone()), Some(m.weight), kind)
+        }
+        Err(err) => {
+            problems.push(err.to_string());
+            (None, None, "invalid")
+        }
+    };
+    if e.lease == 0 {
+        problems.push("no lease: stale as soon as the address stops answering".to_owned());
+    }
+    let ttl = match t.lease_ttl {
+        Some((secs, _)) if secs < 0 => {
+            problems.push("lease not found in etcd (expired or revoked)".to_owned());
+            None
+        }
+        Some((secs, at)) => {
+            Some((secs - now.saturating_duration_since(at).as_secs() as i64).max(0))
+        }
+        None => None,
+    };
+    let p = &t.probe;
+    MemberView {
+        addr: e
+            .id
+            .as_ref()
+            .map(|(_, a)| a.to_string())
+            .unwrap_or_default(),
+        key: e.key.clone(),
+        version,
+        weight,
+        kind,
+        lease: (e.lease != 0).then(|| format!("{:x}", e.lease)),
+        ttl,
+        healthy: p.last.as_ref().map(Outcome::is_healthy),
+        status: p.last.as_ref().map_or("unknown", Outcome::label),
+        status_detail: p.last.as_ref().and_then(|o| o.detail().map(str::to_owned)),
+        last_probe: p
+            .last_at
+            .map(|t| humantime::format_rfc3339_millis(t).to_string()),
+        consecutive_failures: p.consecutive_failures,
+        mod_revision: e.mod_revision,
+        problems,
+    }
+}
+
+fn ser_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
+/// `GET /services`: every service, sorted by name.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServicesView {
+    /// etcd revision the view reflects.
+    pub revision: i64,
+    /// Services sorted by name.
+    pub services: Vec<ServiceView>,
+    /// Keys under the prefix that do not follow the schema (never deleted:
+    /// they may belong to someone else).
+    pub invalid_keys: Vec<InvalidKeyView>,
+}
+
+/// One service.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceView {
+    /// Service name.
+    pub name: ServiceName,
+    /// Members sorted by address.
+    pub members: Vec<MemberView>,
+    /// Member counts by state (before any filter).
+    pub counts: Counts,
+    /// Set while the safety valve holds deletions back.
+    pub safety_valve: Option<Valve>,
+}
+
+/// One member.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberView {
+    /// Address (the key suffix).
+    pub addr: String,
+    /// Full etcd key.
+    pub key: String,
+    /// Version from the value; null when the value is invalid.
+    pub version: Option<String>,
+    /// Weight from the value; null when the value is invalid.
+    pub weight: Option<u32>,
+    /// `json`, `legacy` or `invalid`.
+    pub kind: &'static str,
+    /// Lease id in hex (as etcdctl prints it), null without a lease.
+    pub lease: Option<String>,
+    /// Seconds left on the lease at the last lookup, null if unknown.
+    pub ttl: Option<i64>,
+    /// Answering and serving; null before the first probe.
+    pub healthy: Option<bool>,
+    /// Latest probe: serving, not_serving, unimplemented, answered, failed
+    /// or unknown.
+    pub status: &'static str,
+    /// Failure reason or odd answer of the latest probe.
+    pub status_detail: Option<String>,
+    /// Time of the latest probe (RFC 3339).
+    pub last_probe: Option<String>,
+    /// Failed probes in a row.
+    pub consecutive_failures: u32,
+    /// Revision of the value.
+    pub mod_revision: i64,
+    /// Findings: legacy value, invalid value with reason, addr mismatch,
+    /// no lease.
+    pub problems: Vec<String>,
+}
+
+/// A key outside the schema.
+#[derive(Debug, Clone, Serialize)]
+pub struct InvalidKeyView {
+    /// The key.
+    pub key: String,
+    /// Why it is not a registration.
+    pub problem: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use registry::schema::{self, DEFAULT_ROOT};
+
+    fn entry(service: &str, addr: &str, value: &[u8], lease: i64, rev: i64) -> Entry {
+        let s = ServiceName::new(service).unwrap();
+        let a = Addr::new(addr).unwrap();
+        Entry {
+            key: schema::key(DEFAULT_ROOT, &s, &a),
+            member: schema::parse_value(&a, value),
+            id: Some((s, a)),
+            lease,
+            create_revision: rev,
+            mod_revision: rev,
+        }
+    }
+
+    fn good(service: &str, port: u16, lease: i64, rev: i64) -> Entry {
+        let addr = format!("127.0.0.1:{port}");
+        let v = format!(r#"{{"addr":"{addr}","version":"1","weight":100}}"#);
+        entry(service, &addr, v.as_bytes(), lease, rev)
+    }
+
+    fn policy() -> Policy {
+        Policy {
+            dead_after: Duration::from_secs(10),
+            budget: Budget::Percent(15.0),
+            max_unhealthy_ratio: 0.5,
+        }
+    }
+
+    /// Probes every target with `f(port)` at `now`.
+    fn pass(store: &Store, now: Instant, f: impl Fn(u16) -> Outcome) {
+        let results = store
+            .targets()
+            .into_iter()
+            .map(|t| {
+                let port: u16 = t.addr.as_str().rsplit_once(':').unwrap().1.parse().unwrap();
+                let o = f(port);
+                (t, o)
+            })
+            .collect();
+        store.record(results, now, SystemTime::now());
+    }
+
+    fn dead() -> Outcome {
+        Outcome::Failed("refused".into())
+    }
+
+    #[test]
+    fn failing_for_dead_after_is_stale_and_recovery_resets() {
+        let store = Store::new();
+        let t0 = Instant::now();
+        for p in 1..=4 {
+            store.apply(Event::Applied(good("s", p, 7, p as i64)), t0);
+        }
+        pass(
+            &store,
+            t0,
+            |p| if p == 1 { dead() } else { Outcome::Serving },
+        );
+        assert!(store
+            .plan(&policy(), t0, SystemTime::now())
+            .deletions
+            .is_empty());
+        let t1 = t0 + Duration::from_secs(5);
+        pass(
+            &store,
+            t1,
+            |p| if p == 1 { dead() } else { Outcome::Serving },
+        );
+        assert!(store
+            .plan(&policy(), t1, SystemTime::now())
+            .deletions
+            .is_empty());
+        // Recovery in between resets the clock.
+        let t2 = t0 + Duration::from_secs(6);
+        pass(&store, t2, |_| Outcome::Serving);
+        let t3 = t0 + Duration::from_secs(11);
+        pass(
+            &store,
+            t3,
+            |p| if p == 1 { dead() } else { Outcome::Serving },
+        );
+        assert!(store
+            .plan(&policy(), t3, SystemTime::now())
+            .deletions
+            .is_empty());
+        let t4 = t3 + Duration::from_secs(10);
+        pass(
+            &store,
+            t4,
+            |p| if p == 1 { dead() } else { Outcome::Serving },
+        );
+        let plan = store.plan(&policy(), t4, SystemTime::now());
+        assert_eq!(plan.deletions.len(), 1);
+        assert_eq!(plan.deletions[0].reason, Reason::Unreachable);
+        assert_eq!(plan.deletions[0].key, "/ns/s/127.0.0.1:1");
+    }
+
+    #[test]
+    fn alive_answers_never_make_an_entry_stale() {
+        let store = Store::new();
+        let t0 = Instant::now();
+        store.apply(Event::Applied(good("s", 1, 0, 1)), t0);
+        store.apply(Event::Applied(good("s", 2, 7, 2)), t0);
+        for i in 0..5 {
+            let t = t0 + Duration::from_secs(20 * i);
+            pass(&store, t, |p| {
+                if p == 1 {
+                    Outcome::Unimplemented
+                } else {
+                    Outcome::NotServing
+                }
+            });
+            assert!(store
+                .plan(&policy(), t, SystemTime::now())
+                .deletions
+                .is_empty());
+        }
+        let view = store.view(None, None, t0);
+        let m = &view.services[0].members;
+        assert_eq!(
+            m[0].healthy,
+            Some(true),
+            "UNIMPLEMENTED is alive and serving"
+        );
+        assert_eq!(m[1].healthy, Some(false), "NOT_SERVING is draining");
+        assert_eq!(m[1].status, "not_serving");
+        assert_eq!(view.services[0].counts.draining, 1);
+    }
+
+    #[test]
+    fn lease_less_and_silent_is_stale_at_once() {
+        let store = Store::new();
+        let t0 = Instant::now();
+        store.apply(Event::Applied(good("s", 1, 0, 1)), t0);
+        store.apply(Event::Applied(good("s", 2, 9, 2)), t0);
+        pass(
+            &store,
+            t0,
+            |p| if p == 1 { dead() } else { Outcome::Serving },
+        );
+        let plan = store.plan(&policy(), t0, SystemTime::now());
+        assert_eq!(plan.deletions.len(), 1);
+        assert_eq!(plan.deletions[0].reason, Reason::NoLeaseUnreachable);
+    }
+
+    #[test]
+    fn invalid_values_are_stale_after_dead_after_and_forgiven_when_fixed() {
+        let store = Store::new();
+        let t0 = Instant::now();
+        store.apply(Event::Applied(good("s", 2, 9, 1)), t0);
+        store.apply(
+            Event::Applied(entry("s", "127.0.0.1:1", br#"{"weight":"x"}"#, 9, 2)),
+            t0,
+        );
+        pass(&store, t0, |_| Outcome::Serving);
+        assert!(store
+            .plan(&policy(), t0, SystemTime::now())
+            .deletions
+            .is_empty());
+        let view = store.view(None, None, t0);
+        let bad = &view.services[0].members[0];
+        assert_eq!(bad.kind, "invalid");
+        assert!(bad.problems[0].contains("weight is a string"), "{bad:?}");
+        assert_eq!(bad.weight, None);
+
+        let t1 = t0 + Duration::from_secs(10);
+        pass(&store, t1, |_| Outcome::Serving);
+        let plan = store.plan(&policy(), t1, SystemTime::now());
+        assert_eq!(plan.deletions.len(), 1);
+        assert_eq!(plan.deletions[0].reason, Reason::InvalidValue);
+
+        // Fixed in time: forgiven.
+        store.apply(Event::Applied(good("s", 1, 9, 3)), t1);
+        pass(&store, t1, |_| Outcome::Serving);
+        assert!(store
+            .plan(&policy(), t1, SystemTime::now())
+            .deletions
+            .is_empty());
+    }
+
+    #[test]
+    fn a_rewrite_after_the_probe_is_not_planned() {
+        let store = Store::new();
+        let t0 = Instant::now();
+        store.apply(Event::Applied(good("s", 1, 0, 1)), t0);
+        store.apply(Event::Applied(good("s", 2, 5, 2)), t0);
+        pass(
+            &store,
+            t0,
+            |p| if p == 1 { dead() } else { Outcome::Serving },
+        );
+        // Re-put between probe and plan.
+        store.apply(Event::Applied(good("s", 1, 0, 10)), t0);
+        assert!(store
+            .plan(&policy(), t0, SystemTime::now())
+            .deletions
+            .is_empty());
+    }
+
+    #[test]
+    fn safety_valve_trips_and_clears() {
+        let store = Store::new();
+        let t0 = Instant::now();
+        for p in 1..=3 {
+            store.apply(Event::Applied(good("s", p, 0, p as i64)), t0);
+        }
+        pass(
+            &store,
+            t0,
+            |p| if p == 3 { Outcome::Serving } else { dead() },
+        );
+        let plan = store.plan(&policy(), t0, SystemTime::now());
+        assert!(plan.deletions.is_empty());
+        assert_eq!(plan.tripped.len(), 1);
+        assert_eq!(plan.tripped[0].1.dead, 2);
+        assert_eq!(plan.tripped[0].1.withheld, 2);
+        // Still tripped next pass, but logged once.
+        pass(
+            &store,
+            t0,
+            |p| if p == 3 { Outcome::Serving } else { dead() },
+        );
+        let plan = store.plan(&policy(), t0, SystemTime::now());
+        assert!(plan.tripped.is_empty() && plan.deletions.is_empty());
+        let view = store.view(None, None, t0);
+        assert_eq!(view.services[0].safety_valve.as_ref().unwrap().dead, 2);
+        // One comes back: 1 of 3 dead, the valve closes and deletion resumes.
+        pass(
+            &store,
+            t0,
+            |p| if p == 1 { dead() } else { Outcome::Serving },
+        );
+        let plan = store.plan(&policy(), t0, SystemTime::now());
+        assert_eq!(plan.cleared.len(), 1);
+        assert_eq!(plan.deletions.len(), 1);
+        assert!(store.valves().is_empty());
+    }
+
+    #[test]
+    fn a_single_dead_member_does_not_trip_the_valve() {
+        let store = Store::new();
+        let t0 = Instant::now();
+        store.apply(Event::Applied(good("s", 1, 0, 1)), t0);
+        pass(&store, t0, |_| dead());
+        let plan = store.plan(&policy(), t0, SystemTime::now());
+        assert_eq!(plan.deletions.len(), 1);
+        assert!(plan.tripped.is_empty());
+    }
+
+    #[test]
+    fn budget_bounds_deletions_per_service_oldest_first() {
+        let store = Store::new();
+        let t0 = Instant::now();
+        // 20 members, 5 dead (25 % < 50 %): budget 15 % = 3.
+        for p in 1..=20u16 {
+            store.apply(Event::Applied(good("s", p, 7, p as i64)), t0);
+        }
+        store.apply(Event::Applied(good("other", 1, 0, 100)), t0);
+        for (i, p) in [5u16, 4, 3, 2, 1].iter().enumerate() {
+            let t = t0 + Duration::from_secs(i as u64);
+            let results = store
+                .targets()
+                .into_iter()
+                .filter(|t| {
+                    t.service.as_str() == "s" && t.addr.as_str().ends_with(&format!(":{p}"))
+                })
+                .map(|t| (t, dead()))
+                .collect();
+            store.record(results, t, SystemTime::now());
+        }
+        pass(&store, t0 + Duration::from_secs(30), |p| {
+            if p <= 5 {
+                dead()
+            } else {
+                Outcome::Serving
+            }
+        });
+        // "other" (lease-less, dead, alone) has its own budget.
+        let plan = store.plan(&policy(), t0 + Duration::from_secs(30), SystemTime::now());
+        let s: Vec<&str> = plan
+            .deletions
+            .iter()
+            .filter(|d| d.service.as_str() == "s")
+            .map(|d| d.addr.as_str())
+            .collect();
+        assert_eq!(
+            s,
+            ["127.0.0.1:5", "127.0.0.1:4", "127.0.0.1:3"],
+            "longest dead first"
+        );
+        assert_eq!(plan.deferred, 2);
+        assert_eq!(
+            plan.deletions
+                .iter()
+                .filter(|d| d.service.as_str() == "other")
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn invalid_keys_and_removal() {
+        let store = Store::new();
+        let t0 = Instant::now();
+        let bad = Entry {
+            key: "/ns/Bad Name/x".into(),
+            id: None,
+            member: Err(schema::SchemaError::Key {
+                key: "/ns/Bad Name/x".into(),
+                reason: "bad service name",
+            }),
+            lease: 0,
+            create_revision: 1,
+            mod_revision: 1,
+        };
+        store.apply(Event::Applied(bad.clone()), t0);
+        store.apply(Event::Applied(good("s", 1, 3, 2)), t0);
+        store.apply(Event::Synced { revision: 2 }, t0);
+        let v = store.view(None, None, t0);
+        assert_eq!(v.invalid_keys.len(), 1);
+        assert_eq!(v.revision, 2);
+        assert!(store.targets().len() == 1, "invalid keys are never probed");
+        store.apply(Event::Removed(bad), t0);
+        store.apply(Event::Removed(good("s", 1, 3, 2)), t0);
+        let v = store.view(None, None, t0);
+        assert!(v.invalid_keys.is_empty() && v.services.is_empty());
+    }
+
+    #[test]
+    fn view_fields_and_filters() {
+        let store = Store::new();
+        let t0 = Instant::now();
+        store.apply(Event::Applied(good("b", 2, 0x2a, 1)), t0);
+        store.apply(
+            Event::Applied(entry("a", "127.0.0.1:1", b"127.0.0.1:1", 0, 2)),
+            t0,
+        );
+        let v = store.view(None, None, t0);
+        assert_eq!(v.services[0].name.as_str(), "a", "sorted by name");
+        let legacy = &v.services[0].members[0];
+        assert_eq!(legacy.kind, "legacy");
+        assert_eq!(legacy.healthy, None);
+        assert_eq!(legacy.lease, None);
+        assert!(legacy.problems.iter().any(|p| p.contains("legacy")));
+        assert!(legacy.problems.iter().any(|p| p.contains("no lease")));
+        let mut ttls = HashMap::new();
+        ttls.insert(0x2a, 9);
+        store.record_lease_ttls(&ttls, t0);
+        let v = store.view(None, None, t0 + Duration::from_secs(4));
+        let m = &v.services[1].members[0];
+        assert_eq!(m.lease.as_deref(), Some("2a"));
+        assert_eq!(m.ttl, Some(5));
+        pass(
+            &store,
+            t0,
+            |p| if p == 1 { dead() } else { Outcome::Serving },
+        );
+        let b = ServiceName::new("b").unwrap();
+        let only = store.view(Some(&b), Some(true), t0);
+        assert_eq!(only.services.len(), 1);
+        assert_eq!(only.services[0].members.len(), 1);
+        let unhealthy_b = store.view(Some(&b), Some(false), t0);
+        assert!(unhealthy_b.services[0].members.is_empty());
+        assert_eq!(unhealthy_b.services[0].counts.members, 1);
+    }
+}
