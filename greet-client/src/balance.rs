@@ -12,22 +12,20 @@
 //! - A call that was never sent is retried on another endpoint, always; a
 //!   call lost after sending is retried when its method is retryable, within
 //!   its `grpc-timeout`. Request bodies are buffered so they can be replayed:
-//!   this balancer is for unary calls.
+//!   this balancer is for unary calls. Responses stream through untouched;
+//!   a server's refusal (a trailers-only `UNAVAILABLE`) is retried too.
 //! - With nothing usable, calls fail at once with `UNAVAILABLE` and a
 //!   message that says why (none registered, all draining, all unreachable).
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::HeaderMap;
-use http_body::Frame;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, Full};
 use registry::backoff::Backoff;
 use registry::schema::Addr;
 use tokio::time::Instant;
@@ -380,19 +378,15 @@ impl Balancer {
                     self.mark_down(&addr, generation, &e.to_string());
                     Err((unsent_call, Status::unavailable(format!("{addr}: {e}"))))
                 }
-                Ok(resp) if retryable => match buffer(resp).await {
-                    Ok((resp, Some(code))) if policy.retryable_codes.contains(&code) => Err((
+                Ok(resp) => match status_of(resp.headers()) {
+                    // A trailers-only answer carries its status in the
+                    // headers: that is how a server refuses a call.
+                    Some(code) if retryable && policy.retryable_codes.contains(&code) => Err((
                         false,
                         Status::new(code, format!("{addr} answered {code:?}")),
-                    ))
-                    .map(|()| resp),
-                    Ok((resp, _)) => Ok(resp),
-                    Err(e) => {
-                        self.mark_down(&addr, generation, &e.to_string());
-                        Err((false, Status::unavailable(format!("{addr}: {e}"))))
-                    }
+                    )),
+                    _ => Ok(resp),
                 },
-                Ok(resp) => Ok(resp.map(Body::new)),
             };
             let (was_unsent, status) = match outcome {
                 Ok(resp) => return Ok(resp),
@@ -425,27 +419,6 @@ impl Balancer {
             avoid = Some(addr);
         }
     }
-}
-
-/// Buffers a unary response: body and trailers, plus its grpc-status code.
-async fn buffer(
-    resp: http::Response<Body>,
-) -> Result<(http::Response<Body>, Option<Code>), Status> {
-    let (parts, body) = resp.into_parts();
-    if let Some(code) = status_of(&parts.headers) {
-        // Trailers-only response: nothing more to read.
-        return Ok((http::Response::from_parts(parts, body), Some(code)));
-    }
-    let collected = body.collect().await?;
-    let trailers = collected.trailers().cloned();
-    let code = trailers.as_ref().and_then(status_of);
-    let data = collected.to_bytes();
-    let mut frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![Ok(Frame::data(data))];
-    if let Some(t) = trailers {
-        frames.push(Ok(Frame::trailers(t)));
-    }
-    let body = Body::new(StreamBody::new(futures::stream::iter(frames)));
-    Ok((http::Response::from_parts(parts, body), code))
 }
 
 fn status_of(headers: &HeaderMap) -> Option<Code> {

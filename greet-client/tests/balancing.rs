@@ -25,7 +25,12 @@ fn server(etcd: &Etcd, port: u16, weight: u32, extra: &[&str]) -> Result<Proc> {
     .map(|s| s.to_string())
     .collect();
     args.extend(extra.iter().map(|s| s.to_string()));
-    Proc::spawn(&format!("server:{port}"), bin_path("greet-server"), &args, &[])
+    Proc::spawn(
+        &format!("server:{port}"),
+        bin_path("greet-server"),
+        &args,
+        &[],
+    )
 }
 
 fn client(etcd: &Etcd, args: &[&str]) -> Result<Proc> {
@@ -117,7 +122,14 @@ async fn fleet_changes_under_load_lose_no_calls() -> Result<()> {
 
     let mut load = client(
         &etcd,
-        &["bench", "--json", "--concurrency", "16", "--duration", "12s"],
+        &[
+            "bench",
+            "--json",
+            "--concurrency",
+            "16",
+            "--duration",
+            "12s",
+        ],
     )?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let new_port = free_port();
@@ -137,7 +149,10 @@ async fn fleet_changes_under_load_lose_no_calls() -> Result<()> {
         "the new server took calls: {report:#}"
     );
     assert!(calls_of(&report, &format!("127.0.0.1:{}", ports[2])) > 0);
-    assert_eq!(servers[0].wait_exit(Duration::from_secs(10)).await?, Some(0));
+    assert_eq!(
+        servers[0].wait_exit(Duration::from_secs(10)).await?,
+        Some(0)
+    );
     Ok(())
 }
 
@@ -157,9 +172,11 @@ async fn a_new_server_gets_traffic_soon_after_its_key_appears() -> Result<()> {
     let _b = server(&etcd, port, 100, &[])?;
     wait_registered(&c, 2).await?;
     let needle = format!("(from 127.0.0.1:{port})");
-    eventually(Duration::from_secs(5), "calls answered by the new server", || async {
-        cl.log().contains(&needle).then_some(())
-    })
+    eventually(
+        Duration::from_secs(5),
+        "calls answered by the new server",
+        || async { cl.log().contains(&needle).then_some(()) },
+    )
     .await
     .with_context(|| cl.log())?;
     assert!(!cl.log().contains("call failed"), "{}", cl.log());
@@ -177,8 +194,12 @@ async fn mixed_legacy_and_invalid_entries() -> Result<()> {
     // plain value (it registers its own JSON key under another service).
     let _legacy = server(&etcd, legacy_port, 100, &["--service", "elsewhere"])?;
     let legacy_addr = format!("127.0.0.1:{legacy_port}");
-    c.put(format!("/ns/greet_service/{legacy_addr}"), legacy_addr.clone(), None)
-        .await?;
+    c.put(
+        format!("/ns/greet_service/{legacy_addr}"),
+        legacy_addr.clone(),
+        None,
+    )
+    .await?;
     let bad_addr = format!("127.0.0.1:{}", free_port());
     c.put(
         format!("/ns/greet_service/{bad_addr}"),
@@ -222,16 +243,21 @@ async fn keeps_calling_through_an_etcd_outage_and_sees_changes_after() -> Result
     let before = cl.log().matches("Good morning").count();
     tokio::time::sleep(Duration::from_secs(4)).await;
     let during = cl.log().matches("Good morning").count();
-    assert!(during >= before + 10, "calls kept succeeding: {before} -> {during}");
+    assert!(
+        during >= before + 10,
+        "calls kept succeeding: {before} -> {during}"
+    );
     assert!(!cl.log().contains("call failed"), "{}", cl.log());
 
     etcd.restart(false).await?;
     let port = free_port();
     let _c = server(&etcd, port, 100, &[])?;
     let needle = format!("(from 127.0.0.1:{port})");
-    eventually(Duration::from_secs(20), "the new server after etcd's return", || async {
-        cl.log().contains(&needle).then_some(())
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the new server after etcd's return",
+        || async { cl.log().contains(&needle).then_some(()) },
+    )
     .await
     .with_context(|| cl.log())?;
     assert!(!cl.log().contains("call failed"), "{}", cl.log());
