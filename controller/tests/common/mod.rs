@@ -1,0 +1,237 @@
+//! Shared helpers of the controller's integration tests: an in-process
+//! controller on `127.0.0.1:0`, greet-server processes, a "legacy" server
+//! without a health service, and HTTP/etcd polling helpers.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use controller::Config;
+use etcd_client::{Client, PutOptions};
+use greet_proto::GreetServer;
+use greet_server::GreetService;
+use registry::etcd::EtcdConfig;
+use serde_json::Value;
+use testkit::{eventually, Etcd, Proc};
+use tokio_util::sync::CancellationToken;
+
+/// Short timings so tests finish quickly.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+pub const DEAD_AFTER: Duration = Duration::from_secs(2);
+
+/// A test config: fast probes, short election TTL.
+pub fn fast_config() -> Config {
+    Config {
+        probe_interval: PROBE_INTERVAL,
+        probe_timeout: PROBE_INTERVAL,
+        dead_after: DEAD_AFTER,
+        election_ttl: Duration::from_secs(3),
+        shutdown_timeout: Duration::from_secs(3),
+        ..Config::new("/ns/")
+    }
+}
+
+/// A controller running in this process.
+pub struct Ctl {
+    pub base: String,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<Result<(), controller::Error>>,
+    pub http: reqwest::Client,
+}
+
+impl Ctl {
+    /// Starts `run` on `127.0.0.1:0` and waits until `/readyz` is 200.
+    pub async fn start(etcd: &Etcd, cfg: Config) -> Result<Self> {
+        registry::logging::init(registry::logging::LogFormat::Text);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(controller::run(
+            cfg,
+            EtcdConfig::plain([etcd.endpoint()]),
+            listener,
+            shutdown.clone(),
+        ));
+        let ctl = Self {
+            base,
+            shutdown,
+            task,
+            http: reqwest::Client::new(),
+        };
+        ctl.wait_ready().await?;
+        Ok(ctl)
+    }
+
+    pub async fn wait_ready(&self) -> Result<()> {
+        eventually(Duration::from_secs(15), "controller ready", || async {
+            let r = self.http.get(self.url("/readyz")).send().await.ok()?;
+            (r.status() == 200).then_some(())
+        })
+        .await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// GET returning (status, JSON body).
+    pub async fn get(&self, path: &str) -> Result<(u16, Value)> {
+        get_json(&self.http, &self.url(path)).await
+    }
+
+    /// GET /metrics as text.
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?)
+    }
+
+    /// The member `addr` of `service` in `/services`, if present.
+    pub async fn member(&self, service: &str, addr: &str) -> Result<Option<Value>> {
+        let (_, v) = self.get("/services").await?;
+        Ok(find_member(&v, service, addr))
+    }
+
+    /// Waits until member `addr` satisfies `pred`.
+    pub async fn wait_member(
+        &self,
+        service: &str,
+        addr: &str,
+        limit: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let pred = &pred;
+        eventually(limit, what, || async move {
+            self.member(service, addr)
+                .await
+                .ok()
+                .flatten()
+                .filter(|m| pred(m))
+        })
+        .await
+    }
+
+    pub async fn stop(self) -> Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .context("controller did not stop within 10 s")???;
+        Ok(())
+    }
+}
+
+pub async fn get_json(http: &reqwest::Client, url: &str) -> Result<(u16, Value)> {
+    let r = http.get(url).send().await?;
+    let status = r.status().as_u16();
+    let body = r.text().await?;
+    let v = serde_json::from_str(&body).with_context(|| format!("{url}: not JSON: {body}"))?;
+    Ok((status, v))
+}
+
+pub fn find_member(view: &Value, service: &str, addr: &str) -> Option<Value> {
+    view["services"]
+        .as_array()?
+        .iter()
+        .find(|s| s["name"] == service)?["members"]
+        .as_array()?
+        .iter()
+        .find(|m| m["addr"] == addr)
+        .cloned()
+}
+
+/// The value of a sample line `name{labels} value` (labels exactly as
+/// rendered, or `""` for none).
+pub fn sample(metrics: &str, name: &str, labels: &str) -> Option<f64> {
+    let head = if labels.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{name}{{{labels}}}")
+    };
+    metrics.lines().find_map(|l| {
+        let (h, v) = l.rsplit_once(' ')?;
+        (h == head).then(|| v.parse().ok()).flatten()
+    })
+}
+
+pub fn key(service: &str, addr: &str) -> String {
+    format!("/ns/{service}/{addr}")
+}
+
+/// A greet-server process on `port` with a lease far longer than any test,
+/// so only the controller can remove its key.
+pub fn greet_server(etcd: &Etcd, port: u16, extra: &[&str]) -> Result<Proc> {
+    let mut args = vec![
+        "--listen".to_owned(),
+        format!("127.0.0.1:{port}"),
+        "--etcd-endpoints".to_owned(),
+        etcd.endpoint(),
+        "--ttl".to_owned(),
+        "300s".to_owned(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Proc::spawn(
+        &format!("greet-server:{port}"),
+        testkit::bin_path("greet-server"),
+        &args,
+        &[("RUST_LOG", "info")],
+    )
+}
+
+/// Waits until `key` exists in etcd; returns its mod revision.
+pub async fn wait_key(client: &Client, key: &str, limit: Duration) -> Result<i64> {
+    eventually(limit, &format!("{key} in etcd"), || {
+        let mut c = client.clone();
+        async move {
+            let r = c.get(key, None).await.ok()?;
+            r.kvs().first().map(|kv| kv.mod_revision())
+        }
+    })
+    .await
+}
+
+/// Whether `key` exists in etcd.
+pub async fn exists(client: &Client, key: &str) -> Result<bool> {
+    let mut c = client.clone();
+    Ok(!c.get(key, None).await?.kvs().is_empty())
+}
+
+/// Waits until `key` is gone from etcd.
+pub async fn wait_gone(client: &Client, key: &str, limit: Duration) -> Result<()> {
+    eventually(limit, &format!("{key} to be deleted"), || {
+        let c = client.clone();
+        async move { (!exists(&c, key).await.ok()?).then_some(()) }
+    })
+    .await
+}
+
+/// Puts `value` under `key` with no lease.
+pub async fn put_plain(client: &Client, key: &str, value: &str) -> Result<i64> {
+    let mut c = client.clone();
+    let r = c.put(key, value, None::<PutOptions>).await?;
+    Ok(r.header().map_or(0, |h| h.revision()))
+}
+
+/// A Greet server with no health service (like the original Go servers),
+/// in this process; its health check answers UNIMPLEMENTED.
+pub async fn legacy_server() -> Result<(String, CancellationToken)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    let stop = CancellationToken::new();
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let server = tonic::transport::Server::builder()
+        .add_service(GreetServer::new(GreetService::new(addr.clone())))
+        .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
+    tokio::spawn(server);
+    Ok((addr, stop))
+}
+
+/// An address on loopback where nothing listens.
+pub fn dead_addr() -> String {
+    format!("127.0.0.1:{}", testkit::free_port())
+}
