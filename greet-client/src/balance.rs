@@ -101,6 +101,9 @@ struct Pool {
 struct Inner {
     cfg: BalancerConfig,
     pool: Mutex<Pool>,
+    /// Bumped on every applied change: lets callers (tests, the propagation
+    /// benchmark) observe the moment an update takes effect.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// A cheap-to-clone handle; every clone balances over the same pool.
@@ -130,6 +133,7 @@ impl Balancer {
                     endpoints: HashMap::new(),
                     next_generation: 0,
                 }),
+                changes: tokio::sync::watch::Sender::new(0),
             }),
         }
     }
@@ -153,6 +157,7 @@ impl Balancer {
             if ep.up {
                 pool.sched.set(addr.clone(), weight);
             }
+            self.inner.changes.send_modify(|g| *g += 1);
             return;
         }
         let endpoint = match self.endpoint(addr) {
@@ -176,6 +181,7 @@ impl Balancer {
             },
         );
         pool.sched.set(addr.clone(), weight);
+        self.inner.changes.send_modify(|g| *g += 1);
         info!(%addr, weight, version, "endpoint added");
         if self.inner.cfg.eager_connect {
             self.spawn_connect(addr.clone(), pool.next_generation, endpoint, false);
@@ -187,8 +193,29 @@ impl Balancer {
         let mut pool = self.pool();
         if pool.endpoints.remove(addr).is_some() {
             pool.sched.remove(addr);
+            self.inner.changes.send_modify(|g| *g += 1);
             info!(%addr, "endpoint removed");
         }
+    }
+
+    /// A counter bumped each time an update from discovery is applied.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    /// Number of endpoints known (any weight, up or down).
+    pub fn len(&self) -> usize {
+        self.pool().endpoints.len()
+    }
+
+    /// Whether no endpoint is known.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The weight the balancer holds for `addr`, if known.
+    pub fn weight_of(&self, addr: &Addr) -> Option<u32> {
+        self.pool().endpoints.get(addr).map(|e| e.weight)
     }
 
     /// The endpoints, sorted by address.

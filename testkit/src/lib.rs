@@ -170,11 +170,13 @@ fn etcd_binary() -> PathBuf {
 /// when a single package's tests run, a missing binary is built here first.
 pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test>-<hash>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps");
+    // Tests live in target/<profile>/deps/, binaries in target/<profile>/.
+    let dir = exe.parent().expect("executable has a directory");
+    let profile_dir = if dir.ends_with("deps") {
+        dir.parent().expect("deps has a parent")
+    } else {
+        dir
+    };
     let path = profile_dir.join(name);
     if !path.exists() {
         let target_dir = profile_dir.parent().expect("target dir");

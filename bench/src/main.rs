@@ -1,0 +1,84 @@
+//! greet-bench: the performance targets of DESIGN.md, measured side by side.
+//!
+//! `cargo run --release -p greet-bench -- all` starts its own etcd and
+//! servers on loopback and prints one table per scenario (`--json` for
+//! scripts). Benchmarks print numbers; they never pass or fail.
+
+mod fleet;
+mod overhead;
+mod propagation;
+mod stats;
+mod weights;
+
+use clap::{Parser, Subcommand};
+use stats::Table;
+
+/// Benchmarks of the registry, resolver and balancer.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    #[command(subcommand)]
+    scenario: Scenario,
+    /// Print the tables as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Seconds per load cell (overhead, server).
+    #[arg(long, global = true, default_value_t = 4.0)]
+    secs: f64,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand, PartialEq, Eq)]
+enum Scenario {
+    /// 1: balancer vs plain channel.
+    Overhead,
+    /// 2: weight accuracy, smoothness, picker cost.
+    Weights,
+    /// 3: etcd change -> balancer updated.
+    Propagation,
+    /// 4: SIGKILL/SIGTERM/new servers under load.
+    Failover,
+    /// 5: 10,000 endpoints.
+    Scale,
+    /// 7: one server's throughput, idle CPU, memory.
+    Server,
+    /// Everything above.
+    All,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    registry::logging::init(registry::logging::LogFormat::Text);
+    let want = |s: Scenario| args.scenario == s || args.scenario == Scenario::All;
+    let mut tables: Vec<Table> = Vec::new();
+    let mut emit = |t: Table| {
+        if !args.json {
+            print!("{}", t.render());
+        }
+        tables.push(t);
+    };
+    if want(Scenario::Overhead) {
+        emit(overhead::run(args.secs, &[1, 16, 64]).await?);
+    }
+    if want(Scenario::Weights) {
+        for t in weights::run() {
+            emit(t);
+        }
+    }
+    if want(Scenario::Propagation) {
+        emit(propagation::propagation(1000).await?);
+    }
+    if want(Scenario::Failover) {
+        emit(fleet::failover(20, 64).await?);
+    }
+    if want(Scenario::Scale) {
+        emit(propagation::scale(10_000).await?);
+    }
+    if want(Scenario::Server) {
+        emit(fleet::server_side(args.secs).await?);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&tables)?);
+    }
+    Ok(())
+}
