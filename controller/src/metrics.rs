@@ -15,7 +15,7 @@ use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use crate::leader::LeaderState;
-use crate::store::Store;
+use crate::store::{Reason, Store};
 use registry::watcher::WatchState;
 
 /// Labels of per-service, per-state gauges.
@@ -188,6 +188,23 @@ impl Metrics {
                     })
                     .set(n as i64);
             }
+        }
+        // Counters of known services exist from 0, so rates and alerts
+        // work before the first event.
+        for service in counts.keys() {
+            for reason in [
+                Reason::Unreachable,
+                Reason::NoLeaseUnreachable,
+                Reason::InvalidValue,
+            ] {
+                let _ = self.deletions.get_or_create(&DeletionLabels {
+                    service: service.to_string(),
+                    reason: reason.as_str().to_owned(),
+                });
+            }
+            let _ = self.valve_trips.get_or_create(&ServiceLabel {
+                service: service.to_string(),
+            });
         }
         self.invalid_keys.set(invalid_keys as i64);
         self.valve_active.clear();

@@ -265,10 +265,17 @@ async fn safety_valve_holds_when_most_of_a_service_looks_dead() -> Result<()> {
         Some(1.0),
         "tripped once, counted once:\n{metrics}"
     );
-    assert!(
-        !metrics.contains("controller_deletions_total{"),
-        "no deletion counted:\n{metrics}"
-    );
+    for reason in ["unreachable", "no_lease_unreachable", "invalid_value"] {
+        assert_eq!(
+            sample(
+                &metrics,
+                "controller_deletions_total",
+                &format!(r#"service="greet_service",reason="{reason}""#)
+            ),
+            Some(0.0),
+            "no deletion counted:\n{metrics}"
+        );
+    }
 
     servers[0].signal(Signal::SIGCONT)?;
     servers[1].signal(Signal::SIGCONT)?;

@@ -1,0 +1,621 @@
+//! The HTTP view with a real client against a real fleet: every endpoint's
+//! JSON shape, the error cases, the metrics format, the SSE stream, the
+//! read-only promise, and the page in headless Chromium (issue 4, point 6).
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use common::*;
+use etcd_client::GetOptions;
+use serde_json::Value;
+use testkit::{eventually, free_port, Etcd, Proc};
+
+/// A fleet for the view: two greet-servers with different weights and
+/// versions, a legacy lease-less server without health service, an
+/// invalid value and a key outside the schema.
+struct Fleet {
+    etcd: Etcd,
+    _servers: Vec<Proc>,
+    _legacy_stop: tokio_util::sync::CancellationToken,
+    addrs: Vec<String>,
+    legacy: String,
+    invalid: String,
+}
+
+async fn fleet() -> Result<Fleet> {
+    let etcd = Etcd::start().await?;
+    let client = etcd.client().await?;
+    let ports = [free_port(), free_port()];
+    let servers = vec![
+        greet_server(
+            &etcd,
+            ports[0],
+            &["--weight", "100", "--service-version", "1.4.2"],
+        )?,
+        greet_server(
+            &etcd,
+            ports[1],
+            &["--weight", "300", "--service-version", "2.0.0"],
+        )?,
+    ];
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    for a in &addrs {
+        wait_key(&client, &key("greet_service", a), Duration::from_secs(15)).await?;
+    }
+    let (legacy, legacy_stop) = legacy_server().await?;
+    put_plain(&client, &key("greet_service", &legacy), &legacy).await?;
+    let invalid = dead_addr();
+    // On a long lease: a lease-less silent key would be deleted at once.
+    let mut c = client.clone();
+    let lease = c.lease_grant(300, None).await?.id();
+    c.put(
+        key("other.svc", &invalid),
+        r#"{"addr":"elsewhere:1","weight":20000}"#,
+        Some(etcd_client::PutOptions::new().with_lease(lease)),
+    )
+    .await?;
+    put_plain(&client, "/ns/NotAService/whatever", "x").await?;
+    Ok(Fleet {
+        etcd,
+        _servers: servers,
+        _legacy_stop: legacy_stop,
+        addrs,
+        legacy,
+        invalid,
+    })
+}
+
+/// A config that deletes nothing during the test (long --dead-after; the
+/// lease-less invalid entry is still reported).
+fn patient() -> controller::Config {
+    controller::Config {
+        dead_after: Duration::from_secs(600),
+        ..fast_config()
+    }
+}
+
+fn assert_member_shape(m: &Value) {
+    let obj = m.as_object().expect("member is an object");
+    for field in [
+        "addr",
+        "version",
+        "weight",
+        "lease",
+        "ttl",
+        "healthy",
+        "last_probe",
+        "consecutive_failures",
+        "problems",
+    ] {
+        assert!(obj.contains_key(field), "member lacks {field}: {m}");
+    }
+    assert!(m["addr"].is_string());
+    assert!(m["version"].is_string() || m["version"].is_null());
+    assert!(m["weight"].is_u64() || m["weight"].is_null());
+    assert!(m["lease"].is_string() || m["lease"].is_null());
+    assert!(m["ttl"].is_i64() || m["ttl"].is_null());
+    assert!(m["healthy"].is_boolean() || m["healthy"].is_null());
+    assert!(m["last_probe"].is_string() || m["last_probe"].is_null());
+    assert!(m["consecutive_failures"].is_u64());
+    assert!(m["problems"]
+        .as_array()
+        .is_some_and(|p| p.iter().all(Value::is_string)));
+}
+
+#[tokio::test]
+async fn every_endpoint_has_its_shape_and_errors_are_json() -> Result<()> {
+    let f = fleet().await?;
+    let ctl = Ctl::start(&f.etcd, patient()).await?;
+    for a in &f.addrs {
+        ctl.wait_member(
+            "greet_service",
+            a,
+            Duration::from_secs(10),
+            "healthy with a ttl",
+            |m| m["healthy"] == true && m["ttl"].is_i64(),
+        )
+        .await?;
+    }
+    ctl.wait_member(
+        "other.svc",
+        &f.invalid,
+        Duration::from_secs(10),
+        "probed",
+        |m| m["healthy"] == false,
+    )
+    .await?;
+    let mut etcd = f.etcd.client().await?;
+    let rev_before = etcd
+        .get("/", None)
+        .await?
+        .header()
+        .context("header")?
+        .revision();
+
+    // GET /services
+    let (status, v) = ctl.get("/services").await?;
+    assert_eq!(status, 200);
+    assert!(v["revision"].as_i64().is_some_and(|r| r > 0), "{v}");
+    let names: Vec<&str> = v["services"]
+        .as_array()
+        .context("services")?
+        .iter()
+        .map(|s| s["name"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(names, ["greet_service", "other.svc"], "sorted by name");
+    let greet = &v["services"][0];
+    let members = greet["members"].as_array().context("members")?;
+    assert_eq!(members.len(), 3);
+    members.iter().for_each(assert_member_shape);
+    let addrs: Vec<&str> = members
+        .iter()
+        .map(|m| m["addr"].as_str().unwrap_or(""))
+        .collect();
+    let mut sorted = addrs.clone();
+    sorted.sort();
+    assert_eq!(addrs, sorted, "members sorted by address");
+
+    let m0 = find_member(&v, "greet_service", &f.addrs[0]).context("server 0")?;
+    assert_eq!(m0["version"], "1.4.2");
+    assert_eq!(m0["weight"], 100);
+    assert_eq!(m0["status"], "serving");
+    assert!(m0["lease"]
+        .as_str()
+        .is_some_and(|l| i64::from_str_radix(l, 16).is_ok()));
+    assert!(m0["ttl"].as_i64().is_some_and(|t| t > 0 && t <= 300));
+    assert_eq!(m0["problems"], serde_json::json!([]));
+    let m1 = find_member(&v, "greet_service", &f.addrs[1]).context("server 1")?;
+    assert_eq!(
+        (m1["version"].as_str(), m1["weight"].as_u64()),
+        (Some("2.0.0"), Some(300))
+    );
+    let legacy = find_member(&v, "greet_service", &f.legacy).context("legacy")?;
+    assert_eq!(legacy["healthy"], true);
+    assert_eq!(legacy["version"], "");
+    assert_eq!(legacy["weight"], 100);
+    let invalid = find_member(&v, "other.svc", &f.invalid).context("invalid")?;
+    assert_eq!(invalid["weight"], Value::Null);
+    let problems = invalid["problems"].to_string();
+    assert!(problems.contains("above 10000"), "{problems}");
+    assert!(
+        legacy["problems"].to_string().contains("no lease"),
+        "{legacy}"
+    );
+    assert_eq!(v["invalid_keys"][0]["key"], "/ns/NotAService/whatever");
+    assert_eq!(greet["counts"]["members"], 3);
+    assert_eq!(greet["safety_valve"], Value::Null);
+
+    // The same bytes twice in a row (stable output), modulo probe updates:
+    // compare the parts that do not move.
+    let (_, again) = ctl.get("/services").await?;
+    assert_eq!(names_and_addrs(&v), names_and_addrs(&again));
+
+    // GET /services/{name} and ?healthy=
+    let (status, one) = ctl.get("/services/greet_service").await?;
+    assert_eq!(status, 200);
+    assert_eq!(one["name"], "greet_service");
+    assert!(one["revision"].is_i64());
+    assert_eq!(one["members"].as_array().map(Vec::len), Some(3));
+    let (status, healthy) = ctl.get("/services/other.svc?healthy=true").await?;
+    assert_eq!(status, 200);
+    assert_eq!(healthy["members"], serde_json::json!([]));
+    assert_eq!(
+        healthy["counts"]["members"], 1,
+        "counts are before the filter"
+    );
+    let (_, unhealthy) = ctl.get("/services/other.svc?healthy=false").await?;
+    assert_eq!(unhealthy["members"].as_array().map(Vec::len), Some(1));
+    let (_, all_healthy) = ctl.get("/services?healthy=true").await?;
+    assert_eq!(
+        all_healthy["services"][0]["members"]
+            .as_array()
+            .map(Vec::len),
+        Some(3)
+    );
+
+    // Errors: JSON bodies with the right codes.
+    for (path, code, says) in [
+        ("/services/no_such_service", 404, "unknown service"),
+        ("/services/Bad%20Name", 400, "invalid service name"),
+        (
+            "/services/greet_service?healthy=maybe",
+            400,
+            "want true or false",
+        ),
+        ("/services?healthy=", 400, "want true or false"),
+        ("/services?limit=3", 400, "unknown parameter"),
+        ("/no/such/path", 404, "no such path"),
+    ] {
+        let (status, body) = ctl.get(path).await?;
+        assert_eq!(status, code, "{path}: {body}");
+        assert_eq!(body["status"], code);
+        let msg = body["error"].as_str().context("error message")?;
+        assert!(msg.contains(says), "{path}: {msg}");
+    }
+    for method in [
+        reqwest::Method::POST,
+        reqwest::Method::DELETE,
+        reqwest::Method::PUT,
+    ] {
+        let r = ctl
+            .http
+            .request(method.clone(), ctl.url("/services/greet_service"))
+            .send()
+            .await?;
+        assert_eq!(r.status(), 405, "{method}");
+        let body: Value = r.json().await?;
+        assert!(body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("read-only")));
+    }
+
+    // /healthz, /readyz
+    let (status, h) = ctl.get("/healthz").await?;
+    assert_eq!((status, h["status"].as_str()), (200, Some("ok")));
+    let (status, r) = ctl.get("/readyz").await?;
+    assert_eq!(status, 200);
+    assert_eq!(r["ready"], true);
+    assert_eq!(r["synced"], true);
+    assert_eq!(r["etcd_reachable"], true);
+    assert_eq!(r["leader"], true);
+    assert!(
+        r["leader_id"].is_string() && r["id"] == r["leader_id"],
+        "{r}"
+    );
+
+    // /metrics parses as Prometheus (OpenMetrics) text.
+    let resp = ctl.http.get(ctl.url("/metrics")).send().await?;
+    assert_eq!(resp.status(), 200);
+    let ctype = resp
+        .headers()
+        .get("content-type")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(ctype.starts_with("application/openmetrics-text"), "{ctype}");
+    let text = resp.text().await?;
+    let families = parse_prometheus(&text)?;
+    for name in [
+        "registry_members",
+        "registry_invalid_keys",
+        "controller_probes",
+        "controller_deletions",
+        "controller_safety_valve_trips",
+        "controller_safety_valve_active",
+        "controller_leader",
+        "controller_watch_lag_seconds",
+        "controller_etcd_up",
+    ] {
+        assert!(families.contains(name), "{name} missing:\n{text}");
+    }
+    assert_eq!(
+        sample(
+            &text,
+            "registry_members",
+            r#"service="greet_service",state="healthy""#
+        ),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "registry_members",
+            r#"service="other.svc",state="invalid""#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(sample(&text, "registry_invalid_keys", ""), Some(1.0));
+    assert_eq!(sample(&text, "controller_leader", ""), Some(1.0));
+    assert!(
+        sample(&text, "controller_probes_total", r#"result="serving""#).is_some_and(|n| n > 0.0)
+    );
+    assert!(sample(&text, "controller_watch_lag_seconds", "").is_some_and(|s| s >= 0.0 && s < 10.0));
+
+    // GET / is the page.
+    let page = ctl.http.get(ctl.url("/")).send().await?;
+    assert_eq!(page.status(), 200);
+    assert!(page
+        .headers()
+        .get("content-type")
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|c| c.starts_with("text/html")));
+    let html = page.text().await?;
+    assert!(
+        html.contains("/services/stream") && html.contains("<table") || html.contains("\"table\"")
+    );
+
+    // Read-only: nothing of the above wrote to etcd.
+    let rev_after = etcd
+        .get("/", None)
+        .await?
+        .header()
+        .context("header")?
+        .revision();
+    assert_eq!(rev_before, rev_after, "the HTTP side wrote to etcd");
+    let all = etcd
+        .get(
+            "/ns/",
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await?;
+    assert_eq!(all.count(), 5);
+    ctl.stop().await
+}
+
+fn names_and_addrs(v: &Value) -> Vec<(String, Vec<String>)> {
+    v["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap_or("").to_owned(),
+                s["members"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|m| m["addr"].as_str().unwrap_or("").to_owned())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// A strict reader of the Prometheus/OpenMetrics text format: every line
+/// is a `# HELP`/`# TYPE`/`# UNIT` comment, a sample of a declared family
+/// (`name{label="value",...} number`), or the final `# EOF`. Returns the
+/// declared family names.
+fn parse_prometheus(text: &str) -> Result<HashSet<String>> {
+    let valid_name = |n: &str| {
+        !n.is_empty()
+            && n.chars().enumerate().all(|(i, c)| {
+                c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+            })
+    };
+    let mut families = HashSet::new();
+    let lines: Vec<&str> = text.lines().collect();
+    ensure!(lines.last() == Some(&"# EOF"), "no # EOF at the end");
+    for line in &lines[..lines.len() - 1] {
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            let kind = parts.next().unwrap_or("");
+            let name = parts.next().unwrap_or("");
+            ensure!(valid_name(name), "bad family name in {line:?}");
+            match kind {
+                "HELP" | "UNIT" => {}
+                "TYPE" => {
+                    let t = parts.next().unwrap_or("");
+                    ensure!(
+                        [
+                            "counter",
+                            "gauge",
+                            "histogram",
+                            "summary",
+                            "unknown",
+                            "info",
+                            "stateset"
+                        ]
+                        .contains(&t),
+                        "bad type in {line:?}"
+                    );
+                    families.insert(name.to_owned());
+                }
+                _ => bail!("unknown comment {line:?}"),
+            }
+            continue;
+        }
+        let (head, value) = line
+            .rsplit_once(' ')
+            .context(format!("no value: {line:?}"))?;
+        ensure!(
+            value.parse::<f64>().is_ok() || ["NaN", "+Inf", "-Inf"].contains(&value),
+            "bad value in {line:?}"
+        );
+        let name = match head.split_once('{') {
+            None => head,
+            Some((name, labels)) => {
+                let labels = labels
+                    .strip_suffix('}')
+                    .context(format!("unclosed labels: {line:?}"))?;
+                for pair in labels.split("\",").filter(|p| !p.is_empty()) {
+                    let (k, v) = pair
+                        .split_once('=')
+                        .context(format!("bad label: {line:?}"))?;
+                    ensure!(valid_name(k) && v.starts_with('"'), "bad label in {line:?}");
+                }
+                name
+            }
+        };
+        ensure!(valid_name(name), "bad metric name in {line:?}");
+        let family = ["_total", "_created", "_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|f| families.contains(*f)))
+            .unwrap_or(name);
+        ensure!(
+            families.contains(family),
+            "sample of an undeclared family: {line:?}"
+        );
+    }
+    Ok(families)
+}
+
+/// `/services/stream` sends the view at once and again on changes, and
+/// ends when the controller shuts down (so shutdown is not held up).
+#[tokio::test]
+async fn the_stream_sends_updates_and_ends_on_shutdown() -> Result<()> {
+    let etcd = Etcd::start().await?;
+    let client = etcd.client().await?;
+    let ctl = Ctl::start(&etcd, patient()).await?;
+    let mut resp = ctl.http.get(ctl.url("/services/stream")).send().await?;
+    assert_eq!(resp.status(), 200);
+    assert!(resp
+        .headers()
+        .get("content-type")
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|c| c.starts_with("text/event-stream")));
+    let mut buf = String::new();
+    let first = next_event(&mut resp, &mut buf).await?;
+    assert_eq!(first["services"], serde_json::json!([]));
+
+    let (addr, _stop) = legacy_server().await?;
+    put_plain(&client, &key("late_service", &addr), &addr).await?;
+    let mut seen = false;
+    for _ in 0..20 {
+        let ev = next_event(&mut resp, &mut buf).await?;
+        if find_member(&ev, "late_service", &addr).is_some() {
+            seen = true;
+            break;
+        }
+    }
+    assert!(seen, "the new member never arrived on the stream");
+
+    // Shutdown must not wait for the open stream.
+    let started = std::time::Instant::now();
+    ctl.stop().await?;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "shutdown was held up by the stream"
+    );
+    Ok(())
+}
+
+async fn next_event(resp: &mut reqwest::Response, buf: &mut String) -> Result<Value> {
+    loop {
+        if let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let data: String = block
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(str::trim_start)
+                .collect();
+            if data.is_empty() {
+                continue; // keep-alive comment
+            }
+            return Ok(serde_json::from_str(&data)?);
+        }
+        let chunk = tokio::time::timeout(Duration::from_secs(5), resp.chunk())
+            .await
+            .context("no SSE data within 5 s")??
+            .context("stream ended")?;
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+/// The page at `/` in headless Chromium shows the members of a running
+/// fleet (their addresses, weights and health in the DOM after the page's
+/// JavaScript ran). Skipped, with a message, where Chromium is missing.
+#[tokio::test]
+async fn the_page_shows_the_fleet_in_headless_chromium() -> Result<()> {
+    let chromium = std::path::Path::new("/usr/bin/chromium");
+    if !chromium.exists() {
+        println!("SKIPPED: /usr/bin/chromium is missing (install Debian's `chromium` package to run this test)");
+        return Ok(());
+    }
+    let f = fleet().await?;
+    let ctl = Ctl::start(&f.etcd, patient()).await?;
+    for a in &f.addrs {
+        ctl.wait_member(
+            "greet_service",
+            a,
+            Duration::from_secs(10),
+            "healthy",
+            |m| m["healthy"] == true,
+        )
+        .await?;
+    }
+    let profile = tempfile::tempdir()?;
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+                "--virtual-time-budget=5000",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("--dump-dom")
+            .arg(ctl.url("/"))
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("chromium did not finish within 60 s")??;
+    let dom = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && dom.contains("data-service"),
+        "chromium failed ({}) or the page rendered nothing:\n{dom}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dom.contains(r#"data-service="greet_service""#), "{dom}");
+    for a in f.addrs.iter().chain([&f.legacy]) {
+        assert!(
+            dom.contains(&format!(r#"data-addr="{a}""#)),
+            "{a} not on the page:\n{dom}"
+        );
+    }
+    assert!(
+        dom.contains("2.0.0") && dom.contains("1.4.2"),
+        "versions shown"
+    );
+    assert!(dom.contains("healthy (serving)"), "health shown");
+    assert!(
+        dom.contains("healthy (unimplemented)"),
+        "legacy health shown"
+    );
+    assert!(dom.contains(r#"class="bar""#), "weight bars drawn");
+    // The bar of the weight-300 server is three times as wide as the 100 one.
+    assert!(
+        dom.contains("width:120px") && dom.contains("width:40px"),
+        "{dom}"
+    );
+    ctl.stop().await
+}
+
+/// The controller keeps serving its last view while etcd is down, says so
+/// in /readyz and the metrics, and recovers when etcd returns.
+#[tokio::test]
+async fn etcd_down_keeps_the_view_and_turns_readyz_red() -> Result<()> {
+    let mut etcd = Etcd::start().await?;
+    let client = etcd.client().await?;
+    let (addr, _stop) = legacy_server().await?;
+    put_plain(&client, &key("greet_service", &addr), &addr).await?;
+    let ctl = Ctl::start(&etcd, patient()).await?;
+    ctl.wait_member(
+        "greet_service",
+        &addr,
+        Duration::from_secs(10),
+        "healthy",
+        |m| m["healthy"] == true,
+    )
+    .await?;
+    etcd.stop();
+    eventually(Duration::from_secs(15), "readyz 503", || async {
+        let (status, r) = ctl.get("/readyz").await.ok()?;
+        (status == 503 && r["etcd_reachable"] == false).then_some(())
+    })
+    .await?;
+    assert!(
+        ctl.member("greet_service", &addr).await?.is_some(),
+        "the last view is kept"
+    );
+    let (status, _) = ctl.get("/healthz").await?;
+    assert_eq!(status, 200, "the process is up");
+    let text = ctl.metrics().await?;
+    assert_eq!(sample(&text, "controller_etcd_up", ""), Some(0.0), "{text}");
+
+    etcd.restart(false).await?;
+    ctl.wait_ready().await?;
+    ctl.stop().await
+}
