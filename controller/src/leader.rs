@@ -110,16 +110,11 @@ pub fn spawn(
             let mut client: Option<Client> = None;
             loop {
                 let res = session(&etcd, &mut client, &name, ttl, &id, &tx, &cancel).await;
-                let was_leader = tx.borrow().me.is_some();
                 tx.send_modify(|s| s.me = None);
                 match res {
                     Ok(()) => break,
                     Err(e) => {
-                        if was_leader {
-                            warn!(error = %e, "leadership lost; deleting nothing until elected again");
-                        } else {
-                            debug!(error = %e, "election session ended; retrying");
-                        }
+                        debug!(error = %e, "election session ended; retrying");
                         if matches!(e, SessionError::Connect(_)) {
                             client = None;
                         }
@@ -253,6 +248,9 @@ async fn session(
 
     // Leaving: stop claiming first, then hand over (bounded).
     tx.send_modify(|s| s.me = None);
+    if let (Some(_), Err(e)) = (&leader_key, &result) {
+        warn!(error = %e, "leadership lost; deleting nothing until elected again");
+    }
     if let Some(key) = leader_key {
         match timeout(
             REQUEST_TIMEOUT,
