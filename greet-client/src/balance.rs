@@ -184,7 +184,10 @@ impl Balancer {
         self.inner.changes.send_modify(|g| *g += 1);
         info!(%addr, weight, version, "endpoint added");
         if self.inner.cfg.eager_connect {
-            self.spawn_connect(addr.clone(), pool.next_generation, endpoint, false);
+            let channel = pool.endpoints.get(addr).map(|e| e.channel.clone());
+            if let Some(channel) = channel {
+                self.spawn_connect(addr.clone(), pool.next_generation, endpoint, Some(channel));
+            }
         }
     }
 
@@ -308,17 +311,29 @@ impl Balancer {
                 Err(_) => return,
             }
         };
-        self.spawn_connect(addr.clone(), generation, endpoint, true);
+        self.spawn_connect(addr.clone(), generation, endpoint, None);
     }
 
-    /// Connects in the background. `recover`: the endpoint is down and goes
-    /// back into the schedule on success. Stops when the endpoint is removed.
-    fn spawn_connect(&self, addr: Addr, generation: u64, endpoint: Endpoint, recover: bool) {
+    /// Connects in the background and proves the connection with a health
+    /// check. With `warm`, the endpoint's own (lazy) channel is connected
+    /// ahead of its first call; without, the endpoint is down and a fresh
+    /// channel replaces its old one once it answers. Stops when the endpoint
+    /// is removed.
+    fn spawn_connect(
+        &self,
+        addr: Addr,
+        generation: u64,
+        endpoint: Endpoint,
+        warm: Option<Channel>,
+    ) {
+        let recover = warm.is_none();
         let weak = Arc::downgrade(&self.inner);
+        let limit = self.inner.cfg.connect_timeout;
         tokio::spawn(async move {
             let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
             loop {
-                let result = endpoint.connect().await;
+                let channel = warm.clone().unwrap_or_else(|| endpoint.connect_lazy());
+                let result = probe(channel, limit).await;
                 let Some(inner) = weak.upgrade() else { return };
                 let me = Balancer { inner };
                 if me.connected(&addr, generation, result, recover) {
@@ -335,7 +350,7 @@ impl Balancer {
         &self,
         addr: &Addr,
         generation: u64,
-        result: Result<Channel, tonic::transport::Error>,
+        result: Result<Channel, String>,
         recover: bool,
     ) -> bool {
         let mut pool = self.pool();
@@ -348,7 +363,9 @@ impl Balancer {
         }
         match result {
             Ok(channel) => {
-                ep.channel = channel;
+                if recover {
+                    ep.channel = channel;
+                }
                 if recover || !ep.up {
                     ep.up = true;
                     ep.since = Instant::now();
@@ -445,6 +462,28 @@ impl Balancer {
             tokio::time::sleep(pause).await;
             avoid = Some(addr);
         }
+    }
+}
+
+/// Proves a fresh connection reaches a gRPC server: any gRPC-level answer
+/// to a health check (SERVING, NOT_SERVING, even UNIMPLEMENTED from a server
+/// without the health service, as the original Go servers are) counts. A
+/// TCP connection alone does not: a half-dead peer can accept and close.
+async fn probe(channel: Channel, limit: Duration) -> Result<Channel, String> {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let mut req = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    });
+    req.set_timeout(limit);
+    match tokio::time::timeout(limit, health.check(req)).await {
+        Err(_) => Err("health check timed out".to_owned()),
+        Ok(Ok(_)) => Ok(channel),
+        Ok(Err(status)) => match status.code() {
+            Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled => {
+                Err(format!("health check: {status}"))
+            }
+            _ => Ok(channel),
+        },
     }
 }
 

@@ -92,7 +92,9 @@ impl Cluster {
 
     /// Where member `i` writes its log.
     pub fn log_path(&self, i: usize) -> PathBuf {
-        self.dir.path().join(format!("{}.log", self.members[i].name))
+        self.dir
+            .path()
+            .join(format!("{}.log", self.members[i].name))
     }
 
     fn data_dir(&self, i: usize) -> PathBuf {
@@ -172,7 +174,10 @@ impl Cluster {
                 }
             }
             if Instant::now() > deadline {
-                bail!("etcd member {i} ({}) not ready within 30 s", self.endpoint(i));
+                bail!(
+                    "etcd member {i} ({}) not ready within 30 s",
+                    self.endpoint(i)
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

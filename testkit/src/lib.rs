@@ -6,8 +6,12 @@
 
 #![forbid(unsafe_code)]
 
+mod cluster;
 mod proxy;
+mod tls;
+pub use cluster::Cluster;
 pub use proxy::Proxy;
+pub use tls::{CertPair, Pki, SecureEtcd};
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -159,7 +163,7 @@ impl Drop for Etcd {
     }
 }
 
-fn etcd_binary() -> PathBuf {
+pub(crate) fn etcd_binary() -> PathBuf {
     std::env::var_os("ETCD_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("etcd"))

@@ -3,7 +3,7 @@
 //! side keeps running.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -16,6 +16,7 @@ pub struct Proxy {
     /// The address clients should dial.
     pub addr: SocketAddr,
     enabled: Arc<AtomicBool>,
+    accepted: Arc<AtomicU64>,
     generation: watch::Sender<u64>,
     task: JoinHandle<()>,
 }
@@ -28,6 +29,8 @@ impl Proxy {
         let enabled = Arc::new(AtomicBool::new(true));
         let (generation, gen_rx) = watch::channel(0u64);
         let on = enabled.clone();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let count = accepted.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((inbound, _)) = listener.accept().await else {
@@ -37,6 +40,7 @@ impl Proxy {
                     drop(inbound);
                     continue;
                 }
+                count.fetch_add(1, Ordering::SeqCst);
                 let mut cut = gen_rx.clone();
                 let start_gen = *cut.borrow_and_update();
                 tokio::spawn(async move {
@@ -54,6 +58,7 @@ impl Proxy {
         Ok(Self {
             addr,
             enabled,
+            accepted,
             generation,
             task,
         })
@@ -63,6 +68,11 @@ impl Proxy {
     pub fn cut(&self) {
         self.enabled.store(false, Ordering::SeqCst);
         self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Connections forwarded so far (refused ones not counted).
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// Accepts connections again.

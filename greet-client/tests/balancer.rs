@@ -1,0 +1,145 @@
+//! The balancer as a library, with in-process servers behind cuttable
+//! proxies: connection reuse, skipping unreachable endpoints until they
+//! recover, and fail-fast messages.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use greet_client::{Balancer, BalancerConfig, RetryPolicy};
+use greet_proto::{GreetClient, GreetRequest, GreetServer};
+use greet_server::GreetService;
+use registry::schema::Addr;
+use testkit::{eventually, Proxy};
+use tonic::transport::server::TcpIncoming;
+use tonic::Code;
+
+async fn serve(name: &str) -> Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(GreetServer::new(GreetService::new(name)))
+            .serve_with_incoming(TcpIncoming::from(listener)),
+    );
+    Ok(addr)
+}
+
+fn balancer() -> Balancer {
+    Balancer::new(BalancerConfig {
+        retry: RetryPolicy::greet(),
+        ..BalancerConfig::new("greet_service")
+    })
+}
+
+async fn call(b: &Balancer) -> Result<String, tonic::Status> {
+    let mut c = GreetClient::new(b.clone());
+    c.morning(GreetRequest { name: "t".into() })
+        .await
+        .map(|r| r.into_inner().from)
+}
+
+fn addr(p: &Proxy) -> Addr {
+    Addr::from_socket(p.addr)
+}
+
+#[tokio::test]
+async fn updates_keep_established_connections() -> Result<()> {
+    let a = Proxy::start(serve("a").await?).await?;
+    let b = Proxy::start(serve("b").await?).await?;
+    let bal = balancer();
+    bal.upsert(&addr(&a), 100, "1.0.0");
+    for _ in 0..10 {
+        assert_eq!(call(&bal).await?, "a");
+    }
+    assert_eq!(a.accepted(), 1, "one connection, warmed or first used");
+
+    // Unrelated changes and a change of a's own weight: a keeps its one
+    // connection.
+    bal.upsert(&addr(&b), 100, "1.0.0");
+    bal.upsert(&addr(&a), 300, "1.0.1");
+    bal.remove(&addr(&b));
+    bal.upsert(&addr(&b), 50, "1.0.0");
+    let mut from_a = 0;
+    for _ in 0..40 {
+        if call(&bal).await? == "a" {
+            from_a += 1;
+        }
+    }
+    assert!(
+        (33..=36).contains(&from_a),
+        "300:50 split over 40 calls: {from_a}"
+    );
+    assert_eq!(a.accepted(), 1, "no reconnect to an unchanged endpoint");
+    assert_eq!(
+        b.accepted(),
+        2,
+        "b was removed and added again: a new channel"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn unreachable_endpoints_are_skipped_until_they_recover() -> Result<()> {
+    let a = Proxy::start(serve("a").await?).await?;
+    let b = Proxy::start(serve("b").await?).await?;
+    let bal = balancer();
+    bal.upsert(&addr(&a), 100, "");
+    bal.upsert(&addr(&b), 100, "");
+    for _ in 0..4 {
+        call(&bal).await?;
+    }
+
+    a.cut();
+    for _ in 0..50 {
+        assert_eq!(call(&bal).await?, "b", "every call succeeds on b");
+    }
+    let info = bal.endpoints();
+    assert!(!info
+        .iter()
+        .find(|e| e.addr == addr(&a))
+        .is_some_and(|e| e.up));
+
+    a.heal();
+    eventually(Duration::from_secs(10), "a back in rotation", || async {
+        bal.endpoints().iter().all(|e| e.up).then_some(())
+    })
+    .await?;
+    let mut seen_a = false;
+    for _ in 0..10 {
+        seen_a |= call(&bal).await? == "a";
+    }
+    assert!(seen_a, "a takes calls again after it recovered");
+    Ok(())
+}
+
+#[tokio::test]
+async fn fails_fast_with_unavailable_and_says_why() -> Result<()> {
+    let bal = balancer();
+    let err = call(&bal).await.expect_err("no endpoints");
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(
+        err.message().contains("no endpoints registered"),
+        "{}",
+        err.message()
+    );
+
+    let a = Proxy::start(serve("a").await?).await?;
+    bal.upsert(&addr(&a), 0, "");
+    let err = call(&bal).await.expect_err("draining");
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("draining"), "{}", err.message());
+
+    bal.upsert(&addr(&a), 100, "");
+    assert_eq!(call(&bal).await?, "a");
+    a.cut();
+    let started = std::time::Instant::now();
+    let err = call(&bal).await.expect_err("unreachable");
+    assert_eq!(err.code(), Code::Unavailable);
+    let err2 = call(&bal).await.expect_err("unreachable");
+    assert!(err2.message().contains("unreachable"), "{}", err2.message());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "fails fast, no hang"
+    );
+    Ok(())
+}
