@@ -222,7 +222,13 @@ struct Worker {
 
 impl Worker {
     async fn run(mut self) {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        // Retry at least about four times per TTL: after an outage (etcd
+        // restarted, a cluster regaining its quorum) the lease survives only
+        // if a keep-alive lands within one TTL of etcd's return, so the wait
+        // between attempts must stay well below the TTL.
+        let max_delay = (Duration::from_secs(self.ttl_secs as u64) / 4)
+            .clamp(Duration::from_millis(200), Duration::from_secs(5));
+        let mut backoff = Backoff::new(Duration::from_millis(200), max_delay);
         let mut lease: Option<i64> = None;
         let mut client: Option<Client> = None;
         while !self.cancel.is_cancelled() {

@@ -1,0 +1,1 @@
+//! Reliability and security tests (issue 7) live in `tests/`; this crate has no code of its own.
