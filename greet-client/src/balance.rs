@@ -83,7 +83,9 @@ pub struct EndpointInfo {
 }
 
 struct Ep {
-    channel: Channel,
+    /// Created on first use when not connecting eagerly, so 10,000 known
+    /// but idle endpoints cost no channel (and no buffer task) each.
+    channel: Option<Channel>,
     weight: u32,
     version: String,
     up: bool,
@@ -168,10 +170,11 @@ impl Balancer {
             }
         };
         pool.next_generation += 1;
+        let eager = self.inner.cfg.eager_connect;
         pool.endpoints.insert(
             addr.clone(),
             Ep {
-                channel: endpoint.connect_lazy(),
+                channel: eager.then(|| endpoint.connect_lazy()),
                 weight,
                 version: version.to_owned(),
                 up: true,
@@ -183,8 +186,8 @@ impl Balancer {
         pool.sched.set(addr.clone(), weight);
         self.inner.changes.send_modify(|g| *g += 1);
         info!(%addr, weight, version, "endpoint added");
-        if self.inner.cfg.eager_connect {
-            let channel = pool.endpoints.get(addr).map(|e| e.channel.clone());
+        if eager {
+            let channel = pool.endpoints.get(addr).and_then(|e| e.channel.clone());
             if let Some(channel) = channel {
                 self.spawn_connect(addr.clone(), pool.next_generation, endpoint, Some(channel));
             }
@@ -271,8 +274,15 @@ impl Balancer {
             if avoid == Some(&addr) && pool.sched.active() > 1 {
                 continue;
             }
-            if let Some(ep) = pool.endpoints.get(&addr) {
-                return Ok((addr, ep.channel.clone(), ep.generation));
+            if let Some(ep) = pool.endpoints.get_mut(&addr) {
+                let channel = match &ep.channel {
+                    Some(c) => c.clone(),
+                    None => match self.endpoint(&addr) {
+                        Ok(e) => ep.channel.insert(e.connect_lazy()).clone(),
+                        Err(_) => continue,
+                    },
+                };
+                return Ok((addr, channel, ep.generation));
             }
         }
         let total = pool.endpoints.len();
@@ -364,7 +374,7 @@ impl Balancer {
         match result {
             Ok(channel) => {
                 if recover {
-                    ep.channel = channel;
+                    ep.channel = Some(channel);
                 }
                 if recover || !ep.up {
                     ep.up = true;

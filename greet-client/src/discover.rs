@@ -146,6 +146,7 @@ async fn watch_freshness(
     cancel: CancellationToken,
 ) {
     let mut stale = false;
+    let started = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -154,7 +155,9 @@ async fn watch_freshness(
         }
         let s = state.borrow().clone();
         let age = s.age();
-        let is_stale = age.is_none_or(|a| a > stale_after);
+        // Before the first sync the view has no age: stale only once the
+        // first list is overdue.
+        let is_stale = age.map_or(started.elapsed() > stale_after, |a| a > stale_after);
         if is_stale && !stale {
             warn!(age = ?age, connected = s.connected, revision = s.revision,
                   "registry view is stale: etcd silent; serving from the last known endpoints");
