@@ -28,7 +28,7 @@ async fn outage_longer_than_the_ttl(wipe: bool) -> Result<()> {
     let want = key_set(&ports);
     wait_keys(&c, &want, Duration::from_secs(20)).await?;
     let mut ctl = controller(&eps, free_port(), "3s")?;
-    let mut cl = greeter(&eps, "50ms", &[], &[])?;
+    let cl = greeter(&eps, "50ms", &[], &[])?;
     eventually(Duration::from_secs(15), "first replies", || async {
         (cl.log().matches("Good night").count() >= 5).then_some(())
     })
