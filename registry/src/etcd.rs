@@ -186,8 +186,10 @@ impl EtcdConfig {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             // HTTP/2 pings find a dead etcd member in seconds rather than
-            // waiting for TCP to give up.
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            // waiting for TCP to give up. Not more often than every 5 s:
+            // etcd's --grpc-keepalive-min-time (default 5 s) answers faster
+            // pings with GOAWAY "too_many_pings" and drops the connection.
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_keep_alive_while_idle(true)
             .with_require_leader(self.require_leader);
         if let Some(tls) = &self.tls {
