@@ -69,11 +69,24 @@ fn validate(yaml: &str) -> Result<String, String> {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("rendered.yaml");
     std::fs::write(&file, yaml).expect("writing the rendered YAML");
+    let args = ["--strict", "--kubernetes-version", K8S_VERSION];
+    // The console script, or the module where pip's scripts dir is not on PATH.
     let out = match Command::new("kubernetes-validate")
-        .args(["--strict", "--kubernetes-version", K8S_VERSION])
+        .args(args)
         .arg(&file)
         .output()
     {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Command::new("python3")
+            .args(["-m", "kubernetes_validate"])
+            .args(args)
+            .arg(&file)
+            .output(),
+        other => other,
+    };
+    let out = match out {
+        Ok(out) if String::from_utf8_lossy(&out.stderr).contains("No module named") => {
+            tool_missing("kubernetes-validate", "pip install kubernetes-validate")
+        }
         Ok(out) => out,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             tool_missing("kubernetes-validate", "pip install kubernetes-validate")
