@@ -19,6 +19,7 @@ command -v kubectl >/dev/null || need+=(kubernetes-client)
 command -v buildah >/dev/null || need+=(buildah)
 command -v musl-gcc >/dev/null || need+=(musl-tools)
 command -v chromium >/dev/null || need+=(chromium)
+command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}" >&2
