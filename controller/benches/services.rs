@@ -1,1 +1,226 @@
-fn main() {}
+//! Benchmark: `GET /services` with many registered members under
+//! concurrent load (issue 4, point 7). Prints a table; asserts nothing.
+//!
+//! ```text
+//! cargo bench -p controller --bench services
+//! BENCH_MEMBERS=10000 BENCH_CONCURRENCY=64 BENCH_SECS=10 cargo bench -p controller --bench services
+//! ```
+//!
+//! Set-up, all on loopback: a real etcd; one in-process gRPC health server
+//! listening on `BENCH_MEMBERS` ports (so every member is alive and probed
+//! for real); one key per port on a shared long lease with JSON values of
+//! varied weights and versions; the controller in-process via
+//! `controller::run`. Once every member shows healthy, `BENCH_CONCURRENCY`
+//! workers hammer `GET /services` for `BENCH_SECS` seconds while the
+//! controller keeps probing in the background (as in production).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use etcd_client::PutOptions;
+use futures::StreamExt;
+use registry::etcd::EtcdConfig;
+use serde_json::Value;
+use testkit::Etcd;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> Result<()> {
+    // Cargo passes `--bench`; any other argument is a filter we ignore.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(bench())
+}
+
+async fn bench() -> Result<()> {
+    let members = env_or("BENCH_MEMBERS", 1000) as usize;
+    let concurrency = env_or("BENCH_CONCURRENCY", 64) as usize;
+    let secs = env_or("BENCH_SECS", 10);
+
+    eprintln!("setting up: etcd, {members} live gRPC health endpoints, {members} keys");
+    let etcd = Etcd::start().await?;
+    let mut client = etcd.client().await?;
+
+    // One health server on `members` loopback ports.
+    let mut listeners = Vec::with_capacity(members);
+    let mut addrs = Vec::with_capacity(members);
+    for _ in 0..members {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        addrs.push(l.local_addr()?.to_string());
+        listeners.push(TcpListenerStream::new(l));
+    }
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let stop_health = CancellationToken::new();
+    let incoming = futures::stream::select_all(listeners);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .serve_with_incoming_shutdown(incoming, stop_health.clone().cancelled_owned()),
+    );
+
+    let lease = client.lease_grant(3600, None).await?.id();
+    futures::stream::iter(addrs.iter().enumerate())
+        .map(|(i, addr)| {
+            let mut c = client.clone();
+            async move {
+                let value = serde_json::json!({
+                    "addr": addr,
+                    "version": format!("1.{}.0", i % 7),
+                    "weight": 50 + (i % 10) * 25,
+                });
+                c.put(
+                    format!("/ns/bench_service_{}/{addr}", i % 4),
+                    value.to_string(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let shutdown = CancellationToken::new();
+    let cfg = controller::Config {
+        dead_after: Duration::from_secs(3600),
+        ..controller::Config::new("/ns/")
+    };
+    let ctl = tokio::spawn(controller::run(
+        cfg,
+        EtcdConfig::plain([etcd.endpoint()]),
+        listener,
+        shutdown.clone(),
+    ));
+
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()?;
+    let url = format!("{base}/services");
+    let ready_by = Instant::now() + Duration::from_secs(120);
+    let bytes = loop {
+        if let Ok(resp) = http.get(&url).send().await {
+            if let Ok(body) = resp.bytes().await {
+                let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+                let healthy: usize = v["services"]
+                    .as_array()
+                    .map(|s| {
+                        s.iter()
+                            .flat_map(|s| s["members"].as_array().cloned().unwrap_or_default())
+                            .filter(|m| m["healthy"] == true)
+                            .count()
+                    })
+                    .unwrap_or(0);
+                if healthy == members {
+                    break body.len();
+                }
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < ready_by,
+            "the controller did not see all members healthy in time"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("all {members} members healthy in the view ({bytes} bytes of JSON); warming up");
+
+    run_load(&http, &url, concurrency, Duration::from_secs(1)).await?;
+    let (mut lat, elapsed, errors) =
+        run_load(&http, &url, concurrency, Duration::from_secs(secs)).await?;
+    lat.sort_unstable();
+    let pct = |p: f64| -> Duration {
+        if lat.is_empty() {
+            return Duration::ZERO;
+        }
+        let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+        lat[i]
+    };
+    let ms = |d: Duration| format!("{:.2}", d.as_secs_f64() * 1000.0);
+    println!();
+    println!("GET /services under load (controller in-process, release build, loopback)");
+    println!(
+        "| members | concurrency | requests | errors | seconds | req/s | MB/s | p50 ms | p90 ms | p99 ms | max ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {members} | {concurrency} | {} | {errors} | {:.1} | {:.0} | {:.1} | {} | {} | {} | {} |",
+        lat.len(),
+        elapsed.as_secs_f64(),
+        lat.len() as f64 / elapsed.as_secs_f64(),
+        (lat.len() * bytes) as f64 / elapsed.as_secs_f64() / 1e6,
+        ms(pct(0.50)),
+        ms(pct(0.90)),
+        ms(pct(0.99)),
+        ms(lat.last().copied().unwrap_or_default()),
+    );
+    println!(
+        "target: p99 < 50 ms -> {}",
+        if pct(0.99) < Duration::from_millis(50) {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), ctl).await;
+    stop_health.cancel();
+    Ok(())
+}
+
+/// `concurrency` workers, each issuing requests back to back until
+/// `duration` is over; returns every latency, the elapsed time and the
+/// number of failed requests.
+async fn run_load(
+    http: &reqwest::Client,
+    url: &str,
+    concurrency: usize,
+    duration: Duration,
+) -> Result<(Vec<Duration>, Duration, usize)> {
+    let start = Instant::now();
+    let end = start + duration;
+    let errors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let http = http.clone();
+        let url = url.to_owned();
+        let errors = errors.clone();
+        workers.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while Instant::now() < end {
+                let t = Instant::now();
+                let ok = match http.get(&url).send().await {
+                    Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+                    _ => false,
+                };
+                if ok {
+                    lat.push(t.elapsed());
+                } else {
+                    errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.context("load worker")?);
+    }
+    let errors = errors.load(std::sync::atomic::Ordering::Relaxed);
+    Ok((all, start.elapsed(), errors))
+}

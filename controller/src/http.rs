@@ -9,7 +9,7 @@
 //! status code, including unknown paths and wrong methods.
 
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
@@ -53,7 +53,7 @@ pub struct AppState {
     pub id: String,
     /// Ends open streams at shutdown.
     pub shutdown: CancellationToken,
-    cache: Mutex<Option<(u64, u64, Bytes)>>,
+    cache: tokio::sync::Mutex<Option<(u64, u64, Bytes)>>,
 }
 
 impl AppState {
@@ -73,27 +73,30 @@ impl AppState {
             leader,
             id,
             shutdown,
-            cache: Mutex::new(None),
+            cache: tokio::sync::Mutex::new(None),
         }
     }
 
     /// The full `/services` JSON, cached per generation and second.
-    fn services_json(&self) -> Bytes {
+    ///
+    /// Single-flight: the lock is held while rendering, so when the cache
+    /// goes stale under load one request renders and the others wait for
+    /// its bytes instead of all rendering the same view at once.
+    async fn services_json(&self) -> Bytes {
         let generation = self.store.generation();
         let second = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        {
-            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((g, s, bytes)) = cache.as_ref() {
-                if *g == generation && *s == second {
-                    return bytes.clone();
-                }
+        let mut cache = self.cache.lock().await;
+        if let Some((g, s, bytes)) = cache.as_ref() {
+            if *g >= generation && *s == second {
+                return bytes.clone();
             }
         }
+        // Read the generation again: the render reflects at least this one.
+        let generation = self.store.generation();
         let view = self.store.view(None, None, Instant::now());
         let bytes = Bytes::from(serde_json::to_vec(&view).unwrap_or_default());
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         *cache = Some((generation, second, bytes.clone()));
         bytes
     }
@@ -202,7 +205,7 @@ async fn services(
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     match healthy_filter(query)? {
-        None => Ok(json_bytes(st.services_json())),
+        None => Ok(json_bytes(st.services_json().await)),
         Some(h) => Ok(axum::Json(st.store.view(None, Some(h), Instant::now())).into_response()),
     }
 }
@@ -252,7 +255,7 @@ async fn stream(
             }
         }
         rx.borrow_and_update();
-        let json = st.services_json();
+        let json = st.services_json().await;
         let event = Event::default()
             .event("services")
             .data(String::from_utf8_lossy(&json));

@@ -373,7 +373,8 @@ impl Store {
                 }
             }
         }
-        self.bump();
+        // No bump: TTLs are informational and the plan that follows in the
+        // same pass bumps; one re-render per pass is enough.
     }
 
     /// Decides what is stale, applies the safety valve and the budget, and
