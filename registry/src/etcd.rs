@@ -220,6 +220,25 @@ impl EtcdConfig {
     }
 }
 
+/// Whether etcd refused a request's auth token (expired, or issued before
+/// etcd restarted: simple tokens live in etcd's memory).
+///
+/// etcd-client logs in again by itself only when a unary call is refused;
+/// a refused stream (watch, keep-alive) is opened fine and fails on its
+/// first message, so callers must then reconnect, which logs in afresh.
+pub fn is_auth_token_error(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == tonic::Code::Unauthenticated
+                || status.message().contains("invalid auth token")
+        }
+        etcd_client::Error::LeaseKeepAliveError(msg) | etcd_client::Error::WatchError(msg) => {
+            msg.contains("invalid auth token")
+        }
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +252,22 @@ mod tests {
         };
         let err = args.resolve().unwrap_err().to_string();
         assert!(err.contains("password file"), "{err}");
+    }
+
+    #[test]
+    fn refused_tokens_are_recognised() {
+        let refused = etcd_client::Error::GRpcStatus(tonic::Status::unauthenticated(
+            "etcdserver: invalid auth token",
+        ));
+        assert!(is_auth_token_error(&refused));
+        let unknown = etcd_client::Error::GRpcStatus(tonic::Status::unknown(
+            "etcdserver: invalid auth token",
+        ));
+        assert!(is_auth_token_error(&unknown));
+        let denied = etcd_client::Error::GRpcStatus(tonic::Status::permission_denied(
+            "etcdserver: permission denied",
+        ));
+        assert!(!is_auth_token_error(&denied));
     }
 
     #[test]

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::backoff::Backoff;
-use crate::etcd::{EtcdConfig, EtcdError};
+use crate::etcd::{is_auth_token_error, EtcdConfig, EtcdError};
 use crate::schema::{self, Addr, Endpoint, SchemaError, ServiceName};
 
 /// The smallest TTL etcd grants.
@@ -265,7 +265,12 @@ impl Worker {
                     } else {
                         debug!(error = %e, attempt = backoff.attempts(), "still failing");
                     }
-                    if matches!(e, SessionError::Connect(_)) {
+                    // A refused auth token (etcd restarted and forgot it)
+                    // is not cured by retrying on the same client: log in
+                    // again with a new one.
+                    if matches!(&e, SessionError::Connect(_))
+                        || matches!(&e, SessionError::Etcd(e) if is_auth_token_error(e))
+                    {
                         client = None;
                     }
                 }

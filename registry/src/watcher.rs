@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
-use crate::etcd::{EtcdConfig, EtcdError};
+use crate::etcd::{is_auth_token_error, EtcdConfig, EtcdError};
 use crate::schema::{self, Addr, Member, SchemaError, ServiceName};
 
 /// Page size of the initial list: bounded responses even with huge values.
@@ -245,7 +245,11 @@ impl Watcher {
             }
             if let Err(e) = self.step().await {
                 self.stream = None;
-                if matches!(e, WatchError::Connect(_)) {
+                // A refused auth token (etcd restarted and forgot it) is
+                // not cured by retrying on the same client: log in again.
+                if matches!(&e, WatchError::Connect(_))
+                    || matches!(&e, WatchError::Etcd(e) if is_auth_token_error(e))
+                {
                     self.client = None;
                 }
                 self.state.send_modify(|s| s.connected = false);

@@ -247,9 +247,9 @@ async fn a_partitioned_server_is_removed_and_comes_back_when_healed() -> Result<
             "--listen",
             "127.0.0.1:8080",
             "--probe-interval",
-            "200ms",
+            "300ms",
             "--probe-timeout",
-            "500ms",
+            "250ms",
             "--dead-after",
             "3s",
             "--election-ttl",
@@ -297,7 +297,8 @@ async fn a_partitioned_server_is_removed_and_comes_back_when_healed() -> Result<
     .await
     .with_context(|| {
         format!(
-            "controller:\n{}\nserver-s:\n{}",
+            "view: {:?}\ncontroller:\n{}\nserver-s:\n{}",
+            net.curl("c", "http://127.0.0.1:8080/services"),
             controller.log(),
             partitioned.log()
         )

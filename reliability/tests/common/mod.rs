@@ -162,3 +162,62 @@ pub async fn wait_keys(c: &Client, want: &BTreeSet<String>, limit: Duration) -> 
 pub fn key_set(ports: &[u16]) -> BTreeSet<String> {
     ports.iter().map(|p| key_of(*p)).collect()
 }
+
+/// A plain HTTP/1.0 GET on loopback: (status, body). Enough for the
+/// controller's JSON view without pulling an HTTP client into this crate.
+pub async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+            .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(5), attempt)
+        .await
+        .context("HTTP GET timed out")??;
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no HTTP status")?;
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A controller with extra flags and env (TLS, auth).
+pub fn controller_with(
+    endpoints: &str,
+    port: u16,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> Result<Proc> {
+    let mut a = args(&[
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--etcd-endpoints",
+        endpoints,
+        "--probe-interval",
+        "500ms",
+        "--probe-timeout",
+        "400ms",
+        "--dead-after",
+        "3s",
+        "--election-ttl",
+        "3s",
+    ]);
+    a.extend(args(extra));
+    let mut env = vec![("RUST_LOG", "info")];
+    env.extend_from_slice(envs);
+    Proc::spawn(
+        &format!("controller:{port}"),
+        bin_path("controller"),
+        &a,
+        &env,
+    )
+}
