@@ -426,7 +426,31 @@ impl Balancer {
             *req.headers_mut() = parts.headers.clone();
             *req.extensions_mut() = parts.extensions.clone();
 
-            let outcome = match channel.oneshot(req).await {
+            // A retryable call gets a bounded attempt, so a connection that
+            // went silent (a partition drops packets, no reset comes) costs
+            // one attempt, not the whole deadline.
+            let attempt_limit = policy.per_try_timeout.filter(|_| retryable).map(|t| {
+                deadline.map_or(t, |d| t.min(d.saturating_duration_since(Instant::now())))
+            });
+            let sent = match attempt_limit {
+                Some(limit) => tokio::time::timeout(limit, channel.oneshot(req)).await,
+                None => Ok(channel.oneshot(req).await),
+            };
+            let Ok(sent) = sent else {
+                self.mark_down(&addr, generation, "attempt timed out");
+                let status =
+                    Status::unavailable(format!("{addr}: no answer within the per-try timeout"));
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(Status::deadline_exceeded(status.message().to_owned()).into());
+                }
+                if lost_attempts >= policy.max_attempts {
+                    return Err(status.into());
+                }
+                lost_attempts += 1;
+                avoid = Some(addr);
+                continue;
+            };
+            let outcome = match sent {
                 Err(e) => {
                     let unsent_call = not_sent(&e);
                     self.mark_down(&addr, generation, &e.to_string());

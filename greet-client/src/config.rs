@@ -52,6 +52,10 @@ pub struct Common {
     /// Deadline of each call, retries included.
     #[arg(long, global = true, env = "GREET_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// Bound for one attempt of a call; a silent server costs this, then
+    /// the call is retried elsewhere (`0s` turns it off).
+    #[arg(long, global = true, env = "GREET_PER_TRY_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub per_try_timeout: Duration,
     /// How long to wait for the first list from etcd before calling anyway.
     #[arg(long, global = true, env = "GREET_SYNC_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub sync_timeout: Duration,

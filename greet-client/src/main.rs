@@ -26,7 +26,10 @@ async fn main() -> anyhow::Result<()> {
 
     let cancel = CancellationToken::new();
     let balancer = Balancer::new(BalancerConfig {
-        retry: RetryPolicy::greet(),
+        retry: RetryPolicy {
+            per_try_timeout: Some(common.per_try_timeout).filter(|t| !t.is_zero()),
+            ..RetryPolicy::greet()
+        },
         slow_start: common.slow_start,
         ..BalancerConfig::new(common.service.as_str())
     });

@@ -26,6 +26,9 @@ pub struct RetryPolicy {
     pub initial_backoff: Duration,
     /// Largest pause.
     pub max_backoff: Duration,
+    /// Bound for one attempt of a retryable call (Envoy's per_try_timeout):
+    /// a connection that went silent costs one attempt, not the deadline.
+    pub per_try_timeout: Option<Duration>,
 }
 
 impl RetryPolicy {
@@ -37,6 +40,7 @@ impl RetryPolicy {
             max_attempts: 1,
             initial_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(500),
+            per_try_timeout: None,
         }
     }
 
@@ -48,6 +52,7 @@ impl RetryPolicy {
                 .map(str::to_owned)
                 .collect(),
             max_attempts: 5,
+            per_try_timeout: Some(Duration::from_secs(1)),
             ..Self::none()
         }
     }
