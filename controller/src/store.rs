@@ -1046,4 +1046,123 @@ mod tests {
         assert!(unhealthy_b.services[0].members.is_empty());
         assert_eq!(unhealthy_b.services[0].counts.members, 1);
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Put {
+                svc: u8,
+                port: u16,
+                value: Vec<u8>,
+                lease: bool,
+            },
+            Delete {
+                svc: u8,
+                port: u16,
+            },
+            Probe {
+                alive_mask: u32,
+                advance_ms: u64,
+            },
+            BadKey(Vec<u8>),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            let value = prop_oneof![
+                Just(br#"{"weight":100}"#.to_vec()),
+                Just(br#"{"weight":"x"}"#.to_vec()),
+                Just(b"127.0.0.1:1".to_vec()),
+                Just(b"[1,2]".to_vec()),
+                proptest::collection::vec(any::<u8>(), 0..40),
+            ];
+            prop_oneof![
+                (0u8..3, 1u16..8, value, any::<bool>()).prop_map(|(svc, port, value, lease)| {
+                    Op::Put {
+                        svc,
+                        port,
+                        value,
+                        lease,
+                    }
+                }),
+                (0u8..3, 1u16..8).prop_map(|(svc, port)| Op::Delete { svc, port }),
+                (any::<u32>(), 0u64..6000).prop_map(|(alive_mask, advance_ms)| Op::Probe {
+                    alive_mask,
+                    advance_ms
+                }),
+                proptest::collection::vec(any::<u8>(), 0..30).prop_map(Op::BadKey),
+            ]
+        }
+
+        proptest! {
+            /// Whatever etcd holds and probes say: no panic; deletions only
+            /// of keys present, at the revision probed, within the budget;
+            /// none at all for a service whose valve is tripped.
+            #[test]
+            fn planning_keeps_its_promises(ops in proptest::collection::vec(op(), 1..80),
+                                           budget in 1usize..4) {
+                let store = Store::new();
+                let mut now = Instant::now();
+                let mut rev = 0i64;
+                let policy = Policy {
+                    dead_after: Duration::from_secs(3),
+                    budget: Budget::Count(budget),
+                    max_unhealthy_ratio: 0.5,
+                };
+                store.apply(Event::Synced { revision: 0 }, now);
+                for op in ops {
+                    match op {
+                        Op::Put { svc, port, value, lease } => {
+                            rev += 1;
+                            let e = entry(&format!("s{svc}"), &format!("127.0.0.1:{port}"),
+                                          &value, if lease { 7 } else { 0 }, rev);
+                            store.apply(Event::Applied(e), now);
+                        }
+                        Op::Delete { svc, port } => {
+                            let e = entry(&format!("s{svc}"), &format!("127.0.0.1:{port}"),
+                                          b"", 0, rev);
+                            store.apply(Event::Removed(e), now);
+                        }
+                        Op::BadKey(k) => {
+                            rev += 1;
+                            let key = String::from_utf8_lossy(&k).into_owned();
+                            // Keys outside the schema arrive with id None.
+                            let member = schema::parse_key(DEFAULT_ROOT, &k)
+                                .and(Err(schema::SchemaError::Value("outside".into())));
+                            store.apply(Event::Applied(Entry {
+                                key, id: None, member,
+                                lease: 0, create_revision: rev, mod_revision: rev,
+                            }), now);
+                        }
+                        Op::Probe { alive_mask, advance_ms } => {
+                            now += Duration::from_millis(advance_ms);
+                            pass(&store, now, |p| if alive_mask & (1 << p) != 0 {
+                                Outcome::Serving
+                            } else {
+                                dead()
+                            });
+                            let present: HashMap<String, i64> = store
+                                .view(None, None, now)
+                                .services
+                                .iter()
+                                .flat_map(|s| s.members.iter().map(|m| (m.key.clone(), m.mod_revision)))
+                                .collect();
+                            let plan = store.plan(&policy, now, SystemTime::now());
+                            let valves = store.valves();
+                            let mut per_service: HashMap<&str, usize> = HashMap::new();
+                            for d in &plan.deletions {
+                                prop_assert_eq!(present.get(&d.key), Some(&d.mod_revision));
+                                prop_assert!(!valves.contains_key(&d.service));
+                                *per_service.entry(d.service.as_str()).or_default() += 1;
+                            }
+                            prop_assert!(per_service.values().all(|n| *n <= budget));
+                            let _ = serde_json::to_string(&store.view(None, Some(true), now)).unwrap();
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

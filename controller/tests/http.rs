@@ -228,6 +228,8 @@ async fn every_endpoint_has_its_shape_and_errors_are_json() -> Result<()> {
         ("/services?healthy=", 400, "want true or false"),
         ("/services?limit=3", 400, "unknown parameter"),
         ("/no/such/path", 404, "no such path"),
+        ("/services/%FF%FE", 400, "bad path"),
+        ("/services/greet_service/extra", 404, "no such path"),
     ] {
         let (status, body) = ctl.get(path).await?;
         assert_eq!(status, code, "{path}: {body}");
