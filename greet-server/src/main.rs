@@ -3,8 +3,6 @@
 use anyhow::Context;
 use clap::Parser;
 use greet_server::Args;
-use tokio::signal::unix::{signal, SignalKind};
-use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -22,18 +20,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
 
-    let shutdown = CancellationToken::new();
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let token = shutdown.clone();
-    tokio::spawn(async move {
-        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        tracing::info!("signal received; shutting down (a second signal exits at once)");
-        token.cancel();
-        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        tracing::warn!("second signal: exiting now");
-        std::process::exit(130);
-    });
+    let shutdown = registry::shutdown::on_signals().context("installing signal handlers")?;
 
     greet_server::run(cfg, etcd, listener, shutdown).await?;
     Ok(())

@@ -13,6 +13,7 @@ pub mod etcd;
 pub mod logging;
 pub mod registrar;
 pub mod schema;
+pub mod shutdown;
 pub mod watcher;
 
 pub use schema::{Addr, Endpoint, Member, SchemaError, ServiceName, ValueKind};
