@@ -175,6 +175,7 @@ pub struct Watcher {
     backoff: Backoff,
     failing: bool,
     next_progress: Instant,
+    warns: WarnLimiter,
 }
 
 impl Watcher {
@@ -202,6 +203,7 @@ impl Watcher {
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(3)),
             failing: false,
             next_progress: Instant::now(),
+            warns: WarnLimiter::new(),
         }
     }
 
@@ -287,7 +289,7 @@ impl Watcher {
                     match event.event_type() {
                         EventType::Put => {
                             let entry = Entry::from_kv(&self.cfg.root, kv);
-                            warn_invalid(&entry);
+                            self.warns.entry(&entry);
                             self.map.insert(entry.key.clone(), entry.clone());
                             self.pending.push_back(Event::Applied(entry));
                         }
@@ -415,10 +417,11 @@ impl Watcher {
             if old.get(key).is_none_or(|o| {
                 o.mod_revision != entry.mod_revision || o.create_revision != entry.create_revision
             }) {
-                warn_invalid(entry);
+                self.warns.entry(entry);
                 self.pending.push_back(Event::Applied(entry.clone()));
             }
         }
+        self.warns.flush();
         for (key, entry) in old {
             if !fresh.contains_key(&key) {
                 self.pending.push_back(Event::Removed(entry));
@@ -443,9 +446,57 @@ impl Watcher {
     }
 }
 
-fn warn_invalid(entry: &Entry) {
-    if let Err(e) = &entry.member {
-        warn!(key = %entry.key.chars().take(200).collect::<String>(), revision = entry.mod_revision, reason = %e, "ignoring invalid registry entry");
+/// Invalid entries named one by one per [`WARN_WINDOW`]; the rest are
+/// counted and summed up in one line.
+const WARN_BURST: u32 = 20;
+/// The window of [`WARN_BURST`].
+const WARN_WINDOW: Duration = Duration::from_secs(60);
+
+/// Rate limit for the per-entry warning: a registry holding thousands of
+/// garbage keys must not flood the log on every relist. The first
+/// [`WARN_BURST`] invalid entries of a window are named; the others are
+/// counted and reported as one line at the end of a relist, or with the
+/// first warning of the next window.
+#[derive(Debug)]
+struct WarnLimiter {
+    window: Instant,
+    shown: u32,
+    suppressed: u64,
+}
+
+impl WarnLimiter {
+    fn new() -> Self {
+        Self {
+            window: Instant::now(),
+            shown: 0,
+            suppressed: 0,
+        }
+    }
+
+    fn entry(&mut self, entry: &Entry) {
+        let Err(e) = &entry.member else { return };
+        if self.window.elapsed() >= WARN_WINDOW {
+            self.flush();
+            self.window = Instant::now();
+            self.shown = 0;
+        }
+        if self.shown < WARN_BURST {
+            self.shown += 1;
+            warn!(key = %entry.key.chars().take(200).collect::<String>(), revision = entry.mod_revision, reason = %e, "ignoring invalid registry entry");
+        } else {
+            self.suppressed += 1;
+        }
+    }
+
+    /// Reports the entries held back so far, if any.
+    fn flush(&mut self) {
+        if self.suppressed > 0 {
+            warn!(
+                count = self.suppressed,
+                "ignoring more invalid registry entries (only the first {WARN_BURST} per minute are named)"
+            );
+            self.suppressed = 0;
+        }
     }
 }
 
@@ -473,6 +524,35 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn invalid(key: &str) -> Entry {
+        Entry {
+            key: key.to_owned(),
+            id: None,
+            member: Err(SchemaError::Value("bad".into())),
+            lease: 0,
+            create_revision: 1,
+            mod_revision: 1,
+        }
+    }
+
+    #[test]
+    fn warnings_are_limited_per_window_and_counted() {
+        let mut w = WarnLimiter::new();
+        for i in 0..10_000 {
+            w.entry(&invalid(&format!("/ns/s/{i}")));
+        }
+        assert_eq!(w.shown, WARN_BURST);
+        assert_eq!(w.suppressed, 10_000 - u64::from(WARN_BURST));
+        w.flush();
+        assert_eq!(w.suppressed, 0);
+        // A new window names entries again.
+        if let Some(earlier) = w.window.checked_sub(WARN_WINDOW) {
+            w.window = earlier;
+            w.entry(&invalid("/ns/s/x"));
+            assert_eq!(w.shown, 1);
+        }
+    }
 
     #[test]
     fn prefix_end_increments_the_last_byte() {
