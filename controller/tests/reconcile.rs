@@ -363,3 +363,57 @@ async fn eventually_leader(ctl: &Ctl) -> Result<()> {
     })
     .await
 }
+
+/// etcd restarted with its data, then wiped: the servers come back by
+/// themselves, the controller deletes none of them, and afterwards it
+/// leads and reconciles again (a stale key put after the wipe goes).
+#[tokio::test]
+async fn etcd_restarts_delete_nothing_that_should_stay() -> Result<()> {
+    let mut etcd = Etcd::start().await?;
+    let ports = [free_port(), free_port(), free_port()];
+    let _servers = ports
+        .iter()
+        .map(|p| greet_server(&etcd, *p, &[]))
+        .collect::<Result<Vec<_>>>()?;
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let client = etcd.client().await?;
+    for a in &addrs {
+        wait_key(&client, &key("greet_service", a), Duration::from_secs(15)).await?;
+    }
+    let ctl = Ctl::start(&etcd, fast_config()).await?;
+    eventually_leader(&ctl).await?;
+
+    for wipe in [false, true] {
+        etcd.restart(wipe).await?;
+        let client = etcd.client().await?;
+        for a in &addrs {
+            wait_key(&client, &key("greet_service", a), Duration::from_secs(20)).await?;
+        }
+        ctl.wait_ready().await?;
+        eventually_leader(&ctl).await?;
+        tokio::time::sleep(DEAD_AFTER * 2).await;
+        for a in &addrs {
+            assert!(
+                exists(&client, &key("greet_service", a)).await?,
+                "{a} gone after a restart (wipe: {wipe})"
+            );
+            ctl.wait_member("greet_service", a, Duration::from_secs(5), "healthy", |m| {
+                m["healthy"] == true && m["lease"].is_string()
+            })
+            .await?;
+        }
+        let metrics = ctl.metrics().await?;
+        let deleted: f64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("controller_deletions_total{"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum();
+        assert_eq!(deleted, 0.0, "wipe: {wipe}\n{metrics}");
+    }
+
+    let client = etcd.client().await?;
+    let stale = key("greet_service", &dead_addr());
+    put_plain(&client, &stale, r#"{"weight":1}"#).await?;
+    wait_gone(&client, &stale, Duration::from_secs(10)).await?;
+    ctl.stop().await
+}
