@@ -1,0 +1,247 @@
+//! Mixed fleets: the original Go tutorial's server and client (interop/go/,
+//! built offline from Debian's Go packages by interop/build-go.sh) against our
+//! Rust binaries, in both directions, on a real etcd.
+//!
+//! The Go server writes the legacy value (the plain address) that our client
+//! must read as weight 100; the Go client reads only key suffixes, so it must
+//! reach our servers whatever JSON they write. When Go or its Debian packages
+//! are missing these tests fail with the build script's message: they never
+//! pass without running the Go code (scripts/setup.sh installs the packages).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use etcd_client::GetOptions;
+use testkit::{bin_path, eventually, free_port, Etcd, Proc};
+
+const SERVICE: &str = "greet_service";
+
+/// Builds the Go binaries once per test process; their directory.
+fn go_bins() -> Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("interop-go");
+            let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("build-go.sh");
+            let res = Command::new("bash")
+                .arg(&script)
+                .arg(&out)
+                .output()
+                .map_err(|e| format!("running {}: {e}", script.display()))?;
+            if !res.status.success() {
+                return Err(format!(
+                    "building the original Go server and client failed ({}); Go and Debian's Go \
+                     packages are required for the interop tests (scripts/setup.sh installs them):\n{}{}",
+                    res.status,
+                    String::from_utf8_lossy(&res.stdout),
+                    String::from_utf8_lossy(&res.stderr)
+                ));
+            }
+            Ok(out)
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// Waits until `/ns/<service>/<addr>` exists for every addr; returns the values.
+async fn wait_registered(etcd: &Etcd, addrs: &[String]) -> Result<Vec<String>> {
+    let client = etcd.client().await?;
+    eventually(
+        Duration::from_secs(20),
+        "servers registered in etcd",
+        || {
+            let mut client = client.clone();
+            async move {
+                let mut values = Vec::new();
+                for addr in addrs {
+                    let key = format!("/ns/{SERVICE}/{addr}");
+                    let resp = client.get(key, None).await.ok()?;
+                    let kv = resp.kvs().first()?;
+                    values.push(kv.value_str().ok()?.to_owned());
+                }
+                Some(values)
+            }
+        },
+    )
+    .await
+}
+
+fn go_server(bins: &std::path::Path, etcd: &Etcd, port: u16) -> Result<Proc> {
+    Proc::spawn(
+        &format!("go-greet-server:{port}"),
+        bins.join("go-greet-server"),
+        &[
+            "-Port".into(),
+            port.to_string(),
+            "-EtcdAddr".into(),
+            etcd.endpoint(),
+            "-Quiet".into(),
+        ],
+        &[],
+    )
+}
+
+fn rust_server(etcd: &Etcd, port: u16) -> Result<Proc> {
+    Proc::spawn(
+        &format!("greet-server:{port}"),
+        bin_path("greet-server"),
+        &[
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--etcd-endpoints".into(),
+            etcd.endpoint(),
+            "--drain".into(),
+            "0s".into(),
+        ],
+        &[("RUST_LOG", "info")],
+    )
+}
+
+/// Our client over a Go server (legacy plain value) and a Rust server (JSON
+/// value): both reached, each about half the calls, no errors.
+#[tokio::test(flavor = "multi_thread")]
+async fn rust_client_balances_over_go_and_rust_servers() -> Result<()> {
+    let bins = go_bins()?;
+    let etcd = Etcd::start().await?;
+    let (go_port, rust_port) = (free_port(), free_port());
+    let go_addr = format!("127.0.0.1:{go_port}");
+    let rust_addr = format!("127.0.0.1:{rust_port}");
+    let go = go_server(&bins, &etcd, go_port)?;
+    let rust = rust_server(&etcd, rust_port)?;
+
+    let values = wait_registered(&etcd, &[go_addr.clone(), rust_addr.clone()])
+        .await
+        .with_context(|| format!("logs:\n{}\n{}", go.log(), rust.log()))?;
+    // The legacy path is really exercised: the Go server's value is the plain
+    // address, ours is JSON.
+    ensure!(values[0] == go_addr, "Go server's value: {:?}", values[0]);
+    let ours: serde_json::Value = serde_json::from_str(&values[1])
+        .with_context(|| format!("greet-server's value is not JSON: {:?}", values[1]))?;
+    ensure!(
+        ours["addr"] == rust_addr.as_str(),
+        "greet-server's value: {ours}"
+    );
+
+    let out = Command::new(bin_path("greet-client"))
+        .args(["bench", "--requests", "6000", "--json", "--etcd-endpoints"])
+        .arg(etcd.endpoint())
+        .env_remove("ETCD_ENDPOINTS")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "greet-client bench failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout)
+        .with_context(|| format!("greet-client bench --json printed:\n{stdout}"))?;
+    ensure!(report["errors"] == 0, "errors in the run: {report:#}");
+    ensure!(report["calls"] == 6000, "calls: {report:#}");
+    let endpoints = report["endpoints"]
+        .as_array()
+        .context("no endpoints array")?;
+    for addr in [&go_addr, &rust_addr] {
+        let ep = endpoints
+            .iter()
+            .find(|e| e["addr"] == addr.as_str())
+            .with_context(|| format!("{addr} never answered: {report:#}"))?;
+        ensure!(ep["weight"] == 100, "{addr} weight: {ep}");
+        let calls = ep["calls"].as_u64().context("calls")?;
+        let share = calls as f64 / 6000.0;
+        ensure!(
+            (share - 0.5).abs() <= 0.03,
+            "{addr} got {calls} of 6000 calls ({share:.3}), expected about half: {report:#}"
+        );
+    }
+    drop((go, rust));
+    Ok(())
+}
+
+/// The original Go client (its etcd resolver and grpc-go's round_robin) over
+/// two of our servers, which write JSON values: every call answered, and by
+/// both servers.
+#[tokio::test(flavor = "multi_thread")]
+async fn go_client_calls_rust_servers() -> Result<()> {
+    let bins = go_bins()?;
+    let etcd = Etcd::start().await?;
+    let ports = [free_port(), free_port()];
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let servers = ports
+        .iter()
+        .map(|&p| rust_server(&etcd, p))
+        .collect::<Result<Vec<_>>>()?;
+    let values = wait_registered(&etcd, &addrs)
+        .await
+        .with_context(|| servers.iter().map(Proc::log).collect::<Vec<_>>().join("\n"))?;
+    for v in &values {
+        ensure!(
+            v.starts_with('{'),
+            "greet-server wrote a non-JSON value {v:?}"
+        );
+    }
+    // Both keys must be visible to a prefix read before the client starts, so
+    // its first list holds both.
+    let mut client = etcd.client().await?;
+    let listed = client
+        .get(
+            format!("/ns/{SERVICE}/"),
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await?;
+    ensure!(listed.count() == 2, "listed {} keys", listed.count());
+
+    let rounds = 6;
+    let mut go = Proc::spawn(
+        "go-greet-client",
+        bins.join("go-greet-client"),
+        &[
+            "-EtcdAddr".into(),
+            etcd.endpoint(),
+            "-Count".into(),
+            rounds.to_string(),
+            "-Interval".into(),
+            "100ms".into(),
+        ],
+        &[],
+    )?;
+    let code = go.wait_exit(Duration::from_secs(30)).await?;
+    let log = go.log();
+    if code != Some(0) {
+        bail!("go-greet-client exited with {code:?}:\n{log}");
+    }
+    ensure!(!log.contains("失败"), "a call failed:\n{log}");
+    // "Morning 响应：Good morning, JetWu，来自：127.0.0.1:port"
+    let replies: Vec<(&str, &str)> = log
+        .lines()
+        .filter_map(|l| {
+            let (head, from) = l.split_once("，来自：")?;
+            let (_, message) = head.split_once("响应：")?;
+            Some((message, from.trim()))
+        })
+        .collect();
+    ensure!(
+        replies.len() == 2 * rounds,
+        "expected {} replies, got {}:\n{log}",
+        2 * rounds,
+        replies.len()
+    );
+    for (message, from) in &replies {
+        ensure!(
+            *message == "Good morning, JetWu" || *message == "Good night, JetWu",
+            "unexpected reply {message:?}"
+        );
+        ensure!(addrs.iter().any(|a| a == from), "reply from unknown {from}");
+    }
+    for addr in &addrs {
+        ensure!(
+            replies.iter().any(|(_, from)| from == addr),
+            "{addr} never answered the Go client:\n{log}"
+        );
+    }
+    drop(servers);
+    Ok(())
+}
