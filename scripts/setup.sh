@@ -5,7 +5,8 @@
 # kubectl (Debian's kubernetes-client: `kubectl kustomize`),
 # kubernetes-validate (PyPI), buildah and musl-tools plus the
 # x86_64-unknown-linux-musl Rust target (the image build); chromium for the
-# controller's browser test. Idempotent.
+# controller's browser test; Go and Debian's Go packages for the interop
+# tests (interop/build-go.sh). Idempotent.
 set -euo pipefail
 
 need=()
@@ -20,6 +21,13 @@ command -v buildah >/dev/null || need+=(buildah)
 command -v musl-gcc >/dev/null || need+=(musl-tools)
 command -v chromium >/dev/null || need+=(chromium)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
+# The original Go tutorial server and client for the interop tests and the
+# baseline (interop/build-go.sh builds them offline, GOPATH mode over
+# /usr/share/gocode): Go 1.19, grpc-go, protoc-gen-go, etcd 3.4's clientv3.
+command -v go >/dev/null || need+=(golang-go)
+[[ -d /usr/share/gocode/src/google.golang.org/grpc ]] || need+=(golang-google-grpc-dev)
+command -v protoc-gen-go >/dev/null || need+=(golang-goprotobuf-dev)
+[[ -d /usr/share/gocode/src/go.etcd.io/etcd/clientv3 ]] || need+=(golang-etcd-server-dev)
 
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}" >&2
