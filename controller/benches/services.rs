@@ -6,6 +6,12 @@
 //! BENCH_MEMBERS=10000 BENCH_LIVE=0 BENCH_CONCURRENCY=64 BENCH_SECS=10 cargo bench -p controller --bench services
 //! ```
 //!
+//! `BENCH_GZIP` picks what the load client does: `decode` (default: asks
+//! for gzip and inflates every body, like a browser), `raw` (asks for gzip
+//! and reads the compressed bytes without inflating them, like a proxy:
+//! measures the server rather than the co-located client's inflate CPU), or
+//! `off` (plain JSON).
+//!
 //! `BENCH_LIVE=0` registers addresses where nothing listens instead of live
 //! endpoints (10,000 live endpoints in one process would need more file
 //! descriptors than a default limit allows); the view is just as large.
@@ -50,6 +56,11 @@ async fn bench() -> Result<()> {
     let concurrency = env_or("BENCH_CONCURRENCY", 64) as usize;
     let secs = env_or("BENCH_SECS", 10);
     let live = env_or("BENCH_LIVE", 1) != 0;
+    let gzip = std::env::var("BENCH_GZIP").unwrap_or_else(|_| "decode".to_owned());
+    anyhow::ensure!(
+        ["decode", "raw", "off"].contains(&gzip.as_str()),
+        "BENCH_GZIP must be decode, raw or off"
+    );
 
     eprintln!("setting up: etcd, {members} keys (live endpoints: {live})");
     let etcd = Etcd::start().await?;
@@ -117,13 +128,24 @@ async fn bench() -> Result<()> {
         shutdown.clone(),
     ));
 
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(concurrency)
-        .build()?;
+    let probe_http = reqwest::Client::new();
+    let mut builder = reqwest::Client::builder().pool_max_idle_per_host(concurrency);
+    if gzip != "decode" {
+        builder = builder.no_gzip();
+    }
+    if gzip == "raw" {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::ACCEPT_ENCODING,
+            reqwest::header::HeaderValue::from_static("gzip"),
+        );
+        builder = builder.default_headers(headers);
+    }
+    let http = builder.build()?;
     let url = format!("{base}/services");
     let ready_by = Instant::now() + Duration::from_secs(120);
     let bytes = loop {
-        if let Ok(resp) = http.get(&url).send().await {
+        if let Ok(resp) = probe_http.get(&url).send().await {
             if let Ok(body) = resp.bytes().await {
                 let v: Value = serde_json::from_slice(&body).unwrap_or_default();
                 let healthy: usize = v["services"]
@@ -168,10 +190,10 @@ async fn bench() -> Result<()> {
     let ms = |d: Duration| format!("{:.2}", d.as_secs_f64() * 1000.0);
     println!();
     println!(
-        "GET /services under load (controller in-process, release build, loopback, live endpoints: {live})"
+        "GET /services under load (controller in-process, release build, loopback, live endpoints: {live}, client gzip: {gzip})"
     );
     println!(
-        "| members | concurrency | requests | errors | seconds | req/s | MB/s | p50 ms | p90 ms | p99 ms | max ms |"
+        "| members | concurrency | requests | errors | seconds | req/s | JSON MB/s | p50 ms | p90 ms | p99 ms | max ms |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     println!(

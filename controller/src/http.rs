@@ -3,19 +3,23 @@
 //!
 //! `GET /services` is the hot path (dashboards and scripts poll it): its
 //! JSON is rendered once per store generation and wall-clock second (TTLs
-//! count down in seconds) and shared by every request in between.
+//! count down in seconds) and shared by every request in between, gzipped
+//! once for clients that accept it (a 10,000-member view is megabytes).
+//! Renders run on a blocking thread while requests are answered with the
+//! previous bytes (stale-while-revalidate, at most one render old).
 //!
 //! Every error is JSON `{"error": "...", "status": N}` with the matching
 //! status code, including unknown paths and wrong methods.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -53,7 +57,8 @@ pub struct AppState {
     pub id: String,
     /// Ends open streams at shutdown.
     pub shutdown: CancellationToken,
-    cache: tokio::sync::Mutex<Option<(u64, u64, Bytes)>>,
+    cache: std::sync::Mutex<Option<Arc<Cached>>>,
+    rendering: AtomicBool,
 }
 
 impl AppState {
@@ -73,33 +78,137 @@ impl AppState {
             leader,
             id,
             shutdown,
-            cache: tokio::sync::Mutex::new(None),
+            cache: std::sync::Mutex::new(None),
+            rendering: AtomicBool::new(false),
         }
     }
 
-    /// The full `/services` JSON, cached per generation and second.
+    /// The full `/services` body (JSON, or its gzip), cached per store
+    /// generation and wall-clock second.
     ///
-    /// Single-flight: the lock is held while rendering, so when the cache
-    /// goes stale under load one request renders and the others wait for
-    /// its bytes instead of all rendering the same view at once.
-    async fn services_json(&self) -> Bytes {
-        let generation = self.store.generation();
+    /// Stale-while-revalidate: when the cache is out of date, one render
+    /// starts on a blocking thread and every request meanwhile gets the
+    /// previous bytes (at most one render old), so neither the async
+    /// workers nor the waiting requests stall on rendering a large view.
+    /// With `fresh`, waits for a render that reflects the current state
+    /// (the stream, which is woken by changes, needs that).
+    async fn services_body(self: &Arc<Self>, gzip: bool, fresh: bool) -> Bytes {
+        let (generation, second) = self.version();
+        let current = self.cache.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let body = match current {
+            Some(c) if c.generation >= generation && c.second == second => c,
+            Some(c) if !fresh => {
+                self.refresh();
+                c
+            }
+            _ => self.render().await,
+        };
+        if gzip {
+            body.gzip.clone()
+        } else {
+            body.json.clone()
+        }
+    }
+
+    fn version(&self) -> (u64, u64) {
         let second = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let mut cache = self.cache.lock().await;
-        if let Some((g, s, bytes)) = cache.as_ref() {
-            if *g >= generation && *s == second {
-                return bytes.clone();
-            }
-        }
-        // Read the generation again: the render reflects at least this one.
-        let generation = self.store.generation();
-        let view = self.store.view(None, None, Instant::now());
-        let bytes = Bytes::from(serde_json::to_vec(&view).unwrap_or_default());
-        *cache = Some((generation, second, bytes.clone()));
-        bytes
+        (self.store.generation(), second)
     }
+
+    /// Starts one background render unless one is running.
+    fn refresh(self: &Arc<Self>) {
+        if self
+            .rendering
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _ = me.render().await;
+            me.rendering.store(false, Ordering::Release);
+        });
+    }
+
+    /// Renders now (JSON and gzip) on a blocking thread and caches it.
+    async fn render(self: &Arc<Self>) -> Arc<Cached> {
+        let me = self.clone();
+        let rendered = tokio::task::spawn_blocking(move || {
+            let (generation, second) = me.version();
+            let view = me.store.view(None, None, Instant::now());
+            let json = Bytes::from(serde_json::to_vec(&view).unwrap_or_default());
+            let gzip = gzip_bytes(&json);
+            Arc::new(Cached {
+                generation,
+                second,
+                json,
+                gzip,
+            })
+        })
+        .await;
+        let rendered = match rendered {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "rendering the view failed");
+                return Arc::new(Cached {
+                    generation: 0,
+                    second: 0,
+                    json: Bytes::new(),
+                    gzip: Bytes::new(),
+                });
+            }
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        // Never replace a newer render with an older one.
+        if cache
+            .as_ref()
+            .is_none_or(|c| (c.generation, c.second) <= (rendered.generation, rendered.second))
+        {
+            *cache = Some(rendered.clone());
+        }
+        rendered
+    }
+}
+
+/// One rendered `/services` body.
+struct Cached {
+    generation: u64,
+    second: u64,
+    json: Bytes,
+    gzip: Bytes,
+}
+
+fn gzip_bytes(data: &[u8]) -> Bytes {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(data.len() / 8),
+        flate2::Compression::fast(),
+    );
+    // Writing to a Vec cannot fail.
+    let _ = enc.write_all(data);
+    Bytes::from(enc.finish().unwrap_or_default())
+}
+
+/// Whether the client takes gzip (`Accept-Encoding: gzip`, not `q=0`).
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let mut parts = item.split(';').map(str::trim);
+            let coding = parts.next().unwrap_or("");
+            let zero = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .is_some_and(|q| q == 0.0)
+            });
+            coding.eq_ignore_ascii_case("gzip") && !zero
+        })
 }
 
 /// The routes of the view.
@@ -202,10 +311,23 @@ fn healthy_filter(
 
 async fn services(
     State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     match healthy_filter(query)? {
-        None => Ok(json_bytes(st.services_json().await)),
+        None if accepts_gzip(&headers) => {
+            let mut resp = json_bytes(st.services_body(true, false).await);
+            let h = resp.headers_mut();
+            h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+            Ok(resp)
+        }
+        None => {
+            let mut resp = json_bytes(st.services_body(false, false).await);
+            resp.headers_mut()
+                .insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+            Ok(resp)
+        }
         Some(h) => Ok(axum::Json(st.store.view(None, Some(h), Instant::now())).into_response()),
     }
 }
@@ -257,7 +379,7 @@ async fn stream(
             }
         }
         rx.borrow_and_update();
-        let json = st.services_json().await;
+        let json = st.services_body(false, true).await;
         let event = Event::default()
             .event("services")
             .data(String::from_utf8_lossy(&json));

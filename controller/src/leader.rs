@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, ElectionClient, LeaderKey, ResignOptions};
 use registry::backoff::Backoff;
-use registry::etcd::{EtcdConfig, EtcdError};
+use registry::etcd::{is_auth_token_error, EtcdConfig, EtcdError};
 use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
@@ -115,7 +115,11 @@ pub fn spawn(
                     Ok(()) => break,
                     Err(e) => {
                         debug!(error = %e, "election session ended; retrying");
-                        if matches!(e, SessionError::Connect(_)) {
+                        // A refused auth token (etcd restarted and forgot
+                        // it) is not cured on the same client: log in again.
+                        if matches!(&e, SessionError::Connect(_))
+                            || matches!(&e, SessionError::Etcd(e) if is_auth_token_error(e))
+                        {
                             client = None;
                         }
                     }

@@ -193,6 +193,33 @@ async fn every_endpoint_has_its_shape_and_errors_are_json() -> Result<()> {
     let (_, again) = ctl.get("/services").await?;
     assert_eq!(names_and_addrs(&v), names_and_addrs(&again));
 
+    // gzip on request: the same view, compressed.
+    let raw = reqwest::Client::builder().no_gzip().build()?;
+    let r = raw
+        .get(ctl.url("/services"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await?;
+    assert_eq!(
+        r.headers().get("content-encoding").map(|h| h.as_bytes()),
+        Some(&b"gzip"[..])
+    );
+    let compressed = r.bytes().await?;
+    let mut plain = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(&compressed[..]),
+        &mut plain,
+    )?;
+    let unzipped: Value = serde_json::from_slice(&plain)?;
+    assert_eq!(names_and_addrs(&unzipped), names_and_addrs(&v));
+    let r = raw
+        .get(ctl.url("/services"))
+        .header("accept-encoding", "gzip;q=0")
+        .send()
+        .await?;
+    assert!(r.headers().get("content-encoding").is_none());
+    let _: Value = r.json().await?;
+
     // GET /services/{name} and ?healthy=
     let (status, one) = ctl.get("/services/greet_service").await?;
     assert_eq!(status, 200);
