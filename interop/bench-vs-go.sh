@@ -8,14 +8,17 @@
 #        into a DURATION run at concurrency 16, for both stacks: failed calls.
 # Everything runs on loopback against a private etcd on free ports. Every
 # measured run is repeated REPEAT times (default 1), the stacks alternating,
-# and the ratio row compares medians.
+# and the ratio row compares medians. CROSS=1 (default) also runs the mixed
+# pairs (Go client over Rust servers, Rust client over Go servers), and every
+# run records CPU time (client + servers) per call.
 #
 # Needs: etcd, etcdctl, jq, python3, Go + Debian's Go packages
 # (scripts/setup.sh), and the release binaries:
 #   cargo build --release -p greet-server -p greet-client
 # which are looked for in $CARGO_TARGET_DIR/release (or target/release).
 #
-# Usage: interop/bench-vs-go.sh            (env: DURATION, REPEAT, FAILOVER_AT)
+# Usage: interop/bench-vs-go.sh   (env: DURATION, REPEAT, FAILOVER_AT, CROSS,
+#                                  RESULTS=<file> keeps the raw JSON lines)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -23,6 +26,7 @@ root=$(cd "$here/.." && pwd)
 DURATION=${DURATION:-10}
 REPEAT=${REPEAT:-1}
 FAILOVER_AT=${FAILOVER_AT:-3}
+CROSS=${CROSS:-1}
 rel=${CARGO_TARGET_DIR:-$root/target}/release
 for b in greet-server greet-client; do
   [[ -x $rel/$b ]] || { echo "bench-vs-go: $rel/$b missing; run: cargo build --release -p greet-server -p greet-client" >&2; exit 2; }
@@ -87,92 +91,128 @@ stop_servers() {
   servers=()
 }
 
+# server_cpu: CPU seconds (user + system) the current servers used so far.
+server_cpu() {
+  local ticks=0 p
+  for p in "${servers[@]}"; do
+    ticks=$((ticks + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+  done
+  python3 -c "print($ticks / $(getconf CLK_TCK))"
+}
+
 # client STACK SERVICE CONCURRENCY: one JSON line normalised to
-# {calls, errors, rps, p50_ms, p99_ms}.
+# {calls, errors, rps, p50_ms, p99_ms, client_cpu_s}.
 client() {
-  local stack=$1 service=$2 conc=$3
+  local stack=$1 service=$2 conc=$3 out
   if [[ $stack == go ]]; then
-    "$work/bin/go-greet-client" -EtcdAddr "$etcd_ep" -ServiceName "$service" -Bench \
-      -Concurrency "$conc" -Duration "${DURATION}s" -Expect 3 2>>"$work/client.log" |
-      jq -c '{calls, errors, rps, p50_ms, p99_ms}'
+    out=$(/usr/bin/time -f '%U %S' -o "$work/ctime.$service" "$work/bin/go-greet-client" -EtcdAddr "$etcd_ep" \
+      -ServiceName "$service" -Bench -Concurrency "$conc" -Duration "${DURATION}s" -Expect 3 2>>"$work/client.log" |
+      jq -c '{calls, errors, rps, p50_ms, p99_ms}')
   else
-    "$rel/greet-client" bench --etcd-endpoints "$etcd_ep" --service "$service" \
-      --concurrency "$conc" --duration "${DURATION}s" --json 2>>"$work/client.log" |
-      jq -c '{calls, errors, rps: .throughput, p50_ms: (.p50_us / 1000), p99_ms: (.p99_us / 1000)}'
+    out=$(/usr/bin/time -f '%U %S' -o "$work/ctime.$service" "$rel/greet-client" bench --etcd-endpoints "$etcd_ep" \
+      --service "$service" --concurrency "$conc" --duration "${DURATION}s" --json 2>>"$work/client.log" |
+      jq -c '{calls, errors, rps: .throughput, p50_ms: (.p50_us / 1000), p99_ms: (.p99_us / 1000)}')
   fi
+  jq -c --argjson cpu "$(awk '{print $1 + $2}' "$work/ctime.$service")" '. + {client_cpu_s: $cpu}' <<<"$out"
 }
 
 results=$work/results.jsonl
+# measure CLIENT SERVERS CONCURRENCY [failover]: one run, appended to $results.
 measure() {
-  local stack=$1 conc=$2 service out
+  local cl=$1 sv=$2 conc=$3 failover=${4:-false} service out cpid cpu
   run=$((run + 1))
-  service=bench_${stack}_${run}
-  start_servers "$stack" "$service"
-  out=$(client "$stack" "$service" "$conc")
-  stop_servers
-  jq -c --arg stack "$stack" --argjson conc "$conc" '. + {stack: $stack, conc: $conc}' <<<"$out" >>"$results"
-  echo "  $stack c=$conc: $out" >&2
-}
-
-failover() {
-  local stack=$1 service out cpid
-  run=$((run + 1))
-  service=bench_${stack}_${run}
-  start_servers "$stack" "$service"
-  client "$stack" "$service" 16 >"$work/failover.out" &
+  service=bench_${cl}_${sv}_${run}
+  start_servers "$sv" "$service"
+  client "$cl" "$service" "$conc" >"$work/out.$service" &
   cpid=$!
   pids+=($cpid)
-  sleep "$FAILOVER_AT"
-  kill -KILL "${servers[0]}"
+  if [[ $failover == true ]]; then
+    sleep "$FAILOVER_AT"
+    kill -KILL "${servers[0]}"
+  fi
   { wait "$cpid"; } 2>/dev/null
-  out=$(cat "$work/failover.out")
+  out=$(cat "$work/out.$service")
+  [[ -n $out ]] || { echo "bench-vs-go: the $cl client printed nothing; $(tail -5 "$work/client.log")" >&2; exit 1; }
+  cpu=$(server_cpu)
   stop_servers
-  jq -c --arg stack "$stack" '. + {stack: $stack, conc: 16, failover: true}' <<<"$out" >>"$results"
-  echo "  $stack failover: $out" >&2
+  jq -c --arg client "$cl" --arg servers "$sv" --argjson conc "$conc" --argjson cpu "$cpu" \
+    --argjson failover "$failover" \
+    '. + {client: $client, servers: $servers, conc: $conc, servers_cpu_s: $cpu, failover: $failover}' \
+    <<<"$out" >>"$results"
+  echo "  client=$cl servers=$sv c=$conc failover=$failover: $out servers_cpu_s=$cpu" >&2
 }
 
 echo "bench-vs-go: $(nproc) cores, ${DURATION}s per run, $REPEAT repeat(s), etcd on $etcd_ep" >&2
 for _ in $(seq "$REPEAT"); do
   for conc in 16 64; do
-    measure go "$conc"
-    measure rust "$conc"
+    measure go go "$conc"
+    measure rust rust "$conc"
   done
 done
 for _ in $(seq "$REPEAT"); do
-  failover go
-  failover rust
+  measure go go 16 true
+  measure rust rust 16 true
 done
+if [[ $CROSS == 1 ]]; then
+  for _ in $(seq "$REPEAT"); do
+    for conc in 16 64; do
+      measure go rust "$conc"
+      measure rust go "$conc"
+    done
+    measure go rust 16 true
+    measure rust go 16 true
+  done
+fi
 
+[[ -z ${RESULTS:-} ]] || cp "$results" "$RESULTS"
 python3 - "$results" "$DURATION" "$FAILOVER_AT" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 dur, at = sys.argv[2], sys.argv[3]
-name = {"go": "Go client + 3 Go servers", "rust": "greet-client + 3 greet-servers"}
-def med(xs): return statistics.median(xs)
-print(f"Throughput and latency ({dur} s per run, 3 servers, loopback; medians over runs)")
+who = {"go": "Go", "rust": "Rust"}
+def label(c, s):
+    return {("go", "go"): "Go client + 3 Go servers", ("rust", "rust"): "greet-client + 3 greet-servers"}.get(
+        (c, s), f"{who[c]} client + 3 {who[s]} servers")
+def sel(c, s, conc, fo=False):
+    return [r for r in rows if r["client"] == c and r["servers"] == s and r["conc"] == conc and r["failover"] == fo]
+med = statistics.median
+def stats(rs):
+    return dict(rps=med([r["rps"] for r in rs]), p50=med([r["p50_ms"] for r in rs]), p99=med([r["p99_ms"] for r in rs]),
+                cpu=med([1e6 * (r["client_cpu_s"] + r["servers_cpu_s"]) / max(r["calls"], 1) for r in rs]),
+                errors=sum(r["errors"] for r in rs), n=len(rs))
+def line(name, conc, m):
+    print(f"| {name} | {conc} | {m['n']} | {m['rps']:.0f} | {m['p50']:.3f} | {m['p99']:.3f} | {m['cpu']:.1f} | {m['errors']} |")
+head = "| stack | concurrency | runs | calls/s | p50 ms | p99 ms | CPU µs / call | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+print(f"Throughput and latency ({dur} s per run, 3 servers, loopback; medians over runs;")
+print("CPU = client + servers, user + system)")
 print()
-print("| stack | concurrency | runs | calls/s | p50 ms | p99 ms | errors |")
-print("|---|---:|---:|---:|---:|---:|---:|")
+print(head)
 for conc in (16, 64):
-    m = {}
-    for stack in ("go", "rust"):
-        rs = [r for r in rows if r["stack"] == stack and r["conc"] == conc and not r.get("failover")]
-        m[stack] = (med([r["rps"] for r in rs]), med([r["p50_ms"] for r in rs]), med([r["p99_ms"] for r in rs]))
-        print(f"| {name[stack]} | {conc} | {len(rs)} | {m[stack][0]:.0f} | {m[stack][1]:.3f} | {m[stack][2]:.3f} | {sum(r['errors'] for r in rs)} |")
-    g, r = m["go"], m["rust"]
-    print(f"| **ratio Rust / Go** | {conc} | | **{r[0]/g[0]:.2f}x** | {r[1]/g[1]:.2f}x | **{r[2]/g[2]:.2f}x** | |")
+    g, r = stats(sel("go", "go", conc)), stats(sel("rust", "rust", conc))
+    line(label("go", "go"), conc, g)
+    line(label("rust", "rust"), conc, r)
+    print(f"| **ratio Rust / Go** | {conc} | | **{r['rps']/g['rps']:.2f}x** | {r['p50']/g['p50']:.2f}x | **{r['p99']/g['p99']:.2f}x** | {r['cpu']/g['cpu']:.2f}x | |")
+cross = [(c, s) for (c, s) in (("go", "rust"), ("rust", "go")) if sel(c, s, 16)]
+if cross:
+    print()
+    print("Mixed pairs (which side makes the difference)")
+    print()
+    print(head)
+    for conc in (16, 64):
+        for c, s in cross:
+            line(label(c, s), conc, stats(sel(c, s, conc)))
 print()
-print("All runs (calls/s, p50 ms, p99 ms):")
+print("All runs (client/servers, concurrency, calls/s, p50 ms, p99 ms, errors):")
 print()
 for r in rows:
-    if not r.get("failover"):
-        print(f"- {r['stack']:4} c={r['conc']:<3} {r['rps']:9.0f} {r['p50_ms']:7.3f} {r['p99_ms']:7.3f} errors={r['errors']}")
+    if not r["failover"]:
+        print(f"- {r['client']:4}/{r['servers']:4} c={r['conc']:<3} {r['rps']:7.0f} {r['p50_ms']:7.3f} {r['p99_ms']:7.3f} errors={r['errors']}")
 print()
 print(f"Failover (SIGKILL of 1 of 3 servers {at} s into a {dur} s run, concurrency 16)")
 print()
 print("| stack | run | calls | failed calls |")
 print("|---|---:|---:|---:|")
-for stack in ("go", "rust"):
-    for i, r in enumerate([r for r in rows if r["stack"] == stack and r.get("failover")], 1):
-        print(f"| {name[stack]} | {i} | {r['calls']} | {r['errors']} |")
+for c, s in (("go", "go"), ("rust", "rust"), ("go", "rust"), ("rust", "go")):
+    for i, r in enumerate(sel(c, s, 16, True), 1):
+        print(f"| {label(c, s)} | {i} | {r['calls']} | {r['errors']} |")
 EOF
