@@ -10,7 +10,10 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use common::{controller_with, greeter, http_get, key_of, key_set, keys, server, PREFIX};
+use common::{
+    controller, controller_with, greeter, http_get, http_request, key_of, key_set, keys, server,
+    PREFIX,
+};
 use etcd_client::{Client, ConnectOptions, Permission};
 use testkit::{eventually, free_port, Etcd, Pki, Proc, SecureEtcd};
 
@@ -341,5 +344,49 @@ async fn password_auth_and_roles() -> Result<()> {
     .with_context(|| ctl.log())?;
     assert_eq!(keys(&root, PREFIX).await?, key_set(&[a, b, ro, c]));
     assert!(!cl.log().contains("call failed"), "{}", cl.log());
+    Ok(())
+}
+
+/// The controller's HTTP side is a view: no method but GET (and HEAD)
+/// changes or even reaches anything, on any route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_http_view_is_read_only() -> Result<()> {
+    let etcd = Etcd::start().await?;
+    let c = etcd.client().await?;
+    let port = free_port();
+    let _srv = server(&etcd.endpoint(), port, &[], &[])?;
+    wait_exact_keys(&c, &key_set(&[port]), Duration::from_secs(20)).await?;
+    let http = free_port();
+    let ctl = controller(&etcd.endpoint(), http, "3s")?;
+    eventually(Duration::from_secs(20), "controller ready", || async {
+        (http_get(http, "/readyz").await.ok()?.0 == 200).then_some(())
+    })
+    .await
+    .with_context(|| ctl.log())?;
+    let key = key_of(port);
+    let routes = [
+        "/".to_owned(),
+        "/services".to_owned(),
+        "/services/greet_service".to_owned(),
+        format!(
+            "/services/greet_service/{}",
+            key.rsplit('/').next().unwrap_or_default()
+        ),
+        "/metrics".to_owned(),
+        "/healthz".to_owned(),
+        "/readyz".to_owned(),
+    ];
+    for route in &routes {
+        for method in ["POST", "PUT", "DELETE", "PATCH"] {
+            let (status, body) = http_request(http, method, route).await?;
+            assert!(
+                status == 405 || status == 404,
+                "{method} {route}: {status} {body}"
+            );
+        }
+    }
+    assert_eq!(keys(&c, PREFIX).await?, key_set(&[port]), "nothing changed");
+    let (status, _) = http_get(http, "/services/greet_service").await?;
+    assert_eq!(status, 200);
     Ok(())
 }

@@ -166,11 +166,19 @@ pub fn key_set(ports: &[u16]) -> BTreeSet<String> {
 /// A plain HTTP/1.0 GET on loopback: (status, body). Enough for the
 /// controller's JSON view without pulling an HTTP client into this crate.
 pub async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    http_request(port, "GET", path).await
+}
+
+/// Any method, no body (HTTP/1.0 on loopback): (status, body).
+pub async fn http_request(port: u16, method: &str, path: &str) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let attempt = async {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-            .await?;
+        s.write_all(
+            format!("{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
         anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
