@@ -15,6 +15,8 @@ command -v etcdctl >/dev/null || need+=(etcd-client)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v ip >/dev/null || need+=(iproute2)
 command -v curl >/dev/null || need+=(curl)
+# Test certificates for the TLS tests (testkit::Pki) are made at test time.
+command -v openssl >/dev/null || need+=(openssl)
 command -v setsid >/dev/null || need+=(util-linux)
 command -v kubectl >/dev/null || need+=(kubernetes-client)
 command -v buildah >/dev/null || need+=(buildah)
