@@ -26,6 +26,7 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
+    CARGO_PROFILE_RELEASE_STRIP=symbols \
     cargo build --release --locked --target x86_64-unknown-linux-musl \
       -p greet-server -p greet-client -p controller \
  && mkdir -p /out \

@@ -93,6 +93,8 @@ if ((FROM_HOST)); then
   mkdir -p "$TMP/bin"
   for b in "${IMAGES[@]}"; do
     cp "$bin/$b" "$TMP/bin/$b"
+    # The release profile keeps line tables for backtraces; an image needs none.
+    if command -v strip >/dev/null; then strip "$TMP/bin/$b"; fi
     # A binary that needs a loader or libc.so would fail in FROM scratch.
     if command -v file >/dev/null && ! file -L "$TMP/bin/$b" | grep -q "static"; then
       die "$bin/$b is not statically linked: $(file -L "$TMP/bin/$b")"
