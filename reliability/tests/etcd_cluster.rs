@@ -2,12 +2,14 @@
 //! its quorum, for longer than the lease TTL), then both come back: servers,
 //! client and controller are given all three endpoints, no registration is
 //! lost, the client never fails a call and the controller deletes nothing.
+//! A server started while one member is dead (one dead endpoint in its
+//! list) registers and gets calls all the same.
 
 mod common;
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use common::{bench, calls_of, controller, key_set, keys, report, server, wait_keys, PREFIX};
 use testkit::{eventually, free_port, Cluster, Proc};
 
@@ -34,13 +36,26 @@ async fn losing_the_leader_then_a_follower_loses_nothing() -> Result<()> {
     cluster.kill(first);
     let second = cluster.leader().await?;
     assert_ne!(first, second, "a new leader among the survivors");
+    // A server started now is given a dead endpoint among the three: it
+    // registers anyway, and the running client picks it up.
+    let late = free_port();
+    servers.push(server(
+        &eps,
+        late,
+        &["--ttl", TTL, "--latency", "2ms"],
+        &[],
+    )?);
+    let mut ports = ports.to_vec();
+    ports.push(late);
+    let want = key_set(&ports);
     tokio::time::sleep(Duration::from_secs(6)).await;
     eventually(
-        Duration::from_secs(10),
+        Duration::from_secs(15),
         "every key present with two members",
         || async { (keys(&c, PREFIX).await.ok()? == want).then_some(()) },
     )
-    .await?;
+    .await
+    .with_context(|| servers[3].log())?;
 
     // 2. A follower dies too: no quorum. Nothing can be written or renewed
     //    for longer than the TTL; leases must not expire meanwhile.
@@ -57,7 +72,7 @@ async fn losing_the_leader_then_a_follower_loses_nothing() -> Result<()> {
 
     let r = report(&mut load, Duration::from_secs(90)).await?;
     assert_eq!(r["errors"], 0, "no call failed:\n{r:#}\n{}", load.log());
-    for p in ports {
+    for &p in &ports {
         assert!(
             calls_of(&r, &format!("127.0.0.1:{p}")) > 0,
             "127.0.0.1:{p} served calls: {r:#}"
