@@ -23,7 +23,8 @@ use registry::watcher::WatchState;
 pub struct ServiceState {
     /// Service name.
     pub service: String,
-    /// healthy, draining, failing, unknown, invalid.
+    /// healthy, draining, failing, unknown (a partition by the latest
+    /// probe), or invalid (invalid values, overlapping the others).
     pub state: String,
 }
 
@@ -107,7 +108,7 @@ impl Metrics {
         };
         registry.register(
             "registry_members",
-            "Registered members per service and state (healthy, draining, failing, unknown, invalid)",
+            "Registered members per service and state: healthy, draining, failing and unknown (latest probe) add up to all members; invalid counts those whose value is invalid",
             m.members.clone(),
         );
         registry.register(
@@ -208,8 +209,9 @@ impl Metrics {
         }
         self.invalid_keys.set(invalid_keys as i64);
         self.valve_active.clear();
+        let valves = store.valves();
         for service in counts.keys() {
-            let active = store.valves().contains_key(service);
+            let active = valves.contains_key(service);
             self.valve_active
                 .get_or_create(&ServiceLabel {
                     service: service.to_string(),

@@ -520,7 +520,7 @@ impl Store {
                             Some(false) if m.status == "not_serving" => counts.draining += 1,
                             Some(false) => counts.failing += 1,
                         }
-                        if m.problems.iter().any(|p| p.starts_with("invalid value")) {
+                        if m.kind == "invalid" {
                             counts.invalid += 1;
                         }
                     })
