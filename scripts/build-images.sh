@@ -105,6 +105,8 @@ if ((FROM_HOST)); then
 fi
 
 # --- build -----------------------------------------------------------------
+BEFORE=""
+[[ "$BUILDER" != buildah ]] || BEFORE="$("${BUILDAH[@]}" containers -q 2>/dev/null | tr '\n' ' ')"
 for img in "${IMAGES[@]}"; do
   ref="$REPO/$img:$TAG"
   say "building $ref with $BUILDER"
@@ -125,6 +127,15 @@ for img in "${IMAGES[@]}"; do
     say "wrote $OUT_DIR/$img.tar"
   fi
 done
+
+# buildah leaves a working container (and an untagged image) behind for the
+# pass-through `binaries` stage: remove the ones this run made.
+if [[ "$BUILDER" == buildah ]]; then
+  for c in $("${BUILDAH[@]}" containers -q 2>/dev/null); do
+    [[ " $BEFORE " == *" $c "* ]] || "${BUILDAH[@]}" rm "$c" >/dev/null 2>&1 || true
+  done
+  "${BUILDAH[@]}" rmi --prune >/dev/null 2>&1 || true
+fi
 
 # --- load into a local cluster ----------------------------------------------
 archive() { # IMG -> path of a docker-archive tar (made when needed)
