@@ -196,6 +196,17 @@ async fn garbage_in_the_registry_does_not_hurt_the_good_entries() -> Result<()> 
     }
     assert!(ctl.is_running(), "{}", ctl.log());
     assert!(!ctl.log().contains("panicked"), "{}", ctl.log());
+    let ctl_peak = vm_kib(ctl.pid().as_raw(), "VmHWM:").context("controller's VmHWM")?;
+    let ctl_lines = ctl.log().lines().count();
+    eprintln!("controller: peak RSS {ctl_peak} KiB, {ctl_lines} log lines");
+    assert!(
+        ctl_peak < 300 * 1024,
+        "controller memory bounded: peak {ctl_peak} KiB"
+    );
+    assert!(
+        ctl_lines < 1_000,
+        "the controller's log is not flooded: {ctl_lines} lines"
+    );
     let now = keys(&c, PREFIX).await?;
     for p in ports {
         assert!(now.contains(&key_of(p)), "good key {p} kept");
