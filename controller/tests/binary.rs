@@ -384,3 +384,51 @@ async fn env_fallbacks_and_json_logs() -> Result<()> {
     }
     Ok(())
 }
+
+/// The per-pass budget: with `--max-deletions-per-pass 1`, three stale
+/// entries of one service go in three different passes, the rest deferred
+/// and logged; live members of the service are untouched.
+#[tokio::test]
+async fn the_budget_spreads_deletions_over_passes() -> Result<()> {
+    let etcd = Etcd::start().await?;
+    let client = etcd.client().await?;
+    let mut live = Vec::new();
+    for _ in 0..7 {
+        let (addr, stop) = legacy_server().await?;
+        put_plain(&client, &key("budget_svc", &addr), &addr).await?;
+        live.push((addr, stop));
+    }
+    let r = Replica::spawn(&etcd, ELECTION_TTL, &["--max-deletions-per-pass", "1"])?;
+    r.wait_ready().await?;
+    eventually(Duration::from_secs(10), "leadership", || async {
+        r.is_leader().await.then_some(())
+    })
+    .await?;
+    // Put the three at once (one transaction), so one pass sees them all.
+    let stale: Vec<String> = (0..3).map(|_| key("budget_svc", &dead_addr())).collect();
+    let mut c = client.clone();
+    c.txn(
+        etcd_client::Txn::new().and_then(
+            stale
+                .iter()
+                .map(|k| etcd_client::TxnOp::put(k.as_str(), r#"{"weight":1}"#, None))
+                .collect::<Vec<_>>(),
+        ),
+    )
+    .await?;
+    for k in &stale {
+        wait_gone(&client, k, Duration::from_secs(10)).await?;
+    }
+    for (a, _) in &live {
+        assert!(exists(&client, &key("budget_svc", a)).await?, "{a} deleted");
+    }
+    let log = r.proc.log();
+    let passes: std::collections::HashSet<&str> = log
+        .lines()
+        .filter(|l| l.contains("deleted stale registration"))
+        .filter_map(|l| l.split("pass{n=").nth(1)?.split('}').next())
+        .collect();
+    assert_eq!(passes.len(), 3, "one deletion per pass:\n{log}");
+    assert!(log.contains("deferred=2"), "{log}");
+    Ok(())
+}
