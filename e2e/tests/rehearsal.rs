@@ -68,6 +68,8 @@ struct Spec {
     args: Vec<String>,
     /// `name -> value`, downward-API fields still to fill in per pod.
     env: Vec<(String, EnvValue)>,
+    /// The `preStop` sleep the kubelet runs before SIGTERM.
+    pre_stop: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -149,10 +151,25 @@ fn load() -> Result<Rendered> {
                         (n, val)
                     })
                     .collect();
+                let pre_stop = Duration::from_secs(
+                    c["lifecycle"]["preStop"]["sleep"]["seconds"]
+                        .as_u64()
+                        .unwrap_or(0),
+                );
                 r.labels
                     .insert(name.clone(), pod["metadata"]["labels"].clone());
-                r.workloads
-                    .insert(name, (replicas, Spec { program, args, env }));
+                r.workloads.insert(
+                    name.clone(),
+                    (
+                        replicas,
+                        Spec {
+                            program,
+                            args,
+                            env,
+                            pre_stop,
+                        },
+                    ),
+                );
             }
             _ => {}
         }
@@ -531,6 +548,8 @@ async fn manifests_rehearsed_in_network_namespaces() -> Result<()> {
     let victim = pods["greet-server"][0].clone();
     let idx = procs.iter().position(|(n, _)| *n == victim.name).unwrap();
     let (_, mut gone) = procs.remove(idx);
+    // Pod deletion: the kubelet runs the preStop sleep, then sends SIGTERM.
+    tokio::time::sleep(r.workloads["greet-server"].1.pre_stop).await;
     gone.signal(Signal::SIGTERM)?;
     assert_eq!(
         gone.wait_exit(Duration::from_secs(30)).await?,
