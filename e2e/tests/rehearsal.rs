@@ -357,13 +357,25 @@ async fn manifests_rehearsed_in_network_namespaces() -> Result<()> {
     let pid = std::process::id();
     let mut net = Net {
         tag: format!("e2e{:06}", pid % 1_000_000),
-        subnet: format!("10.213.{}.0/24", 20 + pid % 200),
+        subnet: String::new(),
         namespaces: Vec::new(),
         route: false,
     };
-    // Safety first: nothing for this subnet leaves the root namespace.
-    sh(&["ip", "route", "add", "blackhole", &net.subnet])?;
-    net.route = true;
+    // Safety first: nothing for this subnet leaves the root namespace. A
+    // subnet with any route already (a stale run, something else) is
+    // skipped for the next one.
+    for i in 0..20 {
+        let subnet = format!("10.213.{}.0/24", 20 + (pid + i) % 200);
+        if sh(&["ip", "route", "add", "blackhole", &subnet]).is_ok() {
+            net.subnet = subnet;
+            net.route = true;
+            break;
+        }
+    }
+    ensure!(
+        net.route,
+        "no free 10.213.x.0/24 subnet for the blackhole route"
+    );
 
     let sw = net.ns("switch");
     sh(&["ip", "netns", "add", &sw])?;
