@@ -115,6 +115,7 @@ pub struct Reconciler {
     metrics: Arc<Metrics>,
     prober: Prober,
     leader: watch::Receiver<LeaderState>,
+    etcd_failing: bool,
 }
 
 impl Reconciler {
@@ -134,6 +135,7 @@ impl Reconciler {
             store,
             metrics,
             leader,
+            etcd_failing: false,
         }
     }
 
@@ -159,9 +161,20 @@ impl Reconciler {
     async fn client(&mut self) -> Option<&mut Client> {
         if self.client.is_none() {
             match self.etcd.connect().await {
-                Ok(c) => self.client = Some(c),
+                Ok(c) => {
+                    if self.etcd_failing {
+                        info!("etcd reachable again");
+                        self.etcd_failing = false;
+                    }
+                    self.client = Some(c);
+                }
                 Err(e) => {
-                    debug!(error = %e, "etcd unreachable for this pass");
+                    if !self.etcd_failing {
+                        warn!(error = %e, "etcd unreachable: no lease lookups or deletions until it answers");
+                        self.etcd_failing = true;
+                    } else {
+                        debug!(error = %e, "etcd still unreachable");
+                    }
                     return None;
                 }
             }
@@ -288,7 +301,11 @@ impl Reconciler {
         if leases.is_empty() {
             return;
         }
-        let Some(client) = self.client().await else {
+        // The lookups only feed the view's `ttl`: bound them as a whole so a
+        // hanging etcd never delays the pass's decisions.
+        let budget = self.cfg.probe_interval.max(Duration::from_secs(1));
+        let deadline = tokio::time::sleep(budget);
+        let Ok(Some(client)) = timeout(budget, self.client()).await else {
             return;
         };
         let client = client.clone();
@@ -304,6 +321,7 @@ impl Reconciler {
                 }
             })
             .buffer_unordered(LEASE_LOOKUPS)
+            .take_until(deadline)
             .filter_map(|x| async move { x })
             .collect()
             .await;
