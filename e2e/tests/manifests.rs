@@ -807,6 +807,13 @@ fn controller_args_parse_and_agree_with_service_and_network_policy() {
     );
     let (_, server) = server_args(&r);
     let server_port = i32::from(server.listen.port());
+    // A silently dead server is the controller's to remove, not its lease's.
+    assert!(
+        server.ttl > cfg.dead_after + 2 * cfg.probe_interval + cfg.probe_timeout,
+        "greet-server --ttl {:?} leaves the controller (--dead-after {:?}) time to act",
+        server.ttl,
+        cfg.dead_after
+    );
     let egress_to = |workload: &str, port: i32| {
         let target = r.workload(workload);
         spec.egress.iter().flatten().any(|rule| {

@@ -553,11 +553,58 @@ async fn manifests_rehearsed_in_network_namespaces() -> Result<()> {
         assert!((s - 1.0 / 3.0).abs() < 0.05, "share {s}: {report}");
     }
 
-    // 3. Deleting a pod (SIGTERM) drains it: zero failed calls under load,
+    // 3. Cutting a pod's link: it stops answering probes and renewing its
+    //    lease. The controller's leader deletes it after --dead-after of
+    //    failed probes, well before the lease (--ttl, longer) would expire.
+    let server_args = &r.workloads["greet-server"].1.args;
+    let flag = |name: &str| -> Result<Duration> {
+        let v = server_args
+            .iter()
+            .find_map(|a| a.strip_prefix(&format!("--{name}=")))
+            .with_context(|| format!("greet-server --{name} in the manifest"))?;
+        Ok(humantime::parse_duration(v)?)
+    };
+    let ttl = flag("ttl")?;
+    let cut = pods["greet-server"][0].clone();
+    let cut_at = std::time::Instant::now();
+    sh(&["ip", "-n", &cut.ns, "link", "set", "eth0", "down"])?;
+    let cut_addr = format!("{}:3000", cut.ip);
+    let left = eventually(Duration::from_secs(45), "cut pod removed", || {
+        let body = curl_in(&client, &controller_url);
+        let c = cut_addr.clone();
+        async move {
+            let got = listed(&body?);
+            (!got.contains(&c)).then_some(got)
+        }
+    })
+    .await
+    .with_context(|| logs(&procs))?;
+    let took = cut_at.elapsed();
+    assert_eq!(left.len(), 2, "{left:?}");
+    let deleted_by_controller = procs
+        .iter()
+        .filter(|(n, _)| n.starts_with("controller"))
+        .any(|(_, p)| {
+            p.log()
+                .lines()
+                .any(|l| l.contains("deleted stale registration") && l.contains(&cut_addr))
+        });
+    assert!(
+        deleted_by_controller,
+        "the controller deleted {cut_addr} (after {took:?}; lease TTL {ttl:?}):\n{}",
+        logs(&procs)
+    );
+    assert!(
+        took < ttl,
+        "removed after {took:?}, before the lease TTL {ttl:?}"
+    );
+    eprintln!("cut pod removed by the controller after {took:?}");
+
+    // 4. Deleting a pod (SIGTERM) drains it: zero failed calls under load,
     //    it exits 0 and leaves the view.
     let mut b = bench(&["--concurrency", "4", "--duration", "8s"])?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let victim = pods["greet-server"][0].clone();
+    let victim = pods["greet-server"][1].clone();
     let idx = procs.iter().position(|(n, _)| *n == victim.name).unwrap();
     let (_, mut gone) = procs.remove(idx);
     // Pod deletion: the kubelet runs the preStop sleep, then sends SIGTERM.
@@ -588,35 +635,6 @@ async fn manifests_rehearsed_in_network_namespaces() -> Result<()> {
         },
     )
     .await?;
-
-    // 4. Cutting a pod's link: it stops answering probes and renewing its
-    //    lease; the controller (or the lease's expiry) removes it.
-    let cut = pods["greet-server"][1].clone();
-    sh(&["ip", "-n", &cut.ns, "link", "set", "eth0", "down"])?;
-    let cut_addr = format!("{}:3000", cut.ip);
-    let left = eventually(Duration::from_secs(45), "cut pod removed", || {
-        let body = curl_in(&client, &controller_url);
-        let c = cut_addr.clone();
-        async move {
-            let got = listed(&body?);
-            (!got.contains(&c)).then_some(got)
-        }
-    })
-    .await
-    .with_context(|| logs(&procs))?;
-    assert_eq!(left, [format!("{}:3000", pods["greet-server"][2].ip)]);
-    let deleted_by_controller = procs
-        .iter()
-        .filter(|(n, _)| n.starts_with("controller"))
-        .any(|(_, p)| p.log().contains(&cut_addr) && p.log().contains("delet"));
-    eprintln!(
-        "cut pod removed ({})",
-        if deleted_by_controller {
-            "by the controller"
-        } else {
-            "its lease expired first"
-        }
-    );
 
     drop(procs);
     drop(net);
