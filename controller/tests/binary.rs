@@ -131,6 +131,26 @@ async fn two_replicas_one_deletes_and_the_other_takes_over_when_it_dies() -> Res
     )
     .await?;
 
+    // Every replica serves the view: a live member shows up in both.
+    let (live, _stop) = legacy_server().await?;
+    put_plain(&client, &key("shared_view", &live), &live).await?;
+    for r in [&leader, &follower] {
+        eventually(
+            Duration::from_secs(10),
+            "the member in every replica's view",
+            || async {
+                let (s, v) = get_json(&r.http, &format!("{}/services/shared_view", r.base))
+                    .await
+                    .ok()?;
+                (s == 200
+                    && v["members"][0]["addr"] == live.as_str()
+                    && v["members"][0]["healthy"] == true)
+                    .then_some(())
+            },
+        )
+        .await?;
+    }
+
     // Stale keys in three services: each deleted once, by the leader only.
     let stale: Vec<String> = (0..3)
         .map(|i| key(&format!("svc{i}"), &dead_addr()))
