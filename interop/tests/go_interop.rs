@@ -368,3 +368,122 @@ async fn go_client_loses_no_call_when_a_rust_server_drains() -> Result<()> {
     );
     Ok(())
 }
+
+/// `GET` on the controller's HTTP view, parsed (curl: no HTTP client crate
+/// for one request).
+fn http_get_json(url: &str) -> Option<serde_json::Value> {
+    let out = Command::new("curl")
+        .args(["-sf", "--max-time", "2", url])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// The controller and the original Go servers: their plain values are read
+/// as legacy members, their UNIMPLEMENTED answer to the gRPC health check
+/// proves them alive, so it keeps them; a legacy key without a lease whose
+/// address does not answer is stale and removed.
+#[tokio::test(flavor = "multi_thread")]
+async fn controller_keeps_go_servers_and_removes_a_dead_legacy_entry() -> Result<()> {
+    let bins = go_bins()?;
+    let etcd = Etcd::start().await?;
+    let ports = [free_port(), free_port(), free_port()];
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let _go = [
+        go_server(&bins, &etcd, ports[0])?,
+        go_server(&bins, &etcd, ports[1])?,
+    ];
+    let _rust = rust_server(&etcd, ports[2], "0s")?;
+    wait_registered(&etcd, &addrs).await?;
+    // What a Go server SIGKILLed long ago would leave if its key had no
+    // lease: a plain value for an address nobody answers on.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let dead_key = format!("/ns/{SERVICE}/{dead}");
+    let mut client = etcd.client().await?;
+    client.put(dead_key.as_str(), dead.as_str(), None).await?;
+
+    let listen = format!("127.0.0.1:{}", free_port());
+    let controller = Proc::spawn(
+        "controller",
+        bin_path("controller"),
+        &[
+            "--listen".into(),
+            listen.clone(),
+            "--etcd-endpoints".into(),
+            etcd.endpoint(),
+            "--probe-interval".into(),
+            "500ms".into(),
+            "--probe-timeout".into(),
+            "500ms".into(),
+            "--dead-after".into(),
+            "3s".into(),
+        ],
+        &[("RUST_LOG", "info")],
+    )?;
+    let url = format!("http://{listen}/services/{SERVICE}");
+    let view = eventually(
+        Duration::from_secs(20),
+        "the controller to probe the three live servers",
+        || {
+            let view = http_get_json(&url);
+            let addrs = &addrs;
+            async move {
+                let view = view?;
+                let members = view["members"].as_array()?;
+                let live = addrs.iter().all(|a| {
+                    members
+                        .iter()
+                        .any(|m| m["addr"] == a.as_str() && m["healthy"] == true)
+                });
+                live.then_some(view)
+            }
+        },
+    )
+    .await
+    .with_context(|| format!("controller log:\n{}", controller.log()))?;
+    let member = |addr: &str| {
+        view["members"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["addr"] == addr).cloned())
+            .unwrap_or_default()
+    };
+    for addr in &addrs[..2] {
+        let m = member(addr);
+        ensure!(
+            m["kind"] == "legacy" && m["weight"] == 100 && m["status"] == "unimplemented",
+            "Go server {addr} seen as {m}"
+        );
+    }
+    let m = member(&addrs[2]);
+    ensure!(
+        m["kind"] == "json" && m["status"] == "serving",
+        "greet-server seen as {m}"
+    );
+
+    eventually(
+        Duration::from_secs(20),
+        "the dead legacy key removed",
+        || {
+            let mut client = client.clone();
+            let key = dead_key.clone();
+            async move {
+                let resp = client.get(key, None).await.ok()?;
+                resp.kvs().is_empty().then_some(())
+            }
+        },
+    )
+    .await
+    .with_context(|| format!("controller log:\n{}", controller.log()))?;
+    for addr in &addrs {
+        let resp = client.get(format!("/ns/{SERVICE}/{addr}"), None).await?;
+        ensure!(
+            resp.count() == 1,
+            "the controller deleted the live {addr}:\n{}",
+            controller.log()
+        );
+    }
+    Ok(())
+}
