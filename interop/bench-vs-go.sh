@@ -179,12 +179,14 @@ med = statistics.median
 def stats(rs):
     return dict(rps=med([r["rps"] for r in rs]), p50=med([r["p50_ms"] for r in rs]), p99=med([r["p99_ms"] for r in rs]),
                 cpu=med([1e6 * (r["client_cpu_s"] + r["servers_cpu_s"]) / max(r["calls"], 1) for r in rs]),
+                ccpu=med([1e6 * r["client_cpu_s"] / max(r["calls"], 1) for r in rs]),
+                scpu=med([1e6 * r["servers_cpu_s"] / max(r["calls"], 1) for r in rs]),
                 errors=sum(r["errors"] for r in rs), n=len(rs))
 def line(name, conc, m):
-    print(f"| {name} | {conc} | {m['n']} | {m['rps']:.0f} | {m['p50']:.3f} | {m['p99']:.3f} | {m['cpu']:.1f} | {m['errors']} |")
-head = "| stack | concurrency | runs | calls/s | p50 ms | p99 ms | CPU µs / call | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+    print(f"| {name} | {conc} | {m['n']} | {m['rps']:.0f} | {m['p50']:.3f} | {m['p99']:.3f} | {m['cpu']:.1f} ({m['ccpu']:.1f} + {m['scpu']:.1f}) | {m['errors']} |")
+head = "| stack | concurrency | runs | calls/s | p50 ms | p99 ms | CPU µs / call (client + servers) | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|"
 print(f"Throughput and latency ({dur} s per run, 3 servers, loopback; medians over runs;")
-print("CPU = client + servers, user + system)")
+print("CPU = user + system time of the client and the 3 servers per call)")
 print()
 print(head)
 for conc in (16, 64):
