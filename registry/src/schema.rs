@@ -348,6 +348,12 @@ pub fn parse_value(addr: &Addr, value: &[u8]) -> Result<Member> {
     let json: Value = match serde_json::from_str(text) {
         Ok(v) => v,
         Err(e) => {
+            // A bracketed IPv6 address (`[fd00::7]:3000`, what an original
+            // Go server on IPv6 writes) starts like JSON but is a legacy
+            // value; so is anything else that is a valid address.
+            if Addr::new(text).is_ok() {
+                return Ok(legacy(addr, text));
+            }
             if text.starts_with('{') || text.starts_with('[') || text.starts_with('"') {
                 // Meant to be JSON, but broken: not a legacy address.
                 return Err(SchemaError::Value(format!("malformed JSON: {e}")));
@@ -559,6 +565,17 @@ mod tests {
         let m = parse_value(&a, b"127.0.0.1:3001").unwrap();
         assert_eq!(m.kind, ValueKind::Legacy);
         assert_eq!(m.problems.len(), 2);
+
+        // An original Go server on IPv6 writes a bracketed plain address.
+        let v6 = addr("[fd00::7]:3000");
+        let m = parse_value(&v6, b"[fd00::7]:3000").unwrap();
+        assert_eq!((m.kind, m.weight), (ValueKind::Legacy, DEFAULT_WEIGHT));
+        assert_eq!(m.problems.len(), 1, "{:?}", m.problems);
+        let m = parse_value(&v6, b"[::1]:3000").unwrap();
+        assert_eq!(m.kind, ValueKind::Legacy);
+        assert_eq!(m.problems.len(), 2, "mismatch reported");
+        // Broken JSON arrays are still invalid, not legacy.
+        assert!(parse_value(&v6, b"[1, 2").is_err());
     }
 
     #[test]
