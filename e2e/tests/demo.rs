@@ -40,14 +40,19 @@ fn port_free(port: u16) -> bool {
 }
 
 /// A base port with base, base+1 and base+2 free, and a free controller port.
+///
+/// Taken below the kernel's ephemeral range (32768-60999), so no outgoing
+/// connection of a parallel test can be using one of them as its source
+/// port, and handed out in distinct blocks within this process.
 fn free_ports() -> (u16, u16) {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let offset = (std::process::id() % 500) as u16 * 20;
     loop {
-        let base = testkit::free_port();
-        if base < 65000 && (1..3).all(|i| port_free(base + i)) {
-            let ctl = testkit::free_port();
-            if !(base..base + 3).contains(&ctl) {
-                return (base, ctl);
-            }
+        let block = NEXT.fetch_add(1, Ordering::SeqCst) % 500;
+        let base = 20_000 + (offset + block * 4) % 10_000;
+        if (0..4).all(|i| port_free(base + i)) {
+            return (base, base + 3);
         }
     }
 }
@@ -151,6 +156,11 @@ impl Demo {
     /// Every port the demo used is free again (nothing left running).
     fn assert_ports_released(&self) {
         for p in [self.base, self.base + 1, self.base + 2, self.ctl] {
+            // A socket can take a moment to be released after its process.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !port_free(p) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
             assert!(port_free(p), "port {p} still taken after the demo exited");
         }
     }
