@@ -24,6 +24,11 @@ use tokio::time::Instant;
 use crate::config::Budget;
 use crate::probe::Outcome;
 
+/// Failed probes in a row after which a lease-less key is stale: two, so a
+/// single lost probe (a blip, a busy host) never deletes a live endpoint
+/// that nothing would put back.
+pub const LEASELESS_FAILURES: u32 = 2;
+
 /// Probe history of one entry.
 #[derive(Debug, Clone, Default)]
 pub struct ProbeState {
@@ -398,7 +403,9 @@ impl Store {
                         continue;
                     }
                     let since = p.failing_since.unwrap_or(now);
-                    let reason = if failing && t.entry.lease == 0 {
+                    let reason = if p.consecutive_failures >= LEASELESS_FAILURES
+                        && t.entry.lease == 0
+                    {
                         Some(Reason::NoLeaseUnreachable)
                     } else if failing && now.saturating_duration_since(since) >= policy.dead_after {
                         Some(Reason::Unreachable)
@@ -811,11 +818,18 @@ mod tests {
     }
 
     #[test]
-    fn lease_less_and_silent_is_stale_at_once() {
+    fn lease_less_and_silent_is_stale_after_two_failures() {
         let store = Store::new();
         let t0 = Instant::now();
         store.apply(Event::Applied(good("s", 1, 0, 1)), t0);
         store.apply(Event::Applied(good("s", 2, 9, 2)), t0);
+        pass(
+            &store,
+            t0,
+            |p| if p == 1 { dead() } else { Outcome::Serving },
+        );
+        let plan = store.plan(&policy(), t0, SystemTime::now());
+        assert!(plan.deletions.is_empty(), "one lost probe is not enough");
         pass(
             &store,
             t0,
@@ -872,6 +886,11 @@ mod tests {
             t0,
             |p| if p == 1 { dead() } else { Outcome::Serving },
         );
+        pass(
+            &store,
+            t0,
+            |p| if p == 1 { dead() } else { Outcome::Serving },
+        );
         // Re-put between probe and plan.
         store.apply(Event::Applied(good("s", 1, 0, 10)), t0);
         assert!(store
@@ -896,7 +915,7 @@ mod tests {
         assert!(plan.deletions.is_empty());
         assert_eq!(plan.tripped.len(), 1);
         assert_eq!(plan.tripped[0].1.dead, 2);
-        assert_eq!(plan.tripped[0].1.withheld, 2);
+        assert_eq!(plan.tripped[0].1.withheld, 0, "not stale yet");
         // Still tripped next pass, but logged once.
         pass(
             &store,
@@ -906,7 +925,8 @@ mod tests {
         let plan = store.plan(&policy(), t0, SystemTime::now());
         assert!(plan.tripped.is_empty() && plan.deletions.is_empty());
         let view = store.view(None, None, t0);
-        assert_eq!(view.services[0].safety_valve.as_ref().unwrap().dead, 2);
+        let valve = view.services[0].safety_valve.clone().unwrap();
+        assert_eq!((valve.dead, valve.withheld), (2, 2));
         // One comes back: 1 of 3 dead, the valve closes and deletion resumes.
         pass(
             &store,
@@ -924,6 +944,7 @@ mod tests {
         let store = Store::new();
         let t0 = Instant::now();
         store.apply(Event::Applied(good("s", 1, 0, 1)), t0);
+        pass(&store, t0, |_| dead());
         pass(&store, t0, |_| dead());
         let plan = store.plan(&policy(), t0, SystemTime::now());
         assert_eq!(plan.deletions.len(), 1);
@@ -951,13 +972,15 @@ mod tests {
                 .collect();
             store.record(results, t, SystemTime::now());
         }
-        pass(&store, t0 + Duration::from_secs(30), |p| {
-            if p <= 5 {
-                dead()
-            } else {
-                Outcome::Serving
-            }
-        });
+        for _ in 0..2 {
+            pass(&store, t0 + Duration::from_secs(30), |p| {
+                if p <= 5 {
+                    dead()
+                } else {
+                    Outcome::Serving
+                }
+            });
+        }
         // "other" (lease-less, dead, alone) has its own budget.
         let plan = store.plan(&policy(), t0 + Duration::from_secs(30), SystemTime::now());
         let s: Vec<&str> = plan

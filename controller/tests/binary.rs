@@ -106,7 +106,7 @@ async fn one_leader(replicas: &[&Replica], limit: Duration) -> Result<usize> {
     .await
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_one_deletes_and_the_other_takes_over_when_it_dies() -> Result<()> {
     let etcd = Etcd::start().await?;
     let client = etcd.client().await?;
@@ -203,7 +203,7 @@ async fn two_replicas_one_deletes_and_the_other_takes_over_when_it_dies() -> Res
 
 /// A leader stopped with SIGTERM resigns: the standby takes over at once,
 /// long before the election TTL would have handed over.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_resigns_and_hands_over_at_once() -> Result<()> {
     let etcd = Etcd::start().await?;
     let ttl = Duration::from_secs(30);
@@ -231,7 +231,7 @@ async fn sigterm_resigns_and_hands_over_at_once() -> Result<()> {
 
 /// Leadership is dropped before the lease can expire when etcd is
 /// unreachable, and won again when it is back.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leadership_is_dropped_when_etcd_is_unreachable() -> Result<()> {
     let mut etcd = Etcd::start().await?;
     let r = Replica::spawn(&etcd, ELECTION_TTL, &[])?;
@@ -267,7 +267,7 @@ async fn leadership_is_dropped_when_etcd_is_unreachable() -> Result<()> {
 /// When etcd hangs (SIGSTOP: connections stay open, nothing answers) the
 /// leader stops claiming leadership before its lease could have expired,
 /// and leads again when etcd resumes.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leadership_is_dropped_before_the_lease_can_expire_when_etcd_hangs() -> Result<()> {
     let etcd = Etcd::start().await?;
     let r = Replica::spawn(&etcd, ELECTION_TTL, &[])?;
@@ -327,7 +327,7 @@ fn etcd_pid(etcd: &Etcd) -> Result<nix::unistd::Pid> {
     Ok(nix::unistd::Pid::from_raw(pids[0]))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_flags_exit_with_code_2_and_a_message() -> Result<()> {
     for args in [
         &["--probe-interval", "soon"][..],
@@ -369,7 +369,7 @@ async fn bad_flags_exit_with_code_2_and_a_message() -> Result<()> {
 }
 
 /// Flags come from the environment too, and JSON logs are JSON.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn env_fallbacks_and_json_logs() -> Result<()> {
     let etcd = Etcd::start().await?;
     let port = free_port();
@@ -408,7 +408,7 @@ async fn env_fallbacks_and_json_logs() -> Result<()> {
 /// The per-pass budget: with `--max-deletions-per-pass 1`, three stale
 /// entries of one service go in three different passes, the rest deferred
 /// and logged; live members of the service are untouched.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_budget_spreads_deletions_over_passes() -> Result<()> {
     let etcd = Etcd::start().await?;
     let client = etcd.client().await?;

@@ -105,7 +105,7 @@ fn assert_member_shape(m: &Value) {
         .is_some_and(|p| p.iter().all(Value::is_string)));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_endpoint_has_its_shape_and_errors_are_json() -> Result<()> {
     let f = fleet().await?;
     let ctl = Ctl::start(&f.etcd, patient()).await?;
@@ -476,7 +476,7 @@ fn parse_prometheus(text: &str) -> Result<HashSet<String>> {
 
 /// `/services/stream` sends the view at once and again on changes, and
 /// ends when the controller shuts down (so shutdown is not held up).
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stream_sends_updates_and_ends_on_shutdown() -> Result<()> {
     let etcd = Etcd::start().await?;
     let client = etcd.client().await?;
@@ -539,7 +539,7 @@ async fn next_event(resp: &mut reqwest::Response, buf: &mut String) -> Result<Va
 /// The page at `/` in headless Chromium shows the members of a running
 /// fleet (their addresses, weights and health in the DOM after the page's
 /// JavaScript ran). Skipped, with a message, where Chromium is missing.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_the_fleet_in_headless_chromium() -> Result<()> {
     let chromium = std::path::Path::new("/usr/bin/chromium");
     if !chromium.exists() {
@@ -616,7 +616,7 @@ async fn the_page_shows_the_fleet_in_headless_chromium() -> Result<()> {
 
 /// The controller keeps serving its last view while etcd is down, says so
 /// in /readyz and the metrics, and recovers when etcd returns.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_down_keeps_the_view_and_turns_readyz_red() -> Result<()> {
     let mut etcd = Etcd::start().await?;
     let client = etcd.client().await?;

@@ -15,7 +15,7 @@ use testkit::{free_port, Etcd};
 /// Point 1: a lease-less key for an address where nothing listens goes
 /// within --dead-after + one probe interval; a live lease-less legacy entry
 /// (a server without a health service: UNIMPLEMENTED) is kept.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_less_dead_key_goes_live_legacy_entry_stays() -> Result<()> {
     let etcd = Etcd::start().await?;
     let client = etcd.client().await?;
@@ -82,7 +82,7 @@ async fn lease_less_dead_key_goes_live_legacy_entry_stays() -> Result<()> {
 /// Point 2: a SIGSTOPped greet-server (lease far longer than the test) is
 /// removed after --dead-after, not before; after SIGCONT it re-registers and
 /// shows healthy again.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_server_is_removed_and_comes_back_after_sigcont() -> Result<()> {
     let etcd = Etcd::start().await?;
     let client = etcd.client().await?;
@@ -155,7 +155,7 @@ async fn a_stopped_server_is_removed_and_comes_back_after_sigcont() -> Result<()
 /// Point 3: the compare-on-mod_revision guard, directly: a key re-put after
 /// the revision the decision was based on survives; the current revision
 /// is deleted; a deposed leader deletes nothing.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mod_revision_guard_keeps_a_rewritten_key() -> Result<()> {
     let etcd = Etcd::start().await?;
     let mut client = etcd.client().await?;
@@ -202,7 +202,7 @@ async fn the_mod_revision_guard_keeps_a_rewritten_key() -> Result<()> {
 /// Point 4: two of three servers stop at once: the safety valve holds,
 /// nothing is deleted, the view and the metrics say why; when they resume
 /// the valve closes.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn safety_valve_holds_when_most_of_a_service_looks_dead() -> Result<()> {
     let etcd = Etcd::start().await?;
     let client = etcd.client().await?;
@@ -301,7 +301,7 @@ async fn safety_valve_holds_when_most_of_a_service_looks_dead() -> Result<()> {
 
 /// An invalid value is reported at once and deleted only after
 /// --dead-after; one bad entry does not hide the good ones.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_value_is_reported_then_deleted_after_dead_after() -> Result<()> {
     let etcd = Etcd::start().await?;
     let client = etcd.client().await?;
@@ -367,7 +367,7 @@ async fn eventually_leader(ctl: &Ctl) -> Result<()> {
 /// etcd restarted with its data, then wiped: the servers come back by
 /// themselves, the controller deletes none of them, and afterwards it
 /// leads and reconciles again (a stale key put after the wipe goes).
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_restarts_delete_nothing_that_should_stay() -> Result<()> {
     let mut etcd = Etcd::start().await?;
     let ports = [free_port(), free_port(), free_port()];
