@@ -94,7 +94,14 @@ where
 
 fn balancer(addrs: &[Addr]) -> Balancer {
     let b = Balancer::new(BalancerConfig {
-        retry: RetryPolicy::greet(),
+        retry: if std::env::var_os("BENCH_NO_PER_TRY").is_some() {
+            RetryPolicy {
+                per_try_timeout: None,
+                ..RetryPolicy::greet()
+            }
+        } else {
+            RetryPolicy::greet()
+        },
         ..BalancerConfig::new("greet_service")
     });
     for a in addrs {
