@@ -1,9 +1,11 @@
 //! greet-bench: the performance targets of DESIGN.md, measured side by side.
 //!
 //! `cargo run --release -p greet-bench -- all` starts its own etcd and
-//! servers on loopback and prints one table per scenario (`--json` for
+//! servers on loopback (scenario 6 runs the controller's own bench through
+//! cargo) and prints one table per scenario (`--json` for
 //! scripts). Benchmarks print numbers; they never pass or fail.
 
+mod controller_view;
 mod fleet;
 mod overhead;
 mod propagation;
@@ -39,6 +41,8 @@ enum Scenario {
     Failover,
     /// 5: 10,000 endpoints.
     Scale,
+    /// 6: the controller's GET /services at 1,000 and 10,000 members.
+    Controller,
     /// 7: one server's throughput, idle CPU, memory.
     Server,
     /// Everything above.
@@ -73,6 +77,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if want(Scenario::Scale) {
         emit(propagation::scale(10_000).await?);
+    }
+    if want(Scenario::Controller) {
+        emit(controller_view::run(args.secs.max(5.0))?);
     }
     if want(Scenario::Server) {
         emit(fleet::server_side(args.secs).await?);
