@@ -77,6 +77,8 @@ pub struct Args {
     pub log_format: LogFormat,
     #[command(flatten)]
     pub etcd: EtcdArgs,
+    #[command(flatten)]
+    pub tls: registry::grpc_tls::ClientTlsArgs,
 }
 
 /// The per-pass deletion budget of one service.
@@ -169,6 +171,8 @@ pub struct Config {
     pub probe_concurrency: usize,
     /// Bound of a graceful shutdown.
     pub shutdown_timeout: Duration,
+    /// Probe servers over TLS verified with this configuration.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Config {
@@ -185,6 +189,7 @@ impl Config {
             election_ttl: Duration::from_secs(10),
             probe_concurrency: 64,
             shutdown_timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -223,6 +228,7 @@ impl Args {
             election_ttl: self.election_ttl,
             probe_concurrency: self.probe_concurrency as usize,
             shutdown_timeout: self.shutdown_timeout,
+            tls: self.tls.resolve()?,
         })
     }
 }

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use registry::schema::Addr;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -95,14 +95,17 @@ pub fn classify_status(status: &tonic::Status) -> Outcome {
 #[derive(Debug)]
 pub struct Prober {
     timeout: Duration,
+    tls: Option<tonic::transport::ClientTlsConfig>,
     channels: Mutex<HashMap<Addr, Channel>>,
 }
 
 impl Prober {
-    /// A prober whose checks each take at most `timeout`.
-    pub fn new(timeout: Duration) -> Self {
+    /// A prober whose checks each take at most `timeout`; over TLS when
+    /// `tls` is set (servers started with `--tls-cert`).
+    pub fn new(timeout: Duration, tls: Option<tonic::transport::ClientTlsConfig>) -> Self {
         Self {
             timeout,
+            tls,
             channels: Mutex::new(HashMap::new()),
         }
     }
@@ -112,7 +115,7 @@ impl Prober {
         if let Some(ch) = channels.get(addr) {
             return Ok(ch.clone());
         }
-        let endpoint = Endpoint::from_shared(addr.uri())
+        let endpoint = registry::grpc_tls::endpoint(addr, self.tls.as_ref())
             .map_err(|e| format!("bad endpoint URI: {e}"))?
             .connect_timeout(self.timeout)
             .timeout(self.timeout)
@@ -196,7 +199,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let prober = Prober::new(Duration::from_secs(1));
+        let prober = Prober::new(Duration::from_secs(1), None);
         let out = prober
             .probe(&Addr::new(&format!("127.0.0.1:{port}")).unwrap())
             .await;
@@ -209,7 +212,7 @@ mod tests {
         // SIGSTOPped process.
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = Addr::from_socket(l.local_addr().unwrap());
-        let prober = Prober::new(Duration::from_millis(300));
+        let prober = Prober::new(Duration::from_millis(300), None);
         let out = prober.probe(&addr).await;
         assert!(!out.is_alive(), "{out:?}");
         drop(l);

@@ -128,7 +128,7 @@ impl Reconciler {
         leader: watch::Receiver<LeaderState>,
     ) -> Self {
         Self {
-            prober: Prober::new(cfg.probe_timeout),
+            prober: Prober::new(cfg.probe_timeout, cfg.tls.clone()),
             cfg,
             etcd,
             client: None,

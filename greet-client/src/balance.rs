@@ -54,6 +54,8 @@ pub struct BalancerConfig {
     pub connect_timeout: Duration,
     /// Connect to new endpoints at once (true) or on their first call.
     pub eager_connect: bool,
+    /// Dial servers over TLS verified with this configuration.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl BalancerConfig {
@@ -65,6 +67,7 @@ impl BalancerConfig {
             slow_start: None,
             connect_timeout: Duration::from_secs(1),
             eager_connect: true,
+            tls: None,
         }
     }
 }
@@ -242,11 +245,13 @@ impl Balancer {
     }
 
     fn endpoint(&self, addr: &Addr) -> Result<Endpoint, tonic::transport::Error> {
-        Ok(Endpoint::from_shared(addr.uri())?
-            .connect_timeout(self.inner.cfg.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5)))
+        Ok(
+            registry::grpc_tls::endpoint(addr, self.inner.cfg.tls.as_ref())?
+                .connect_timeout(self.inner.cfg.connect_timeout)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5)),
+        )
     }
 
     /// Picks an endpoint, or says why none can take a call.

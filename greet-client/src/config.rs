@@ -64,6 +64,8 @@ pub struct Common {
     pub log_format: LogFormat,
     #[command(flatten)]
     pub etcd: EtcdArgs,
+    #[command(flatten)]
+    pub tls: registry::grpc_tls::ClientTlsArgs,
 }
 
 /// Modes.

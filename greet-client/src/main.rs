@@ -24,6 +24,14 @@ async fn main() -> anyhow::Result<()> {
         }
     };
 
+    let tls = match common.tls.resolve() {
+        Ok(tls) => tls,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+
     let cancel = CancellationToken::new();
     let balancer = Balancer::new(BalancerConfig {
         retry: RetryPolicy {
@@ -31,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
             ..RetryPolicy::greet()
         },
         slow_start: common.slow_start,
+        tls,
         ..BalancerConfig::new(common.service.as_str())
     });
     let discovery = Discovery::spawn(

@@ -58,6 +58,8 @@ pub struct Args {
     pub log_format: LogFormat,
     #[command(flatten)]
     pub etcd: EtcdArgs,
+    #[command(flatten)]
+    pub tls: registry::grpc_tls::ServerTlsArgs,
 }
 
 fn parse_addr(s: &str) -> Result<Addr, String> {
@@ -100,6 +102,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Simulated work per call.
     pub latency: Duration,
+    /// gRPC over TLS with this identity, when set.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl Args {
@@ -125,6 +129,7 @@ impl Args {
             drain: self.drain,
             shutdown_timeout: self.shutdown_timeout,
             latency: self.latency,
+            tls: self.tls.resolve()?,
         })
     }
 }

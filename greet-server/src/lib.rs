@@ -86,7 +86,11 @@ pub async fn run(
 
         let stop_accepting = CancellationToken::new();
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = cfg.tls.clone() {
+            builder = builder.tls_config(tls)?;
+        }
+        let server = builder
             .add_service(health_service)
             .add_service(GreetServer::new(
                 GreetService::new(advertise.to_string()).with_latency(cfg.latency),

@@ -10,6 +10,7 @@
 
 pub mod backoff;
 pub mod etcd;
+pub mod grpc_tls;
 pub mod logging;
 pub mod registrar;
 pub mod schema;
