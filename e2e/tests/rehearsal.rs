@@ -574,7 +574,9 @@ async fn manifests_rehearsed_in_network_namespaces() -> Result<()> {
         let c = cut_addr.clone();
         async move {
             let got = listed(&body?);
-            (!got.contains(&c)).then_some(got)
+            // An empty list is a failed or unready read, not the answer:
+            // wait for a view that still holds the two other pods.
+            (got.len() == 2 && !got.contains(&c)).then_some(got)
         }
     })
     .await
