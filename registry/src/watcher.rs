@@ -125,6 +125,11 @@ pub struct WatcherConfig {
     /// How often to ask etcd for a progress notice (etcd's own are rare), so
     /// a quiet prefix still proves the stream alive.
     pub progress_interval: Duration,
+    /// After etcd comes back wiped or restored, how long a key missing from
+    /// the new list is kept before it is reported removed: its server is
+    /// re-registering right now, and a client must not empty its endpoint
+    /// set in the meantime (static stability).
+    pub wipe_grace: Duration,
 }
 
 impl WatcherConfig {
@@ -134,6 +139,7 @@ impl WatcherConfig {
             root: root.to_owned(),
             prefix: schema::service_prefix(root, service),
             progress_interval: Duration::from_secs(2),
+            wipe_grace: Duration::from_secs(10),
         }
     }
 
@@ -143,6 +149,7 @@ impl WatcherConfig {
             root: root.to_owned(),
             prefix: root.to_owned(),
             progress_interval: Duration::from_secs(2),
+            wipe_grace: Duration::from_secs(10),
         }
     }
 }
@@ -176,6 +183,9 @@ pub struct Watcher {
     failing: bool,
     next_progress: Instant,
     warns: WarnLimiter,
+    /// Keys missing after a relist of a wiped etcd, with the moment they
+    /// will be reported removed unless they come back first.
+    deferred: BTreeMap<String, (Entry, Instant)>,
 }
 
 impl Watcher {
@@ -204,6 +214,7 @@ impl Watcher {
             failing: false,
             next_progress: Instant::now(),
             warns: WarnLimiter::new(),
+            deferred: BTreeMap::new(),
         }
     }
 
@@ -271,6 +282,7 @@ impl Watcher {
             return self.connect().await;
         };
         let progress_at = self.next_progress;
+        let grace_ends = self.deferred.values().map(|(_, at)| *at).min();
         tokio::select! {
             msg = stream.message() => {
                 let resp = msg?.ok_or(WatchError::Ended)?;
@@ -278,7 +290,7 @@ impl Watcher {
                     info!(prefix = %self.cfg.prefix, compact_revision = resp.compact_revision(),
                           "watch fell behind compaction; relisting");
                     self.stream = None;
-                    self.relist().await?;
+                    self.relist(false).await?;
                     return self.start_watch().await;
                 }
                 if resp.canceled() {
@@ -290,6 +302,7 @@ impl Watcher {
                         EventType::Put => {
                             let entry = Entry::from_kv(&self.cfg.root, kv);
                             self.warns.entry(&entry);
+                            self.deferred.remove(&entry.key);
                             self.map.insert(entry.key.clone(), entry.clone());
                             self.pending.push_back(Event::Applied(entry));
                         }
@@ -310,6 +323,21 @@ impl Watcher {
                     s.entries = entries;
                     s.last_contact = Some(Instant::now());
                 });
+                Ok(())
+            }
+            () = tokio::time::sleep_until(grace_ends.unwrap_or(progress_at)), if grace_ends.is_some() => {
+                let now = Instant::now();
+                let expired: Vec<String> = self
+                    .deferred
+                    .iter()
+                    .filter(|(_, (_, at))| *at <= now)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for key in expired {
+                    if let Some((entry, _)) = self.deferred.remove(&key) {
+                        self.pending.push_back(Event::Removed(entry));
+                    }
+                }
                 Ok(())
             }
             () = tokio::time::sleep_until(progress_at) => {
@@ -340,9 +368,10 @@ impl Watcher {
         if !synced || cluster != self.cluster_id || rev < self.revision {
             if synced {
                 info!(prefix = %self.cfg.prefix, seen = self.revision, now = rev,
-                      "etcd has a different history (wiped or restored); relisting");
+                      grace = ?self.cfg.wipe_grace,
+                      "etcd has a different history (wiped or restored); relisting, keeping missing keys for the grace period");
             }
-            self.relist().await?;
+            self.relist(synced).await?;
         }
         self.start_watch().await
     }
@@ -358,7 +387,7 @@ impl Watcher {
         let created = bounded(stream.message()).await?.ok_or(WatchError::Ended)?;
         if created.compact_revision() > 0 {
             info!(prefix = %self.cfg.prefix, "resume revision compacted; relisting");
-            self.relist().await?;
+            self.relist(false).await?;
             return Box::pin(self.start_watch()).await;
         }
         if created.canceled() {
@@ -380,7 +409,11 @@ impl Watcher {
 
     /// Lists the prefix in pages at one revision, swaps the new map in and
     /// queues the difference, then [`Event::Synced`].
-    async fn relist(&mut self) -> Result<(), WatchError> {
+    ///
+    /// With `grace` (etcd came back with another history), keys missing
+    /// from the new list are reported removed only after
+    /// [`WatcherConfig::wipe_grace`], unless they come back first.
+    async fn relist(&mut self, grace: bool) -> Result<(), WatchError> {
         let client = self.client.as_mut().expect("connected before listing");
         let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
         let end = prefix_end(self.cfg.prefix.as_bytes());
@@ -422,9 +455,17 @@ impl Watcher {
             }
         }
         self.warns.flush();
+        for key in fresh.keys() {
+            self.deferred.remove(key);
+        }
+        let grace_until = Instant::now() + self.cfg.wipe_grace;
         for (key, entry) in old {
             if !fresh.contains_key(&key) {
-                self.pending.push_back(Event::Removed(entry));
+                if grace {
+                    self.deferred.insert(key, (entry, grace_until));
+                } else {
+                    self.pending.push_back(Event::Removed(entry));
+                }
             }
         }
         self.map = fresh;

@@ -227,9 +227,15 @@ async fn relists_when_etcd_comes_back_wiped() -> Result<()> {
         )
         .await?;
     }
-    let mut w = Watcher::new(EtcdConfig::plain([etcd.endpoint()]), svc_cfg());
+    let grace = Duration::from_secs(2);
+    let cfg = WatcherConfig {
+        wipe_grace: grace,
+        ..svc_cfg()
+    };
+    let mut w = Watcher::new(EtcdConfig::plain([etcd.endpoint()]), cfg);
     let mut view = View::default();
-    until(&mut w, &mut view, "initial list", |v| v.0.len() == 5).await?;
+    sync(&mut w, &mut view).await?;
+    assert_eq!(view.0.len(), 5);
 
     etcd.restart(true).await?;
     let mut c = etcd.client().await?;
@@ -240,9 +246,31 @@ async fn relists_when_etcd_comes_back_wiped() -> Result<()> {
         Some(PutOptions::new().with_lease(lease)),
     )
     .await?;
-    until(&mut w, &mut view, "the wiped etcd's view", |v| {
-        v.0.len() == 1 && v.0.contains_key("/ns/a/127.0.0.1:9")
-    })
+    // The relist of the wiped etcd keeps the keys it no longer has for the
+    // grace period (their servers are re-registering): never an empty view.
+    let relisted = std::time::Instant::now();
+    sync(&mut w, &mut view).await?;
+    assert!(
+        view.0.len() >= 5,
+        "old keys kept during the grace: {:?}",
+        view.0
+    );
+    // One of them comes back within the grace: it stays, the others go.
+    c.put("/ns/a/127.0.0.1:1", "127.0.0.1:1", None).await?;
+    until(
+        &mut w,
+        &mut view,
+        "the wiped etcd's view after the grace",
+        |v| {
+            v.0.len() == 2
+                && v.0.contains_key("/ns/a/127.0.0.1:9")
+                && v.0.contains_key("/ns/a/127.0.0.1:1")
+        },
+    )
     .await?;
+    assert!(
+        relisted.elapsed() >= grace - Duration::from_millis(200),
+        "removals waited for the grace"
+    );
     Ok(())
 }
