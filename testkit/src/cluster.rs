@@ -6,13 +6,13 @@
 //! status, as an operator would with `etcdctl endpoint status`.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use etcd_client::Client;
 
-use crate::{etcd_binary, free_port};
+use crate::{etcd_command, free_port};
 
 struct Member {
     name: String,
@@ -119,21 +119,7 @@ impl Cluster {
         let m = &mut self.members[i];
         let client = format!("http://127.0.0.1:{}", m.client_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let child = Command::new(etcd_binary())
-            .arg("--name")
-            .arg(&m.name)
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("--listen-client-urls")
-            .arg(&client)
-            .arg("--advertise-client-urls")
-            .arg(&client)
-            .arg("--listen-peer-urls")
-            .arg(&peer)
-            .arg("--initial-advertise-peer-urls")
-            .arg(&peer)
-            .arg("--initial-cluster")
-            .arg(initial_cluster)
+        let child = etcd_command(&m.name, &data_dir, &client, &peer, &initial_cluster, &log)?
             .arg("--initial-cluster-state")
             .arg("new")
             .arg("--initial-cluster-token")
@@ -143,13 +129,6 @@ impl Cluster {
             .arg("100")
             .arg("--election-timeout")
             .arg("1000")
-            .arg("--logger")
-            .arg("zap")
-            .arg("--log-outputs")
-            .arg("stderr")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
             .spawn()
             .context("starting etcd (is Debian's etcd-server installed?)")?;
         m.child = Some(child);

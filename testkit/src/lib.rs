@@ -77,30 +77,16 @@ impl Etcd {
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let child = Command::new(etcd_binary())
-            .arg("--name")
-            .arg(&self.name)
-            .arg("--data-dir")
-            .arg(self.data_dir())
-            .arg("--listen-client-urls")
-            .arg(&client)
-            .arg("--advertise-client-urls")
-            .arg(&client)
-            .arg("--listen-peer-urls")
-            .arg(&peer)
-            .arg("--initial-advertise-peer-urls")
-            .arg(&peer)
-            .arg("--initial-cluster")
-            .arg(format!("{}={peer}", self.name))
-            .arg("--logger")
-            .arg("zap")
-            .arg("--log-outputs")
-            .arg("stderr")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting etcd (is Debian's etcd-server installed? .ci/setup installs it)")?;
+        let child = etcd_command(
+            &self.name,
+            &self.data_dir(),
+            &client,
+            &peer,
+            &format!("{}={peer}", self.name),
+            &log,
+        )?
+        .spawn()
+        .context("starting etcd (is Debian's etcd-server installed? .ci/setup installs it)")?;
         self.child = Some(child);
         Ok(())
     }
@@ -163,7 +149,43 @@ impl Drop for Etcd {
     }
 }
 
-pub(crate) fn etcd_binary() -> PathBuf {
+/// The etcd command line every helper here shares: one member named
+/// `name`, client and peer URLs, the initial cluster, zap logs to `log`.
+/// Callers add their own flags (TLS, cluster tuning) and spawn it.
+pub(crate) fn etcd_command(
+    name: &str,
+    data_dir: &Path,
+    client_url: &str,
+    peer_url: &str,
+    initial_cluster: &str,
+    log: &std::fs::File,
+) -> Result<Command> {
+    let mut cmd = Command::new(etcd_binary());
+    cmd.arg("--name")
+        .arg(name)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--listen-client-urls")
+        .arg(client_url)
+        .arg("--advertise-client-urls")
+        .arg(client_url)
+        .arg("--listen-peer-urls")
+        .arg(peer_url)
+        .arg("--initial-advertise-peer-urls")
+        .arg(peer_url)
+        .arg("--initial-cluster")
+        .arg(initial_cluster)
+        .arg("--logger")
+        .arg("zap")
+        .arg("--log-outputs")
+        .arg("stderr")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log.try_clone()?);
+    Ok(cmd)
+}
+
+fn etcd_binary() -> PathBuf {
     std::env::var_os("ETCD_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("etcd"))

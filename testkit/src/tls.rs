@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 
-use crate::{etcd_binary, free_port};
+use crate::{etcd_command, free_port};
 
 /// A certificate and its private key, PEM files.
 #[derive(Debug, Clone)]
@@ -233,37 +233,23 @@ impl SecureEtcd {
         let peer = format!("http://127.0.0.1:{peer_port}");
         let log_path = dir.path().join("etcd.log");
         let log = std::fs::File::create(&log_path)?;
-        let child = Command::new(etcd_binary())
-            .arg("--name")
-            .arg("secure")
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--listen-client-urls")
-            .arg(&client)
-            .arg("--advertise-client-urls")
-            .arg(&client)
-            .arg("--listen-peer-urls")
-            .arg(&peer)
-            .arg("--initial-advertise-peer-urls")
-            .arg(&peer)
-            .arg("--initial-cluster")
-            .arg(format!("secure={peer}"))
-            .arg("--cert-file")
-            .arg(&server.cert)
-            .arg("--key-file")
-            .arg(&server.key)
-            .arg("--trusted-ca-file")
-            .arg(&pki.ca)
-            .arg("--client-cert-auth")
-            .arg("--logger")
-            .arg("zap")
-            .arg("--log-outputs")
-            .arg("stderr")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting etcd")?;
+        let child = etcd_command(
+            "secure",
+            &dir.path().join("data"),
+            &client,
+            &peer,
+            &format!("secure={peer}"),
+            &log,
+        )?
+        .arg("--cert-file")
+        .arg(&server.cert)
+        .arg("--key-file")
+        .arg(&server.key)
+        .arg("--trusted-ca-file")
+        .arg(&pki.ca)
+        .arg("--client-cert-auth")
+        .spawn()
+        .context("starting etcd")?;
         let mut etcd = Self {
             child: Some(child),
             dir,
