@@ -543,7 +543,7 @@ async fn manifests_rehearsed_in_network_namespaces() -> Result<()> {
         "bench: {}",
         b.log()
     );
-    let report = json_of(&b.log())?;
+    let report = json_of(&b.stdout())?;
     assert_eq!(report["errors"], 0, "{report}");
     let shares = report["endpoints"].as_array().context("endpoints")?;
     eprintln!("client shares: {}", serde_json::to_string(shares)?);
@@ -623,7 +623,7 @@ async fn manifests_rehearsed_in_network_namespaces() -> Result<()> {
         "bench: {}",
         b.log()
     );
-    let report = json_of(&b.log())?;
+    let report = json_of(&b.stdout())?;
     assert_eq!(report["errors"], 0, "a drained pod costs no call: {report}");
     eprintln!("{} calls while a pod drained, 0 failed", report["calls"]);
     let victim_addr = format!("{}:3000", victim.ip);

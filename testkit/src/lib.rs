@@ -219,10 +219,15 @@ pub fn bin_path(name: &str) -> PathBuf {
 }
 
 /// A child process killed (SIGKILL) on drop; its output goes to a log file
-/// that is printed by [`Proc::log`] for failing tests.
+/// that is printed by [`Proc::log`] for failing tests. Standard output is
+/// also kept on its own ([`Proc::stdout`]), so a report printed there can be
+/// parsed without log lines written to stderr at the same moment landing in
+/// the middle of it.
 pub struct Proc {
     child: Option<Child>,
     log: PathBuf,
+    stdout: PathBuf,
+    copier: Option<std::thread::JoinHandle<()>>,
     _dir: tempfile::TempDir,
     /// Name for messages.
     pub name: String,
@@ -238,22 +243,30 @@ impl Proc {
     ) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("testkit-proc").tempdir()?;
         let log = dir.path().join("out.log");
+        let stdout = dir.path().join("stdout.log");
         let file = std::fs::File::create(&log)?;
         let mut cmd = Command::new(program.as_ref());
         cmd.args(args)
             .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
+            .stdout(Stdio::piped())
+            .stderr(file.try_clone()?)
             .env_remove("ETCD_ENDPOINTS");
         for (k, v) in envs {
             cmd.env(k, v);
         }
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .with_context(|| format!("spawning {}", program.as_ref().display()))?;
+        let copier = child
+            .stdout
+            .take()
+            .map(|out| copy_stdout(out, file, std::fs::File::create(&stdout)?))
+            .transpose()?;
         Ok(Self {
             child: Some(child),
             log,
+            stdout,
+            copier,
             _dir: dir,
             name: name.to_owned(),
         })
@@ -269,9 +282,15 @@ impl Proc {
         kill(self.pid(), sig).with_context(|| format!("signalling {}", self.name))
     }
 
-    /// Everything the process wrote so far.
+    /// Everything the process wrote so far, stdout and stderr interleaved.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// What the process wrote to stdout alone (complete once
+    /// [`Proc::wait_exit`] has returned).
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
     }
 
     /// Waits up to `limit` for exit; returns the exit code (None if killed
@@ -282,6 +301,7 @@ impl Proc {
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
                     self.child = None;
+                    self.finish_copy().await;
                     return Ok(status.code());
                 }
             } else {
@@ -295,6 +315,21 @@ impl Proc {
                 );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (briefly: a grandchild may hold the pipe open) until the
+    /// output copier has reached the end of the child's stdout.
+    async fn finish_copy(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.copier.as_ref().is_some_and(|c| !c.is_finished()) {
+            if Instant::now() > deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if let Some(c) = self.copier.take() {
+            let _ = c.join();
         }
     }
 
@@ -318,6 +353,25 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Copies a child's stdout into both the combined log and its own file, on
+/// a thread that ends when the pipe closes.
+fn copy_stdout(
+    mut from: std::process::ChildStdout,
+    mut log: std::fs::File,
+    mut own: std::fs::File,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    use std::io::{Read, Write};
+    std::thread::Builder::new()
+        .name("proc-stdout".to_owned())
+        .spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n @ 1..) = from.read(&mut buf) {
+                let _ = log.write_all(&buf[..n]);
+                let _ = own.write_all(&buf[..n]);
+            }
+        })
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, or fails after

@@ -108,11 +108,13 @@ pub fn controller(endpoints: &str, port: u16, dead_after: &str) -> Result<Proc> 
 /// Waits for a load run to end and parses its JSON report.
 pub async fn report(p: &mut Proc, limit: Duration) -> Result<Value> {
     let code = p.wait_exit(limit).await?;
-    let log = p.log();
-    ensure!(code == Some(0), "client failed ({code:?}):\n{log}");
-    let start = log.find("{\n").context("no JSON report")?;
-    let end = log.rfind("\n}").context("no JSON report end")?;
-    serde_json::from_str(&log[start..end + 2]).with_context(|| log.clone())
+    ensure!(code == Some(0), "client failed ({code:?}):\n{}", p.log());
+    let out = p.stdout();
+    let start = out
+        .find("{\n")
+        .with_context(|| format!("no JSON report:\n{}", p.log()))?;
+    let end = out.rfind("\n}").context("no JSON report end")?;
+    serde_json::from_str(&out[start..end + 2]).with_context(|| out.clone())
 }
 
 /// Calls the report credits to `addr`.
