@@ -504,25 +504,15 @@ impl Balancer {
     }
 }
 
-/// Proves a fresh connection reaches a gRPC server: any gRPC-level answer
-/// to a health check (SERVING, NOT_SERVING, even UNIMPLEMENTED from a server
-/// without the health service, as the original Go servers are) counts. A
-/// TCP connection alone does not: a half-dead peer can accept and close.
+/// Proves a fresh connection reaches a gRPC server with
+/// [`registry::health`]'s rule: any gRPC-level answer to a health check
+/// (even UNIMPLEMENTED from a server without the health service, as the
+/// original Go servers are) counts; a TCP connection alone, or an answer
+/// that is not gRPC, does not.
 async fn probe(channel: Channel, limit: Duration) -> Result<Channel, String> {
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-    let mut req = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
-        service: String::new(),
-    });
-    req.set_timeout(limit);
-    match tokio::time::timeout(limit, health.check(req)).await {
-        Err(_) => Err("health check timed out".to_owned()),
-        Ok(Ok(_)) => Ok(channel),
-        Ok(Err(status)) => match status.code() {
-            Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled => {
-                Err(format!("health check: {status}"))
-            }
-            _ => Ok(channel),
-        },
+    match registry::health::check(channel.clone(), limit).await {
+        registry::health::Outcome::Failed(why) => Err(format!("health check: {why}")),
+        _ => Ok(channel),
     }
 }
 

@@ -4,6 +4,7 @@
 //! - [`etcd`]: how to reach etcd (endpoints, TLS, auth);
 //! - [`registrar`]: keeping one endpoint registered on a lease;
 //! - [`watcher`]: the list+watch reflector of a prefix, as events;
+//! - [`health`]: whether an address answers gRPC (balancer and controller);
 //! - [`backoff`]: the jittered exponential backoff of every reconnecting loop.
 
 #![forbid(unsafe_code)]
@@ -11,6 +12,7 @@
 pub mod backoff;
 pub mod etcd;
 pub mod grpc_tls;
+pub mod health;
 pub mod logging;
 pub mod registrar;
 pub mod schema;

@@ -48,6 +48,14 @@ async fn servers_clients_and_probes_speak_tls() -> Result<()> {
             "{extra:?}: every call refused: {r:#}"
         );
         assert!(r["calls"].as_u64().unwrap_or(0) > 0);
+        // Its health checks fail too: a server that cannot be spoken to
+        // never comes back into rotation (an error made up by the client's
+        // own transport once counted as an answer).
+        assert!(
+            !p.log().contains("endpoint reachable again"),
+            "{extra:?}: {}",
+            p.log()
+        );
     }
 
     // The controller probes over TLS and sees both healthy; nothing deleted.
