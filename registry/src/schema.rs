@@ -16,6 +16,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -103,10 +104,17 @@ impl FromStr for ServiceName {
 /// A validated endpoint address, `host:port`: an IPv4 address, a bracketed
 /// IPv6 address or a DNS name, and a port in 1..=65535. It is an endpoint's
 /// identity, so it is kept exactly as written (no normalisation that could
-/// make two processes disagree about which key is theirs).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
-pub struct Addr(String);
+/// make two processes disagree about which key is theirs). Shared, not
+/// owned: the balancer clones the picked address on every call, so a clone
+/// is a reference count, not an allocation.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Addr(Arc<str>);
+
+impl Serialize for Addr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
 
 impl Addr {
     /// Validates `addr`.
@@ -128,7 +136,7 @@ impl Addr {
                     return Err(err("IPv6 zone not allowed"));
                 }
             }
-            return Ok(Self(addr.to_owned()));
+            return Ok(Self(addr.into()));
         }
         let (host, port) = addr.rsplit_once(':').ok_or_else(|| err("missing :port"))?;
         if host.starts_with('[') {
@@ -144,12 +152,12 @@ impl Addr {
         if host.parse::<IpAddr>().is_ok() {
             // Parsed as IP but not as a socket address: cannot happen for v4,
             // but keep the branch total.
-            return Ok(Self(addr.to_owned()));
+            return Ok(Self(addr.into()));
         }
         if !valid_dns_name(host) {
             return Err(err("bad host name"));
         }
-        Ok(Self(addr.to_owned()))
+        Ok(Self(addr.into()))
     }
 
     /// The address as written in keys and dialled by clients.
@@ -159,7 +167,7 @@ impl Addr {
 
     /// Builds an address from a socket address, bracketing IPv6.
     pub fn from_socket(sa: SocketAddr) -> Self {
-        Self(sa.to_string())
+        Self(sa.to_string().into())
     }
 
     /// `http://<addr>`, the URI a gRPC channel dials.
