@@ -69,8 +69,13 @@ struct Demo {
 impl Demo {
     fn start(args: &[&str], envs: &[(&str, &str)], base: u16, ctl: u16) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("e2e-demo").tempdir()?;
-        let mut cmd = Command::new("bash");
-        cmd.arg(repo_root().join("scripts/demo.sh"))
+        // `env --default-signal`: a shell started in the background without
+        // job control (`cmd &` in a script) passes SIGINT on as ignored, and
+        // bash cannot trap a signal ignored at its start, so the Ctrl-C test
+        // would fail for the way it was launched, not for the demo.
+        let mut cmd = Command::new("env");
+        cmd.args(["--default-signal=INT,TERM", "bash"])
+            .arg(repo_root().join("scripts/demo.sh"))
             .args(["--base-port", &base.to_string()])
             .args(["--controller-port", &ctl.to_string()])
             .args(args)
