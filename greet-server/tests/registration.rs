@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use etcd_client::{Client, GetOptions};
+use etcd_client::Client;
 use greet_proto::{GreetClient, GreetRequest};
 use nix::sys::signal::Signal;
 use serde_json::Value;
