@@ -12,8 +12,11 @@
 //! - A call that was never sent is retried on another endpoint, always; a
 //!   call lost after sending is retried when its method is retryable, within
 //!   its `grpc-timeout`. Request bodies are buffered so they can be replayed:
-//!   this balancer is for unary calls. Responses stream through untouched;
-//!   a server's refusal (a trailers-only `UNAVAILABLE`) is retried too.
+//!   this balancer is for unary calls. A retryable call's response is read
+//!   to its end before it is handed on, so a server that dies mid-response
+//!   costs a retry too (gRPC itself commits at the headers); other responses
+//!   stream through untouched. A server's refusal (`UNAVAILABLE`, in the
+//!   headers or the trailers) is retried too.
 //! - With nothing usable, calls fail at once with `UNAVAILABLE` and a
 //!   message that says why (none registered, all draining, all unreachable).
 
@@ -25,7 +28,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::HeaderMap;
-use http_body_util::{BodyExt, Full};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, StreamBody};
 use registry::backoff::Backoff;
 use registry::schema::Addr;
 use tokio::time::Instant;
@@ -443,9 +447,20 @@ impl Balancer {
             let attempt_limit = policy.per_try_timeout.filter(|_| retryable).map(|t| {
                 deadline.map_or(t, |d| t.min(d.saturating_duration_since(Instant::now())))
             });
+            let attempt = async {
+                let resp = channel
+                    .oneshot(req)
+                    .await
+                    .map_err(|e| Lost::Send(e.into()))?;
+                if retryable {
+                    read_whole(resp).await.map_err(Lost::Body)
+                } else {
+                    Ok((resp, None))
+                }
+            };
             let sent = match attempt_limit {
-                Some(limit) => tokio::time::timeout(limit, channel.oneshot(req)).await,
-                None => Ok(channel.oneshot(req).await),
+                Some(limit) => tokio::time::timeout(limit, attempt).await,
+                None => Ok(attempt.await),
             };
             let Ok(sent) = sent else {
                 self.mark_down(&addr, generation, "attempt timed out");
@@ -462,14 +477,21 @@ impl Balancer {
                 continue;
             };
             let outcome = match sent {
-                Err(e) => {
-                    let unsent_call = not_sent(&e);
+                Err(Lost::Send(e)) => {
+                    let unsent_call = not_sent(&*e);
                     self.mark_down(&addr, generation, &e.to_string());
                     Err((unsent_call, Status::unavailable(format!("{addr}: {e}"))))
                 }
-                Ok(resp) => match status_of(resp.headers()) {
-                    // A trailers-only answer carries its status in the
-                    // headers: that is how a server refuses a call.
+                // Sent, and the server died before the response ended
+                // (SIGKILL after the headers): the call is lost, not failed.
+                Err(Lost::Body(e)) => {
+                    self.mark_down(&addr, generation, &e.to_string());
+                    Err((false, Status::unavailable(format!("{addr}: {e}"))))
+                }
+                // The status is in the headers (trailers-only: how a server
+                // refuses a call) or, for a response read whole, in the
+                // trailers.
+                Ok((resp, trailer_code)) => match status_of(resp.headers()).or(trailer_code) {
                     Some(code) if retryable && policy.retryable_codes.contains(&code) => Err((
                         false,
                         Status::new(code, format!("{addr} answered {code:?}")),
@@ -520,6 +542,36 @@ async fn probe(channel: Channel, limit: Duration) -> Result<Channel, String> {
         registry::health::Outcome::Failed(why) => Err(format!("health check: {why}")),
         _ => Ok(channel),
     }
+}
+
+/// Why an attempt did not bring back a whole response.
+enum Lost {
+    /// The request failed in the channel (maybe before it was sent).
+    Send(BoxError),
+    /// The response started but its body broke off.
+    Body(BoxError),
+}
+
+/// Reads a retryable call's response to its end before handing it on. gRPC
+/// commits a call when its response headers arrive; this balancer commits
+/// at the trailers, so a server killed between the two (its response cut
+/// off mid-body) costs a retry, not a failed call. Unary responses are
+/// small; streaming methods are never marked retryable. Also returns the
+/// `grpc-status` from the trailers.
+async fn read_whole(
+    resp: http::Response<Body>,
+) -> Result<(http::Response<Body>, Option<Code>), BoxError> {
+    let (parts, body) = resp.into_parts();
+    let collected = body.collect().await?;
+    let trailers = collected.trailers().cloned();
+    let code = trailers.as_ref().and_then(status_of);
+    let data = collected.to_bytes();
+    let frames = [Some(Frame::data(data)), trailers.map(Frame::trailers)]
+        .into_iter()
+        .flatten()
+        .map(Ok::<_, std::convert::Infallible>);
+    let body = Body::new(StreamBody::new(futures::stream::iter(frames)));
+    Ok((http::Response::from_parts(parts, body), code))
 }
 
 fn status_of(headers: &HeaderMap) -> Option<Code> {

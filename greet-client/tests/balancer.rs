@@ -1,7 +1,9 @@
 //! The balancer as a library, with in-process servers behind cuttable
 //! proxies: connection reuse, skipping unreachable endpoints until they
-//! recover, and fail-fast messages.
+//! recover, responses cut off mid-way, and fail-fast messages.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -141,5 +143,78 @@ async fn fails_fast_with_unavailable_and_says_why() -> Result<()> {
         started.elapsed() < Duration::from_secs(5),
         "fails fast, no hang"
     );
+    Ok(())
+}
+
+/// A server that dies between a response's headers and its end, as one
+/// killed mid-call does: it sends `200` with gRPC headers, then drops the
+/// connection. Counts the Greet calls it took (not health checks).
+async fn cut_off_after_headers() -> Result<(std::net::SocketAddr, Arc<AtomicUsize>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let taken = Arc::new(AtomicUsize::new(0));
+    let count = taken.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                if let Some(Ok((req, mut respond))) = conn.accept().await {
+                    if req.uri().path().starts_with("/Greet/") {
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let head = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(())
+                        .expect("static response head");
+                    if respond.send_response(head, false).is_ok() {
+                        // Flush the headers, then die without a body or
+                        // trailers.
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(50), conn.accept()).await;
+                    }
+                }
+                drop(conn);
+            });
+        }
+    });
+    Ok((addr, taken))
+}
+
+#[tokio::test]
+async fn a_response_cut_off_after_its_headers_is_retried() -> Result<()> {
+    let (broken, taken) = cut_off_after_headers().await?;
+    let good = serve("good").await?;
+    // Lazy channels: no health check reaches the broken server before the
+    // first call does.
+    let b = Balancer::new(BalancerConfig {
+        retry: RetryPolicy::greet(),
+        eager_connect: false,
+        ..BalancerConfig::new("greet_service")
+    });
+    b.upsert(&Addr::from_socket(broken), 100, "");
+    b.upsert(&Addr::from_socket(good), 100, "");
+    for i in 0..20 {
+        let from = call(&b)
+            .await
+            .map_err(|s| anyhow::anyhow!("call {i} failed: {s}"))?;
+        assert_eq!(from, "good");
+    }
+    assert!(
+        taken.load(Ordering::SeqCst) > 0,
+        "the broken server took at least one call (else this proves nothing)"
+    );
+
+    // A method not marked retryable is committed at its headers, as gRPC
+    // does: the caller sees the failure.
+    let strict = Balancer::new(BalancerConfig {
+        eager_connect: false,
+        ..BalancerConfig::new("greet_service")
+    });
+    strict.upsert(&Addr::from_socket(broken), 100, "");
+    let err = call(&strict).await.expect_err("cut-off response");
+    assert_ne!(err.code(), Code::Ok);
     Ok(())
 }
