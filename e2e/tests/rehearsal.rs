@@ -543,7 +543,7 @@ async fn manifests_rehearsed_in_network_namespaces() -> Result<()> {
         "bench: {}",
         b.log()
     );
-    let report = json_of(&b.stdout())?;
+    let report = b.json_report()?;
     assert_eq!(report["errors"], 0, "{report}");
     let shares = report["endpoints"].as_array().context("endpoints")?;
     eprintln!("client shares: {}", serde_json::to_string(shares)?);
@@ -623,7 +623,7 @@ async fn manifests_rehearsed_in_network_namespaces() -> Result<()> {
         "bench: {}",
         b.log()
     );
-    let report = json_of(&b.stdout())?;
+    let report = b.json_report()?;
     assert_eq!(report["errors"], 0, "a drained pod costs no call: {report}");
     eprintln!("{} calls while a pod drained, 0 failed", report["calls"]);
     let victim_addr = format!("{}:3000", victim.ip);
@@ -641,14 +641,4 @@ async fn manifests_rehearsed_in_network_namespaces() -> Result<()> {
     drop(procs);
     drop(net);
     Ok(())
-}
-
-/// The JSON object in a bench run's output (logs may precede it).
-fn json_of(log: &str) -> Result<Json> {
-    let start = log
-        .find("{\n")
-        .or_else(|| log.find('{'))
-        .context("no JSON")?;
-    let end = log.rfind('}').context("no JSON end")?;
-    serde_json::from_str(&log[start..=end]).with_context(|| format!("bench output:\n{log}"))
 }

@@ -63,10 +63,7 @@ async fn bench(etcd: &Etcd, args: &[&str], limit: Duration) -> Result<Value> {
     let mut p = client(etcd, &[&["bench", "--json"], args].concat())?;
     let code = p.wait_exit(limit).await?;
     ensure!(code == Some(0), "client failed:\n{}", p.log());
-    let out = p.stdout();
-    let start = out.find("{\n").context("no JSON report")?;
-    let end = out.rfind("\n}").context("no JSON report end")?;
-    Ok(serde_json::from_str(&out[start..end + 2])?)
+    p.json_report()
 }
 
 fn calls_of(report: &Value, addr: &str) -> u64 {
@@ -142,8 +139,7 @@ async fn fleet_changes_under_load_lose_no_calls() -> Result<()> {
     let code = load.wait_exit(Duration::from_secs(60)).await?;
     let log = load.log();
     ensure!(code == Some(0), "client failed:\n{log}");
-    let out = load.stdout();
-    let report: Value = serde_json::from_str(&out[out.find("{\n").context("json")?..])?;
+    let report = load.json_report()?;
     assert_eq!(report["errors"], 0, "no call failed:\n{report:#}\n{log}");
     assert!(
         calls_of(&report, &format!("127.0.0.1:{new_port}")) > 0,
@@ -213,8 +209,7 @@ async fn mixed_legacy_and_invalid_entries() -> Result<()> {
     let mut p = client(&etcd, &["bench", "--json", "--requests", "6000"])?;
     assert_eq!(p.wait_exit(Duration::from_secs(60)).await?, Some(0));
     let log = p.log();
-    let out = p.stdout();
-    let report: Value = serde_json::from_str(&out[out.find("{\n").context("json")?..])?;
+    let report = p.json_report()?;
     assert_eq!(report["errors"], 0, "{report:#}");
     let legacy = calls_of(&report, &legacy_addr) as f64 / 6000.0;
     let json = calls_of(&report, &format!("127.0.0.1:{json_port}")) as f64 / 6000.0;

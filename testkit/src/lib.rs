@@ -293,6 +293,18 @@ impl Proc {
         std::fs::read_to_string(&self.stdout).unwrap_or_default()
     }
 
+    /// The pretty-printed JSON object the process wrote to stdout (a load
+    /// run's `--json` report), read from its first `{` line to its last `}`
+    /// line. Call after [`Proc::wait_exit`].
+    pub fn json_report(&self) -> Result<serde_json::Value> {
+        let out = self.stdout();
+        let start = out
+            .find("{\n")
+            .with_context(|| format!("{}: no JSON report:\n{}", self.name, self.log()))?;
+        let end = out.rfind("\n}").context("no JSON report end")?;
+        serde_json::from_str(&out[start..end + 2]).with_context(|| out.clone())
+    }
+
     /// Waits up to `limit` for exit; returns the exit code (None if killed
     /// by a signal), or an error on timeout.
     pub async fn wait_exit(&mut self, limit: Duration) -> Result<Option<i32>> {

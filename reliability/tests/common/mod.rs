@@ -109,12 +109,7 @@ pub fn controller(endpoints: &str, port: u16, dead_after: &str) -> Result<Proc> 
 pub async fn report(p: &mut Proc, limit: Duration) -> Result<Value> {
     let code = p.wait_exit(limit).await?;
     ensure!(code == Some(0), "client failed ({code:?}):\n{}", p.log());
-    let out = p.stdout();
-    let start = out
-        .find("{\n")
-        .with_context(|| format!("no JSON report:\n{}", p.log()))?;
-    let end = out.rfind("\n}").context("no JSON report end")?;
-    serde_json::from_str(&out[start..end + 2]).with_context(|| out.clone())
+    p.json_report()
 }
 
 /// Calls the report credits to `addr`.
