@@ -69,6 +69,23 @@ async fn wait_registered(etcd: &Etcd, addrs: &[String]) -> Result<Vec<String>> {
     .await
 }
 
+/// Three servers on free loopback ports, `start(i, port)` starting the
+/// i-th; returns once all three are registered, with their addresses.
+async fn three_servers(
+    etcd: &Etcd,
+    start: impl Fn(usize, u16) -> Result<Proc>,
+) -> Result<(Vec<String>, Vec<Proc>)> {
+    let ports = [free_port(), free_port(), free_port()];
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let servers = ports
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| start(i, p))
+        .collect::<Result<Vec<_>>>()?;
+    wait_registered(etcd, &addrs).await?;
+    Ok((addrs, servers))
+}
+
 fn go_server(bins: &std::path::Path, etcd: &Etcd, port: u16) -> Result<Proc> {
     Proc::spawn(
         &format!("go-greet-server:{port}"),
@@ -282,13 +299,7 @@ fn rust_bench(etcd: &Etcd, duration: &str) -> tokio::task::JoinHandle<Result<ser
 async fn rust_client_loses_no_call_when_go_servers_stop() -> Result<()> {
     let bins = go_bins()?;
     let etcd = Etcd::start().await?;
-    let ports = [free_port(), free_port(), free_port()];
-    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let mut servers = ports
-        .iter()
-        .map(|&p| go_server(&bins, &etcd, p))
-        .collect::<Result<Vec<_>>>()?;
-    wait_registered(&etcd, &addrs).await?;
+    let (addrs, mut servers) = three_servers(&etcd, |_, p| go_server(&bins, &etcd, p)).await?;
 
     let bench = rust_bench(&etcd, "6s");
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -315,13 +326,7 @@ async fn rust_client_loses_no_call_when_go_servers_stop() -> Result<()> {
 async fn go_client_loses_no_call_when_a_rust_server_drains() -> Result<()> {
     let bins = go_bins()?;
     let etcd = Etcd::start().await?;
-    let ports = [free_port(), free_port(), free_port()];
-    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let mut servers = ports
-        .iter()
-        .map(|&p| rust_server(&etcd, p, "1s"))
-        .collect::<Result<Vec<_>>>()?;
-    wait_registered(&etcd, &addrs).await?;
+    let (addrs, mut servers) = three_servers(&etcd, |_, p| rust_server(&etcd, p, "1s")).await?;
 
     let mut go = Proc::spawn(
         "go-greet-client",
@@ -390,14 +395,12 @@ fn http_get_json(url: &str) -> Option<serde_json::Value> {
 async fn controller_keeps_go_servers_and_removes_a_dead_legacy_entry() -> Result<()> {
     let bins = go_bins()?;
     let etcd = Etcd::start().await?;
-    let ports = [free_port(), free_port(), free_port()];
-    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let _go = [
-        go_server(&bins, &etcd, ports[0])?,
-        go_server(&bins, &etcd, ports[1])?,
-    ];
-    let _rust = rust_server(&etcd, ports[2], "0s")?;
-    wait_registered(&etcd, &addrs).await?;
+    // Two Go servers and one of ours.
+    let (addrs, _servers) = three_servers(&etcd, |i, p| match i {
+        0 | 1 => go_server(&bins, &etcd, p),
+        _ => rust_server(&etcd, p, "0s"),
+    })
+    .await?;
     // What a Go server SIGKILLed long ago would leave if its key had no
     // lease: a plain value for an address nobody answers on.
     let dead = format!("127.0.0.1:{}", free_port());
