@@ -5,15 +5,18 @@
 //! - [`registrar`]: keeping one endpoint registered on a lease;
 //! - [`watcher`]: the list+watch reflector of a prefix, as events;
 //! - [`health`]: whether an address answers gRPC (balancer and controller);
+//! - [`grpc_status`]: a call's status as it passes, for metrics;
 //! - [`backoff`]: the jittered exponential backoff of every reconnecting loop.
 
 #![forbid(unsafe_code)]
 
 pub mod backoff;
 pub mod etcd;
+pub mod grpc_status;
 pub mod grpc_tls;
 pub mod health;
 pub mod logging;
+pub mod metrics_http;
 pub mod registrar;
 pub mod schema;
 pub mod shutdown;
