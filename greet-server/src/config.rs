@@ -53,6 +53,10 @@ pub struct Args {
     /// demos, load tests and shutdown tests; default none).
     #[arg(long, env = "GREET_LATENCY", default_value = "0s", value_parser = humantime::parse_duration)]
     pub latency: Duration,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address; off when
+    /// not given.
+    #[arg(long, env = "GREET_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -104,6 +108,8 @@ pub struct Config {
     pub latency: Duration,
     /// gRPC over TLS with this identity, when set.
     pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// Where to serve `/metrics`; `None`: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Args {
@@ -130,6 +136,7 @@ impl Args {
             shutdown_timeout: self.shutdown_timeout,
             latency: self.latency,
             tls: self.tls.resolve()?,
+            metrics_listen: self.metrics_listen,
         })
     }
 }
@@ -168,6 +175,7 @@ mod tests {
             &["--listen", "1.2.3.4"],
             &["--log-format", "xml"],
             &["--etcd-cert", "c.pem"],
+            &["--metrics-listen", "localhost"],
         ] {
             let err = parse(bad).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{bad:?}");

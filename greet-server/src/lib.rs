@@ -11,9 +11,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod authority;
 pub mod config;
+pub mod metrics;
 pub mod service;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use greet_proto::GreetServer;
@@ -21,6 +24,7 @@ use registry::etcd::EtcdConfig;
 use registry::registrar::{Registrar, RegistrarConfig};
 use registry::schema::Addr;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
@@ -41,6 +45,17 @@ pub enum Error {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The metrics listener could not be bound.
+    #[error("metrics listener {addr}: {source}")]
+    MetricsListen {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The reflection service could not be built from the descriptors.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
 }
 
 /// How long to wait for etcd to confirm the drain weight before draining
@@ -72,6 +87,38 @@ pub async fn run(
         health.set_serving::<GreetServer<GreetService>>().await;
         health.set_service_status("", ServingStatus::Serving).await;
 
+        // Reflection (v1, and v1alpha for older grpcurl) lists Greet and
+        // health, so grpcurl needs no `.proto`.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(greet_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
+
+        // Bound before registering, so a taken port fails the start with
+        // nothing written to etcd.
+        let metrics = Arc::new(metrics::ServerMetrics::new());
+        let stop_metrics = CancellationToken::new();
+        if let Some(addr) = cfg.metrics_listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::MetricsListen { addr, source })?;
+            info!(metrics = %listener.local_addr()?, "serving metrics");
+            let render = {
+                let metrics = metrics.clone();
+                Arc::new(move || metrics.render())
+            };
+            let stop = stop_metrics.clone();
+            tokio::spawn(async move {
+                if let Err(e) = registry::metrics_http::serve(listener, render, stop).await {
+                    warn!(error = %e, "metrics server failed");
+                }
+            });
+        }
+        let _stop_metrics = stop_metrics.drop_guard();
+
         let registrar = Registrar::spawn(
             etcd,
             RegistrarConfig {
@@ -83,15 +130,23 @@ pub async fn run(
                 ttl: cfg.ttl,
             },
         )?;
+        tokio::spawn(metrics.clone().follow_registration(registrar.status()));
 
         let stop_accepting = CancellationToken::new();
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        // Below h2: clients that send an address list as :authority (grpcio
+        // over `ipv4:a,b,c`) are answered too (see `authority`).
+        let incoming = TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .map(|conn| conn.map(authority::ListAuthority::new));
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = cfg.tls.clone() {
             builder = builder.tls_config(tls)?;
         }
         let server = builder
+            .layer(metrics::MetricsLayer::new(metrics))
             .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(GreetServer::new(
                 GreetService::new(advertise.to_string()).with_latency(cfg.latency),
             ))

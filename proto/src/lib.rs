@@ -17,5 +17,11 @@ pub mod paths {
     pub const NIGHT: &str = "/Greet/Night";
 }
 
+/// The encoded `FileDescriptorSet` of `greet.proto`, for gRPC server
+/// reflection: with it, `grpcurl list`, `describe` and calls work without the
+/// `.proto` at hand.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/greet_descriptor.bin"));
+
 pub use greet_client::GreetClient;
 pub use greet_server::{Greet, GreetServer};
