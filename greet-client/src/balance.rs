@@ -27,10 +27,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::HeaderMap;
 use http_body::Frame;
 use http_body_util::{BodyExt, Full, StreamBody};
 use registry::backoff::Backoff;
+use registry::grpc_status::{code_of, OnStatus};
 use registry::schema::Addr;
 use tokio::time::Instant;
 use tonic::body::Body;
@@ -39,6 +39,7 @@ use tonic::{Code, Status};
 use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
+use crate::metrics::{ClientMetrics, EndpointMetrics, RetryReason};
 use crate::retry::{grpc_timeout, not_sent, RetryPolicy};
 use crate::scheduler::Scheduler;
 
@@ -60,6 +61,9 @@ pub struct BalancerConfig {
     pub eager_connect: bool,
     /// Dial servers over TLS verified with this configuration.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Record calls, retries and endpoint states here (see
+    /// [`crate::metrics`]); `None`: no metrics.
+    pub metrics: Option<Arc<ClientMetrics>>,
 }
 
 impl BalancerConfig {
@@ -72,6 +76,7 @@ impl BalancerConfig {
             connect_timeout: Duration::from_secs(1),
             eager_connect: true,
             tls: None,
+            metrics: None,
         }
     }
 }
@@ -99,6 +104,15 @@ struct Ep {
     since: Instant,
     recovering: bool,
     generation: u64,
+    metrics: Option<EndpointMetrics>,
+}
+
+/// What [`Balancer::pick`] hands an attempt.
+struct Picked {
+    addr: Addr,
+    channel: Channel,
+    generation: u64,
+    metrics: Option<EndpointMetrics>,
 }
 
 struct Pool {
@@ -188,6 +202,10 @@ impl Balancer {
                 since: Instant::now(),
                 recovering: false,
                 generation: pool.next_generation,
+                metrics: self.inner.cfg.metrics.as_ref().map(|m| {
+                    m.transition(&self.inner.cfg.service, None, Some(true));
+                    m.endpoint(&self.inner.cfg.service, addr.as_str())
+                }),
             },
         );
         pool.sched.set(addr.clone(), weight);
@@ -204,11 +222,20 @@ impl Balancer {
     /// Removes an endpoint; calls running on it finish on their own.
     pub fn remove(&self, addr: &Addr) {
         let mut pool = self.pool();
-        if pool.endpoints.remove(addr).is_some() {
+        if let Some(ep) = pool.endpoints.remove(addr) {
+            if let (Some(all), Some(m)) = (&self.inner.cfg.metrics, &ep.metrics) {
+                all.transition(&self.inner.cfg.service, Some(ep.up), None);
+                all.forget(m);
+            }
             pool.sched.remove(addr);
             self.inner.changes.send_modify(|g| *g += 1);
             info!(%addr, "endpoint removed");
         }
+    }
+
+    /// The metrics this balancer records into, if any.
+    pub(crate) fn metrics(&self) -> Option<Arc<ClientMetrics>> {
+        self.inner.cfg.metrics.clone()
     }
 
     /// A counter bumped each time an update from discovery is applied.
@@ -259,7 +286,7 @@ impl Balancer {
     }
 
     /// Picks an endpoint, or says why none can take a call.
-    fn pick(&self, avoid: Option<&Addr>) -> Result<(Addr, Channel, u64), Status> {
+    fn pick(&self, avoid: Option<&Addr>) -> Result<Picked, Status> {
         let mut pool = self.pool();
         let pool = &mut *pool;
         let slow_start = self.inner.cfg.slow_start;
@@ -291,7 +318,12 @@ impl Balancer {
                         Err(_) => continue,
                     },
                 };
-                return Ok((addr, channel, ep.generation));
+                return Ok(Picked {
+                    addr,
+                    channel,
+                    generation: ep.generation,
+                    metrics: ep.metrics.clone(),
+                });
             }
         }
         let total = pool.endpoints.len();
@@ -304,6 +336,20 @@ impl Balancer {
             format!("all {total} endpoints of {service} are unreachable")
         };
         Err(Status::unavailable(why))
+    }
+
+    fn count_retry(&self, reason: RetryReason) {
+        if let Some(m) = &self.inner.cfg.metrics {
+            m.retry(&self.inner.cfg.service, reason);
+        }
+    }
+
+    /// Counts an endpoint that just went from up to down.
+    fn note_down(&self, ep: &Ep) {
+        if let (Some(all), Some(m)) = (&self.inner.cfg.metrics, &ep.metrics) {
+            all.transition(&self.inner.cfg.service, Some(true), Some(false));
+            m.marked_down();
+        }
     }
 
     /// Takes an endpoint out of the schedule until a fresh connection to it
@@ -319,6 +365,7 @@ impl Balancer {
                 return;
             }
             ep.up = false;
+            self.note_down(ep);
             pool.sched.remove(addr);
             if ep.recovering {
                 return;
@@ -386,6 +433,9 @@ impl Balancer {
                     ep.channel = Some(channel);
                 }
                 if recover || !ep.up {
+                    if let Some(m) = &self.inner.cfg.metrics {
+                        m.transition(&self.inner.cfg.service, Some(ep.up), Some(true));
+                    }
                     ep.up = true;
                     ep.since = Instant::now();
                     pool.sched.set(addr.clone(), ep.weight);
@@ -398,6 +448,7 @@ impl Balancer {
                 // First connection failed: skip it like any other
                 // unreachable endpoint until it answers.
                 ep.up = false;
+                self.note_down(ep);
                 ep.recovering = true;
                 pool.sched.remove(addr);
                 warn!(%addr, error = %e, "cannot connect to new endpoint; skipping it until it answers");
@@ -431,7 +482,12 @@ impl Balancer {
         let mut unsent = 0u32;
         let mut avoid: Option<Addr> = None;
         loop {
-            let (addr, channel, generation) = self.pick(avoid.as_ref())?;
+            let Picked {
+                addr,
+                channel,
+                generation,
+                metrics,
+            } = self.pick(avoid.as_ref())?;
             let mut req = http::Request::new(Body::new(Full::new(bytes.clone())));
             *req.method_mut() = parts.method.clone();
             *req.uri_mut() = parts.uri.clone();
@@ -447,6 +503,10 @@ impl Balancer {
             let attempt_limit = policy.per_try_timeout.filter(|_| retryable).map(|t| {
                 deadline.map_or(t, |d| t.min(d.saturating_duration_since(Instant::now())))
             });
+            if let Some(m) = &metrics {
+                m.attempt();
+            }
+            let sent_at = Instant::now();
             let attempt = async {
                 let resp = channel
                     .oneshot(req)
@@ -463,6 +523,9 @@ impl Balancer {
                 None => Ok(attempt.await),
             };
             let Ok(sent) = sent else {
+                if let Some(m) = &metrics {
+                    m.answered(sent_at.elapsed(), Some(Code::Unavailable));
+                }
                 self.mark_down(&addr, generation, "attempt timed out");
                 let status =
                     Status::unavailable(format!("{addr}: no answer within the per-try timeout"));
@@ -473,33 +536,60 @@ impl Balancer {
                     return Err(status.into());
                 }
                 lost_attempts += 1;
+                self.count_retry(RetryReason::Silent);
                 avoid = Some(addr);
                 continue;
             };
+            let took = sent_at.elapsed();
             let outcome = match sent {
                 Err(Lost::Send(e)) => {
-                    let unsent_call = not_sent(&*e);
+                    if let Some(m) = &metrics {
+                        m.answered(took, Some(Code::Unavailable));
+                    }
+                    let reason = if not_sent(&*e) {
+                        RetryReason::Unsent
+                    } else {
+                        RetryReason::Lost
+                    };
                     self.mark_down(&addr, generation, &e.to_string());
-                    Err((unsent_call, Status::unavailable(format!("{addr}: {e}"))))
+                    Err((reason, Status::unavailable(format!("{addr}: {e}"))))
                 }
                 // Sent, and the server died before the response ended
                 // (SIGKILL after the headers): the call is lost, not failed.
                 Err(Lost::Body(e)) => {
+                    if let Some(m) = &metrics {
+                        m.answered(took, Some(Code::Unavailable));
+                    }
                     self.mark_down(&addr, generation, &e.to_string());
-                    Err((false, Status::unavailable(format!("{addr}: {e}"))))
+                    Err((
+                        RetryReason::Lost,
+                        Status::unavailable(format!("{addr}: {e}")),
+                    ))
                 }
                 // The status is in the headers (trailers-only: how a server
                 // refuses a call) or, for a response read whole, in the
                 // trailers.
-                Ok((resp, trailer_code)) => match status_of(resp.headers()).or(trailer_code) {
-                    Some(code) if retryable && policy.retryable_codes.contains(&code) => Err((
-                        false,
-                        Status::new(code, format!("{addr} answered {code:?}")),
-                    )),
-                    _ => Ok(resp),
-                },
+                Ok((resp, trailer_code)) => {
+                    let code = code_of(resp.headers()).or(trailer_code);
+                    if let Some(m) = &metrics {
+                        m.answered(took, code);
+                    }
+                    match code {
+                        Some(code) if retryable && policy.retryable_codes.contains(&code) => Err((
+                            RetryReason::Answered,
+                            Status::new(code, format!("{addr} answered {code:?}")),
+                        )),
+                        // The status comes with the trailers of a streamed
+                        // answer: count it when they pass.
+                        None => Ok(match metrics {
+                            Some(m) => OnStatus::wrap(resp, m).map(Body::new),
+                            None => resp,
+                        }),
+                        Some(_) => Ok(resp),
+                    }
+                }
             };
-            let (was_unsent, status) = match outcome {
+            let (reason, status) = match outcome {
                 Ok(resp) => return Ok(resp),
                 Err(e) => e,
             };
@@ -507,13 +597,14 @@ impl Balancer {
             if deadline.is_some_and(|d| now >= d) {
                 return Err(Status::deadline_exceeded(status.message().to_owned()).into());
             }
-            if was_unsent {
+            if reason == RetryReason::Unsent {
                 unsent += 1;
                 // Every endpoint may be tried once, and a few more for luck.
                 if unsent > 8 + self.pool().endpoints.len() as u32 {
                     return Err(status.into());
                 }
                 debug!(%addr, "call not sent; retrying on another endpoint");
+                self.count_retry(RetryReason::Unsent);
                 avoid = Some(addr);
                 continue;
             }
@@ -526,6 +617,7 @@ impl Balancer {
                 return Err(status.into());
             }
             debug!(%addr, attempt = lost_attempts, "call lost; retrying on another endpoint");
+            self.count_retry(reason);
             tokio::time::sleep(pause).await;
             avoid = Some(addr);
         }
@@ -564,7 +656,7 @@ async fn read_whole(
     let (parts, body) = resp.into_parts();
     let collected = body.collect().await?;
     let trailers = collected.trailers().cloned();
-    let code = trailers.as_ref().and_then(status_of);
+    let code = trailers.as_ref().and_then(code_of);
     let data = collected.to_bytes();
     let frames = [Some(Frame::data(data)), trailers.map(Frame::trailers)]
         .into_iter()
@@ -572,14 +664,6 @@ async fn read_whole(
         .map(Ok::<_, std::convert::Infallible>);
     let body = Body::new(StreamBody::new(futures::stream::iter(frames)));
     Ok((http::Response::from_parts(parts, body), code))
-}
-
-fn status_of(headers: &HeaderMap) -> Option<Code> {
-    headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.parse::<i32>().ok())
-        .map(Code::from_i32)
 }
 
 impl tower::Service<http::Request<Body>> for Balancer {

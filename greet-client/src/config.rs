@@ -59,6 +59,11 @@ pub struct Common {
     /// How long to wait for the first list from etcd before calling anyway.
     #[arg(long, global = true, env = "GREET_SYNC_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub sync_timeout: Duration,
+    /// Serve Prometheus metrics (`GET /metrics`: per endpoint calls,
+    /// errors by code, latency; retries; endpoints up and down; the view's
+    /// age and revision) on this address; off when not given.
+    #[arg(long, global = true, env = "GREET_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Log format.
     #[arg(long, global = true, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

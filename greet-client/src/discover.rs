@@ -11,6 +11,7 @@
 //! - freshness: the age of the last event or progress notice is watched,
 //!   and a view older than `stale_after` is logged once, as is its recovery.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use registry::etcd::EtcdConfig;
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
 use crate::balance::Balancer;
+use crate::metrics::ClientMetrics;
 
 /// What to discover.
 #[derive(Debug, Clone)]
@@ -77,6 +79,7 @@ impl Discovery {
         let (mut events, state, _task) = watcher.spawn(cancel.clone());
         let span = tracing::info_span!("discovery", service = %cfg.service);
         let req = cfg.version_req.clone();
+        let metrics = balancer.metrics().map(|m| (m, cfg.service.to_string()));
         let (applied_tx, applied) = watch::channel(false);
         tokio::spawn(
             async move {
@@ -90,7 +93,9 @@ impl Discovery {
             }
             .instrument(span.clone()),
         );
-        tokio::spawn(watch_freshness(state.clone(), cfg.stale_after, cancel).instrument(span));
+        tokio::spawn(
+            watch_freshness(state.clone(), cfg.stale_after, metrics, cancel).instrument(span),
+        );
         Self { state, applied }
     }
 
@@ -140,9 +145,12 @@ fn apply(balancer: &Balancer, req: Option<&VersionReq>, event: Event) {
     }
 }
 
+/// Logs staleness and its recovery; keeps the view's age and revision in
+/// the metrics current (once a second).
 async fn watch_freshness(
     state: watch::Receiver<WatchState>,
     stale_after: Duration,
+    metrics: Option<(Arc<ClientMetrics>, String)>,
     cancel: CancellationToken,
 ) {
     let mut stale = false;
@@ -155,6 +163,9 @@ async fn watch_freshness(
         }
         let s = state.borrow().clone();
         let age = s.age();
+        if let Some((m, service)) = &metrics {
+            m.view(service, age, s.revision);
+        }
         // Before the first sync the view has no age: stale only once the
         // first list is overdue.
         let is_stale = age.map_or(started.elapsed() > stale_after, |a| a > stale_after);

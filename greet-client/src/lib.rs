@@ -4,12 +4,14 @@
 //! - [`balance`]: the `tower::Service` a generated tonic client wraps;
 //! - [`retry`]: which failed calls go again;
 //! - [`discover`]: feeds the balancer from etcd through the registry's
-//!   reflector, with version selection and freshness logging.
+//!   reflector, with version selection and freshness logging;
+//! - [`metrics`]: Prometheus metrics in a registry the application owns.
 
 #![forbid(unsafe_code)]
 
 pub mod balance;
 pub mod discover;
+pub mod metrics;
 pub mod retry;
 pub mod scheduler;
 

@@ -1,11 +1,13 @@
 //! greet-client binary: flags, logs, signals; the library does the work.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use greet_client::config::{Args, Command};
 use greet_client::load::{self, LoadSpec};
+use greet_client::metrics::ClientMetrics;
 use greet_client::{Balancer, BalancerConfig, Discovery, DiscoveryConfig, RetryPolicy};
 use greet_proto::{GreetClient, GreetRequest};
 use tokio_util::sync::CancellationToken;
@@ -33,6 +35,28 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let cancel = CancellationToken::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = ClientMetrics::register(&mut registry);
+    if let Some(addr) = common.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on --metrics-listen {addr}"))?;
+        tracing::info!(metrics = %listener.local_addr()?, "serving metrics");
+        let registry = Arc::new(registry);
+        let render = Arc::new(move || {
+            let mut out = String::new();
+            if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+                tracing::warn!(error = %e, "encoding metrics failed");
+            }
+            out
+        });
+        let stop = cancel.clone();
+        tokio::spawn(async move {
+            if let Err(e) = registry::metrics_http::serve(listener, render, stop).await {
+                tracing::warn!(error = %e, "metrics server failed");
+            }
+        });
+    }
     let balancer = Balancer::new(BalancerConfig {
         retry: RetryPolicy {
             per_try_timeout: Some(common.per_try_timeout).filter(|t| !t.is_zero()),
@@ -40,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
         },
         slow_start: common.slow_start,
         tls,
+        metrics: common.metrics_listen.map(|_| metrics),
         ..BalancerConfig::new(common.service.as_str())
     });
     let discovery = Discovery::spawn(
