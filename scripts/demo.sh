@@ -110,7 +110,7 @@ if [[ -z "$BIN_DIR" ]]; then
   command -v cargo >/dev/null || die "cargo not found; install Rust (rustup) or pass --bin-dir"
   if ! command -v protoc >/dev/null; then
     say "protoc is missing; installing what the build needs (scripts/setup.sh)"
-    "$ROOT/scripts/setup.sh"
+    "$ROOT/scripts/setup.sh" demo
   fi
   target="${CARGO_TARGET_DIR:-$ROOT/target}"
   if [[ "$PROFILE" == release ]]; then
@@ -209,7 +209,7 @@ wait_port() { # NAME PID LOG PORT
 if [[ -z "$ENDPOINTS" ]]; then
   if ! command -v etcd >/dev/null; then
     say "etcd is missing; installing Debian's etcd-server (scripts/setup.sh)"
-    "$ROOT/scripts/setup.sh"
+    "$ROOT/scripts/setup.sh" demo
   fi
   pick_port() {
     local p
@@ -246,7 +246,8 @@ for i in 0 1 2; do
   port="${SERVER_PORTS[$i]}"
   start "server-$port" "$WORK/server-$port.log" "$BIN_DIR/greet-server" \
     --listen "127.0.0.1:$port" --weight "${WEIGHTS[$i]}" \
-    --service-version "${VERSIONS[$i]}" --etcd-endpoints "$ENDPOINTS"
+    --service-version "${VERSIONS[$i]}" --etcd-endpoints "$ENDPOINTS" \
+    --metrics-listen 127.0.0.1:0
 done
 start controller "$WORK/controller.log" "$BIN_DIR/controller" \
   --listen "127.0.0.1:$CONTROLLER_PORT" --etcd-endpoints "$ENDPOINTS"
@@ -286,9 +287,19 @@ until registered; do
   sleep 0.2
 done
 
+# Metrics on ports the kernel chose (no fixed port to collide with): each
+# server logs where.
+metrics_urls=()
+for port in "${SERVER_PORTS[@]}"; do
+  m="$(grep -oE 'metrics=[0-9.]+:[0-9]+' "$WORK/server-$port.log" | head -1)" || true
+  [[ -n "$m" ]] && metrics_urls+=("http://${m#metrics=}/metrics")
+done
+
 say "servers      127.0.0.1:${SERVER_PORTS[0]} (weight 100, v1.0.0), 127.0.0.1:${SERVER_PORTS[1]} (weight 200, v1.1.0), 127.0.0.1:${SERVER_PORTS[2]} (weight 300, v2.0.0)"
 say "controller   http://127.0.0.1:$CONTROLLER_PORT/ (live membership page)"
 say "look:        curl 127.0.0.1:$CONTROLLER_PORT/services"
+say "             grpcurl -plaintext 127.0.0.1:${SERVER_PORTS[0]} list   (server reflection)"
+((${#metrics_urls[@]})) && say "metrics:     ${metrics_urls[*]} and http://127.0.0.1:$CONTROLLER_PORT/metrics"
 say "             etcdctl --endpoints $ENDPOINTS get --prefix /ns/"
 say "logs:        $WORK/*.log"
 say "client below prints who answered each call; Ctrl-C stops everything${DURATION:+ (or it stops by itself after $DURATION)}"

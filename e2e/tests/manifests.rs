@@ -909,3 +909,47 @@ fn expand_follows_kubelet_rules() {
     assert_eq!(expand("$(B)-$(A)", &env), "$(B)-x");
     assert_eq!(expand("plain", &env), "plain");
 }
+
+/// Scrapers find every server's and client's metrics: `--metrics-listen`
+/// parsed by the real binaries, a container port named `metrics` on it, and
+/// the `prometheus.io/*` pod annotations agreeing with both.
+#[test]
+fn servers_and_clients_expose_metrics_where_scrapers_look() {
+    let r = rendered();
+    let (_, server) = server_args(&r);
+    let client = {
+        let w = r.workload("greet-client");
+        let argv = argv(w, &w.containers()[0]);
+        greet_client::config::Args::try_parse_from(&argv)
+            .unwrap_or_else(|e| panic!("greet-client args {argv:?}: {e}"))
+    };
+    for (name, listen) in [
+        ("greet-server", server.metrics_listen),
+        ("greet-client", client.common.metrics_listen),
+    ] {
+        let w = r.workload(name);
+        let listen = listen.unwrap_or_else(|| panic!("{name}: --metrics-listen set"));
+        let c = &w.containers()[0];
+        assert_eq!(
+            container_port(c, &IntOrString::String("metrics".into())),
+            Some(i32::from(listen.port())),
+            "{name}: a port named metrics on --metrics-listen"
+        );
+        let annotations = w
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.annotations.clone())
+            .unwrap_or_default();
+        assert_eq!(
+            annotations.get("prometheus.io/scrape").map(String::as_str),
+            Some("true"),
+            "{name}"
+        );
+        assert_eq!(
+            annotations.get("prometheus.io/port"),
+            Some(&listen.port().to_string()),
+            "{name}"
+        );
+    }
+}
