@@ -1,6 +1,8 @@
 //! The Kubernetes manifests, checked offline.
 //!
-//! `kubectl kustomize manifests/` renders them; `kubernetes-validate
+//! `kubectl kustomize manifests/` renders the base (and
+//! `manifests/overlays/ha/` the three-member etcd overlay; every check
+//! below runs on both); `kubernetes-validate
 //! --strict` checks the result against the schema of [`K8S_VERSION`]; then
 //! every object is read into `k8s-openapi` types of the same version with
 //! any unknown field reported (serde_ignored), and the things a schema
@@ -23,6 +25,7 @@ use clap::Parser;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Container, Namespace, PodTemplateSpec, Probe, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
 
@@ -107,6 +110,19 @@ fn validate(yaml: &str) -> Result<String, String> {
 
 #[test]
 fn rendered_manifests_pass_strict_schema_validation() {
+    let overlay = render(&repo_root().join("manifests/overlays/ha"));
+    let report = validate(&overlay)
+        .unwrap_or_else(|e| panic!("kubernetes-validate failed on the HA overlay:\n{e}"));
+    for kind in [
+        "poddisruptionbudget/etcd",
+        "poddisruptionbudget/controller",
+        "statefulset/etcd",
+    ] {
+        assert!(
+            report.contains(&format!("resource {kind} ")),
+            "{kind} was validated:\n{report}"
+        );
+    }
     let yaml = render(&repo_root().join("manifests"));
     let report = validate(&yaml).unwrap_or_else(|e| panic!("kubernetes-validate failed:\n{e}"));
     for kind in [
@@ -137,6 +153,7 @@ enum Object {
     Deployment(Box<Deployment>),
     StatefulSet(Box<StatefulSet>),
     NetworkPolicy(Box<NetworkPolicy>),
+    PodDisruptionBudget(Box<PodDisruptionBudget>),
 }
 
 /// Deserializes `value` as `T`, failing on any field `T` does not know.
@@ -167,6 +184,7 @@ fn parse_objects(yaml: &str) -> Result<Vec<Object>> {
             "Deployment" => Object::Deployment(strict(value, &what)?),
             "StatefulSet" => Object::StatefulSet(strict(value, &what)?),
             "NetworkPolicy" => Object::NetworkPolicy(strict(value, &what)?),
+            "PodDisruptionBudget" => Object::PodDisruptionBudget(strict(value, &what)?),
             other => bail!("{what}: no check written for kind {other:?}; add one"),
         });
     }
@@ -181,6 +199,8 @@ struct Workload {
     replicas: i32,
     selector: BTreeMap<String, String>,
     template: PodTemplateSpec,
+    /// A StatefulSet's governing (headless) Service.
+    service_name: Option<String>,
 }
 
 impl Workload {
@@ -338,6 +358,9 @@ struct Rendered {
     workloads: Vec<Workload>,
     services: Vec<Service>,
     policies: Vec<NetworkPolicy>,
+    budgets: Vec<PodDisruptionBudget>,
+    /// Which kustomization this is (for messages).
+    source: &'static str,
 }
 
 impl Rendered {
@@ -346,6 +369,7 @@ impl Rendered {
         let mut workloads = Vec::new();
         let mut services = Vec::new();
         let mut policies = Vec::new();
+        let mut budgets = Vec::new();
         for o in parse_objects(yaml)? {
             match o {
                 Object::Namespace(n) => {
@@ -353,6 +377,7 @@ impl Rendered {
                 }
                 Object::Service(s) => services.push(*s),
                 Object::NetworkPolicy(p) => policies.push(*p),
+                Object::PodDisruptionBudget(b) => budgets.push(*b),
                 Object::Deployment(d) => {
                     let spec = d.spec.context("deployment spec")?;
                     workloads.push(Workload {
@@ -362,6 +387,7 @@ impl Rendered {
                         replicas: spec.replicas.unwrap_or(1),
                         selector: spec.selector.match_labels.unwrap_or_default(),
                         template: spec.template,
+                        service_name: None,
                     })
                 }
                 Object::StatefulSet(s) => {
@@ -373,6 +399,7 @@ impl Rendered {
                         replicas: spec.replicas.unwrap_or(1),
                         selector: spec.selector.match_labels.unwrap_or_default(),
                         template: spec.template,
+                        service_name: spec.service_name,
                     })
                 }
             }
@@ -386,6 +413,8 @@ impl Rendered {
             workloads,
             services,
             policies,
+            budgets,
+            source: "",
         })
     }
 
@@ -410,6 +439,40 @@ impl Rendered {
             .strip_suffix(".svc.cluster.local")
             .or_else(|| host.strip_suffix(".svc"))
             .unwrap_or(host);
+        // `<pod>.<headless service>[.<namespace>]`: one StatefulSet pod.
+        let labels: Vec<&str> = name.split('.').collect();
+        if labels.len() >= 2 {
+            if let Some(w) = self.workloads.iter().find(|w| {
+                w.service_name.as_deref() == Some(labels[1])
+                    && (0..w.replicas).any(|i| labels[0] == format!("{}-{i}", w.name))
+            }) {
+                ensure!(
+                    labels.len() == 2 || labels[2] == self.namespace,
+                    "{host}: another namespace"
+                );
+                let svc = self
+                    .services
+                    .iter()
+                    .find(|s| s.metadata.name.as_deref() == Some(labels[1]))
+                    .with_context(|| format!("{host}: no Service named {}", labels[1]))?;
+                let spec = svc.spec.as_ref().context("service spec")?;
+                ensure!(
+                    spec.cluster_ip.as_deref() == Some("None"),
+                    "{host}: pod names resolve only under a headless Service"
+                );
+                ensure!(
+                    w.selected_by(&spec.selector.clone().unwrap_or_default()),
+                    "{host}: the headless Service does not select {}",
+                    w.id()
+                );
+                let cport = w
+                    .containers()
+                    .iter()
+                    .find_map(|c| container_port(c, &IntOrString::Int(port)))
+                    .with_context(|| format!("{host}: {} has no port {port}", w.id()))?;
+                return Ok((w, cport));
+            }
+        }
         let name = match name.split_once('.') {
             Some((svc, ns)) => {
                 ensure!(ns == self.namespace, "{host}: another namespace");
@@ -446,12 +509,31 @@ impl Rendered {
     }
 }
 
-fn rendered() -> Rendered {
-    Rendered::load(&render(&repo_root().join("manifests"))).expect("rendered manifests load")
+/// The kustomizations every check runs on: the base and the HA overlay.
+const SOURCES: [&str; 2] = ["manifests", "manifests/overlays/ha"];
+
+fn rendered_from(source: &'static str) -> Rendered {
+    let mut r = Rendered::load(&render(&repo_root().join(source)))
+        .unwrap_or_else(|e| panic!("{source} rendered: {e:#}"));
+    r.source = source;
+    r
+}
+
+/// Every kustomization, rendered and loaded.
+fn rendered_all() -> Vec<Rendered> {
+    SOURCES.into_iter().map(rendered_from).collect()
 }
 
 #[test]
 fn every_object_is_typed_with_no_unknown_field() {
+    let overlay =
+        parse_objects(&render(&repo_root().join("manifests/overlays/ha"))).expect("typed");
+    assert!(
+        overlay
+            .iter()
+            .any(|o| matches!(o, Object::PodDisruptionBudget(_))),
+        "the HA overlay's budgets are checked too"
+    );
     let yaml = render(&repo_root().join("manifests"));
     let objects = parse_objects(&yaml).expect("typed");
     assert!(objects.len() >= 8, "{} objects", objects.len());
@@ -466,82 +548,83 @@ fn every_object_is_typed_with_no_unknown_field() {
 
 #[test]
 fn workloads_are_consistent_pinned_and_locked_down() {
-    let r = rendered();
-    assert_eq!(r.namespace, "greet-etcd");
-    let version = env!("CARGO_PKG_VERSION");
-    for w in &r.workloads {
-        let id = w.id();
-        assert_eq!(w.namespace.as_deref(), Some(r.namespace.as_str()), "{id}");
-        assert!(!w.selector.is_empty(), "{id}: a selector");
-        assert!(
-            subset(&w.selector, &w.labels()),
-            "{id}: selector {:?} matches template labels {:?}",
-            w.selector,
-            w.labels()
-        );
-        let spec = w.spec();
-        assert_eq!(spec.enable_service_links, Some(false), "{id}");
-        assert_eq!(spec.automount_service_account_token, Some(false), "{id}");
-        let psc = spec.security_context.as_ref().expect("pod securityContext");
-        assert_eq!(psc.run_as_non_root, Some(true), "{id}");
-        assert!(psc.run_as_user.is_some_and(|u| u > 0), "{id}: non-root uid");
-        for c in &spec.containers {
-            let cid = format!("{id}/{}", c.name);
-            let image = c.image.as_deref().unwrap_or_default();
-            let (_, tag) = image.rsplit_once(':').unwrap_or_default();
+    for r in rendered_all() {
+        assert_eq!(r.namespace, "greet-etcd");
+        let version = env!("CARGO_PKG_VERSION");
+        for w in &r.workloads {
+            let id = w.id();
+            assert_eq!(w.namespace.as_deref(), Some(r.namespace.as_str()), "{id}");
+            assert!(!w.selector.is_empty(), "{id}: a selector");
             assert!(
-                !tag.is_empty() && tag != "latest",
-                "{cid}: pinned tag: {image}"
+                subset(&w.selector, &w.labels()),
+                "{id}: selector {:?} matches template labels {:?}",
+                w.selector,
+                w.labels()
             );
-            if image.starts_with(REPO) {
-                assert_eq!(
-                    tag, version,
-                    "{cid}: our images carry the workspace version"
-                );
-            } else {
+            let spec = w.spec();
+            assert_eq!(spec.enable_service_links, Some(false), "{id}");
+            assert_eq!(spec.automount_service_account_token, Some(false), "{id}");
+            let psc = spec.security_context.as_ref().expect("pod securityContext");
+            assert_eq!(psc.run_as_non_root, Some(true), "{id}");
+            assert!(psc.run_as_user.is_some_and(|u| u > 0), "{id}: non-root uid");
+            for c in &spec.containers {
+                let cid = format!("{id}/{}", c.name);
+                let image = c.image.as_deref().unwrap_or_default();
+                let (_, tag) = image.rsplit_once(':').unwrap_or_default();
                 assert!(
-                    image.starts_with("quay.io/coreos/etcd:v3.5."),
-                    "{cid}: only the upstream etcd image besides ours: {image}"
+                    !tag.is_empty() && tag != "latest",
+                    "{cid}: pinned tag: {image}"
                 );
-            }
-            assert_eq!(
-                c.image_pull_policy.as_deref(),
-                Some("IfNotPresent"),
-                "{cid}"
-            );
-            let sc = c
-                .security_context
-                .as_ref()
-                .expect("container securityContext");
-            assert_eq!(sc.read_only_root_filesystem, Some(true), "{cid}");
-            assert_eq!(sc.allow_privilege_escalation, Some(false), "{cid}");
-            let drop = sc
-                .capabilities
-                .as_ref()
-                .and_then(|c| c.drop.clone())
-                .unwrap_or_default();
-            assert_eq!(drop, ["ALL"], "{cid}: drops every capability");
-            let res = c.resources.as_ref().expect("resources");
-            for (what, m) in [("requests", &res.requests), ("limits", &res.limits)] {
-                let m = m.as_ref().unwrap_or_else(|| panic!("{cid}: {what}"));
-                assert!(
-                    m.contains_key("cpu") && m.contains_key("memory"),
-                    "{cid}: {what} for cpu and memory"
-                );
-            }
-            for (which, probe) in [
-                ("readiness", &c.readiness_probe),
-                ("liveness", &c.liveness_probe),
-                ("startup", &c.startup_probe),
-            ] {
-                let Some(probe) = probe else { continue };
-                let ports = probe_ports(c, probe);
-                assert!(!ports.is_empty(), "{cid}: {which} probe has a port");
-                for p in ports {
-                    assert!(
-                        container_port(c, &p).is_some(),
-                        "{cid}: {which} probe port {p:?} is a container port"
+                if image.starts_with(REPO) {
+                    assert_eq!(
+                        tag, version,
+                        "{cid}: our images carry the workspace version"
                     );
+                } else {
+                    assert!(
+                        image.starts_with("quay.io/coreos/etcd:v3.5."),
+                        "{cid}: only the upstream etcd image besides ours: {image}"
+                    );
+                }
+                assert_eq!(
+                    c.image_pull_policy.as_deref(),
+                    Some("IfNotPresent"),
+                    "{cid}"
+                );
+                let sc = c
+                    .security_context
+                    .as_ref()
+                    .expect("container securityContext");
+                assert_eq!(sc.read_only_root_filesystem, Some(true), "{cid}");
+                assert_eq!(sc.allow_privilege_escalation, Some(false), "{cid}");
+                let drop = sc
+                    .capabilities
+                    .as_ref()
+                    .and_then(|c| c.drop.clone())
+                    .unwrap_or_default();
+                assert_eq!(drop, ["ALL"], "{cid}: drops every capability");
+                let res = c.resources.as_ref().expect("resources");
+                for (what, m) in [("requests", &res.requests), ("limits", &res.limits)] {
+                    let m = m.as_ref().unwrap_or_else(|| panic!("{cid}: {what}"));
+                    assert!(
+                        m.contains_key("cpu") && m.contains_key("memory"),
+                        "{cid}: {what} for cpu and memory"
+                    );
+                }
+                for (which, probe) in [
+                    ("readiness", &c.readiness_probe),
+                    ("liveness", &c.liveness_probe),
+                    ("startup", &c.startup_probe),
+                ] {
+                    let Some(probe) = probe else { continue };
+                    let ports = probe_ports(c, probe);
+                    assert!(!ports.is_empty(), "{cid}: {which} probe has a port");
+                    for p in ports {
+                        assert!(
+                            container_port(c, &p).is_some(),
+                            "{cid}: {which} probe port {p:?} is a container port"
+                        );
+                    }
                 }
             }
         }
@@ -550,76 +633,80 @@ fn workloads_are_consistent_pinned_and_locked_down() {
 
 #[test]
 fn services_select_workloads_and_target_real_ports() {
-    let r = rendered();
-    assert!(!r.services.is_empty());
-    for s in &r.services {
-        let name = s.metadata.name.clone().unwrap_or_default();
-        assert_eq!(
-            s.metadata.namespace.as_deref(),
-            Some(r.namespace.as_str()),
-            "{name}"
-        );
-        for p in s
-            .spec
-            .as_ref()
-            .and_then(|s| s.ports.as_ref())
-            .expect("ports")
-        {
-            let (w, _) = r
-                .resolve(&name, p.port)
-                .unwrap_or_else(|e| panic!("Service {name} port {}: {e:#}", p.port));
-            assert!(w.replicas > 0, "{name} selects {} with replicas", w.id());
+    for r in rendered_all() {
+        assert!(!r.services.is_empty());
+        for s in &r.services {
+            let name = s.metadata.name.clone().unwrap_or_default();
+            assert_eq!(
+                s.metadata.namespace.as_deref(),
+                Some(r.namespace.as_str()),
+                "{name}"
+            );
+            for p in s
+                .spec
+                .as_ref()
+                .and_then(|s| s.ports.as_ref())
+                .expect("ports")
+            {
+                let (w, _) = r
+                    .resolve(&name, p.port)
+                    .unwrap_or_else(|e| panic!("Service {name} port {}: {e:#}", p.port));
+                assert!(w.replicas > 0, "{name} selects {} with replicas", w.id());
+            }
         }
-    }
-    // The headless Service of the StatefulSet exists and is headless.
-    let etcd = r
-        .workloads
-        .iter()
-        .find(|w| w.kind == "StatefulSet")
-        .expect("etcd");
-    let headless = r.services.iter().find(|s| {
-        s.spec
-            .as_ref()
-            .is_some_and(|sp| sp.cluster_ip.as_deref() == Some("None"))
-    });
-    let headless = headless.expect("a headless Service");
-    assert!(etcd.selected_by(
-        &headless
-            .spec
-            .as_ref()
-            .unwrap()
-            .selector
-            .clone()
-            .unwrap_or_default()
-    ));
-    for p in &r.policies {
-        assert_eq!(p.metadata.namespace.as_deref(), Some(r.namespace.as_str()));
+        // The headless Service of the StatefulSet exists and is headless.
+        let etcd = r
+            .workloads
+            .iter()
+            .find(|w| w.kind == "StatefulSet")
+            .expect("etcd");
+        let headless = r.services.iter().find(|s| {
+            s.spec
+                .as_ref()
+                .is_some_and(|sp| sp.cluster_ip.as_deref() == Some("None"))
+        });
+        let headless = headless.expect("a headless Service");
+        assert!(etcd.selected_by(
+            &headless
+                .spec
+                .as_ref()
+                .unwrap()
+                .selector
+                .clone()
+                .unwrap_or_default()
+        ));
+        for p in &r.policies {
+            assert_eq!(p.metadata.namespace.as_deref(), Some(r.namespace.as_str()));
+        }
     }
 }
 
-/// The etcd StatefulSet: one member by default, and its initial cluster
-/// lists exactly its replicas under names the headless Service resolves.
+/// The etcd StatefulSet: one member in the base, three in the HA overlay,
+/// and its initial cluster lists exactly its replicas under names the
+/// headless Service resolves.
 #[test]
 fn etcd_members_match_the_initial_cluster() {
-    let r = rendered();
-    let etcd = r.workload("etcd");
-    assert_eq!(etcd.kind, "StatefulSet");
-    assert_eq!(etcd.replicas, 1, "one member by default");
-    let c = &etcd.containers()[0];
-    let env = container_env(etcd, c);
-    let cluster = &env["INITIAL_CLUSTER"];
-    let members: Vec<&str> = cluster.split(',').collect();
-    assert_eq!(members.len(), etcd.replicas as usize, "{cluster}");
-    for (i, m) in members.iter().enumerate() {
-        let (name, url) = m.split_once('=').expect("name=url");
-        assert_eq!(name, format!("etcd-{i}"));
-        let (host, port) = host_port(url);
-        assert_eq!(host, format!("etcd-{i}.etcd-headless"), "{m}");
-        let peer = IntOrString::String("peer".into());
-        assert_eq!(container_port(c, &peer), Some(port), "{m}");
+    for r in rendered_all() {
+        let etcd = r.workload("etcd");
+        assert_eq!(etcd.kind, "StatefulSet");
+        let members = if r.source == "manifests" { 1 } else { 3 };
+        assert_eq!(etcd.replicas, members, "{}: etcd members", r.source);
+        let c = &etcd.containers()[0];
+        let env = container_env(etcd, c);
+        let cluster = &env["INITIAL_CLUSTER"];
+        let members: Vec<&str> = cluster.split(',').collect();
+        assert_eq!(members.len(), etcd.replicas as usize, "{cluster}");
+        for (i, m) in members.iter().enumerate() {
+            let (name, url) = m.split_once('=').expect("name=url");
+            assert_eq!(name, format!("etcd-{i}"));
+            let (host, port) = host_port(url);
+            assert_eq!(host, format!("etcd-{i}.etcd-headless"), "{m}");
+            let peer = IntOrString::String("peer".into());
+            assert_eq!(container_port(c, &peer), Some(port), "{m}");
+        }
+        let args = c.args.clone().unwrap_or_default();
+        assert!(args.contains(&"--initial-cluster=$(INITIAL_CLUSTER)".to_owned()));
     }
-    let args = c.args.clone().unwrap_or_default();
-    assert!(args.contains(&"--initial-cluster=$(INITIAL_CLUSTER)".to_owned()));
 }
 
 fn server_args(r: &Rendered) -> (Vec<String>, greet_server::Args) {
@@ -648,226 +735,228 @@ fn prestop_seconds(c: &Container) -> i64 {
 
 #[test]
 fn greet_server_args_parse_and_agree_with_ports_probes_and_grace() {
-    let r = rendered();
-    let w = r.workload("greet-server");
-    assert_eq!((w.kind, w.replicas), ("Deployment", 3));
-    let c = &w.containers()[0];
-    assert_eq!(binary_of(c), "greet-server");
-    let (argv, args) = server_args(&r);
-    let cfg = args.config().unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    for r in rendered_all() {
+        let w = r.workload("greet-server");
+        assert_eq!((w.kind, w.replicas), ("Deployment", 3));
+        let c = &w.containers()[0];
+        assert_eq!(binary_of(c), "greet-server");
+        let (argv, args) = server_args(&r);
+        let cfg = args.config().unwrap_or_else(|e| panic!("{argv:?}: {e}"));
 
-    // POD_IP from the downward API, advertised with the listen port.
-    let pod_ip = c
-        .env
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .find(|e| e.name == "POD_IP")
-        .and_then(|e| e.value_from.as_ref()?.field_ref.as_ref())
-        .map(|f| f.field_path.clone());
-    assert_eq!(pod_ip.as_deref(), Some("status.podIP"));
-    let advertise = cfg.advertise.expect("--advertise set").as_str().to_owned();
-    assert_eq!(advertise, format!("10.244.1.7:{}", args.listen.port()));
-    assert!(
-        args.listen.ip().is_unspecified(),
-        "listens on every address"
-    );
-
-    // The gRPC port, the probes and the listen address agree.
-    let grpc = container_port(c, &IntOrString::String("grpc".into())).expect("port grpc");
-    assert_eq!(grpc, i32::from(args.listen.port()));
-    for (which, p) in [
-        ("readiness", &c.readiness_probe),
-        ("liveness", &c.liveness_probe),
-    ] {
-        let p = p.as_ref().unwrap_or_else(|| panic!("{which} probe"));
-        let g = p
-            .grpc
-            .as_ref()
-            .unwrap_or_else(|| panic!("{which}: a gRPC probe"));
-        assert_eq!(g.port, grpc, "{which} probe on the gRPC port");
+        // POD_IP from the downward API, advertised with the listen port.
+        let pod_ip = c
+            .env
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .find(|e| e.name == "POD_IP")
+            .and_then(|e| e.value_from.as_ref()?.field_ref.as_ref())
+            .map(|f| f.field_path.clone());
+        assert_eq!(pod_ip.as_deref(), Some("status.podIP"));
+        let advertise = cfg.advertise.expect("--advertise set").as_str().to_owned();
+        assert_eq!(advertise, format!("10.244.1.7:{}", args.listen.port()));
         assert!(
-            g.service.as_deref().unwrap_or_default().is_empty(),
-            "{which}: the server's overall health"
+            args.listen.ip().is_unspecified(),
+            "listens on every address"
         );
-    }
-    // Liveness must not kill a pod that is draining on purpose (NOT_SERVING).
-    let live = c.liveness_probe.as_ref().unwrap();
-    let patience = live.period_seconds.unwrap_or(10) * live.failure_threshold.unwrap_or(3);
-    assert!(
-        Duration::from_secs(patience as u64) > cfg.drain + cfg.shutdown_timeout,
-        "liveness tolerates {patience}s of NOT_SERVING; drain {:?} + shutdown {:?}",
-        cfg.drain,
-        cfg.shutdown_timeout
-    );
 
-    // Grace: preStop, then the drain, then in-flight calls, then revoking.
-    let grace = w
-        .spec()
-        .termination_grace_period_seconds
-        .expect("grace period");
-    let needed = Duration::from_secs(prestop_seconds(c) as u64)
-        + cfg.drain
-        + cfg.shutdown_timeout
-        + Duration::from_secs(2);
-    assert!(
-        Duration::from_secs(grace as u64) >= needed,
-        "terminationGracePeriodSeconds {grace} < preStop + drain + shutdown + 2s = {needed:?}"
-    );
-    assert!(cfg.drain >= Duration::from_secs(1), "a real drain");
+        // The gRPC port, the probes and the listen address agree.
+        let grpc = container_port(c, &IntOrString::String("grpc".into())).expect("port grpc");
+        assert_eq!(grpc, i32::from(args.listen.port()));
+        for (which, p) in [
+            ("readiness", &c.readiness_probe),
+            ("liveness", &c.liveness_probe),
+        ] {
+            let p = p.as_ref().unwrap_or_else(|| panic!("{which} probe"));
+            let g = p
+                .grpc
+                .as_ref()
+                .unwrap_or_else(|| panic!("{which}: a gRPC probe"));
+            assert_eq!(g.port, grpc, "{which} probe on the gRPC port");
+            assert!(
+                g.service.as_deref().unwrap_or_default().is_empty(),
+                "{which}: the server's overall health"
+            );
+        }
+        // Liveness must not kill a pod that is draining on purpose (NOT_SERVING).
+        let live = c.liveness_probe.as_ref().unwrap();
+        let patience = live.period_seconds.unwrap_or(10) * live.failure_threshold.unwrap_or(3);
+        assert!(
+            Duration::from_secs(patience as u64) > cfg.drain + cfg.shutdown_timeout,
+            "liveness tolerates {patience}s of NOT_SERVING; drain {:?} + shutdown {:?}",
+            cfg.drain,
+            cfg.shutdown_timeout
+        );
 
-    // etcd through its Service, to the etcd container's client port.
-    for e in &args.etcd.endpoints {
-        let (host, port) = host_port(e);
-        let (etcd, cport) = r.resolve(&host, port).expect("etcd endpoint resolves");
-        assert_eq!(etcd.name, "etcd");
-        assert_eq!(cport, 2379);
+        // Grace: preStop, then the drain, then in-flight calls, then revoking.
+        let grace = w
+            .spec()
+            .termination_grace_period_seconds
+            .expect("grace period");
+        let needed = Duration::from_secs(prestop_seconds(c) as u64)
+            + cfg.drain
+            + cfg.shutdown_timeout
+            + Duration::from_secs(2);
+        assert!(
+            Duration::from_secs(grace as u64) >= needed,
+            "terminationGracePeriodSeconds {grace} < preStop + drain + shutdown + 2s = {needed:?}"
+        );
+        assert!(cfg.drain >= Duration::from_secs(1), "a real drain");
+
+        // etcd through its Service, to the etcd container's client port.
+        for e in &args.etcd.endpoints {
+            let (host, port) = host_port(e);
+            let (etcd, cport) = r.resolve(&host, port).expect("etcd endpoint resolves");
+            assert_eq!(etcd.name, "etcd");
+            assert_eq!(cport, 2379);
+        }
     }
 }
 
 #[test]
 fn controller_args_parse_and_agree_with_service_and_network_policy() {
-    let r = rendered();
-    let w = r.workload("controller");
-    assert_eq!(
-        (w.kind, w.replicas),
-        ("Deployment", 2),
-        "two replicas: leader election"
-    );
-    let c = &w.containers()[0];
-    assert_eq!(binary_of(c), "controller");
-    let args = controller_args(&r);
-    let cfg = args.config().expect("controller flags are consistent");
-    let listen = i32::from(args.listen.port());
-    assert!(
-        args.listen.ip().is_unspecified(),
-        "reachable through its Service"
-    );
-    let http = container_port(c, &IntOrString::String("http".into())).expect("port http");
-    assert_eq!(http, listen);
-    for (p, path) in [
-        (&c.readiness_probe, "/readyz"),
-        (&c.liveness_probe, "/healthz"),
-    ] {
-        let h = p
-            .as_ref()
-            .and_then(|p| p.http_get.as_ref())
-            .expect("HTTP probe");
-        assert_eq!(h.path.as_deref(), Some(path));
-        assert_eq!(container_port(c, &h.port), Some(listen));
-    }
-    let grace = w.spec().termination_grace_period_seconds.expect("grace");
-    let needed = Duration::from_secs(prestop_seconds(c) as u64) + cfg.shutdown_timeout;
-    assert!(
-        Duration::from_secs(grace as u64) > needed,
-        "grace {grace}s > {needed:?}"
-    );
+    for r in rendered_all() {
+        let w = r.workload("controller");
+        assert_eq!(
+            (w.kind, w.replicas),
+            ("Deployment", 2),
+            "two replicas: leader election"
+        );
+        let c = &w.containers()[0];
+        assert_eq!(binary_of(c), "controller");
+        let args = controller_args(&r);
+        let cfg = args.config().expect("controller flags are consistent");
+        let listen = i32::from(args.listen.port());
+        assert!(
+            args.listen.ip().is_unspecified(),
+            "reachable through its Service"
+        );
+        let http = container_port(c, &IntOrString::String("http".into())).expect("port http");
+        assert_eq!(http, listen);
+        for (p, path) in [
+            (&c.readiness_probe, "/readyz"),
+            (&c.liveness_probe, "/healthz"),
+        ] {
+            let h = p
+                .as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .expect("HTTP probe");
+            assert_eq!(h.path.as_deref(), Some(path));
+            assert_eq!(container_port(c, &h.port), Some(listen));
+        }
+        let grace = w.spec().termination_grace_period_seconds.expect("grace");
+        let needed = Duration::from_secs(prestop_seconds(c) as u64) + cfg.shutdown_timeout;
+        assert!(
+            Duration::from_secs(grace as u64) > needed,
+            "grace {grace}s > {needed:?}"
+        );
 
-    // `kubectl port-forward svc/controller 8080` reaches the HTTP view.
-    let svc = r.service("controller");
-    let port = svc.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port;
-    assert_eq!(port, 8080);
-    let (target, cport) = r.resolve("controller", 8080).expect("Service resolves");
-    assert_eq!((target.name.as_str(), cport), ("controller", listen));
+        // `kubectl port-forward svc/controller 8080` reaches the HTTP view.
+        let svc = r.service("controller");
+        let port = svc.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port;
+        assert_eq!(port, 8080);
+        let (target, cport) = r.resolve("controller", 8080).expect("Service resolves");
+        assert_eq!((target.name.as_str(), cport), ("controller", listen));
 
-    // etcd endpoints.
-    let mut etcd_port = 0;
-    for e in &args.etcd.endpoints {
-        let (host, port) = host_port(e);
-        let (etcd, cport) = r.resolve(&host, port).expect("etcd endpoint resolves");
-        assert_eq!(etcd.name, "etcd");
-        etcd_port = cport;
-    }
+        // etcd endpoints.
+        let mut etcd_port = 0;
+        for e in &args.etcd.endpoints {
+            let (host, port) = host_port(e);
+            let (etcd, cport) = r.resolve(&host, port).expect("etcd endpoint resolves");
+            assert_eq!(etcd.name, "etcd");
+            etcd_port = cport;
+        }
 
-    // The NetworkPolicy covers the controller pods, lets HTTP in, and lets
-    // the controller reach etcd, the servers' gRPC port (its probes) and DNS.
-    let np = r
-        .policies
-        .iter()
-        .find(|p| {
-            let sel = p.spec.as_ref().and_then(|s| s.pod_selector.clone());
-            w.selected_by(&sel.and_then(|s| s.match_labels).unwrap_or_default())
-        })
-        .expect("a NetworkPolicy selects the controller pods");
-    let spec = np.spec.as_ref().unwrap();
-    let types = spec.policy_types.clone().unwrap_or_default();
-    assert!(types.contains(&"Ingress".into()) && types.contains(&"Egress".into()));
-    let ingress_ports: Vec<IntOrString> = spec
-        .ingress
-        .iter()
-        .flatten()
-        .flat_map(|r| r.ports.iter().flatten())
-        .filter_map(|p| p.port.clone())
-        .collect();
-    assert!(
-        ingress_ports
+        // The NetworkPolicy covers the controller pods, lets HTTP in, and lets
+        // the controller reach etcd, the servers' gRPC port (its probes) and DNS.
+        let np = r
+            .policies
             .iter()
-            .any(|p| container_port(c, p) == Some(listen)),
-        "ingress allows the HTTP port: {ingress_ports:?}"
-    );
-    let (_, server) = server_args(&r);
-    let server_port = i32::from(server.listen.port());
-    // A silently dead server is the controller's to remove, not its lease's.
-    assert!(
-        server.ttl > cfg.dead_after + 2 * cfg.probe_interval + cfg.probe_timeout,
-        "greet-server --ttl {:?} leaves the controller (--dead-after {:?}) time to act",
-        server.ttl,
-        cfg.dead_after
-    );
-    let egress_to = |workload: &str, port: i32| {
-        let target = r.workload(workload);
-        spec.egress.iter().flatten().any(|rule| {
-            let to_it = rule.to.iter().flatten().any(|peer| {
-                peer.pod_selector.as_ref().is_some_and(|s| {
-                    target.selected_by(&s.match_labels.clone().unwrap_or_default())
-                })
-            });
-            let on_port = rule
-                .ports
-                .iter()
-                .flatten()
-                .any(|p| p.port == Some(IntOrString::Int(port)));
-            to_it && on_port
-        })
-    };
-    assert!(egress_to("etcd", etcd_port), "egress to etcd:{etcd_port}");
-    assert!(
-        egress_to("greet-server", server_port),
-        "egress to servers:{server_port}"
-    );
-    let dns = spec.egress.iter().flatten().any(|rule| {
-        rule.ports
+            .find(|p| {
+                let sel = p.spec.as_ref().and_then(|s| s.pod_selector.clone());
+                w.selected_by(&sel.and_then(|s| s.match_labels).unwrap_or_default())
+            })
+            .expect("a NetworkPolicy selects the controller pods");
+        let spec = np.spec.as_ref().unwrap();
+        let types = spec.policy_types.clone().unwrap_or_default();
+        assert!(types.contains(&"Ingress".into()) && types.contains(&"Egress".into()));
+        let ingress_ports: Vec<IntOrString> = spec
+            .ingress
             .iter()
             .flatten()
-            .any(|p| p.port == Some(IntOrString::Int(53)) && p.protocol.as_deref() == Some("UDP"))
-    });
-    assert!(dns, "egress to DNS");
+            .flat_map(|r| r.ports.iter().flatten())
+            .filter_map(|p| p.port.clone())
+            .collect();
+        assert!(
+            ingress_ports
+                .iter()
+                .any(|p| container_port(c, p) == Some(listen)),
+            "ingress allows the HTTP port: {ingress_ports:?}"
+        );
+        let (_, server) = server_args(&r);
+        let server_port = i32::from(server.listen.port());
+        // A silently dead server is the controller's to remove, not its lease's.
+        assert!(
+            server.ttl > cfg.dead_after + 2 * cfg.probe_interval + cfg.probe_timeout,
+            "greet-server --ttl {:?} leaves the controller (--dead-after {:?}) time to act",
+            server.ttl,
+            cfg.dead_after
+        );
+        let egress_to = |workload: &str, port: i32| {
+            let target = r.workload(workload);
+            spec.egress.iter().flatten().any(|rule| {
+                let to_it = rule.to.iter().flatten().any(|peer| {
+                    peer.pod_selector.as_ref().is_some_and(|s| {
+                        target.selected_by(&s.match_labels.clone().unwrap_or_default())
+                    })
+                });
+                let on_port = rule
+                    .ports
+                    .iter()
+                    .flatten()
+                    .any(|p| p.port == Some(IntOrString::Int(port)));
+                to_it && on_port
+            })
+        };
+        assert!(egress_to("etcd", etcd_port), "egress to etcd:{etcd_port}");
+        assert!(
+            egress_to("greet-server", server_port),
+            "egress to servers:{server_port}"
+        );
+        let dns = spec.egress.iter().flatten().any(|rule| {
+            rule.ports.iter().flatten().any(|p| {
+                p.port == Some(IntOrString::Int(53)) && p.protocol.as_deref() == Some("UDP")
+            })
+        });
+        assert!(dns, "egress to DNS");
+    }
 }
 
 #[test]
 fn greet_client_args_parse_and_find_etcd() {
-    let r = rendered();
-    let w = r.workload("greet-client");
-    let c = &w.containers()[0];
-    assert_eq!(binary_of(c), "greet-client");
-    let argv = argv(w, c);
-    let args = greet_client::config::Args::try_parse_from(&argv)
-        .unwrap_or_else(|e| panic!("greet-client args {argv:?}: {e}"));
-    assert!(
-        args.command.is_none(),
-        "the default mode: prints who answered"
-    );
-    assert!(args.count.is_none(), "runs until stopped");
-    let (_, server) = server_args(&r);
-    assert_eq!(
-        args.common.service, server.service,
-        "calls the servers' service"
-    );
-    assert_eq!(args.common.prefix, server.prefix);
-    for e in &args.common.etcd.endpoints {
-        let (host, port) = host_port(e);
-        let (etcd, _) = r.resolve(&host, port).expect("etcd endpoint resolves");
-        assert_eq!(etcd.name, "etcd");
+    for r in rendered_all() {
+        let w = r.workload("greet-client");
+        let c = &w.containers()[0];
+        assert_eq!(binary_of(c), "greet-client");
+        let argv = argv(w, c);
+        let args = greet_client::config::Args::try_parse_from(&argv)
+            .unwrap_or_else(|e| panic!("greet-client args {argv:?}: {e}"));
+        assert!(
+            args.command.is_none(),
+            "the default mode: prints who answered"
+        );
+        assert!(args.count.is_none(), "runs until stopped");
+        let (_, server) = server_args(&r);
+        assert_eq!(
+            args.common.service, server.service,
+            "calls the servers' service"
+        );
+        assert_eq!(args.common.prefix, server.prefix);
+        for e in &args.common.etcd.endpoints {
+            let (host, port) = host_port(e);
+            let (etcd, _) = r.resolve(&host, port).expect("etcd endpoint resolves");
+            assert_eq!(etcd.name, "etcd");
+        }
     }
 }
 
@@ -876,28 +965,29 @@ fn greet_client_args_parse_and_find_etcd() {
 #[test]
 fn dockerfile_stages_match_the_manifests() {
     let text = std::fs::read_to_string(repo_root().join("Dockerfile")).expect("Dockerfile");
-    let r = rendered();
-    for w in &r.workloads {
-        for c in w.containers() {
-            let Some(path) = c.image.as_deref().and_then(|i| i.strip_prefix(REPO)) else {
-                continue;
-            };
-            let bin = path.split(':').next().unwrap();
-            let stage = text
-                .split("\nFROM ")
-                .find(|s| s.starts_with(&format!("scratch AS {bin}\n")))
-                .unwrap_or_else(|| panic!("Dockerfile has a `FROM scratch AS {bin}` stage"));
-            assert!(
-                stage.contains(&format!("ENTRYPOINT [\"/{bin}\"]")),
-                "{bin}: ENTRYPOINT"
-            );
-            let uid = w
-                .spec()
-                .security_context
-                .as_ref()
-                .and_then(|s| s.run_as_user)
-                .unwrap();
-            assert!(stage.contains(&format!("USER {uid}:")), "{bin}: USER {uid}");
+    for r in rendered_all() {
+        for w in &r.workloads {
+            for c in w.containers() {
+                let Some(path) = c.image.as_deref().and_then(|i| i.strip_prefix(REPO)) else {
+                    continue;
+                };
+                let bin = path.split(':').next().unwrap();
+                let stage = text
+                    .split("\nFROM ")
+                    .find(|s| s.starts_with(&format!("scratch AS {bin}\n")))
+                    .unwrap_or_else(|| panic!("Dockerfile has a `FROM scratch AS {bin}` stage"));
+                assert!(
+                    stage.contains(&format!("ENTRYPOINT [\"/{bin}\"]")),
+                    "{bin}: ENTRYPOINT"
+                );
+                let uid = w
+                    .spec()
+                    .security_context
+                    .as_ref()
+                    .and_then(|s| s.run_as_user)
+                    .unwrap();
+                assert!(stage.contains(&format!("USER {uid}:")), "{bin}: USER {uid}");
+            }
         }
     }
 }
@@ -915,41 +1005,142 @@ fn expand_follows_kubelet_rules() {
 /// the `prometheus.io/*` pod annotations agreeing with both.
 #[test]
 fn servers_and_clients_expose_metrics_where_scrapers_look() {
-    let r = rendered();
+    for r in rendered_all() {
+        let (_, server) = server_args(&r);
+        let client = {
+            let w = r.workload("greet-client");
+            let argv = argv(w, &w.containers()[0]);
+            greet_client::config::Args::try_parse_from(&argv)
+                .unwrap_or_else(|e| panic!("greet-client args {argv:?}: {e}"))
+        };
+        for (name, listen) in [
+            ("greet-server", server.metrics_listen),
+            ("greet-client", client.common.metrics_listen),
+        ] {
+            let w = r.workload(name);
+            let listen = listen.unwrap_or_else(|| panic!("{name}: --metrics-listen set"));
+            let c = &w.containers()[0];
+            assert_eq!(
+                container_port(c, &IntOrString::String("metrics".into())),
+                Some(i32::from(listen.port())),
+                "{name}: a port named metrics on --metrics-listen"
+            );
+            let annotations = w
+                .template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.annotations.clone())
+                .unwrap_or_default();
+            assert_eq!(
+                annotations.get("prometheus.io/scrape").map(String::as_str),
+                Some("true"),
+                "{name}"
+            );
+            assert_eq!(
+                annotations.get("prometheus.io/port"),
+                Some(&listen.port().to_string()),
+                "{name}"
+            );
+        }
+    }
+}
+
+/// The HA overlay: three etcd members that a drain takes one at a time and
+/// that never share a node; every client of etcd given all three members;
+/// the controller's replicas spread and one always kept.
+#[test]
+fn ha_overlay_survives_losing_a_member() {
+    let r = rendered_from("manifests/overlays/ha");
+    let etcd = r.workload("etcd");
+    assert_eq!(etcd.replicas, 3);
+    let anti = etcd
+        .spec()
+        .affinity
+        .as_ref()
+        .and_then(|a| a.pod_anti_affinity.as_ref())
+        .and_then(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+        .expect("etcd: required pod anti-affinity");
+    assert!(
+        anti.iter()
+            .any(|t| t.topology_key == "kubernetes.io/hostname"
+                && t.label_selector
+                    .as_ref()
+                    .and_then(|s| s.match_labels.as_ref())
+                    == Some(&etcd.selector)),
+        "one etcd member per node"
+    );
+    let budget = |name: &str| {
+        r.budgets
+            .iter()
+            .find(|b| b.metadata.name.as_deref() == Some(name))
+            .and_then(|b| b.spec.as_ref())
+            .unwrap_or_else(|| panic!("a PodDisruptionBudget for {name}"))
+    };
+    let etcd_pdb = budget("etcd");
+    assert_eq!(
+        etcd_pdb.max_unavailable,
+        Some(IntOrString::Int(1)),
+        "one member down at a time"
+    );
+    assert_eq!(
+        etcd_pdb
+            .selector
+            .as_ref()
+            .and_then(|s| s.match_labels.as_ref()),
+        Some(&etcd.selector)
+    );
+    let ctl = r.workload("controller");
+    let ctl_pdb = budget("controller");
+    assert_eq!(ctl_pdb.min_available, Some(IntOrString::Int(1)));
+    assert_eq!(
+        ctl_pdb
+            .selector
+            .as_ref()
+            .and_then(|s| s.match_labels.as_ref()),
+        Some(&ctl.selector)
+    );
+    assert!(
+        ctl.spec()
+            .topology_spread_constraints
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .any(|t| t.topology_key == "kubernetes.io/hostname"),
+        "controller replicas spread over nodes"
+    );
+
+    // Every etcd client, as the real binaries parse their args: all three
+    // members, each resolving to one pod of the etcd StatefulSet.
     let (_, server) = server_args(&r);
     let client = {
         let w = r.workload("greet-client");
         let argv = argv(w, &w.containers()[0]);
-        greet_client::config::Args::try_parse_from(&argv)
-            .unwrap_or_else(|e| panic!("greet-client args {argv:?}: {e}"))
+        greet_client::config::Args::try_parse_from(&argv).expect("greet-client args")
     };
-    for (name, listen) in [
-        ("greet-server", server.metrics_listen),
-        ("greet-client", client.common.metrics_listen),
+    let controller = controller_args(&r);
+    for (who, endpoints) in [
+        ("greet-server", &server.etcd.endpoints),
+        ("greet-client", &client.common.etcd.endpoints),
+        ("controller", &controller.etcd.endpoints),
     ] {
-        let w = r.workload(name);
-        let listen = listen.unwrap_or_else(|| panic!("{name}: --metrics-listen set"));
-        let c = &w.containers()[0];
+        let mut pods = Vec::new();
+        for e in endpoints {
+            let (host, port) = host_port(e);
+            let (w, _) = r
+                .resolve(&host, port)
+                .unwrap_or_else(|err| panic!("{who}: {e}: {err:#}"));
+            assert_eq!(w.name, "etcd", "{who}: {e}");
+            pods.push(host);
+        }
+        pods.sort();
+        pods.dedup();
         assert_eq!(
-            container_port(c, &IntOrString::String("metrics".into())),
-            Some(i32::from(listen.port())),
-            "{name}: a port named metrics on --metrics-listen"
-        );
-        let annotations = w
-            .template
-            .metadata
-            .as_ref()
-            .and_then(|m| m.annotations.clone())
-            .unwrap_or_default();
-        assert_eq!(
-            annotations.get("prometheus.io/scrape").map(String::as_str),
-            Some("true"),
-            "{name}"
-        );
-        assert_eq!(
-            annotations.get("prometheus.io/port"),
-            Some(&listen.port().to_string()),
-            "{name}"
+            pods.len(),
+            3,
+            "{who} knows all three members: {endpoints:?}"
         );
     }
 }

@@ -87,10 +87,11 @@ struct Rendered {
     labels: HashMap<String, Value>,
 }
 
-fn load() -> Result<Rendered> {
+/// Renders the kustomization at `source` (relative to the repository).
+fn load(source: &str) -> Result<Rendered> {
     let out = Command::new("kubectl")
         .arg("kustomize")
-        .arg(repo_root().join("manifests"))
+        .arg(repo_root().join(source))
         .output()
         .context("kubectl not found: ./scripts/setup.sh installs it")?;
     ensure!(out.status.success(), "kubectl kustomize failed");
@@ -314,7 +315,10 @@ fn preconditions() -> Result<Option<String>, String> {
     if !have("ip") {
         return Ok(Some("ip (iproute2)".into()));
     }
-    let probe = format!("e2e-probe-{}", std::process::id());
+    // Unique per call: the rehearsals run in parallel in one process.
+    static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let probe = format!("e2e-probe-{}-{n}", std::process::id());
     if Command::new("ip")
         .args(["netns", "add", &probe])
         .output()
@@ -336,27 +340,46 @@ fn preconditions() -> Result<Option<String>, String> {
     Ok(None)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn manifests_rehearsed_in_network_namespaces() -> Result<()> {
+/// The rendered manifests of `source` running, one namespace per pod.
+/// Fields drop in order: processes first, then their data, then the
+/// namespaces and the route.
+struct Rehearsal {
+    r: Rendered,
+    procs: Vec<(String, Proc)>,
+    pods: HashMap<String, Vec<Pod>>,
+    base: String,
+    search: String,
+    tmp: tempfile::TempDir,
+    /// Held for its `Drop`: namespaces and the route go last.
+    _net: Net,
+}
+
+/// Brings up every workload of `source`; `None` when the machine cannot
+/// (skipped with a message; on CI a missing tool fails instead).
+async fn up(source: &str, test: &str) -> Result<Option<Rehearsal>> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static RUNS: AtomicU32 = AtomicU32::new(0);
     match preconditions() {
         Err(why) => {
-            eprintln!("SKIPPED manifests_rehearsed_in_network_namespaces: {why}");
-            return Ok(());
+            eprintln!("SKIPPED {test}: {why}");
+            return Ok(None);
         }
         Ok(Some(tool)) => {
             let msg = format!("the rehearsal needs {tool}; ./scripts/setup.sh installs it");
             if std::env::var_os("CI").is_some() {
                 bail!(msg);
             }
-            eprintln!("SKIPPED manifests_rehearsed_in_network_namespaces: {msg}");
-            return Ok(());
+            eprintln!("SKIPPED {test}: {msg}");
+            return Ok(None);
         }
         Ok(None) => {}
     }
-    let r = load()?;
+    let r = load(source)?;
     let pid = std::process::id();
+    // Unique per rehearsal in this process (tests run in parallel).
+    let run = RUNS.fetch_add(1, Ordering::SeqCst);
     let mut net = Net {
-        tag: format!("e2e{:06}", pid % 1_000_000),
+        tag: format!("e2e{:05}{run}", pid % 100_000),
         subnet: String::new(),
         namespaces: Vec::new(),
         route: false,
@@ -365,7 +388,7 @@ async fn manifests_rehearsed_in_network_namespaces() -> Result<()> {
     // subnet with any route already (a stale run, something else) is
     // skipped for the next one.
     for i in 0..20 {
-        let subnet = format!("10.213.{}.0/24", 20 + (pid + i) % 200);
+        let subnet = format!("10.213.{}.0/24", 20 + (pid + i + run * 7) % 200);
         if sh(&["ip", "route", "add", "blackhole", &subnet]).is_ok() {
             net.subnet = subnet;
             net.route = true;
@@ -452,8 +475,29 @@ async fn manifests_rehearsed_in_network_namespaces() -> Result<()> {
         )?,
     ));
 
+    let mut reh = Rehearsal {
+        r,
+        procs,
+        pods,
+        base,
+        search,
+        tmp,
+        _net: net,
+    };
     // Containers, in the order a cluster would settle: etcd, then the rest.
-    let spawn = |w: &str, pod: &Pod, extra: &[&str]| -> Result<Proc> {
+    for w in ["etcd", "greet-server", "controller"] {
+        for pod in reh.pods[w].clone() {
+            let p = reh.spawn(w, &pod, &[])?;
+            reh.procs.push((pod.name.clone(), p));
+        }
+    }
+    Ok(Some(reh))
+}
+
+impl Rehearsal {
+    /// Starts `w`'s container in `pod` as the kubelet would, plus `extra` args.
+    fn spawn(&self, w: &str, pod: &Pod, extra: &[&str]) -> Result<Proc> {
+        let (r, base, tmp) = (&self.r, &self.base, &self.tmp);
         let (_, spec) = &r.workloads[w];
         let mut env: Vec<(String, String)> = vec![
             ("HOSTNAME".into(), pod.name.clone()),
@@ -492,52 +536,92 @@ async fn manifests_rehearsed_in_network_namespaces() -> Result<()> {
         argv.extend(extra.iter().map(|s| (*s).to_owned()));
         let envs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         Proc::spawn(&pod.name, "ip", &argv, &envs)
-    };
-    for w in ["etcd", "greet-server", "controller"] {
-        for pod in &pods[w] {
-            procs.push((pod.name.clone(), spawn(w, pod, &[])?));
-        }
     }
-    let client = pods["greet-client"][0].clone();
-    let controller_url = format!("http://controller.{search}:8080/services");
-    let logs = |procs: &[(String, Proc)]| -> String {
-        procs
+
+    fn logs(&self) -> String {
+        self.procs
             .iter()
             .map(|(n, p)| format!("--- {n}\n{}", p.log()))
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    fn client(&self) -> Pod {
+        self.pods["greet-client"][0].clone()
+    }
+
+    fn controller_url(&self) -> String {
+        format!("http://controller.{}:8080/services", self.search)
+    }
+
+    /// The client container in load mode (`bench --json` plus `extra`).
+    fn bench(&self, extra: &[&str]) -> Result<Proc> {
+        let mut args = vec!["bench", "--json"];
+        args.extend_from_slice(extra);
+        self.spawn("greet-client", &self.client(), &args)
+    }
+
+    /// Waits until the controller, read from the client's pod, lists every
+    /// server by pod IP; returns what it lists.
+    async fn controller_lists_servers(&self) -> Result<Vec<String>> {
+        let (client, url) = (self.client(), self.controller_url());
+        let server_addrs: Vec<String> = self.pods["greet-server"]
+            .iter()
+            .map(|p| format!("{}:3000", p.ip))
+            .collect();
+        eventually(
+            Duration::from_secs(60),
+            "controller lists 3 servers",
+            || {
+                let body = curl_in(&client, &url);
+                let want = server_addrs.clone();
+                async move {
+                    let got = listed(&body?);
+                    want.iter().all(|a| got.contains(a)).then_some(got)
+                }
+            },
+        )
+        .await
+        .with_context(|| self.logs())
+    }
+
+    /// Deletes `pod` as the kubelet does (preStop sleep, then SIGTERM) and
+    /// checks it exits 0.
+    async fn delete_server_pod(&mut self, pod: &Pod) -> Result<()> {
+        let idx = self
+            .procs
+            .iter()
+            .position(|(n, _)| *n == pod.name)
+            .context("pod running")?;
+        let (_, mut gone) = self.procs.remove(idx);
+        tokio::time::sleep(self.r.workloads["greet-server"].1.pre_stop).await;
+        gone.signal(Signal::SIGTERM)?;
+        ensure!(
+            gone.wait_exit(Duration::from_secs(30)).await? == Some(0),
+            "{}",
+            gone.log()
+        );
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn manifests_rehearsed_in_network_namespaces() -> Result<()> {
+    let Some(mut reh) = up("manifests", "manifests_rehearsed_in_network_namespaces").await? else {
+        return Ok(());
     };
+    let (r, pods) = (&reh.r, reh.pods.clone());
+    let client = reh.client();
+    let controller_url = reh.controller_url();
 
     // 1. The controller lists the three servers by pod IP.
-    let server_addrs: Vec<String> = pods["greet-server"]
-        .iter()
-        .map(|p| format!("{}:3000", p.ip))
-        .collect();
-    let found = eventually(
-        Duration::from_secs(60),
-        "controller lists 3 servers",
-        || {
-            let body = curl_in(&client, &controller_url);
-            let want = server_addrs.clone();
-            async move {
-                let got = listed(&body?);
-                want.iter().all(|a| got.contains(a)).then_some(got)
-            }
-        },
-    )
-    .await;
-    let found = found.with_context(|| logs(&procs))?;
+    let found = reh.controller_lists_servers().await?;
     assert_eq!(found.len(), 3, "{found:?}");
     eprintln!("controller lists {found:?}");
 
     // 2. The client, in its own namespace with the manifest's flags, spreads
     //    calls by weight (equal weights here: a third each).
-    let bench = |extra: &[&str]| -> Result<Proc> {
-        let mut args = vec!["bench", "--json"];
-        args.extend_from_slice(extra);
-        spawn("greet-client", &client, &args)
-    };
-    let mut b = bench(&["--concurrency", "4", "--requests", "600"])?;
+    let mut b = reh.bench(&["--concurrency", "4", "--requests", "600"])?;
     ensure!(
         b.wait_exit(Duration::from_secs(60)).await? == Some(0),
         "bench: {}",
@@ -580,10 +664,11 @@ async fn manifests_rehearsed_in_network_namespaces() -> Result<()> {
         }
     })
     .await
-    .with_context(|| logs(&procs))?;
+    .with_context(|| reh.logs())?;
     let took = cut_at.elapsed();
     assert_eq!(left.len(), 2, "{left:?}");
-    let deleted_by_controller = procs
+    let deleted_by_controller = reh
+        .procs
         .iter()
         .filter(|(n, _)| n.starts_with("controller"))
         .any(|(_, p)| {
@@ -594,7 +679,7 @@ async fn manifests_rehearsed_in_network_namespaces() -> Result<()> {
     assert!(
         deleted_by_controller,
         "the controller deleted {cut_addr} (after {took:?}; lease TTL {ttl:?}):\n{}",
-        logs(&procs)
+        reh.logs()
     );
     assert!(
         took < ttl,
@@ -604,20 +689,10 @@ async fn manifests_rehearsed_in_network_namespaces() -> Result<()> {
 
     // 4. Deleting a pod (SIGTERM) drains it: zero failed calls under load,
     //    it exits 0 and leaves the view.
-    let mut b = bench(&["--concurrency", "4", "--duration", "8s"])?;
+    let mut b = reh.bench(&["--concurrency", "4", "--duration", "8s"])?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let victim = pods["greet-server"][1].clone();
-    let idx = procs.iter().position(|(n, _)| *n == victim.name).unwrap();
-    let (_, mut gone) = procs.remove(idx);
-    // Pod deletion: the kubelet runs the preStop sleep, then sends SIGTERM.
-    tokio::time::sleep(r.workloads["greet-server"].1.pre_stop).await;
-    gone.signal(Signal::SIGTERM)?;
-    assert_eq!(
-        gone.wait_exit(Duration::from_secs(30)).await?,
-        Some(0),
-        "{}",
-        gone.log()
-    );
+    reh.delete_server_pod(&victim).await?;
     ensure!(
         b.wait_exit(Duration::from_secs(60)).await? == Some(0),
         "bench: {}",
@@ -638,7 +713,72 @@ async fn manifests_rehearsed_in_network_namespaces() -> Result<()> {
     )
     .await?;
 
-    drop(procs);
-    drop(net);
+    drop(reh);
+    Ok(())
+}
+
+/// The HA overlay: three etcd members, everyone given all three. One member
+/// is SIGKILLed while the client is under load: zero failed calls, and the
+/// registry still works on the two left (a drained pod leaves the view).
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_overlay_rehearsed_with_an_etcd_member_killed() -> Result<()> {
+    let Some(mut reh) = up(
+        "manifests/overlays/ha",
+        "ha_overlay_rehearsed_with_an_etcd_member_killed",
+    )
+    .await?
+    else {
+        return Ok(());
+    };
+    ensure!(reh.pods["etcd"].len() == 3, "three etcd members");
+    let found = reh.controller_lists_servers().await?;
+    eprintln!("controller lists {found:?} over a three-member etcd");
+
+    let mut b = reh.bench(&["--concurrency", "4", "--duration", "10s"])?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let member = reh.pods["etcd"][0].name.clone();
+    let idx = reh
+        .procs
+        .iter()
+        .position(|(n, _)| *n == member)
+        .context("etcd member running")?;
+    reh.procs[idx].1.signal(Signal::SIGKILL)?;
+    eprintln!("SIGKILLed etcd member {member}");
+    ensure!(
+        b.wait_exit(Duration::from_secs(60)).await? == Some(0),
+        "bench: {}",
+        b.log()
+    );
+    let report = b.json_report()?;
+    assert_eq!(
+        report["errors"], 0,
+        "an etcd member lost costs no call: {report}"
+    );
+    eprintln!(
+        "{} calls while an etcd member died, 0 failed",
+        report["calls"]
+    );
+
+    // The two members left still take writes and serve watches: a drained
+    // pod's key is revoked and the controller's view follows.
+    let victim = reh.pods["greet-server"][2].clone();
+    reh.delete_server_pod(&victim).await?;
+    let (client, url) = (reh.client(), reh.controller_url());
+    let victim_addr = format!("{}:3000", victim.ip);
+    eventually(
+        Duration::from_secs(30),
+        "drained pod leaves the view with one etcd member down",
+        || {
+            let body = curl_in(&client, &url);
+            let v = victim_addr.clone();
+            async move {
+                let got = listed(&body?);
+                (got.len() == 2 && !got.contains(&v)).then_some(())
+            }
+        },
+    )
+    .await
+    .with_context(|| reh.logs())?;
+    drop(reh);
     Ok(())
 }
