@@ -296,8 +296,10 @@ impl Watcher {
                 if resp.canceled() {
                     return Err(WatchError::Cancelled(resp.cancel_reason().to_owned()));
                 }
+                let mut last_event = None;
                 for event in resp.events() {
                     let Some(kv) = event.kv() else { continue };
+                    last_event = Some(kv.mod_revision());
                     match event.event_type() {
                         EventType::Put => {
                             let entry = Entry::from_kv(&self.cfg.root, kv);
@@ -314,8 +316,19 @@ impl Watcher {
                         }
                     }
                 }
-                if let Some(h) = resp.header() {
-                    self.revision = self.revision.max(h.revision());
+                // While a watch catches up, etcd sends at most 1,000
+                // revisions per response but stamps each with the store's
+                // current revision: only the events say how far this view
+                // reaches. A response without events (a progress notice) is
+                // sent only to a watch that has caught up, so its header
+                // revision is safe to resume from.
+                match last_event {
+                    Some(rev) => self.revision = self.revision.max(rev),
+                    None => {
+                        if let Some(h) = resp.header() {
+                            self.revision = self.revision.max(h.revision());
+                        }
+                    }
                 }
                 let (revision, entries) = (self.revision, self.map.len());
                 self.state.send_modify(|s| {
