@@ -319,17 +319,37 @@ impl Worker {
         });
     }
 
+    /// Acknowledges every change so far without writing it: only where
+    /// there is nothing to write (etcd away, the key not ours); the next
+    /// registration writes the current value.
     fn ack_desired(&mut self) {
         let generation = self.desired.borrow_and_update().0;
-        self.applied.send_replace(generation);
+        self.mark_written(generation);
     }
 
-    fn value(&self) -> String {
-        self.desired
-            .borrow()
+    /// Acknowledges the changes up to `generation`, which etcd now holds.
+    /// Never more: a change that arrives while a write is in flight stays
+    /// pending (the desired channel still reports it), so it is written
+    /// next instead of being marked done.
+    fn mark_written(&self, generation: u64) {
+        self.applied.send_if_modified(|g| {
+            if generation > *g {
+                *g = generation;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// The value to write now and its generation.
+    fn value(&self) -> (u64, String) {
+        let desired = self.desired.borrow();
+        let json = desired
             .1
             .to_json()
-            .expect("weight validated at spawn and clamped in set_weight")
+            .expect("weight validated at spawn and clamped in set_weight");
+        (desired.0, json)
     }
 
     /// One connected stretch: keep-alive + watch, until an error or cancel.
@@ -418,9 +438,15 @@ impl Worker {
                         std::future::pending::<()>().await;
                     }
                     if registered {
+                        // Marks the change seen before writing: one that
+                        // arrives during the write wakes this branch again.
+                        self.desired.borrow_and_update();
                         registered = self.update(&mut client, id).await?;
                     }
-                    self.ack_desired();
+                    if !registered {
+                        // Not ours to write: nothing holds the drain up.
+                        self.ack_desired();
+                    }
                 }
             }
         }
@@ -431,11 +457,12 @@ impl Worker {
     async fn claim(&mut self, client: &mut Client, id: i64) -> Result<bool, SessionError> {
         for _ in 0..5 {
             let current = bounded(client.get(self.key.as_str(), None)).await?;
-            let value = self.value();
+            let (generation, value) = self.value();
             let compare = match current.kvs().first() {
                 None => Compare::create_revision(self.key.as_str(), CompareOp::Equal, 0),
                 Some(kv) if kv.lease() == id => {
                     if kv.value() == value.as_bytes() {
+                        self.mark_written(generation);
                         self.set_status(Status::Registered { lease: id });
                         return Ok(true);
                     }
@@ -461,7 +488,7 @@ impl Worker {
                 Some(PutOptions::new().with_lease(id)),
             )]);
             if bounded(client.txn(txn)).await?.succeeded() {
-                self.ack_desired();
+                self.mark_written(generation);
                 self.set_status(Status::Registered { lease: id });
                 return Ok(true);
             }
@@ -480,7 +507,7 @@ impl Worker {
     /// Rewrites our value (e.g. weight 0 for draining) only while the key is
     /// still on our lease.
     async fn update(&mut self, client: &mut Client, id: i64) -> Result<bool, SessionError> {
-        let value = self.value();
+        let (generation, value) = self.value();
         let txn = Txn::new()
             .when([Compare::lease(self.key.as_str(), CompareOp::Equal, id)])
             .and_then([TxnOp::put(
@@ -489,7 +516,8 @@ impl Worker {
                 Some(PutOptions::new().with_lease(id)),
             )]);
         if bounded(client.txn(txn)).await?.succeeded() {
-            debug!(lease = id, "value updated");
+            debug!(lease = id, generation, "value updated");
+            self.mark_written(generation);
             Ok(true)
         } else {
             self.claim(client, id).await

@@ -1,0 +1,88 @@
+//! The registrar against a real etcd, driven in-process: what happens to
+//! weight changes during slow writes, and when the handle is dropped
+//! (issue 10). The greet-server binary's registration behaviour is tested
+//! in `greet-server/tests/registration.rs`.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use etcd_client::Client;
+use registry::etcd::EtcdConfig;
+use registry::registrar::{Registrar, RegistrarConfig, Status};
+use registry::schema::{Addr, ServiceName};
+use testkit::{eventually, Etcd, Proxy};
+
+fn cfg(port: u16, ttl: u64) -> Result<RegistrarConfig> {
+    Ok(RegistrarConfig {
+        root: "/ns/".into(),
+        service: ServiceName::new("greet_service")?,
+        addr: format!("127.0.0.1:{port}").parse::<Addr>()?,
+        version: "1.0.0".into(),
+        weight: 100,
+        ttl: Duration::from_secs(ttl),
+    })
+}
+
+fn key(port: u16) -> String {
+    format!("/ns/greet_service/127.0.0.1:{port}")
+}
+
+/// (weight, lease) of a key, if present.
+async fn read(c: &mut Client, key: &str) -> Option<(u64, i64)> {
+    let resp = c.get(key, None).await.ok()?;
+    let kv = resp.kvs().first()?;
+    let v: serde_json::Value = serde_json::from_slice(kv.value()).ok()?;
+    Some((v["weight"].as_u64()?, kv.lease()))
+}
+
+async fn registered(status: &mut tokio::sync::watch::Receiver<Status>) -> Result<i64> {
+    let s = tokio::time::timeout(
+        Duration::from_secs(15),
+        status.wait_for(|s| matches!(s, Status::Registered { .. })),
+    )
+    .await
+    .context("registration")??
+    .clone();
+    match s {
+        Status::Registered { lease } => Ok(lease),
+        other => anyhow::bail!("status {other:?}"),
+    }
+}
+
+/// Defect 4 of issue 10: a `set_weight(0)` that arrives while a claim's
+/// transaction is on its way must still reach etcd: only the generation
+/// actually written counts as applied.
+#[tokio::test]
+async fn a_weight_change_during_a_slow_claim_is_written() -> Result<()> {
+    let etcd = Etcd::start().await?;
+    let mut c = etcd.client().await?;
+    let proxy = Proxy::start(format!("127.0.0.1:{}", etcd.client_port).parse()?).await?;
+    let port = testkit::free_port();
+    let reg = Registrar::spawn(EtcdConfig::plain([proxy.addr.to_string()]), cfg(port, 30)?)?;
+    let mut status = reg.status();
+    registered(&mut status).await?;
+
+    // Every request now reaches etcd a second late. Deleting the key makes
+    // the registrar claim it again: a Get (arrives at ~1 s), then the
+    // transaction (sent at ~1 s, arrives at ~2 s). The drain lands in
+    // between, after the claim has read the value it writes.
+    proxy.set_delay(Duration::from_secs(1));
+    c.delete(key(port), None).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let acked = reg.set_weight(0, Duration::from_secs(10)).await;
+    proxy.set_delay(Duration::ZERO);
+
+    let in_etcd = eventually(Duration::from_secs(8), "weight 0 in etcd", || {
+        let mut c = c.clone();
+        async move { read(&mut c, &key(port)).await.filter(|(w, _)| *w == 0) }
+    })
+    .await;
+    let now = read(&mut c, &key(port)).await;
+    assert!(
+        in_etcd.is_ok(),
+        "set_weight(0) returned {acked} but etcd holds (weight, lease) {now:?}"
+    );
+    assert!(acked, "the write was confirmed");
+    reg.deregister(Duration::from_secs(5)).await;
+    Ok(())
+}
