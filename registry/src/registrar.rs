@@ -14,7 +14,8 @@
 //!   process) it logs the conflict once, writes nothing, and takes over when
 //!   that key goes away with its lease;
 //! - retries everything with jittered exponential backoff and never gives up;
-//! - on [`Registrar::deregister`] revokes the lease, which deletes the key.
+//! - on [`Registrar::deregister`], or when its handle is dropped, revokes
+//!   the lease, which deletes the key.
 //!
 //! A lease-less key on our address is taken over: no heartbeating process
 //! can own it, and it names this very endpoint.
@@ -86,13 +87,30 @@ pub enum Status {
 }
 
 /// Handle to the background registration loop.
+///
+/// The registration lives exactly as long as this handle. Dropping it is
+/// the same as [`Registrar::deregister`] without the wait: the loop is
+/// cancelled and revokes the lease in the background (the key goes at
+/// once), then ends. A handle dropped by mistake therefore shows at once as
+/// a missing key, instead of a loop that silently stops renewing and a key
+/// that expires a TTL later; and no task is left behind. Keep the handle
+/// for the life of the server; call [`Registrar::deregister`] to wait for
+/// the revoke.
 #[derive(Debug)]
+#[must_use = "dropping the Registrar deregisters the endpoint at once"]
 pub struct Registrar {
     desired: watch::Sender<(u64, Endpoint)>,
     applied: watch::Receiver<u64>,
     status: watch::Receiver<Status>,
     cancel: CancellationToken,
-    task: JoinHandle<()>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Drop for Registrar {
+    fn drop(&mut self) {
+        // The task sees the cancel, revokes (bounded) and ends by itself.
+        self.cancel.cancel();
+    }
 }
 
 impl Registrar {
@@ -130,7 +148,7 @@ impl Registrar {
             applied,
             status,
             cancel,
-            task,
+            task: Some(task),
         })
     }
 
@@ -157,9 +175,11 @@ impl Registrar {
 
     /// Stops the loop and revokes the lease (deleting the key), waiting at
     /// most `wait`. If etcd cannot be reached the key expires with its TTL.
-    pub async fn deregister(self, wait: Duration) {
+    pub async fn deregister(mut self, wait: Duration) {
         self.cancel.cancel();
-        let mut task = self.task;
+        let Some(mut task) = self.task.take() else {
+            return;
+        };
         if timeout(wait, &mut task).await.is_err() {
             warn!("deregistration timed out; the key expires with its lease");
             task.abort();
@@ -434,8 +454,8 @@ impl Worker {
                 }
                 changed = self.desired.changed() => {
                     if changed.is_err() {
-                        // Handle dropped without deregistering: keep going.
-                        std::future::pending::<()>().await;
+                        // The handle is gone: it cancelled us on drop.
+                        return Ok(());
                     }
                     if registered {
                         // Marks the change seen before writing: one that

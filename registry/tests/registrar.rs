@@ -86,3 +86,37 @@ async fn a_weight_change_during_a_slow_claim_is_written() -> Result<()> {
     reg.deregister(Duration::from_secs(5)).await;
     Ok(())
 }
+
+/// Defect 5 of issue 10: dropping the handle cancels the loop and revokes
+/// the lease, so the key goes at once (not after a TTL of silence) and no
+/// task is left behind.
+#[tokio::test]
+async fn dropping_the_handle_deregisters() -> Result<()> {
+    let etcd = Etcd::start().await?;
+    let mut c = etcd.client().await?;
+    let port = testkit::free_port();
+    let reg = Registrar::spawn(EtcdConfig::plain([etcd.endpoint()]), cfg(port, 30)?)?;
+    let mut status = reg.status();
+    let lease = registered(&mut status).await?;
+    drop(reg);
+
+    let gone = eventually(Duration::from_secs(5), "the key to go", || {
+        let mut c = c.clone();
+        async move { read(&mut c, &key(port)).await.is_none().then_some(()) }
+    })
+    .await;
+    let ttl = c.lease_time_to_live(lease, None).await?.ttl();
+    assert!(
+        gone.is_ok(),
+        "key still there 5 s after the drop (lease {lease:x} has {ttl} s left of 30)"
+    );
+    assert!(ttl <= 0, "the lease was revoked, not left to expire: {ttl}");
+    let end = tokio::time::timeout(
+        Duration::from_secs(5),
+        status.wait_for(|s| *s == Status::Deregistered),
+    )
+    .await
+    .map(|r| r.is_ok());
+    assert!(end.is_ok(), "the loop ended: {:?}", *status.borrow());
+    Ok(())
+}
