@@ -141,6 +141,7 @@ impl Registrar {
             applied: applied_tx,
             status: status_tx,
             cancel: cancel.clone(),
+            granted_at: None,
         };
         let task = tokio::spawn(worker.run().instrument(span));
         Ok(Self {
@@ -230,6 +231,30 @@ where
         .map_err(SessionError::from)
 }
 
+/// What a batch of events on our own key leaves it as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OwnKey {
+    /// On our lease.
+    Ours,
+    /// Gone, or written without a lease: claim it.
+    Claim,
+    /// On another live lease.
+    Foreign(i64),
+}
+
+/// Decides by the batch's last event, the key's state once the batch is
+/// applied. Going event by event and passing over our own Puts would let an
+/// older foreign Put in the same batch have the last word, and the
+/// registrar believe it lost a key it holds.
+fn own_key_after(events: impl IntoIterator<Item = (EventType, i64)>, id: i64) -> Option<OwnKey> {
+    events.into_iter().last().map(|(kind, lease)| match kind {
+        EventType::Delete => OwnKey::Claim,
+        EventType::Put if lease == id => OwnKey::Ours,
+        EventType::Put if lease == 0 => OwnKey::Claim,
+        EventType::Put => OwnKey::Foreign(lease),
+    })
+}
+
 struct Worker {
     key: String,
     ttl_secs: i64,
@@ -238,6 +263,8 @@ struct Worker {
     applied: watch::Sender<u64>,
     status: watch::Sender<Status>,
     cancel: CancellationToken,
+    /// When the current lease was granted (None before the first grant).
+    granted_at: Option<Instant>,
 }
 
 impl Worker {
@@ -249,6 +276,11 @@ impl Worker {
         let max_delay = (Duration::from_secs(self.ttl_secs as u64) / 4)
             .clamp(Duration::from_millis(200), Duration::from_secs(5));
         let mut backoff = Backoff::new(Duration::from_millis(200), max_delay);
+        // Separate from `backoff`, which every successful claim resets: a
+        // lease lost right after each grant (a revoking script, an etcd
+        // that forgets leases) still claims successfully in between.
+        let mut lease_backoff = Backoff::new(Duration::from_millis(200), max_delay);
+        let ttl = Duration::from_secs(self.ttl_secs as u64);
         let mut lease: Option<i64> = None;
         let mut client: Option<Client> = None;
         while !self.cancel.is_cancelled() {
@@ -271,10 +303,27 @@ impl Worker {
             match result {
                 Ok(()) => break,
                 Err(SessionError::LeaseLost(id)) => {
-                    // Not a failure of etcd: register again at once.
-                    info!(lease = id, "lease lost; registering with a new lease");
                     lease = None;
-                    continue;
+                    let lived = self.granted_at.map(|t| t.elapsed());
+                    if lived.is_none_or(|l| l >= ttl) {
+                        // A lease that served its TTL: not a failure of
+                        // etcd, register again at once.
+                        lease_backoff.reset();
+                        info!(lease = id, "lease lost; registering with a new lease");
+                        continue;
+                    }
+                    let delay = lease_backoff.next_delay();
+                    warn!(
+                        lease = id,
+                        ?lived,
+                        ?delay,
+                        attempt = lease_backoff.attempts(),
+                        "lease lost soon after its grant; waiting before granting another"
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => continue,
+                        () = self.cancel.cancelled() => break,
+                    }
                 }
                 Err(e) => {
                     self.set_status(Status::Connecting);
@@ -383,6 +432,7 @@ impl Worker {
             Some(id) => id,
             None => {
                 let granted = bounded(client.lease_grant(self.ttl_secs, None)).await?;
+                self.granted_at = Some(Instant::now());
                 debug!(lease = granted.id(), ttl = granted.ttl(), "lease granted");
                 *lease = Some(granted.id());
                 granted.id()
@@ -430,25 +480,27 @@ impl Worker {
                     if resp.canceled() {
                         return Err(SessionError::WatchCancelled(resp.cancel_reason().to_owned()));
                     }
-                    for event in resp.events() {
-                        let Some(kv) = event.kv() else { continue };
-                        match event.event_type() {
-                            EventType::Delete => {
-                                if registered {
-                                    info!(lease = id, "our key vanished; registering again");
-                                }
-                                registered = self.claim(&mut client, id).await?;
+                    let events = resp
+                        .events()
+                        .iter()
+                        .filter_map(|e| e.kv().map(|kv| (e.event_type(), kv.lease())));
+                    match own_key_after(events, id) {
+                        None => {}
+                        // Ours again (our own write, seen late): confirm,
+                        // and write a newer value if any.
+                        Some(OwnKey::Ours) if !registered => {
+                            registered = self.claim(&mut client, id).await?;
+                        }
+                        Some(OwnKey::Ours) => {}
+                        Some(OwnKey::Claim) => {
+                            if registered {
+                                info!(lease = id, "our key vanished or lost its lease; registering again");
                             }
-                            EventType::Put if kv.lease() != id => {
-                                registered = false;
-                                if kv.lease() == 0 {
-                                    // A lease-less write on our address: take it back.
-                                    registered = self.claim(&mut client, id).await?;
-                                } else {
-                                    self.set_status(Status::Conflict { owner_lease: kv.lease() });
-                                }
-                            }
-                            EventType::Put => {}
+                            registered = self.claim(&mut client, id).await?;
+                        }
+                        Some(OwnKey::Foreign(owner_lease)) => {
+                            registered = false;
+                            self.set_status(Status::Conflict { owner_lease });
                         }
                     }
                 }
@@ -542,5 +594,33 @@ impl Worker {
         } else {
             self.claim(client, id).await
         }
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_event_on_our_key_decides() {
+        let (us, them) = (7, 9);
+        // Defect 8 of issue 10: an older foreign Put in the same batch as
+        // our own Put.
+        assert_eq!(
+            own_key_after([(EventType::Put, them), (EventType::Put, us)], us),
+            Some(OwnKey::Ours)
+        );
+        assert_eq!(
+            own_key_after([(EventType::Put, us), (EventType::Put, them)], us),
+            Some(OwnKey::Foreign(them))
+        );
+        assert_eq!(
+            own_key_after([(EventType::Put, us), (EventType::Delete, 0)], us),
+            Some(OwnKey::Claim)
+        );
+        assert_eq!(
+            own_key_after([(EventType::Put, them), (EventType::Put, 0)], us),
+            Some(OwnKey::Claim)
+        );
+        assert_eq!(own_key_after([], us), None);
     }
 }

@@ -120,3 +120,43 @@ async fn dropping_the_handle_deregisters() -> Result<()> {
     assert!(end.is_ok(), "the loop ended: {:?}", *status.borrow());
     Ok(())
 }
+
+/// Defect 8 of issue 10: when every lease is lost as soon as it is granted
+/// (a revoking script, an etcd that forgets leases), the registrar must back
+/// off between grants instead of granting in a hot loop.
+#[tokio::test]
+async fn leases_lost_at_once_are_granted_again_with_backoff() -> Result<()> {
+    let etcd = Etcd::start().await?;
+    let mut c = etcd.client().await?;
+    let port = testkit::free_port();
+    let reg = Registrar::spawn(EtcdConfig::plain([etcd.endpoint()]), cfg(port, 4)?)?;
+    let mut status = reg.status();
+    registered(&mut status).await?;
+
+    // Revoke every lease etcd holds, as soon as it appears, for 4 s.
+    let mut seen = std::collections::BTreeSet::new();
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < until {
+        for l in c.leases().await?.leases() {
+            seen.insert(l.id());
+            let _ = c.lease_revoke(l.id()).await;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // With a backoff from 200 ms up to TTL/4 = 1 s, 4 s hold well under 20
+    // grants; a hot loop grants one per revocation, hundreds.
+    assert!(
+        seen.len() <= 20,
+        "{} leases granted in 4 s of losing each at once",
+        seen.len()
+    );
+    // And it comes back once leases survive again.
+    registered(&mut status).await?;
+    eventually(Duration::from_secs(10), "the key back", || {
+        let mut c = c.clone();
+        async move { read(&mut c, &key(port)).await }
+    })
+    .await?;
+    reg.deregister(Duration::from_secs(5)).await;
+    Ok(())
+}
