@@ -378,7 +378,11 @@ impl Watcher {
             .map(|h| (h.revision(), h.cluster_id()))
             .unwrap_or_default();
         let synced = self.state.borrow().synced;
-        if !synced || cluster != self.cluster_id || rev < self.revision {
+        let same_history = synced
+            && cluster == self.cluster_id
+            && rev >= self.revision
+            && self.same_history().await?;
+        if !same_history {
             if synced {
                 info!(prefix = %self.cfg.prefix, seen = self.revision, now = rev,
                       grace = ?self.cfg.wipe_grace,
@@ -387,6 +391,65 @@ impl Watcher {
             self.relist(synced).await?;
         }
         self.start_watch().await
+    }
+
+    /// Whether etcd still has the history this view was built from.
+    ///
+    /// A wiped member restarted with the same name and peer URLs keeps its
+    /// cluster id, and once its new history passes the revision we saw,
+    /// neither the id nor "revision went backwards" tells. What does: the
+    /// prefix as of our revision must hold as many keys as our view, and
+    /// the key we saw written last must be exactly as we saw it (same
+    /// revisions, lease and value; lease ids differ across histories). A
+    /// compacted revision says nothing here; the watch then reports the
+    /// compaction and we relist anyway.
+    async fn same_history(&mut self) -> Result<bool, WatchError> {
+        let client = self.client.as_mut().expect("connected before checking");
+        let at = self.revision;
+        let count = bounded(
+            client.get(
+                self.cfg.prefix.as_str(),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_count_only()
+                        .with_revision(at),
+                ),
+            ),
+        )
+        .await;
+        let count = match count {
+            Ok(resp) => resp.count(),
+            Err(WatchError::Etcd(e)) if is_compacted(&e) => return Ok(true),
+            Err(e) => return Err(e),
+        };
+        if usize::try_from(count).ok() != Some(self.map.len()) {
+            debug!(prefix = %self.cfg.prefix, revision = at, count, entries = self.map.len(),
+                   "etcd's count at our revision differs from our view");
+            return Ok(false);
+        }
+        let Some(newest) = self.map.values().max_by_key(|e| e.mod_revision) else {
+            return Ok(true);
+        };
+        let resp = bounded(client.get(
+            newest.key.as_bytes(),
+            Some(GetOptions::new().with_revision(at)),
+        ))
+        .await;
+        let resp = match resp {
+            Ok(resp) => resp,
+            Err(WatchError::Etcd(e)) if is_compacted(&e) => return Ok(true),
+            Err(e) => return Err(e),
+        };
+        let same = resp
+            .kvs()
+            .first()
+            .is_some_and(|kv| Entry::from_kv(&self.cfg.root, kv) == *newest);
+        if !same {
+            debug!(prefix = %self.cfg.prefix, key = %newest.key, revision = at,
+                   "the last key we saw is not as we saw it");
+        }
+        Ok(same)
     }
 
     async fn start_watch(&mut self) -> Result<(), WatchError> {
@@ -460,9 +523,10 @@ impl Watcher {
         }
         let old = std::mem::take(&mut self.map);
         for (key, entry) in &fresh {
-            if old.get(key).is_none_or(|o| {
-                o.mod_revision != entry.mod_revision || o.create_revision != entry.create_revision
-            }) {
+            // The whole entry, lease and value included: after a wipe,
+            // servers re-registering in the same order produce the same
+            // revisions on new leases.
+            if old.get(key) != Some(entry) {
                 self.warns.entry(entry);
                 self.pending.push_back(Event::Applied(entry.clone()));
             }
@@ -561,6 +625,11 @@ async fn bounded<T>(
         .await
         .map_err(|_| WatchError::Timeout(REQUEST_TIMEOUT))?
         .map_err(WatchError::from)
+}
+
+/// Whether etcd refused a read because the revision was compacted.
+fn is_compacted(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("compacted"))
 }
 
 /// The smallest key greater than every key with this prefix.

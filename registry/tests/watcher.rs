@@ -10,9 +10,10 @@ use registry::etcd::EtcdConfig;
 use registry::watcher::{Event, Watcher, WatcherConfig};
 use testkit::{Etcd, Proxy};
 
-/// Applies events to a map of key -> weight (None for invalid values).
+/// Applies events to a map of key -> weight (None for invalid values), and
+/// of key -> lease.
 #[derive(Default)]
-struct View(BTreeMap<String, Option<u32>>);
+struct View(BTreeMap<String, Option<u32>>, BTreeMap<String, i64>);
 
 impl View {
     fn apply(&mut self, ev: &Event) {
@@ -20,9 +21,11 @@ impl View {
             Event::Applied(e) => {
                 self.0
                     .insert(e.key.clone(), e.member.as_ref().ok().map(|m| m.weight));
+                self.1.insert(e.key.clone(), e.lease);
             }
             Event::Removed(e) => {
                 self.0.remove(&e.key);
+                self.1.remove(&e.key);
             }
             Event::Synced { .. } => {}
         }
@@ -374,4 +377,136 @@ async fn resumes_after_the_last_delivered_event_when_cut_during_catch_up() -> Re
         want.len()
     );
     Ok(())
+}
+
+/// key -> lease of every key under `/ns/` in etcd now.
+async fn etcd_leases(c: &mut etcd_client::Client) -> Result<BTreeMap<String, i64>> {
+    let resp = c
+        .get("/ns/", Some(etcd_client::GetOptions::new().with_prefix()))
+        .await?;
+    Ok(resp
+        .kvs()
+        .iter()
+        .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.lease()))
+        .collect())
+}
+
+/// Reads events until the view (weights and leases) equals etcd's, or
+/// fails after 15 s saying how they differ.
+async fn converge(w: &mut Watcher, view: &mut View, c: &mut etcd_client::Client) -> Result<()> {
+    let want = etcd_view(c).await?;
+    let want_leases = etcd_leases(c).await?;
+    let done = tokio::time::timeout(Duration::from_secs(15), async {
+        while view.0 != want || view.1 != want_leases {
+            let ev = w.next().await;
+            view.apply(&ev);
+        }
+    })
+    .await;
+    anyhow::ensure!(
+        done.is_ok(),
+        "the view never matched etcd's.\nview:   {:?} {:?}\netcd:   {:?} {:?}",
+        view.0,
+        view.1,
+        want,
+        want_leases
+    );
+    Ok(())
+}
+
+/// Defect 3 of issue 10: a wiped etcd restarted with the same name and peer
+/// URLs keeps its cluster id; once its new history has passed the revision
+/// the watcher saw, "revision went backwards" no longer shows the wipe. The
+/// watcher must not resume into the new history as if it were the old one.
+#[tokio::test]
+async fn a_wiped_etcd_that_has_passed_the_old_revision_is_relisted() -> Result<()> {
+    let mut etcd = Etcd::start().await?;
+    let mut c = etcd.client().await?;
+    for i in 1..=5 {
+        c.put(
+            format!("/ns/a/127.0.0.1:{i}"),
+            format!("127.0.0.1:{i}"),
+            None,
+        )
+        .await?;
+    }
+    let proxy = Proxy::start(format!("127.0.0.1:{}", etcd.client_port).parse()?).await?;
+    let mut w = Watcher::new(
+        EtcdConfig::plain([proxy.addr.to_string()]),
+        WatcherConfig {
+            wipe_grace: Duration::from_millis(500),
+            ..svc_cfg()
+        },
+    );
+    let mut view = View::default();
+    sync(&mut w, &mut view).await?;
+    let seen = c
+        .get("/ns/", None)
+        .await?
+        .header()
+        .context("header")?
+        .revision();
+
+    proxy.cut();
+    let _ = tokio::time::timeout(Duration::from_millis(300), w.next()).await;
+    etcd.restart(true).await?;
+    let mut c = etcd.client().await?;
+    // The new history: other keys, and more revisions than the old one had.
+    for i in 6..=8 {
+        c.put(
+            format!("/ns/a/127.0.0.1:{i}"),
+            format!("127.0.0.1:{i}"),
+            None,
+        )
+        .await?;
+    }
+    for _ in 0..seen + 5 {
+        c.put("/other/bump", "x", None).await?;
+    }
+    proxy.heal();
+    converge(&mut w, &mut view, &mut c).await
+}
+
+/// Defect 3 of issue 10: servers that re-register in the same order after a
+/// wipe produce the same (create, mod) revisions on new leases; the relist
+/// must still emit the new leases (and values).
+#[tokio::test]
+async fn a_wiped_etcd_refilled_in_the_same_order_shows_the_new_leases() -> Result<()> {
+    let mut etcd = Etcd::start().await?;
+    let fill = |c: etcd_client::Client| async move {
+        let mut c = c;
+        let lease = c.lease_grant(60, None).await?.id();
+        for i in 1..=3 {
+            c.put(
+                format!("/ns/a/127.0.0.1:{i}"),
+                format!("127.0.0.1:{i}"),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await?;
+        }
+        anyhow::Ok(lease)
+    };
+    let old = fill(etcd.client().await?).await?;
+    let proxy = Proxy::start(format!("127.0.0.1:{}", etcd.client_port).parse()?).await?;
+    let mut w = Watcher::new(
+        EtcdConfig::plain([proxy.addr.to_string()]),
+        WatcherConfig {
+            wipe_grace: Duration::from_millis(500),
+            ..svc_cfg()
+        },
+    );
+    let mut view = View::default();
+    sync(&mut w, &mut view).await?;
+    assert!(view.1.values().all(|l| *l == old));
+
+    // Cut off while etcd is wiped and refilled, so the watcher cannot see
+    // the empty store in between.
+    proxy.cut();
+    let _ = tokio::time::timeout(Duration::from_millis(300), w.next()).await;
+    etcd.restart(true).await?;
+    let new = fill(etcd.client().await?).await?;
+    assert_ne!(new, old, "a new lease id");
+    proxy.heal();
+    let mut c = etcd.client().await?;
+    converge(&mut w, &mut view, &mut c).await
 }
