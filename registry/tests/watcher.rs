@@ -510,3 +510,87 @@ async fn a_wiped_etcd_refilled_in_the_same_order_shows_the_new_leases() -> Resul
     let mut c = etcd.client().await?;
     converge(&mut w, &mut view, &mut c).await
 }
+
+/// Defect 2 of issue 10: 200 keys of 1.4 MiB (just under etcd's request
+/// limit of 1.5 MiB) beside three good ones. A list paged by count asks for
+/// all 203 keys at once, about 280 MiB, more than the client decodes; a
+/// watch catching up gets them as one response of the same size. Both must
+/// still complete, with the hostile keys reported as invalid.
+#[tokio::test]
+async fn huge_values_neither_stall_the_list_nor_the_watch() -> Result<()> {
+    use futures::StreamExt;
+    let etcd = Etcd::start().await?;
+    let mut c = etcd.client().await?;
+    for i in 1..=3 {
+        c.put(
+            format!("/ns/a/127.0.0.1:{i}"),
+            format!(r#"{{"addr":"127.0.0.1:{i}","weight":{}}}"#, i * 100),
+            None,
+        )
+        .await?;
+    }
+    // The watch path: a watcher synced before the hostile keys arrive, cut
+    // off while they are written.
+    let proxy = Proxy::start(format!("127.0.0.1:{}", etcd.client_port).parse()?).await?;
+    let mut watching = Watcher::new(EtcdConfig::plain([proxy.addr.to_string()]), svc_cfg());
+    let mut watched = View::default();
+    sync(&mut watching, &mut watched).await?;
+    proxy.cut();
+    let _ = tokio::time::timeout(Duration::from_millis(300), watching.next()).await;
+
+    let pad = "x".repeat(1_400 * 1024);
+    let puts = futures::stream::iter(0..200u32)
+        .map(|i| {
+            let mut c = c.clone();
+            let v = format!(r#"{{"weight":100,"pad":"{pad}"}}"#);
+            async move {
+                c.put(format!("/ns/a/127.0.0.1:{}", 20_000 + i), v, None)
+                    .await
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    for p in puts {
+        p?;
+    }
+
+    // The list path: a new watcher lists everything.
+    let mut listing = Watcher::new(EtcdConfig::plain([etcd.endpoint()]), svc_cfg());
+    let mut listed = View::default();
+    let synced = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let ev = listing.next().await;
+            listed.apply(&ev);
+            if matches!(ev, Event::Synced { .. }) {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        synced.is_ok(),
+        "the list completed: {} keys",
+        listed.0.len()
+    );
+    assert_eq!(listed.0.len(), 203);
+    let good: Vec<_> = listed.0.iter().filter(|(_, w)| w.is_some()).collect();
+    assert_eq!(good.len(), 3, "only the good keys are valid: {good:?}");
+    assert_eq!(listing.state().borrow().entries, 203);
+
+    proxy.heal();
+    let caught_up = tokio::time::timeout(Duration::from_secs(60), async {
+        while watched.0.len() < 203 {
+            let ev = watching.next().await;
+            watched.apply(&ev);
+        }
+    })
+    .await;
+    assert!(
+        caught_up.is_ok(),
+        "the watch caught up: {} keys of 203",
+        watched.0.len()
+    );
+    assert_eq!(watched.0, listed.0);
+    Ok(())
+}
