@@ -160,3 +160,87 @@ async fn leases_lost_at_once_are_granted_again_with_backoff() -> Result<()> {
     reg.deregister(Duration::from_secs(5)).await;
     Ok(())
 }
+
+/// Defect 7 of issue 10: a claim can take long (etcd slow, the key
+/// contended). Keep-alives must go on meanwhile, or the lease expires under
+/// the claim.
+#[tokio::test]
+async fn the_lease_is_kept_alive_during_a_long_claim() -> Result<()> {
+    let etcd = Etcd::start().await?;
+    let c = etcd.client().await?;
+    let proxy = Proxy::start(format!("127.0.0.1:{}", etcd.client_port).parse()?).await?;
+    let port = testkit::free_port();
+    let reg = Registrar::spawn(EtcdConfig::plain([proxy.addr.to_string()]), cfg(port, 4)?)?;
+    let mut status = reg.status();
+    let lease = registered(&mut status).await?;
+
+    // Requests reach etcd half a second late, and someone rewrites our key
+    // without a lease every 200 ms: each claim's transaction (compare on
+    // the revision its Get saw) fails five times, about 5 s of claiming,
+    // more than the TTL of 4 s.
+    proxy.set_delay(Duration::from_millis(500));
+    let until = std::time::Instant::now() + Duration::from_secs(6);
+    let mut w = c.clone();
+    while std::time::Instant::now() < until {
+        w.put(key(port), format!("127.0.0.1:{port}"), None).await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    proxy.set_delay(Duration::ZERO);
+
+    let (_, now) = eventually(Duration::from_secs(15), "the key on a lease again", || {
+        let mut c = c.clone();
+        async move { read_any(&mut c, &key(port)).await.filter(|(_, l)| *l != 0) }
+    })
+    .await?;
+    assert_eq!(
+        now, lease,
+        "registered again on a new lease {now:x}: lease {lease:x} expired during the claim"
+    );
+    reg.deregister(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+/// (value, lease) of a key, whatever the value.
+async fn read_any(c: &mut Client, key: &str) -> Option<(Vec<u8>, i64)> {
+    let resp = c.get(key, None).await.ok()?;
+    let kv = resp.kvs().first()?;
+    Some((kv.value().to_vec(), kv.lease()))
+}
+
+/// Defect 7 of issue 10: keep-alives that go unanswered must be noticed
+/// while the lease still lives (about two thirds of the TTL), so that it
+/// can be saved; not after a full TTL, when it is gone.
+#[tokio::test]
+async fn unanswered_keep_alives_are_noticed_while_the_lease_lives() -> Result<()> {
+    const TTL: u64 = 6;
+    let etcd = Etcd::start().await?;
+    let mut c = etcd.client().await?;
+    let proxy = Proxy::start(format!("127.0.0.1:{}", etcd.client_port).parse()?).await?;
+    let port = testkit::free_port();
+    let reg = Registrar::spawn(EtcdConfig::plain([proxy.addr.to_string()]), cfg(port, TTL)?)?;
+    let mut status = reg.status();
+    let lease = registered(&mut status).await?;
+
+    // etcd goes silent: nothing the registrar sends arrives for 60 s.
+    proxy.set_delay(Duration::from_secs(60));
+    let noticed = tokio::time::timeout(
+        Duration::from_secs(2 * TTL),
+        status.wait_for(|s| !matches!(s, Status::Registered { .. })),
+    )
+    .await
+    .map(|r| r.is_ok());
+    let left = c.lease_time_to_live(lease, None).await?.ttl();
+    assert!(noticed.is_ok(), "the silence was never noticed");
+    assert!(
+        left > 0,
+        "the silence was noticed when the lease was already gone (ttl {left})"
+    );
+    // etcd answers again: the lease is saved, not replaced.
+    proxy.set_delay(Duration::ZERO);
+    proxy.cut();
+    proxy.heal();
+    let again = registered(&mut status).await?;
+    assert_eq!(again, lease, "the lease was saved");
+    reg.deregister(Duration::from_secs(5)).await;
+    Ok(())
+}
