@@ -7,9 +7,11 @@
 //!   claim is slow; a lease etcd forgot is replaced by a new one, and
 //!   keep-alives unanswered for two thirds of the TTL make it reconnect
 //!   while the lease can still be saved;
-//! - watches its own key and registers again when the key vanishes (deleted
-//!   by a person or a controller, expired during a partition, lost with a
-//!   wiped etcd);
+//! - watches its own key (with etcd's require-leader option, so a member
+//!   cut off from its peers ends the watch instead of sitting silent) and
+//!   confirms the key with a read every TTL/3, and registers again when the
+//!   key vanishes (deleted by a person or a controller, expired during a
+//!   partition, lost with a wiped etcd);
 //! - is *fenced*: the key is written in a transaction that succeeds only when
 //!   the key is absent, lease-less, or already on this process's lease. When
 //!   another live lease owns the address (a reused pod IP, a stray second
@@ -136,7 +138,7 @@ impl Registrar {
         let worker = Worker {
             key: schema::key(&cfg.root, &cfg.service, &cfg.addr),
             ttl: Duration::from_secs(cfg.ttl.as_secs().max(MIN_TTL.as_secs())),
-            session: Session::new(etcd),
+            session: Session::new(etcd.require_leader()),
             keeper: None,
             desired: desired_rx,
             applied: applied_tx,
@@ -226,9 +228,40 @@ fn own_key_after(events: impl IntoIterator<Item = (EventType, i64)>, id: i64) ->
     })
 }
 
+/// Runs a registration write unless the lease turns unsure or lost first:
+/// a call stuck on a silent member must not hold up acting on the lease
+/// keeper's news while the lease can still be saved. (Abandoning a fenced
+/// write is safe: the next claim reads the key again.)
+async fn guarded<T>(
+    lease: &mut watch::Receiver<LeaseState>,
+    id: i64,
+    op: impl std::future::Future<Output = Result<T, SessionError>>,
+) -> Result<T, SessionError> {
+    tokio::select! {
+        r = op => r,
+        e = lease_trouble(lease, id) => Err(e),
+    }
+}
+
+/// Resolves when the lease is no longer proven alive.
+async fn lease_trouble(lease: &mut watch::Receiver<LeaseState>, id: i64) -> SessionError {
+    loop {
+        match *lease.borrow_and_update() {
+            LeaseState::Lost => return SessionError::LeaseLost(id),
+            LeaseState::Unsure => return SessionError::KeepAliveSilent(id),
+            LeaseState::Valid { .. } => {}
+        }
+        if lease.changed().await.is_err() {
+            return SessionError::LeaseLost(id);
+        }
+    }
+}
+
 struct Worker {
     key: String,
     ttl: Duration,
+    /// With require-leader: a member cut off from its peers fails our calls
+    /// and ends our watch instead of answering from stale data.
     session: Session,
     /// Keeps the current lease alive; survives our reconnects.
     keeper: Option<LeaseKeeper>,
@@ -429,12 +462,22 @@ impl Worker {
             None => return Err(EtcdError::StreamEnded("watch").into()),
         }
 
-        let mut registered = self.claim(id).await?;
+        let mut registered = guarded(&mut lease, id, self.claim(id)).await?;
         backoff.reset();
+        let period = (self.ttl / 3).max(Duration::from_millis(500));
+        let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
             tokio::select! {
                 () = self.cancel.cancelled() => return Ok(()),
+                _ = ticker.tick() => {
+                    // The watch may sit on a member that lost its peers
+                    // and stay silent until etcd notices: confirm the key
+                    // with a read (the claim reads it and writes only when
+                    // it must).
+                    registered = guarded(&mut lease, id, self.claim(id)).await?;
+                }
                 changed = lease.changed() => {
                     if changed.is_err() {
                         return Err(SessionError::LeaseLost(id));
@@ -463,14 +506,14 @@ impl Worker {
                         // Ours again (our own write, seen late): confirm,
                         // and write a newer value if any.
                         Some(OwnKey::Ours) if !registered => {
-                            registered = self.claim(id).await?;
+                            registered = guarded(&mut lease, id, self.claim(id)).await?;
                         }
                         Some(OwnKey::Ours) => {}
                         Some(OwnKey::Claim) => {
                             if registered {
                                 info!(lease = id, "our key vanished or lost its lease; registering again");
                             }
-                            registered = self.claim(id).await?;
+                            registered = guarded(&mut lease, id, self.claim(id)).await?;
                         }
                         Some(OwnKey::Foreign(owner_lease)) => {
                             registered = false;
@@ -487,7 +530,7 @@ impl Worker {
                         // Marks the change seen before writing: one that
                         // arrives during the write wakes this branch again.
                         self.desired.borrow_and_update();
-                        registered = self.update(id).await?;
+                        registered = guarded(&mut lease, id, self.update(id)).await?;
                     }
                     if !registered {
                         // Not ours to write: nothing holds the drain up.
