@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 
-/// Errors reaching etcd or reading its credentials.
+/// Errors reaching etcd or reading its credentials: the one error type of
+/// etcd operations ([`crate::session::Session`] returns it; module errors
+/// wrap it).
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
     /// The flags or files describing the connection are unusable.
@@ -22,6 +24,9 @@ pub enum EtcdError {
     /// etcd did not answer in time.
     #[error("etcd did not answer within {0:?}")]
     Timeout(Duration),
+    /// A stream (watch, keep-alive) ended without an error.
+    #[error("the etcd {0} stream ended")]
+    StreamEnded(&'static str),
 }
 
 /// The etcd connection flags shared by every binary (`#[command(flatten)]`).

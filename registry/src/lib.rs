@@ -2,6 +2,9 @@
 //!
 //! - [`schema`]: keys, values and their validation (the contract);
 //! - [`etcd`]: how to reach etcd (endpoints, TLS, auth);
+//! - [`session`]: the one etcd session (lazy connect, bounded calls,
+//!   re-login after a refused token) every loop uses;
+//! - [`lease`]: the one lease keeper (registrar and election);
 //! - [`registrar`]: keeping one endpoint registered on a lease;
 //! - [`watcher`]: the list+watch reflector of a prefix, as events;
 //! - [`health`]: whether an address answers gRPC (balancer and controller);
@@ -15,10 +18,12 @@ pub mod etcd;
 pub mod grpc_status;
 pub mod grpc_tls;
 pub mod health;
+pub mod lease;
 pub mod logging;
 pub mod metrics_http;
 pub mod registrar;
 pub mod schema;
+pub mod session;
 pub mod shutdown;
 pub mod watcher;
 

@@ -2,12 +2,16 @@
 //!
 //! The registrar owns one lease per process and one key,
 //! `<root><service>/<addr>`. It
-//! - grants the lease and keeps it alive (a ping every TTL/3, draining the
-//!   responses; a response with TTL 0 means etcd forgot the lease, so a new
-//!   one is granted);
-//! - watches its own key and registers again when the key vanishes (deleted
-//!   by a person or a controller, expired during a partition, lost with a
-//!   wiped etcd);
+//! - grants the lease and keeps it alive through the lease keeper
+//!   ([`crate::lease`]), a task of its own, so keep-alives go on while a
+//!   claim is slow; a lease etcd forgot is replaced by a new one, and
+//!   keep-alives unanswered for two thirds of the TTL make it reconnect
+//!   while the lease can still be saved;
+//! - watches its own key (with etcd's require-leader option, so a member
+//!   cut off from its peers ends the watch instead of sitting silent) and
+//!   confirms the key with a read every TTL/3, and registers again when the
+//!   key vanishes (deleted by a person or a controller, expired during a
+//!   partition, lost with a wiped etcd);
 //! - is *fenced*: the key is written in a transaction that succeeds only when
 //!   the key is absent, lease-less, or already on this process's lease. When
 //!   another live lease owns the address (a reused pod IP, a stray second
@@ -21,7 +25,7 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, EventType, PutOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, EventType, PutOptions, Txn, TxnOp};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
@@ -29,14 +33,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::backoff::Backoff;
-use crate::etcd::{is_auth_token_error, EtcdConfig, EtcdError};
+use crate::etcd::{EtcdConfig, EtcdError};
+use crate::lease::{is_lease_not_found, LeaseKeeper, LeaseState};
 use crate::schema::{self, Addr, Endpoint, SchemaError, ServiceName};
+use crate::session::Session;
 
 /// The smallest TTL etcd grants.
 pub const MIN_TTL: Duration = Duration::from_secs(2);
-
-/// Per-request bound for etcd calls made by the registrar.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What to register.
 #[derive(Debug, Clone)]
@@ -86,13 +89,30 @@ pub enum Status {
 }
 
 /// Handle to the background registration loop.
+///
+/// The registration lives exactly as long as this handle. Dropping it is
+/// the same as [`Registrar::deregister`] without the wait: the loop is
+/// cancelled and revokes the lease in the background (the key goes at
+/// once), then ends. A handle dropped by mistake therefore shows at once as
+/// a missing key, instead of a loop that silently stops renewing and a key
+/// that expires a TTL later; and no task is left behind. Keep the handle
+/// for the life of the server; call [`Registrar::deregister`] to wait for
+/// the revoke.
 #[derive(Debug)]
+#[must_use = "dropping the Registrar deregisters the endpoint at once"]
 pub struct Registrar {
     desired: watch::Sender<(u64, Endpoint)>,
     applied: watch::Receiver<u64>,
     status: watch::Receiver<Status>,
     cancel: CancellationToken,
-    task: JoinHandle<()>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Drop for Registrar {
+    fn drop(&mut self) {
+        // The task sees the cancel, revokes (bounded) and ends by itself.
+        self.cancel.cancel();
+    }
 }
 
 impl Registrar {
@@ -117,12 +137,14 @@ impl Registrar {
         let span = info_span!("registrar", service = %cfg.service, addr = %cfg.addr);
         let worker = Worker {
             key: schema::key(&cfg.root, &cfg.service, &cfg.addr),
-            ttl_secs: cfg.ttl.as_secs().max(MIN_TTL.as_secs()) as i64,
-            etcd,
+            ttl: Duration::from_secs(cfg.ttl.as_secs().max(MIN_TTL.as_secs())),
+            session: Session::new(etcd.require_leader()),
+            keeper: None,
             desired: desired_rx,
             applied: applied_tx,
             status: status_tx,
             cancel: cancel.clone(),
+            granted_at: None,
         };
         let task = tokio::spawn(worker.run().instrument(span));
         Ok(Self {
@@ -130,7 +152,7 @@ impl Registrar {
             applied,
             status,
             cancel,
-            task,
+            task: Some(task),
         })
     }
 
@@ -157,9 +179,11 @@ impl Registrar {
 
     /// Stops the loop and revokes the lease (deleting the key), waiting at
     /// most `wait`. If etcd cannot be reached the key expires with its TTL.
-    pub async fn deregister(self, wait: Duration) {
+    pub async fn deregister(mut self, wait: Duration) {
         self.cancel.cancel();
-        let mut task = self.task;
+        let Some(mut task) = self.task.take() else {
+            return;
+        };
         if timeout(wait, &mut task).await.is_err() {
             warn!("deregistration timed out; the key expires with its lease");
             task.abort();
@@ -171,53 +195,82 @@ impl Registrar {
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
     #[error(transparent)]
-    Connect(#[from] EtcdError),
-    #[error("etcd request failed: {0}")]
-    Etcd(#[from] etcd_client::Error),
-    #[error("etcd did not answer within {0:?}")]
-    Timeout(Duration),
-    #[error("etcd no longer knows lease {0}")]
+    Etcd(#[from] EtcdError),
+    #[error("etcd no longer knows lease {0:x}")]
     LeaseLost(i64),
-    #[error("no keep-alive answer for lease {0} within its TTL")]
+    #[error("no keep-alive answer for lease {0:x} within two thirds of its TTL")]
     KeepAliveSilent(i64),
-    #[error("the {0} stream ended")]
-    StreamEnded(&'static str),
     #[error("the watch on our key was cancelled: {0}")]
     WatchCancelled(String),
 }
 
-/// etcd reports a forgotten lease as an error on keep-alive or put (not
-/// only as a TTL-0 response); either way it means "grant a new one".
-fn lease_not_found(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::LeaseKeepAliveError(msg) => msg.contains("not found"),
-        etcd_client::Error::GRpcStatus(status) => {
-            status.code() == tonic::Code::NotFound || status.message().contains("lease not found")
-        }
-        _ => false,
+/// What a batch of events on our own key leaves it as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OwnKey {
+    /// On our lease.
+    Ours,
+    /// Gone, or written without a lease: claim it.
+    Claim,
+    /// On another live lease.
+    Foreign(i64),
+}
+
+/// Decides by the batch's last event, the key's state once the batch is
+/// applied. Going event by event and passing over our own Puts would let an
+/// older foreign Put in the same batch have the last word, and the
+/// registrar believe it lost a key it holds.
+fn own_key_after(events: impl IntoIterator<Item = (EventType, i64)>, id: i64) -> Option<OwnKey> {
+    events.into_iter().last().map(|(kind, lease)| match kind {
+        EventType::Delete => OwnKey::Claim,
+        EventType::Put if lease == id => OwnKey::Ours,
+        EventType::Put if lease == 0 => OwnKey::Claim,
+        EventType::Put => OwnKey::Foreign(lease),
+    })
+}
+
+/// Runs a registration write unless the lease turns unsure or lost first:
+/// a call stuck on a silent member must not hold up acting on the lease
+/// keeper's news while the lease can still be saved. (Abandoning a fenced
+/// write is safe: the next claim reads the key again.)
+async fn guarded<T>(
+    lease: &mut watch::Receiver<LeaseState>,
+    id: i64,
+    op: impl std::future::Future<Output = Result<T, SessionError>>,
+) -> Result<T, SessionError> {
+    tokio::select! {
+        r = op => r,
+        e = lease_trouble(lease, id) => Err(e),
     }
 }
 
-async fn bounded<T, E>(
-    fut: impl std::future::Future<Output = Result<T, E>>,
-) -> Result<T, SessionError>
-where
-    SessionError: From<E>,
-{
-    timeout(REQUEST_TIMEOUT, fut)
-        .await
-        .map_err(|_| SessionError::Timeout(REQUEST_TIMEOUT))?
-        .map_err(SessionError::from)
+/// Resolves when the lease is no longer proven alive.
+async fn lease_trouble(lease: &mut watch::Receiver<LeaseState>, id: i64) -> SessionError {
+    loop {
+        match *lease.borrow_and_update() {
+            LeaseState::Lost => return SessionError::LeaseLost(id),
+            LeaseState::Unsure => return SessionError::KeepAliveSilent(id),
+            LeaseState::Valid { .. } => {}
+        }
+        if lease.changed().await.is_err() {
+            return SessionError::LeaseLost(id);
+        }
+    }
 }
 
 struct Worker {
     key: String,
-    ttl_secs: i64,
-    etcd: EtcdConfig,
+    ttl: Duration,
+    /// With require-leader: a member cut off from its peers fails our calls
+    /// and ends our watch instead of answering from stale data.
+    session: Session,
+    /// Keeps the current lease alive; survives our reconnects.
+    keeper: Option<LeaseKeeper>,
     desired: watch::Receiver<(u64, Endpoint)>,
     applied: watch::Sender<u64>,
     status: watch::Sender<Status>,
     cancel: CancellationToken,
+    /// When the current lease was granted (None before the first grant).
+    granted_at: Option<Instant>,
 }
 
 impl Worker {
@@ -226,35 +279,45 @@ impl Worker {
         // restarted, a cluster regaining its quorum) the lease survives only
         // if a keep-alive lands within one TTL of etcd's return, so the wait
         // between attempts must stay well below the TTL.
-        let max_delay = (Duration::from_secs(self.ttl_secs as u64) / 4)
-            .clamp(Duration::from_millis(200), Duration::from_secs(5));
+        let max_delay = (self.ttl / 4).clamp(Duration::from_millis(200), Duration::from_secs(5));
         let mut backoff = Backoff::new(Duration::from_millis(200), max_delay);
-        let mut lease: Option<i64> = None;
-        let mut client: Option<Client> = None;
+        // Separate from `backoff`, which every successful claim resets: a
+        // lease lost right after each grant (a revoking script, an etcd
+        // that forgets leases) still claims successfully in between.
+        let mut lease_backoff = Backoff::new(Duration::from_millis(200), max_delay);
         while !self.cancel.is_cancelled() {
-            let result = match &client {
-                Some(c) => self.session(c.clone(), &mut lease, &mut backoff).await,
-                None => tokio::select! {
-                    c = self.etcd.connect() => match c {
-                        Ok(c) => { client = Some(c); continue; }
-                        Err(e) => Err(SessionError::from(e)),
-                    },
-                    () = self.cancel.cancelled() => break,
-                },
-            };
-            let result = match result {
-                Err(SessionError::Etcd(e)) if lease_not_found(&e) => {
-                    Err(SessionError::LeaseLost(lease.unwrap_or_default()))
-                }
+            let result = match self.attach(&mut backoff).await {
+                Err(SessionError::Etcd(e)) if is_lease_not_found(&e) => Err(
+                    SessionError::LeaseLost(self.keeper.as_ref().map_or(0, LeaseKeeper::id)),
+                ),
                 other => other,
             };
             match result {
                 Ok(()) => break,
                 Err(SessionError::LeaseLost(id)) => {
-                    // Not a failure of etcd: register again at once.
-                    info!(lease = id, "lease lost; registering with a new lease");
-                    lease = None;
-                    continue;
+                    self.keeper = None;
+                    self.set_status(Status::Connecting);
+                    let lived = self.granted_at.map(|t| t.elapsed());
+                    if lived.is_none_or(|l| l >= self.ttl) {
+                        // A lease that served its TTL: not a failure of
+                        // etcd, register again at once.
+                        lease_backoff.reset();
+                        info!(lease = id, "lease lost; registering with a new lease");
+                        continue;
+                    }
+                    let delay = lease_backoff.next_delay();
+                    warn!(
+                        lease = id,
+                        ?lived,
+                        ?delay,
+                        attempt = lease_backoff.attempts(),
+                        "lease lost soon after its grant; waiting before granting another"
+                    );
+                    self.ack_desired();
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => continue,
+                        () = self.cancel.cancelled() => break,
+                    }
                 }
                 Err(e) => {
                     self.set_status(Status::Connecting);
@@ -265,13 +328,16 @@ impl Worker {
                     } else {
                         debug!(error = %e, attempt = backoff.attempts(), "still failing");
                     }
-                    // A refused auth token (etcd restarted and forgot it)
-                    // is not cured by retrying on the same client: log in
-                    // again with a new one.
-                    if matches!(&e, SessionError::Connect(_))
-                        || matches!(&e, SessionError::Etcd(e) if is_auth_token_error(e))
-                    {
-                        client = None;
+                    // A silent or failing member: dial again, so that a
+                    // balanced client may land on another one. (A refused
+                    // auth token already dropped the client.)
+                    if matches!(
+                        e,
+                        SessionError::KeepAliveSilent(_)
+                            | SessionError::WatchCancelled(_)
+                            | SessionError::Etcd(EtcdError::Timeout(_))
+                    ) {
+                        self.session.reset();
                     }
                 }
             }
@@ -285,16 +351,18 @@ impl Worker {
                 () = self.cancel.cancelled() => break,
             }
         }
-        if let (Some(id), Some(mut c)) = (lease, client) {
-            match timeout(REQUEST_TIMEOUT, c.lease_revoke(id)).await {
-                Ok(Ok(_)) => info!(lease = id, "deregistered: lease revoked, key deleted"),
-                Ok(Err(e)) => {
+        if let Some(keeper) = self.keeper.take() {
+            let id = keeper.id();
+            keeper.stop().await;
+            match self
+                .session
+                .call(|mut c| async move { c.lease_revoke(id).await })
+                .await
+            {
+                Ok(_) => info!(lease = id, "deregistered: lease revoked, key deleted"),
+                Err(e) => {
                     warn!(lease = id, error = %e, "revoke failed; the key expires with its lease")
                 }
-                Err(_) => warn!(
-                    lease = id,
-                    "revoke timed out; the key expires with its lease"
-                ),
             }
         }
         self.set_status(Status::Deregistered);
@@ -319,108 +387,155 @@ impl Worker {
         });
     }
 
+    /// Acknowledges every change so far without writing it: only where
+    /// there is nothing to write (etcd away, the key not ours); the next
+    /// registration writes the current value.
     fn ack_desired(&mut self) {
         let generation = self.desired.borrow_and_update().0;
-        self.applied.send_replace(generation);
+        self.mark_written(generation);
     }
 
-    fn value(&self) -> String {
-        self.desired
-            .borrow()
+    /// Acknowledges the changes up to `generation`, which etcd now holds.
+    /// Never more: a change that arrives while a write is in flight stays
+    /// pending (the desired channel still reports it), so it is written
+    /// next instead of being marked done.
+    fn mark_written(&self, generation: u64) {
+        self.applied.send_if_modified(|g| {
+            if generation > *g {
+                *g = generation;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// The value to write now and its generation.
+    fn value(&self) -> (u64, String) {
+        let desired = self.desired.borrow();
+        let json = desired
             .1
             .to_json()
-            .expect("weight validated at spawn and clamped in set_weight")
+            .expect("weight validated at spawn and clamped in set_weight");
+        (desired.0, json)
     }
 
-    /// One connected stretch: keep-alive + watch, until an error or cancel.
-    async fn session(
-        &mut self,
-        mut client: Client,
-        lease: &mut Option<i64>,
-        backoff: &mut Backoff,
-    ) -> Result<(), SessionError> {
-        let id = match *lease {
-            Some(id) => id,
-            None => {
-                let granted = bounded(client.lease_grant(self.ttl_secs, None)).await?;
-                debug!(lease = granted.id(), ttl = granted.ttl(), "lease granted");
-                *lease = Some(granted.id());
-                granted.id()
+    /// The lease to register on: the one we keep, or a new grant.
+    async fn lease(&mut self) -> Result<(i64, watch::Receiver<LeaseState>), SessionError> {
+        if let Some(k) = &self.keeper {
+            return Ok((k.id(), k.state()));
+        }
+        let keeper = LeaseKeeper::grant(&mut self.session, self.ttl).await?;
+        self.granted_at = Some(Instant::now());
+        let out = (keeper.id(), keeper.state());
+        self.keeper = Some(keeper);
+        Ok(out)
+    }
+
+    /// One connected stretch: watch our key, claim it, keep it, until an
+    /// error or cancel. The lease keeper runs on its own meanwhile.
+    async fn attach(&mut self, backoff: &mut Backoff) -> Result<(), SessionError> {
+        let (id, mut lease) = self.lease().await?;
+        // Only register on a lease proven alive (after a silence the keeper
+        // is dialing again; it says when it has an answer).
+        loop {
+            match *lease.borrow_and_update() {
+                LeaseState::Lost => return Err(SessionError::LeaseLost(id)),
+                s if s.is_valid(Instant::now()) => break,
+                _ => {}
             }
-        };
-        let (mut keeper, mut keepalive) = bounded(client.lease_keep_alive(id)).await?;
-        bounded(keeper.keep_alive()).await?;
-        match bounded(keepalive.message()).await? {
-            Some(r) if r.ttl() > 0 => {}
-            Some(_) => return Err(SessionError::LeaseLost(id)),
-            None => return Err(SessionError::StreamEnded("keep-alive")),
+            tokio::select! {
+                () = self.cancel.cancelled() => return Ok(()),
+                r = lease.changed() => if r.is_err() { return Err(SessionError::LeaseLost(id)) },
+                () = tokio::time::sleep(self.ttl) => return Err(SessionError::KeepAliveSilent(id)),
+            }
         }
 
-        let mut watch = bounded(client.watch(self.key.as_str(), None)).await?;
-        match bounded(watch.message()).await? {
+        let key = self.key.clone();
+        let mut watch = self
+            .session
+            .call(|mut c| async move { c.watch(key, None).await })
+            .await?;
+        match self.session.bounded(watch.message()).await? {
             Some(r) if r.created() => {}
             Some(r) => return Err(SessionError::WatchCancelled(r.cancel_reason().to_owned())),
-            None => return Err(SessionError::StreamEnded("watch")),
+            None => return Err(EtcdError::StreamEnded("watch").into()),
         }
 
-        let mut registered = self.claim(&mut client, id).await?;
+        let mut registered = guarded(&mut lease, id, self.claim(id)).await?;
         backoff.reset();
-        let period = Duration::from_secs(self.ttl_secs as u64) / 3;
-        let mut ticker = tokio::time::interval(period.max(Duration::from_millis(500)));
+        let period = (self.ttl / 3).max(Duration::from_millis(500));
+        let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_answer = Instant::now();
-        let silence_limit = Duration::from_secs(self.ttl_secs as u64);
 
         loop {
             tokio::select! {
                 () = self.cancel.cancelled() => return Ok(()),
                 _ = ticker.tick() => {
-                    if last_answer.elapsed() > silence_limit {
-                        return Err(SessionError::KeepAliveSilent(id));
-                    }
-                    bounded(keeper.keep_alive()).await?;
+                    // The watch may sit on a member that lost its peers
+                    // and stay silent until etcd notices: confirm the key
+                    // with a read (the claim reads it and writes only when
+                    // it must).
+                    registered = guarded(&mut lease, id, self.claim(id)).await?;
                 }
-                msg = keepalive.message() => match msg? {
-                    None => return Err(SessionError::StreamEnded("keep-alive")),
-                    Some(r) if r.ttl() <= 0 => return Err(SessionError::LeaseLost(id)),
-                    Some(_) => last_answer = Instant::now(),
-                },
+                changed = lease.changed() => {
+                    if changed.is_err() {
+                        return Err(SessionError::LeaseLost(id));
+                    }
+                    match *lease.borrow_and_update() {
+                        LeaseState::Lost => return Err(SessionError::LeaseLost(id)),
+                        LeaseState::Unsure => return Err(SessionError::KeepAliveSilent(id)),
+                        LeaseState::Valid { .. } => {}
+                    }
+                }
                 msg = watch.message() => {
-                    let resp = msg?.ok_or(SessionError::StreamEnded("watch"))?;
+                    let resp = match msg {
+                        Ok(Some(r)) => r,
+                        Ok(None) => return Err(EtcdError::StreamEnded("watch").into()),
+                        Err(e) => return Err(self.session.check(e).into()),
+                    };
                     if resp.canceled() {
                         return Err(SessionError::WatchCancelled(resp.cancel_reason().to_owned()));
                     }
-                    for event in resp.events() {
-                        let Some(kv) = event.kv() else { continue };
-                        match event.event_type() {
-                            EventType::Delete => {
-                                if registered {
-                                    info!(lease = id, "our key vanished; registering again");
-                                }
-                                registered = self.claim(&mut client, id).await?;
+                    let events = resp
+                        .events()
+                        .iter()
+                        .filter_map(|e| e.kv().map(|kv| (e.event_type(), kv.lease())));
+                    match own_key_after(events, id) {
+                        None => {}
+                        // Ours again (our own write, seen late): confirm,
+                        // and write a newer value if any.
+                        Some(OwnKey::Ours) if !registered => {
+                            registered = guarded(&mut lease, id, self.claim(id)).await?;
+                        }
+                        Some(OwnKey::Ours) => {}
+                        Some(OwnKey::Claim) => {
+                            if registered {
+                                info!(lease = id, "our key vanished or lost its lease; registering again");
                             }
-                            EventType::Put if kv.lease() != id => {
-                                registered = false;
-                                if kv.lease() == 0 {
-                                    // A lease-less write on our address: take it back.
-                                    registered = self.claim(&mut client, id).await?;
-                                } else {
-                                    self.set_status(Status::Conflict { owner_lease: kv.lease() });
-                                }
-                            }
-                            EventType::Put => {}
+                            registered = guarded(&mut lease, id, self.claim(id)).await?;
+                        }
+                        Some(OwnKey::Foreign(owner_lease)) => {
+                            registered = false;
+                            self.set_status(Status::Conflict { owner_lease });
                         }
                     }
                 }
                 changed = self.desired.changed() => {
                     if changed.is_err() {
-                        // Handle dropped without deregistering: keep going.
-                        std::future::pending::<()>().await;
+                        // The handle is gone: it cancelled us on drop.
+                        return Ok(());
                     }
                     if registered {
-                        registered = self.update(&mut client, id).await?;
+                        // Marks the change seen before writing: one that
+                        // arrives during the write wakes this branch again.
+                        self.desired.borrow_and_update();
+                        registered = guarded(&mut lease, id, self.update(id)).await?;
                     }
-                    self.ack_desired();
+                    if !registered {
+                        // Not ours to write: nothing holds the drain up.
+                        self.ack_desired();
+                    }
                 }
             }
         }
@@ -428,25 +543,30 @@ impl Worker {
 
     /// Fenced registration: put our value only where the key is absent,
     /// lease-less or already ours. Returns whether we own the key now.
-    async fn claim(&mut self, client: &mut Client, id: i64) -> Result<bool, SessionError> {
+    async fn claim(&mut self, id: i64) -> Result<bool, SessionError> {
         for _ in 0..5 {
-            let current = bounded(client.get(self.key.as_str(), None)).await?;
-            let value = self.value();
+            let key = self.key.as_str();
+            let current = self
+                .session
+                .call(|mut c| async move { c.get(key, None).await })
+                .await?;
+            let (generation, value) = self.value();
             let compare = match current.kvs().first() {
-                None => Compare::create_revision(self.key.as_str(), CompareOp::Equal, 0),
+                None => Compare::create_revision(key, CompareOp::Equal, 0),
                 Some(kv) if kv.lease() == id => {
                     if kv.value() == value.as_bytes() {
+                        self.mark_written(generation);
                         self.set_status(Status::Registered { lease: id });
                         return Ok(true);
                     }
-                    Compare::lease(self.key.as_str(), CompareOp::Equal, id)
+                    Compare::lease(key, CompareOp::Equal, id)
                 }
                 Some(kv) if kv.lease() == 0 => {
                     info!(
                         mod_revision = kv.mod_revision(),
                         "taking over a lease-less key on our address"
                     );
-                    Compare::mod_revision(self.key.as_str(), CompareOp::Equal, kv.mod_revision())
+                    Compare::mod_revision(key, CompareOp::Equal, kv.mod_revision())
                 }
                 Some(kv) => {
                     self.set_status(Status::Conflict {
@@ -456,19 +576,27 @@ impl Worker {
                 }
             };
             let txn = Txn::new().when([compare]).and_then([TxnOp::put(
-                self.key.as_str(),
+                key,
                 value,
                 Some(PutOptions::new().with_lease(id)),
             )]);
-            if bounded(client.txn(txn)).await?.succeeded() {
-                self.ack_desired();
+            if self
+                .session
+                .call(|mut c| async move { c.txn(txn).await })
+                .await?
+                .succeeded()
+            {
+                self.mark_written(generation);
                 self.set_status(Status::Registered { lease: id });
                 return Ok(true);
             }
         }
         // Lost the race five times in a row: someone else keeps writing.
         // Report the conflict and wait for the next event on the key.
-        let owner = bounded(client.get(self.key.as_str(), None))
+        let key = self.key.as_str();
+        let owner = self
+            .session
+            .call(|mut c| async move { c.get(key, None).await })
             .await?
             .kvs()
             .first()
@@ -479,20 +607,56 @@ impl Worker {
 
     /// Rewrites our value (e.g. weight 0 for draining) only while the key is
     /// still on our lease.
-    async fn update(&mut self, client: &mut Client, id: i64) -> Result<bool, SessionError> {
-        let value = self.value();
+    async fn update(&mut self, id: i64) -> Result<bool, SessionError> {
+        let (generation, value) = self.value();
+        let key = self.key.as_str();
         let txn = Txn::new()
-            .when([Compare::lease(self.key.as_str(), CompareOp::Equal, id)])
+            .when([Compare::lease(key, CompareOp::Equal, id)])
             .and_then([TxnOp::put(
-                self.key.as_str(),
+                key,
                 value,
                 Some(PutOptions::new().with_lease(id)),
             )]);
-        if bounded(client.txn(txn)).await?.succeeded() {
-            debug!(lease = id, "value updated");
+        if self
+            .session
+            .call(|mut c| async move { c.txn(txn).await })
+            .await?
+            .succeeded()
+        {
+            debug!(lease = id, generation, "value updated");
+            self.mark_written(generation);
             Ok(true)
         } else {
-            self.claim(client, id).await
+            self.claim(id).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_event_on_our_key_decides() {
+        let (us, them) = (7, 9);
+        // Defect 8 of issue 10: an older foreign Put in the same batch as
+        // our own Put.
+        assert_eq!(
+            own_key_after([(EventType::Put, them), (EventType::Put, us)], us),
+            Some(OwnKey::Ours)
+        );
+        assert_eq!(
+            own_key_after([(EventType::Put, us), (EventType::Put, them)], us),
+            Some(OwnKey::Foreign(them))
+        );
+        assert_eq!(
+            own_key_after([(EventType::Put, us), (EventType::Delete, 0)], us),
+            Some(OwnKey::Claim)
+        );
+        assert_eq!(
+            own_key_after([(EventType::Put, them), (EventType::Put, 0)], us),
+            Some(OwnKey::Claim)
+        );
+        assert_eq!(own_key_after([], us), None);
     }
 }

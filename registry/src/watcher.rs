@@ -32,10 +32,15 @@ use crate::backoff::Backoff;
 use crate::etcd::{is_auth_token_error, EtcdConfig, EtcdError};
 use crate::schema::{self, Addr, Member, SchemaError, ServiceName};
 
-/// Page size of the initial list: bounded responses even with huge values.
+/// Keys per page of a list when values are small.
 const PAGE: i64 = 500;
-/// Responses may carry values up to etcd's request limit; allow big pages.
-const MAX_MESSAGE: usize = 256 * 1024 * 1024;
+/// The byte budget of one response (list page or watch message). A page of
+/// [`PAGE`] keys can be far larger (values may be up to etcd's request
+/// limit, 1.5 MiB by default, so 500 of them make 750 MiB): a page that
+/// does not fit is asked again with half the keys, down to one. A watch
+/// asks etcd to fragment responses above its request limit, so every watch
+/// message fits too.
+const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One key under the watched prefix, as the schema reads it.
@@ -186,6 +191,9 @@ pub struct Watcher {
     /// Keys missing after a relist of a wiped etcd, with the moment they
     /// will be reported removed unless they come back first.
     deferred: BTreeMap<String, (Entry, Instant)>,
+    /// The last revision may have been delivered in part (see
+    /// [`Watcher::resume_from`]).
+    maybe_partial: bool,
 }
 
 impl Watcher {
@@ -215,6 +223,7 @@ impl Watcher {
             next_progress: Instant::now(),
             warns: WarnLimiter::new(),
             deferred: BTreeMap::new(),
+            maybe_partial: false,
         }
     }
 
@@ -296,10 +305,20 @@ impl Watcher {
                 if resp.canceled() {
                     return Err(WatchError::Cancelled(resp.cancel_reason().to_owned()));
                 }
+                let mut last_event = None;
                 for event in resp.events() {
                     let Some(kv) = event.kv() else { continue };
+                    last_event = Some(kv.mod_revision());
                     match event.event_type() {
                         EventType::Put => {
+                            // Resuming from a revision we may have seen in
+                            // part (see `resume_from`) delivers its events
+                            // again: pass each on once.
+                            if self.map.get(String::from_utf8_lossy(kv.key()).as_ref())
+                                .is_some_and(|e| e.mod_revision == kv.mod_revision())
+                            {
+                                continue;
+                            }
                             let entry = Entry::from_kv(&self.cfg.root, kv);
                             self.warns.entry(&entry);
                             self.deferred.remove(&entry.key);
@@ -314,8 +333,23 @@ impl Watcher {
                         }
                     }
                 }
-                if let Some(h) = resp.header() {
-                    self.revision = self.revision.max(h.revision());
+                // While a watch catches up, etcd sends at most 1,000
+                // revisions per response but stamps each with the store's
+                // current revision: only the events say how far this view
+                // reaches. A response without events (a progress notice) is
+                // sent only to a watch that has caught up, so its header
+                // revision is safe to resume from.
+                match last_event {
+                    Some(rev) => {
+                        self.revision = self.revision.max(rev);
+                        self.maybe_partial = true;
+                    }
+                    None => {
+                        if let Some(h) = resp.header() {
+                            self.revision = self.revision.max(h.revision());
+                        }
+                        self.maybe_partial = false;
+                    }
                 }
                 let (revision, entries) = (self.revision, self.map.len());
                 self.state.send_modify(|s| {
@@ -365,7 +399,11 @@ impl Watcher {
             .map(|h| (h.revision(), h.cluster_id()))
             .unwrap_or_default();
         let synced = self.state.borrow().synced;
-        if !synced || cluster != self.cluster_id || rev < self.revision {
+        let same_history = synced
+            && cluster == self.cluster_id
+            && rev >= self.revision
+            && self.same_history().await?;
+        if !same_history {
             if synced {
                 info!(prefix = %self.cfg.prefix, seen = self.revision, now = rev,
                       grace = ?self.cfg.wipe_grace,
@@ -376,12 +414,88 @@ impl Watcher {
         self.start_watch().await
     }
 
+    /// Where a new watch starts. After events, at the last event's own
+    /// revision: the watch asks etcd to fragment big responses, a fragment
+    /// may end in the middle of a revision, and etcd-client 0.21 does not
+    /// show the `fragment` flag (only with its `pub-response-field`
+    /// feature), so the last revision may have arrived in part; its events
+    /// come again and the Put handler skips those already applied. After a
+    /// progress notice or a list, every revision up to ours is complete.
+    fn resume_from(&self) -> i64 {
+        if self.maybe_partial {
+            self.revision
+        } else {
+            self.revision + 1
+        }
+    }
+
+    /// Whether etcd still has the history this view was built from.
+    ///
+    /// A wiped member restarted with the same name and peer URLs keeps its
+    /// cluster id, and once its new history passes the revision we saw,
+    /// neither the id nor "revision went backwards" tells. What does: the
+    /// prefix as of our revision must hold as many keys as our view, and
+    /// the key we saw written last must be exactly as we saw it (same
+    /// revisions, lease and value; lease ids differ across histories). A
+    /// compacted revision says nothing here; the watch then reports the
+    /// compaction and we relist anyway.
+    async fn same_history(&mut self) -> Result<bool, WatchError> {
+        let client = self.client.as_mut().expect("connected before checking");
+        let at = self.revision;
+        let count = bounded(
+            client.get(
+                self.cfg.prefix.as_str(),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_count_only()
+                        .with_revision(at),
+                ),
+            ),
+        )
+        .await;
+        let count = match count {
+            Ok(resp) => resp.count(),
+            Err(WatchError::Etcd(e)) if is_compacted(&e) => return Ok(true),
+            Err(e) => return Err(e),
+        };
+        if usize::try_from(count).ok() != Some(self.map.len()) {
+            debug!(prefix = %self.cfg.prefix, revision = at, count, entries = self.map.len(),
+                   "etcd's count at our revision differs from our view");
+            return Ok(false);
+        }
+        let Some(newest) = self.map.values().max_by_key(|e| e.mod_revision) else {
+            return Ok(true);
+        };
+        let resp = bounded(client.get(
+            newest.key.as_bytes(),
+            Some(GetOptions::new().with_revision(at)),
+        ))
+        .await;
+        let resp = match resp {
+            Ok(resp) => resp,
+            Err(WatchError::Etcd(e)) if is_compacted(&e) => return Ok(true),
+            Err(e) => return Err(e),
+        };
+        let same = resp
+            .kvs()
+            .first()
+            .is_some_and(|kv| Entry::from_kv(&self.cfg.root, kv) == *newest);
+        if !same {
+            debug!(prefix = %self.cfg.prefix, key = %newest.key, revision = at,
+                   "the last key we saw is not as we saw it");
+        }
+        Ok(same)
+    }
+
     async fn start_watch(&mut self) -> Result<(), WatchError> {
+        let start = self.resume_from();
         let client = self.client.as_mut().expect("connected before watching");
         let opts = WatchOptions::new()
             .with_prefix()
-            .with_start_revision(self.revision + 1)
-            .with_progress_notify();
+            .with_start_revision(start)
+            .with_progress_notify()
+            .with_fragment();
         let mut watch_client = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
         let mut stream = bounded(watch_client.watch(self.cfg.prefix.as_str(), Some(opts))).await?;
         let created = bounded(stream.message()).await?.ok_or(WatchError::Ended)?;
@@ -421,12 +535,22 @@ impl Watcher {
         let mut at_revision = 0;
         let mut cluster = 0;
         let mut fresh = BTreeMap::new();
+        let mut limit = PAGE;
         loop {
-            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(limit);
             if at_revision > 0 {
                 opts = opts.with_revision(at_revision);
             }
-            let resp = bounded(kv.get(from.clone(), Some(opts))).await?;
+            let resp = match bounded(kv.get(from.clone(), Some(opts))).await {
+                Err(WatchError::Etcd(e)) if is_too_large(&e) && limit > 1 => {
+                    limit = (limit / 2).max(1);
+                    debug!(prefix = %self.cfg.prefix, limit, "page larger than the byte budget; asking for fewer keys");
+                    continue;
+                }
+                other => other?,
+            };
+            // Grow back towards full pages once the big values are behind.
+            limit = (limit * 2).min(PAGE);
             if at_revision == 0 {
                 if let Some(h) = resp.header() {
                     at_revision = h.revision();
@@ -447,9 +571,10 @@ impl Watcher {
         }
         let old = std::mem::take(&mut self.map);
         for (key, entry) in &fresh {
-            if old.get(key).is_none_or(|o| {
-                o.mod_revision != entry.mod_revision || o.create_revision != entry.create_revision
-            }) {
+            // The whole entry, lease and value included: after a wipe,
+            // servers re-registering in the same order produce the same
+            // revisions on new leases.
+            if old.get(key) != Some(entry) {
                 self.warns.entry(entry);
                 self.pending.push_back(Event::Applied(entry.clone()));
             }
@@ -470,6 +595,7 @@ impl Watcher {
         }
         self.map = fresh;
         self.revision = at_revision;
+        self.maybe_partial = false;
         self.cluster_id = cluster;
         self.pending.push_back(Event::Synced {
             revision: at_revision,
@@ -548,6 +674,18 @@ async fn bounded<T>(
         .await
         .map_err(|_| WatchError::Timeout(REQUEST_TIMEOUT))?
         .map_err(WatchError::from)
+}
+
+/// Whether a response was refused for exceeding [`MAX_MESSAGE`] (tonic's
+/// decoder says "message length too large", with code OutOfRange).
+fn is_too_large(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if s.code() == tonic::Code::OutOfRange || s.message().contains("too large"))
+}
+
+/// Whether etcd refused a read because the revision was compacted.
+fn is_compacted(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("compacted"))
 }
 
 /// The smallest key greater than every key with this prefix.

@@ -10,9 +10,10 @@ use registry::etcd::EtcdConfig;
 use registry::watcher::{Event, Watcher, WatcherConfig};
 use testkit::{Etcd, Proxy};
 
-/// Applies events to a map of key -> weight (None for invalid values).
+/// Applies events to a map of key -> weight (None for invalid values), and
+/// of key -> lease.
 #[derive(Default)]
-struct View(BTreeMap<String, Option<u32>>);
+struct View(BTreeMap<String, Option<u32>>, BTreeMap<String, i64>);
 
 impl View {
     fn apply(&mut self, ev: &Event) {
@@ -20,9 +21,11 @@ impl View {
             Event::Applied(e) => {
                 self.0
                     .insert(e.key.clone(), e.member.as_ref().ok().map(|m| m.weight));
+                self.1.insert(e.key.clone(), e.lease);
             }
             Event::Removed(e) => {
                 self.0.remove(&e.key);
+                self.1.remove(&e.key);
             }
             Event::Synced { .. } => {}
         }
@@ -272,5 +275,322 @@ async fn relists_when_etcd_comes_back_wiped() -> Result<()> {
         relisted.elapsed() >= grace - Duration::from_millis(200),
         "removals waited for the grace"
     );
+    Ok(())
+}
+
+/// Every key under `/ns/` in etcd now, as the view sees them (weights of
+/// legacy values are 100).
+async fn etcd_view(c: &mut etcd_client::Client) -> Result<BTreeMap<String, Option<u32>>> {
+    let resp = c
+        .get("/ns/", Some(etcd_client::GetOptions::new().with_prefix()))
+        .await?;
+    let mut map = BTreeMap::new();
+    for kv in resp.kvs() {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        let addr = key.rsplit('/').next().unwrap_or_default().to_owned();
+        let weight = registry::schema::parse_value(&addr.parse()?, kv.value())
+            .ok()
+            .map(|m| m.weight);
+        map.insert(key, weight);
+    }
+    Ok(map)
+}
+
+/// Defect 1 of issue 10: while a watch catches up, etcd sends at most 1,000
+/// revisions per response but stamps each with the store's current
+/// revision. A stream broken after the first such response must resume
+/// after the last event it delivered, not after the header's revision.
+#[tokio::test]
+async fn resumes_after_the_last_delivered_event_when_cut_during_catch_up() -> Result<()> {
+    use futures::StreamExt;
+    let etcd = Etcd::start().await?;
+    let c = etcd.client().await?;
+    let proxy = Proxy::start(format!("127.0.0.1:{}", etcd.client_port).parse()?).await?;
+    let mut w = Watcher::new(EtcdConfig::plain([proxy.addr.to_string()]), svc_cfg());
+    let mut view = View::default();
+    sync(&mut w, &mut view).await?;
+
+    // 1,500 revisions under the prefix while the watcher is cut off.
+    proxy.cut();
+    let _ = tokio::time::timeout(Duration::from_millis(300), w.next()).await;
+    let puts = futures::stream::iter(0..1500u32)
+        .map(|i| {
+            let mut c = c.clone();
+            async move {
+                c.put(
+                    format!("/ns/a/127.0.0.1:{}", 10_000 + i),
+                    format!("127.0.0.1:{}", 10_000 + i),
+                    None,
+                )
+                .await
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    for p in puts {
+        p?;
+    }
+
+    // Reconnect; break the stream right after its first response.
+    proxy.heal();
+    let first = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let ev = w.next().await;
+            view.apply(&ev);
+            if matches!(ev, Event::Applied(_)) {
+                return;
+            }
+        }
+    })
+    .await;
+    first.context("the first catch-up event")?;
+    proxy.cut();
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            let ev = w.next().await;
+            view.apply(&ev);
+        }
+    })
+    .await;
+    assert!(
+        view.0.len() < 1500,
+        "the first response carried only part of the backlog: {}",
+        view.0.len()
+    );
+    proxy.heal();
+
+    let mut c = c.clone();
+    let want = etcd_view(&mut c).await?;
+    assert_eq!(want.len(), 1500);
+    let got = tokio::time::timeout(Duration::from_secs(15), async {
+        while view.0 != want {
+            let ev = w.next().await;
+            view.apply(&ev);
+        }
+    })
+    .await;
+    assert!(
+        got.is_ok(),
+        "the watcher's view never matched etcd's: {} keys of {}",
+        view.0.len(),
+        want.len()
+    );
+    Ok(())
+}
+
+/// key -> lease of every key under `/ns/` in etcd now.
+async fn etcd_leases(c: &mut etcd_client::Client) -> Result<BTreeMap<String, i64>> {
+    let resp = c
+        .get("/ns/", Some(etcd_client::GetOptions::new().with_prefix()))
+        .await?;
+    Ok(resp
+        .kvs()
+        .iter()
+        .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.lease()))
+        .collect())
+}
+
+/// Reads events until the view (weights and leases) equals etcd's, or
+/// fails after 15 s saying how they differ.
+async fn converge(w: &mut Watcher, view: &mut View, c: &mut etcd_client::Client) -> Result<()> {
+    let want = etcd_view(c).await?;
+    let want_leases = etcd_leases(c).await?;
+    let done = tokio::time::timeout(Duration::from_secs(15), async {
+        while view.0 != want || view.1 != want_leases {
+            let ev = w.next().await;
+            view.apply(&ev);
+        }
+    })
+    .await;
+    anyhow::ensure!(
+        done.is_ok(),
+        "the view never matched etcd's.\nview:   {:?} {:?}\netcd:   {:?} {:?}",
+        view.0,
+        view.1,
+        want,
+        want_leases
+    );
+    Ok(())
+}
+
+/// Defect 3 of issue 10: a wiped etcd restarted with the same name and peer
+/// URLs keeps its cluster id; once its new history has passed the revision
+/// the watcher saw, "revision went backwards" no longer shows the wipe. The
+/// watcher must not resume into the new history as if it were the old one.
+#[tokio::test]
+async fn a_wiped_etcd_that_has_passed_the_old_revision_is_relisted() -> Result<()> {
+    let mut etcd = Etcd::start().await?;
+    let mut c = etcd.client().await?;
+    for i in 1..=5 {
+        c.put(
+            format!("/ns/a/127.0.0.1:{i}"),
+            format!("127.0.0.1:{i}"),
+            None,
+        )
+        .await?;
+    }
+    let proxy = Proxy::start(format!("127.0.0.1:{}", etcd.client_port).parse()?).await?;
+    let mut w = Watcher::new(
+        EtcdConfig::plain([proxy.addr.to_string()]),
+        WatcherConfig {
+            wipe_grace: Duration::from_millis(500),
+            ..svc_cfg()
+        },
+    );
+    let mut view = View::default();
+    sync(&mut w, &mut view).await?;
+    let seen = c
+        .get("/ns/", None)
+        .await?
+        .header()
+        .context("header")?
+        .revision();
+
+    proxy.cut();
+    let _ = tokio::time::timeout(Duration::from_millis(300), w.next()).await;
+    etcd.restart(true).await?;
+    let mut c = etcd.client().await?;
+    // The new history: other keys, and more revisions than the old one had.
+    for i in 6..=8 {
+        c.put(
+            format!("/ns/a/127.0.0.1:{i}"),
+            format!("127.0.0.1:{i}"),
+            None,
+        )
+        .await?;
+    }
+    for _ in 0..seen + 5 {
+        c.put("/other/bump", "x", None).await?;
+    }
+    proxy.heal();
+    converge(&mut w, &mut view, &mut c).await
+}
+
+/// Defect 3 of issue 10: servers that re-register in the same order after a
+/// wipe produce the same (create, mod) revisions on new leases; the relist
+/// must still emit the new leases (and values).
+#[tokio::test]
+async fn a_wiped_etcd_refilled_in_the_same_order_shows_the_new_leases() -> Result<()> {
+    let mut etcd = Etcd::start().await?;
+    let fill = |c: etcd_client::Client| async move {
+        let mut c = c;
+        let lease = c.lease_grant(60, None).await?.id();
+        for i in 1..=3 {
+            c.put(
+                format!("/ns/a/127.0.0.1:{i}"),
+                format!("127.0.0.1:{i}"),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await?;
+        }
+        anyhow::Ok(lease)
+    };
+    let old = fill(etcd.client().await?).await?;
+    let proxy = Proxy::start(format!("127.0.0.1:{}", etcd.client_port).parse()?).await?;
+    let mut w = Watcher::new(
+        EtcdConfig::plain([proxy.addr.to_string()]),
+        WatcherConfig {
+            wipe_grace: Duration::from_millis(500),
+            ..svc_cfg()
+        },
+    );
+    let mut view = View::default();
+    sync(&mut w, &mut view).await?;
+    assert!(view.1.values().all(|l| *l == old));
+
+    // Cut off while etcd is wiped and refilled, so the watcher cannot see
+    // the empty store in between.
+    proxy.cut();
+    let _ = tokio::time::timeout(Duration::from_millis(300), w.next()).await;
+    etcd.restart(true).await?;
+    let new = fill(etcd.client().await?).await?;
+    assert_ne!(new, old, "a new lease id");
+    proxy.heal();
+    let mut c = etcd.client().await?;
+    converge(&mut w, &mut view, &mut c).await
+}
+
+/// Defect 2 of issue 10: 200 keys of 1.4 MiB (just under etcd's request
+/// limit of 1.5 MiB) beside three good ones. A list paged by count asks for
+/// all 203 keys at once, about 280 MiB, more than the client decodes; a
+/// watch catching up gets them as one response of the same size. Both must
+/// still complete, with the hostile keys reported as invalid.
+#[tokio::test]
+async fn huge_values_neither_stall_the_list_nor_the_watch() -> Result<()> {
+    use futures::StreamExt;
+    let etcd = Etcd::start().await?;
+    let mut c = etcd.client().await?;
+    for i in 1..=3 {
+        c.put(
+            format!("/ns/a/127.0.0.1:{i}"),
+            format!(r#"{{"addr":"127.0.0.1:{i}","weight":{}}}"#, i * 100),
+            None,
+        )
+        .await?;
+    }
+    // The watch path: a watcher synced before the hostile keys arrive, cut
+    // off while they are written.
+    let proxy = Proxy::start(format!("127.0.0.1:{}", etcd.client_port).parse()?).await?;
+    let mut watching = Watcher::new(EtcdConfig::plain([proxy.addr.to_string()]), svc_cfg());
+    let mut watched = View::default();
+    sync(&mut watching, &mut watched).await?;
+    proxy.cut();
+    let _ = tokio::time::timeout(Duration::from_millis(300), watching.next()).await;
+
+    let pad = "x".repeat(1_400 * 1024);
+    let puts = futures::stream::iter(0..200u32)
+        .map(|i| {
+            let mut c = c.clone();
+            let v = format!(r#"{{"weight":100,"pad":"{pad}"}}"#);
+            async move {
+                c.put(format!("/ns/a/127.0.0.1:{}", 20_000 + i), v, None)
+                    .await
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    for p in puts {
+        p?;
+    }
+
+    // The list path: a new watcher lists everything.
+    let mut listing = Watcher::new(EtcdConfig::plain([etcd.endpoint()]), svc_cfg());
+    let mut listed = View::default();
+    let synced = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let ev = listing.next().await;
+            listed.apply(&ev);
+            if matches!(ev, Event::Synced { .. }) {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        synced.is_ok(),
+        "the list completed: {} keys",
+        listed.0.len()
+    );
+    assert_eq!(listed.0.len(), 203);
+    let good: Vec<_> = listed.0.iter().filter(|(_, w)| w.is_some()).collect();
+    assert_eq!(good.len(), 3, "only the good keys are valid: {good:?}");
+    assert_eq!(listing.state().borrow().entries, 203);
+
+    proxy.heal();
+    let caught_up = tokio::time::timeout(Duration::from_secs(60), async {
+        while watched.0.len() < 203 {
+            let ev = watching.next().await;
+            watched.apply(&ev);
+        }
+    })
+    .await;
+    assert!(
+        caught_up.is_ok(),
+        "the watch caught up: {} keys of 203",
+        watched.0.len()
+    );
+    assert_eq!(watched.0, listed.0);
     Ok(())
 }

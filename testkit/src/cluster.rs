@@ -12,13 +12,27 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use etcd_client::Client;
 
-use crate::{etcd_command, free_port};
+use crate::peer_proxy::PeerProxy;
+use crate::{etcd_command_behind, free_port};
 
 struct Member {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// The proxy peers dial instead of `peer_port`, when the cluster was
+    /// started with [`Cluster::start_isolatable`].
+    proxy: Option<PeerProxy>,
     child: Option<Child>,
+}
+
+impl Member {
+    /// The peer URL the others dial.
+    fn advertised_peer_url(&self) -> String {
+        match &self.proxy {
+            Some(p) => format!("http://{}", p.addr),
+            None => format!("http://127.0.0.1:{}", self.peer_port),
+        }
+    }
 }
 
 /// A cluster of `n` etcd members on free loopback ports; every member is
@@ -33,6 +47,17 @@ impl Cluster {
     /// Starts `n` members at once and waits until the cluster has a leader
     /// and takes writes.
     pub async fn start(n: usize) -> Result<Self> {
+        Self::start_with(n, false).await
+    }
+
+    /// Like [`Cluster::start`], with a proxy in front of every member's peer
+    /// URL, so that [`Cluster::isolate`] can cut one member off from the
+    /// others while its clients still reach it.
+    pub async fn start_isolatable(n: usize) -> Result<Self> {
+        Self::start_with(n, true).await
+    }
+
+    async fn start_with(n: usize, proxies: bool) -> Result<Self> {
         assert!(n >= 1, "a cluster needs a member");
         let dir = tempfile::Builder::new()
             .prefix("testkit-cluster")
@@ -42,14 +67,22 @@ impl Cluster {
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_else(|| "testkit".into());
-        let members = (0..n)
-            .map(|i| Member {
+        let mut members = Vec::with_capacity(n);
+        for i in 0..n {
+            let peer_port = free_port();
+            let proxy = if proxies {
+                Some(PeerProxy::start(([127, 0, 0, 1], peer_port).into()).await?)
+            } else {
+                None
+            };
+            members.push(Member {
                 name: format!("m{i}"),
                 client_port: free_port(),
-                peer_port: free_port(),
+                peer_port,
+                proxy,
                 child: None,
-            })
-            .collect();
+            });
+        }
         let mut cluster = Self {
             members,
             dir,
@@ -104,7 +137,7 @@ impl Cluster {
     fn initial_cluster(&self) -> String {
         self.members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .map(|m| format!("{}={}", m.name, m.advertised_peer_url()))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -119,18 +152,27 @@ impl Cluster {
         let m = &mut self.members[i];
         let client = format!("http://127.0.0.1:{}", m.client_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let child = etcd_command(&m.name, &data_dir, &client, &peer, &initial_cluster, &log)?
-            .arg("--initial-cluster-state")
-            .arg("new")
-            .arg("--initial-cluster-token")
-            .arg(&self.token)
-            // Loopback: short heartbeats make elections quick.
-            .arg("--heartbeat-interval")
-            .arg("100")
-            .arg("--election-timeout")
-            .arg("1000")
-            .spawn()
-            .context("starting etcd (is Debian's etcd-server installed?)")?;
+        let advertised = m.advertised_peer_url();
+        let child = etcd_command_behind(
+            &m.name,
+            &data_dir,
+            &client,
+            &peer,
+            &advertised,
+            &initial_cluster,
+            &log,
+        )?
+        .arg("--initial-cluster-state")
+        .arg("new")
+        .arg("--initial-cluster-token")
+        .arg(&self.token)
+        // Loopback: short heartbeats make elections quick.
+        .arg("--heartbeat-interval")
+        .arg("100")
+        .arg("--election-timeout")
+        .arg("1000")
+        .spawn()
+        .context("starting etcd (is Debian's etcd-server installed?)")?;
         m.child = Some(child);
         Ok(())
     }
@@ -220,6 +262,86 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Cuts member `i` off from its peers (both directions), leaving its
+    /// client port reachable: it keeps answering what it can answer alone,
+    /// as a member behind a network partition does. Needs
+    /// [`Cluster::start_isolatable`].
+    ///
+    /// # Errors
+    /// The cluster has no peer proxies, or the member ids cannot be read.
+    pub async fn isolate(&mut self, i: usize) -> Result<()> {
+        self.set_isolated(i, true).await
+    }
+
+    /// Undoes [`Cluster::isolate`].
+    ///
+    /// # Errors
+    /// As [`Cluster::isolate`].
+    pub async fn rejoin(&mut self, i: usize) -> Result<()> {
+        self.set_isolated(i, false).await
+    }
+
+    async fn set_isolated(&mut self, i: usize, on: bool) -> Result<()> {
+        let id = self.member_id(i).await?;
+        for (j, m) in self.members.iter().enumerate() {
+            let proxy = m
+                .proxy
+                .as_ref()
+                .context("isolate needs Cluster::start_isolatable")?;
+            if j == i {
+                proxy.refuse_all(on);
+            } else {
+                proxy.refuse_from(&format!("{id:x}"), on);
+            }
+        }
+        Ok(())
+    }
+
+    /// Member `i`'s id, as etcd's member list has it.
+    async fn member_id(&self, i: usize) -> Result<u64> {
+        let name = &self.members[i].name;
+        for j in 0..self.members.len() {
+            let attempt = async {
+                let mut c = Client::connect([self.endpoint(j)], None).await.ok()?;
+                c.member_list().await.ok()
+            };
+            if let Ok(Some(list)) = tokio::time::timeout(Duration::from_secs(2), attempt).await {
+                if let Some(m) = list.members().iter().find(|m| m.name() == name) {
+                    return Ok(m.id());
+                }
+            }
+        }
+        bail!("no member knows the id of {name}")
+    }
+
+    /// The number of gRPC streams of `method` (e.g. `Watch`,
+    /// `LeaseKeepAlive`) open on member `i` now, from its `/metrics`
+    /// (started minus handled). Lets a test find which member a client's
+    /// stream landed on.
+    ///
+    /// # Errors
+    /// The member does not answer on its client port.
+    pub async fn open_streams(&self, i: usize, method: &str) -> Result<f64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.members[i].client_port))
+            .await
+            .context("connecting for /metrics")?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await?;
+        let mut body = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut body))
+            .await
+            .context("reading /metrics")??;
+        let method = format!("grpc_method=\"{method}\"");
+        let sum = |name: &str| -> f64 {
+            body.lines()
+                .filter(|l| l.starts_with(name) && l.contains(&method))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        Ok(sum("grpc_server_started_total{") - sum("grpc_server_handled_total{"))
     }
 
     /// Kills member `i` (SIGKILL) and reaps it; its data stays.

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod cluster;
+mod peer_proxy;
 mod proxy;
 mod tls;
 pub use cluster::Cluster;
@@ -160,6 +161,28 @@ pub(crate) fn etcd_command(
     initial_cluster: &str,
     log: &std::fs::File,
 ) -> Result<Command> {
+    etcd_command_behind(
+        name,
+        data_dir,
+        client_url,
+        peer_url,
+        peer_url,
+        initial_cluster,
+        log,
+    )
+}
+
+/// [`etcd_command`] for a member that listens for peers on `peer_url` but
+/// tells them to dial `advertise_peer_url` (a proxy in front of it).
+pub(crate) fn etcd_command_behind(
+    name: &str,
+    data_dir: &Path,
+    client_url: &str,
+    peer_url: &str,
+    advertise_peer_url: &str,
+    initial_cluster: &str,
+    log: &std::fs::File,
+) -> Result<Command> {
     let mut cmd = Command::new(etcd_binary());
     cmd.arg("--name")
         .arg(name)
@@ -172,7 +195,7 @@ pub(crate) fn etcd_command(
         .arg("--listen-peer-urls")
         .arg(peer_url)
         .arg("--initial-advertise-peer-urls")
-        .arg(peer_url)
+        .arg(advertise_peer_url)
         .arg("--initial-cluster")
         .arg(initial_cluster)
         .arg("--logger")
