@@ -294,7 +294,7 @@ impl Balancer {
         let tries = if avoid.is_some() { 2 } else { 1 };
         for _ in 0..tries {
             let endpoints = &pool.endpoints;
-            let picked = pool.sched.pick(|addr, w| {
+            let weight = |addr: &Addr, w: u32| {
                 let w = f64::from(w);
                 match (slow_start, endpoints.get(addr)) {
                     (Some(window), Some(ep)) if !window.is_zero() => {
@@ -305,11 +305,15 @@ impl Balancer {
                     }
                     _ => w,
                 }
-            });
+            };
+            // A retry goes elsewhere whenever anything else is usable,
+            // however the weights lean (10000:1 would otherwise hand the
+            // failed endpoint back every time).
+            let picked = match avoid {
+                Some(failed) if pool.sched.active() > 1 => pool.sched.pick_except(failed, weight),
+                _ => pool.sched.pick(weight),
+            };
             let Some(addr) = picked else { break };
-            if avoid == Some(&addr) && pool.sched.active() > 1 {
-                continue;
-            }
             if let Some(ep) = pool.endpoints.get_mut(&addr) {
                 let channel = match &ep.channel {
                     Some(c) => c.clone(),

@@ -165,6 +165,43 @@ impl<K: Clone + Eq + Hash> Scheduler<K> {
         }
     }
 
+    /// The next endpoint other than `except` (a retry avoiding the endpoint
+    /// that just failed), whatever the weights: `except` keeps its place
+    /// and deadline. `None` when nothing else is scheduled.
+    pub fn pick_except(
+        &mut self,
+        except: &K,
+        mut effective_weight: impl FnMut(&K, u32) -> f64,
+    ) -> Option<K> {
+        let mut held = None;
+        let picked = loop {
+            let Some(Reverse(slot)) = self.heap.pop() else {
+                break None;
+            };
+            let Some(state) = self.states.get_mut(&slot.seq) else {
+                continue;
+            };
+            if !state.scheduled || state.generation != slot.generation {
+                continue;
+            }
+            if state.key == *except {
+                held = Some(slot);
+                continue;
+            }
+            self.now = slot.deadline;
+            let w = effective_weight(&state.key, state.weight).max(1e-6);
+            self.heap.push(Reverse(Slot {
+                deadline: slot.deadline + 1.0 / w,
+                ..slot
+            }));
+            break Some(state.key.clone());
+        };
+        if let Some(slot) = held {
+            self.heap.push(Reverse(slot));
+        }
+        picked
+    }
+
     /// Picks with the configured weights.
     pub fn pick_plain(&mut self) -> Option<K> {
         self.pick(|_, w| f64::from(w))
@@ -206,6 +243,20 @@ mod tests {
             longest[k] = longest[k].max(run);
         }
         (counts, longest)
+    }
+
+    #[test]
+    fn pick_except_finds_the_light_one_and_leaves_the_heavy_in_place() {
+        let mut s = Scheduler::new();
+        s.set("heavy", 10_000);
+        s.set("light", 1);
+        assert_eq!(s.pick_except(&"heavy", |_, w| f64::from(w)), Some("light"));
+        // The heavy one kept its deadline: it is next, as before.
+        assert_eq!(s.pick_plain(), Some("heavy"));
+        let mut solo = Scheduler::new();
+        solo.set("only", 5);
+        assert_eq!(solo.pick_except(&"only", |_, w| f64::from(w)), None);
+        assert_eq!(solo.pick_plain(), Some("only"), "still scheduled");
     }
 
     #[test]

@@ -218,3 +218,39 @@ async fn a_response_cut_off_after_its_headers_is_retried() -> Result<()> {
     assert_ne!(err.code(), Code::Ok);
     Ok(())
 }
+
+async fn serve_with(service: GreetService) -> Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(GreetServer::new(service))
+            .serve_with_incoming(TcpIncoming::from(listener)),
+    );
+    Ok(addr)
+}
+
+/// Weights 10000 and 1; the heavy server answers its first call
+/// UNAVAILABLE: the retry goes to the light one, whatever the weights.
+#[tokio::test]
+async fn a_retry_goes_to_another_endpoint_whatever_the_weights() -> Result<()> {
+    let heavy = serve_with(
+        GreetService::new("heavy").with_fault(greet_server::Fault::new(0.0, 1, Code::Unavailable)),
+    )
+    .await?;
+    let light = serve_with(GreetService::new("light")).await?;
+    let bal = balancer();
+    bal.upsert(&Addr::from_socket(heavy), 10_000, "1.0.0");
+    bal.upsert(&Addr::from_socket(light), 1, "1.0.0");
+    assert_eq!(
+        call(&bal).await?,
+        "light",
+        "the retry avoided the heavy one"
+    );
+    assert_eq!(
+        call(&bal).await?,
+        "heavy",
+        "and the heavy one is not punished"
+    );
+    Ok(())
+}

@@ -53,6 +53,19 @@ pub struct Args {
     /// demos, load tests and shutdown tests; default none).
     #[arg(long, env = "GREET_LATENCY", default_value = "0s", value_parser = humantime::parse_duration)]
     pub latency: Duration,
+    /// Fault injection: answer this share of calls (0..=1, spread evenly)
+    /// with `--fail-code`, for tests and demos of retries, retry budgets
+    /// and outlier detection. Default 0: never.
+    #[arg(long, env = "GREET_FAIL_RATIO", default_value_t = 0.0, value_parser = parse_ratio)]
+    pub fail_ratio: f64,
+    /// Fault injection: the first N calls fail whatever the ratio.
+    #[arg(long, env = "GREET_FAIL_FIRST", default_value_t = 0)]
+    pub fail_first: u64,
+    /// The gRPC code injected faults answer with (unavailable, internal,
+    /// unknown, data-loss, resource-exhausted, ...: the names of gRPC's
+    /// codes in lower case with dashes).
+    #[arg(long, env = "GREET_FAIL_CODE", default_value = "unavailable", value_parser = parse_code)]
+    pub fail_code: tonic::Code,
     /// Serve Prometheus metrics (`GET /metrics`) on this address; off when
     /// not given.
     #[arg(long, env = "GREET_METRICS_LISTEN")]
@@ -72,6 +85,41 @@ fn parse_addr(s: &str) -> Result<Addr, String> {
 
 fn parse_service(s: &str) -> Result<ServiceName, String> {
     ServiceName::new(s).map_err(|e| e.to_string())
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s}: want a share between 0 and 1")),
+    }
+}
+
+fn parse_code(s: &str) -> Result<tonic::Code, String> {
+    use tonic::Code::*;
+    let code = match s.to_ascii_lowercase().replace('_', "-").as_str() {
+        "ok" => Ok,
+        "cancelled" | "canceled" => Cancelled,
+        "unknown" => Unknown,
+        "invalid-argument" => InvalidArgument,
+        "deadline-exceeded" => DeadlineExceeded,
+        "not-found" => NotFound,
+        "already-exists" => AlreadyExists,
+        "permission-denied" => PermissionDenied,
+        "resource-exhausted" => ResourceExhausted,
+        "failed-precondition" => FailedPrecondition,
+        "aborted" => Aborted,
+        "out-of-range" => OutOfRange,
+        "unimplemented" => Unimplemented,
+        "internal" => Internal,
+        "unavailable" => Unavailable,
+        "data-loss" => DataLoss,
+        "unauthenticated" => Unauthenticated,
+        _ => return Err(format!("{s}: not a gRPC status code name")),
+    };
+    if code == Ok {
+        return Err("ok is not a failure".into());
+    }
+    std::result::Result::Ok(code)
 }
 
 fn parse_ttl(s: &str) -> Result<Duration, String> {
@@ -110,6 +158,8 @@ pub struct Config {
     pub tls: Option<tonic::transport::ServerTlsConfig>,
     /// Where to serve `/metrics`; `None`: nowhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Injected faults: (ratio, first, code).
+    pub fault: (f64, u64, tonic::Code),
 }
 
 impl Args {
@@ -137,6 +187,7 @@ impl Args {
             latency: self.latency,
             tls: self.tls.resolve()?,
             metrics_listen: self.metrics_listen,
+            fault: (self.fail_ratio, self.fail_first, self.fail_code),
         })
     }
 }
@@ -176,6 +227,9 @@ mod tests {
             &["--log-format", "xml"],
             &["--etcd-cert", "c.pem"],
             &["--metrics-listen", "localhost"],
+            &["--fail-ratio", "1.5"],
+            &["--fail-code", "teapot"],
+            &["--fail-code", "ok"],
         ] {
             let err = parse(bad).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{bad:?}");

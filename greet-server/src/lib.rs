@@ -31,7 +31,7 @@ use tonic_health::ServingStatus;
 use tracing::{info, info_span, warn, Instrument};
 
 pub use config::{Args, Config};
-pub use service::GreetService;
+pub use service::{Fault, GreetService};
 
 /// Errors that end the server.
 #[derive(Debug, thiserror::Error)]
@@ -148,7 +148,9 @@ pub async fn run(
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(GreetServer::new(
-                GreetService::new(advertise.to_string()).with_latency(cfg.latency),
+                GreetService::new(advertise.to_string())
+                    .with_latency(cfg.latency)
+                    .with_fault(service::Fault::new(cfg.fault.0, cfg.fault.1, cfg.fault.2)),
             ))
             .serve_with_incoming_shutdown(incoming, stop_accepting.clone().cancelled_owned());
         let mut server = tokio::spawn(server);

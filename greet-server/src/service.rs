@@ -1,5 +1,9 @@
-//! The Greet service itself: the same replies as the original Go server.
+//! The Greet service itself: the same replies as the original Go server,
+//! plus a fault mode (answer a share of calls with an error code) for tests
+//! and demos of retries, budgets and outlier detection.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use greet_proto::{Greet, GreetRequest, GreetResponse};
@@ -11,6 +15,38 @@ use tonic::{Request, Response, Status};
 pub struct GreetService {
     from: String,
     latency: Duration,
+    fault: Option<Arc<Fault>>,
+}
+
+/// Which calls fail, and how.
+#[derive(Debug)]
+pub struct Fault {
+    /// Share of calls answered with `code` (0..=1), spread evenly: call n
+    /// fails when floor((n+1)·ratio) > floor(n·ratio).
+    pub ratio: f64,
+    /// The first this many calls fail whatever the ratio.
+    pub first: u64,
+    /// The code failed calls are answered with.
+    pub code: tonic::Code,
+    calls: AtomicU64,
+}
+
+impl Fault {
+    /// A fault mode; `None` when it would never fail a call.
+    pub fn new(ratio: f64, first: u64, code: tonic::Code) -> Option<Self> {
+        (ratio > 0.0 || first > 0).then(|| Self {
+            ratio: ratio.clamp(0.0, 1.0),
+            first,
+            code,
+            calls: AtomicU64::new(0),
+        })
+    }
+
+    /// Whether the next call fails.
+    fn next_fails(&self) -> bool {
+        let n = self.calls.fetch_add(1, Ordering::Relaxed);
+        n < self.first || ((n + 1) as f64 * self.ratio).floor() > (n as f64 * self.ratio).floor()
+    }
 }
 
 impl GreetService {
@@ -19,7 +55,14 @@ impl GreetService {
         Self {
             from: from.into(),
             latency: Duration::ZERO,
+            fault: None,
         }
+    }
+
+    /// Answers calls with an error as `fault` says.
+    pub fn with_fault(mut self, fault: Option<Fault>) -> Self {
+        self.fault = fault.map(Arc::new);
+        self
     }
 
     /// Makes every call take at least `latency` (simulated work).
@@ -28,9 +71,16 @@ impl GreetService {
         self
     }
 
-    async fn work(&self) {
+    async fn work(&self) -> Result<(), Status> {
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
+        }
+        match &self.fault {
+            Some(f) if f.next_fails() => Err(Status::new(
+                f.code,
+                format!("{}: injected fault", self.from),
+            )),
+            _ => Ok(()),
         }
     }
 }
@@ -40,7 +90,7 @@ impl Greet for GreetService {
     async fn morning(&self, req: Request<GreetRequest>) -> Result<Response<GreetResponse>, Status> {
         let name = req.into_inner().name;
         tracing::debug!(%name, "morning");
-        self.work().await;
+        self.work().await?;
         Ok(Response::new(GreetResponse {
             message: format!("Good morning, {name}"),
             from: self.from.clone(),
@@ -50,10 +100,28 @@ impl Greet for GreetService {
     async fn night(&self, req: Request<GreetRequest>) -> Result<Response<GreetResponse>, Status> {
         let name = req.into_inner().name;
         tracing::debug!(%name, "night");
-        self.work().await;
+        self.work().await?;
         Ok(Response::new(GreetResponse {
             message: format!("Good night, {name}"),
             from: self.from.clone(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ratio_is_spread_evenly_and_first_comes_first() {
+        let f = Fault::new(0.25, 0, tonic::Code::Internal).unwrap();
+        let fails: Vec<bool> = (0..8).map(|_| f.next_fails()).collect();
+        assert_eq!(fails.iter().filter(|x| **x).count(), 2, "{fails:?}");
+        let f = Fault::new(0.0, 2, tonic::Code::Unavailable).unwrap();
+        let fails: Vec<bool> = (0..4).map(|_| f.next_fails()).collect();
+        assert_eq!(fails, [true, true, false, false]);
+        assert!(Fault::new(0.0, 0, tonic::Code::Internal).is_none());
+        let all = Fault::new(1.0, 0, tonic::Code::Internal).unwrap();
+        assert!((0..5).all(|_| all.next_fails()));
     }
 }
