@@ -262,8 +262,13 @@ impl Watcher {
             }
             if let Err(e) = self.step().await {
                 // (A refused auth token already dropped the session's
-                // client: the next attempt logs in again.)
+                // client, and a timeout or an Unavailable answer moved it to
+                // the next member.) A watch etcd cancelled, for want of a
+                // leader say, is a reason to try another member too.
                 self.stream = None;
+                if matches!(e, WatchError::Cancelled(_)) {
+                    self.session.reset();
+                }
                 self.state.send_modify(|s| s.connected = false);
                 if !self.failing {
                     warn!(prefix = %self.cfg.prefix, error = %e, "watch lost; keeping the last known view and retrying");
