@@ -3,9 +3,10 @@
 //! Uses etcd's election API (`campaign` blocks until this replica owns the
 //! election's oldest key; `leader` says who does; `resign` hands over) on a
 //! client of its own, without a request timeout that would cut the
-//! blocking campaign. The election key lives on a lease this module keeps
-//! alive itself (a ping every TTL/3, reading every answer: TTL 0 means etcd
-//! forgot the lease).
+//! blocking campaign. The election key lives on a lease kept alive by the
+//! registry's lease keeper ([`registry::lease`]: a ping every TTL/3 on a
+//! connection of its own, TTL 0 = lost, validity from the send time of
+//! answered pings).
 //!
 //! Safety, in two layers:
 //! - [`Leadership::valid_until`] is the send time of the last answered ping
@@ -20,13 +21,14 @@
 //! within one TTL. On shutdown the leader resigns, so the next one takes
 //! over at once.
 
-use std::collections::VecDeque;
 use std::pin::pin;
 use std::time::Duration;
 
-use etcd_client::{Client, ElectionClient, LeaderKey, ResignOptions};
+use etcd_client::{ElectionClient, LeaderKey, ResignOptions};
 use registry::backoff::Backoff;
-use registry::etcd::{is_auth_token_error, EtcdConfig, EtcdError};
+use registry::etcd::{EtcdConfig, EtcdError};
+use registry::lease::{LeaseKeeper, LeaseState};
+use registry::session::Session;
 use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
@@ -75,15 +77,9 @@ impl LeaderState {
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
     #[error(transparent)]
-    Connect(#[from] EtcdError),
-    #[error("etcd: {0}")]
-    Etcd(#[from] etcd_client::Error),
-    #[error("etcd did not answer within {0:?}")]
-    Timeout(Duration),
+    Etcd(#[from] EtcdError),
     #[error("election lease {0:x} lost")]
     LeaseLost(i64),
-    #[error("keep-alive stream ended")]
-    Ended,
     #[error("leadership not renewed in time")]
     Expired,
     #[error("another replica holds the election key now")]
@@ -107,22 +103,15 @@ pub fn spawn(
     let task = tokio::spawn(
         async move {
             let mut backoff = Backoff::new(Duration::from_millis(200), ttl / 2);
-            let mut client: Option<Client> = None;
+            // No request timeout on this client: it would cut the blocking
+            // campaign. (A refused auth token drops the session's client.)
+            let mut sess = Session::new(etcd).with_timeout(REQUEST_TIMEOUT);
             loop {
-                let res = session(&etcd, &mut client, &name, ttl, &id, &tx, &cancel).await;
+                let res = session(&mut sess, &name, ttl, &id, &tx, &cancel).await;
                 tx.send_modify(|s| s.me = None);
                 match res {
                     Ok(()) => break,
-                    Err(e) => {
-                        debug!(error = %e, "election session ended; retrying");
-                        // A refused auth token (etcd restarted and forgot
-                        // it) is not cured on the same client: log in again.
-                        if matches!(&e, SessionError::Connect(_))
-                            || matches!(&e, SessionError::Etcd(e) if is_auth_token_error(e))
-                        {
-                            client = None;
-                        }
-                    }
+                    Err(e) => debug!(error = %e, "election session ended; retrying"),
                 }
                 tokio::select! {
                     () = cancel.cancelled() => break,
@@ -139,15 +128,6 @@ pub fn spawn(
     (rx, task)
 }
 
-async fn bounded<T>(
-    fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, SessionError> {
-    timeout(REQUEST_TIMEOUT, fut)
-        .await
-        .map_err(|_| SessionError::Timeout(REQUEST_TIMEOUT))?
-        .map_err(SessionError::from)
-}
-
 /// Who leads now (the campaign value), or `None` when nobody does.
 async fn current_leader(election: &mut ElectionClient, name: &str) -> Option<String> {
     let resp = timeout(REQUEST_TIMEOUT, election.leader(name))
@@ -160,28 +140,25 @@ async fn current_leader(election: &mut ElectionClient, name: &str) -> Option<Str
 
 /// One lease, one campaign; returns Ok only when cancelled.
 async fn session(
-    etcd: &EtcdConfig,
-    client: &mut Option<Client>,
+    sess: &mut Session,
     name: &str,
     ttl: Duration,
     id: &str,
     tx: &watch::Sender<LeaderState>,
     cancel: &CancellationToken,
 ) -> Result<(), SessionError> {
-    if client.is_none() {
-        *client = Some(etcd.connect().await?);
-    }
-    let client = client.as_mut().expect("set above");
-    let ttl_secs = ttl.as_secs().max(2) as i64;
-    let lease = bounded(client.lease_grant(ttl_secs, None)).await?.id();
-    let (mut keeper, mut answers) = bounded(client.lease_keep_alive(lease)).await?;
+    let client = sess.client().await?;
+    let keeper = LeaseKeeper::grant(sess, ttl).await?;
+    let lease = keeper.id();
+    let mut lease_state = keeper.state();
     let mut election = client.election_client();
     let mut lookup = client.election_client();
     let mut campaign = pin!(election.campaign(name, id, lease));
     let mut leader_key: Option<LeaderKey> = None;
-    // Send times of pings not answered yet, oldest first.
-    let mut sent: VecDeque<Instant> = VecDeque::new();
-    let mut valid_until = Instant::now() + ttl * 2 / 3;
+    let mut valid_until = match keeper.current() {
+        LeaseState::Valid { until } => until,
+        _ => Instant::now(),
+    };
     let mut tick = tokio::time::interval(ttl / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     debug!(lease = format!("{lease:x}"), "campaigning");
@@ -195,7 +172,7 @@ async fn session(
                         Some(k) => k,
                         None => break Err(SessionError::NoLeaderKey),
                     },
-                    Err(e) => break Err(e.into()),
+                    Err(e) => break Err(sess.check(e).into()),
                 };
                 info!(lease = format!("{lease:x}"), key = %String::from_utf8_lossy(key.key()),
                       revision = key.rev(), "elected leader");
@@ -212,10 +189,6 @@ async fn session(
                 leader_key = Some(key);
             }
             _ = tick.tick() => {
-                sent.push_back(Instant::now());
-                if let Err(e) = bounded(keeper.keep_alive()).await {
-                    break Err(e);
-                }
                 let current = current_leader(&mut lookup, name).await;
                 if leader_key.is_some() && current.as_deref().is_some_and(|c| c != id) {
                     // Someone deleted our key and another replica won.
@@ -225,12 +198,16 @@ async fn session(
                     tx.send_modify(|s| s.leader_id = current);
                 }
             }
-            answer = answers.message() => {
-                match answer {
-                    Ok(Some(r)) if r.ttl() > 0 => {
-                        let at = sent.pop_front().unwrap_or_else(Instant::now);
-                        let granted = Duration::from_secs(r.ttl() as u64).min(ttl);
-                        valid_until = at + granted * 2 / 3;
+            changed = lease_state.changed() => {
+                if changed.is_err() {
+                    break Err(SessionError::LeaseLost(lease));
+                }
+                match *lease_state.borrow_and_update() {
+                    LeaseState::Lost => break Err(SessionError::LeaseLost(lease)),
+                    // Unanswered: valid_until passes by itself below.
+                    LeaseState::Unsure => {}
+                    LeaseState::Valid { until } => {
+                        valid_until = until;
                         if leader_key.is_some() {
                             tx.send_modify(|s| {
                                 if let Some(me) = s.me.as_mut() {
@@ -239,9 +216,6 @@ async fn session(
                             });
                         }
                     }
-                    Ok(Some(_)) => break Err(SessionError::LeaseLost(lease)),
-                    Ok(None) => break Err(SessionError::Ended),
-                    Err(e) => break Err(e.into()),
                 }
             }
             () = tokio::time::sleep_until(valid_until), if leader_key.is_some() => {
@@ -267,6 +241,9 @@ async fn session(
             Err(_) => debug!("resign timed out; the lease expiry hands over"),
         }
     }
-    let _ = timeout(REQUEST_TIMEOUT, client.lease_revoke(lease)).await;
+    keeper.stop().await;
+    let _ = sess
+        .call(|mut c| async move { c.lease_revoke(lease).await })
+        .await;
     result
 }

@@ -12,8 +12,8 @@
 //! - the lease is known alive until the *send* time of the last answered
 //!   ping plus two thirds of the TTL ([`LeaseState::Valid`]). When that
 //!   passes without a newer answer the state turns [`LeaseState::Unsure`]
-//!   and the keeper dials again (a balanced client may then land on another
-//!   member), while a third of the TTL is left to save the lease. A later
+//!   and the keeper dials the next member, while a third of the TTL is left
+//!   to save the lease. A later
 //!   answer with TTL > 0 makes it valid again.
 //!
 //! Dropping the keeper stops the pings; the lease then expires with its TTL
@@ -211,16 +211,15 @@ async fn run(
                 return;
             }
             Ok(Ended::Silent) => {
-                // The member may be cut off: dial again at once.
+                // The member may be cut off: dial the next one at once.
                 mark_unsure(&tx, id);
                 session.reset();
                 Duration::ZERO
             }
             Err(e) => {
+                // (The session already moved on from a member that timed
+                // out or answered Unavailable.)
                 debug!(lease = id, error = %e, "keep-alive failed; retrying");
-                if matches!(e, EtcdError::Timeout(_)) {
-                    session.reset();
-                }
                 backoff.next_delay()
             }
         };

@@ -328,14 +328,13 @@ impl Worker {
                     } else {
                         debug!(error = %e, attempt = backoff.attempts(), "still failing");
                     }
-                    // A silent or failing member: dial again, so that a
-                    // balanced client may land on another one. (A refused
-                    // auth token already dropped the client.)
+                    // A silent member, or one whose watch etcd cancelled
+                    // (no leader): dial the next one. (The session itself
+                    // moves on after a timeout or an Unavailable answer, and
+                    // logs in again after a refused token.)
                     if matches!(
                         e,
-                        SessionError::KeepAliveSilent(_)
-                            | SessionError::WatchCancelled(_)
-                            | SessionError::Etcd(EtcdError::Timeout(_))
+                        SessionError::KeepAliveSilent(_) | SessionError::WatchCancelled(_)
                     ) {
                         self.session.reset();
                     }

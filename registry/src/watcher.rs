@@ -22,15 +22,16 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions, WatchStream};
+use etcd_client::{EventType, GetOptions, KeyValue, WatchOptions, WatchStream};
 use tokio::sync::{mpsc, watch};
-use tokio::time::{timeout, Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
-use crate::etcd::{is_auth_token_error, EtcdConfig, EtcdError};
+use crate::etcd::{EtcdConfig, EtcdError};
 use crate::schema::{self, Addr, Member, SchemaError, ServiceName};
+use crate::session::Session;
 
 /// Keys per page of a list when values are small.
 const PAGE: i64 = 500;
@@ -41,6 +42,7 @@ const PAGE: i64 = 500;
 /// asks etcd to fragment responses above its request limit, so every watch
 /// message fits too.
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+/// Bound of one call: a page of big values takes longer than a keep-alive.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One key under the watched prefix, as the schema reads it.
@@ -162,22 +164,16 @@ impl WatcherConfig {
 #[derive(Debug, thiserror::Error)]
 enum WatchError {
     #[error(transparent)]
-    Connect(#[from] EtcdError),
-    #[error("etcd: {0}")]
-    Etcd(#[from] etcd_client::Error),
-    #[error("etcd did not answer within {0:?}")]
-    Timeout(Duration),
-    #[error("watch stream ended")]
-    Ended,
+    Etcd(#[from] EtcdError),
     #[error("watch cancelled by etcd: {0}")]
     Cancelled(String),
 }
 
 /// The reflector. Drive it with [`Watcher::next`], or [`Watcher::spawn`] it.
 pub struct Watcher {
-    etcd: EtcdConfig,
+    /// Connects lazily, bounds calls, logs in again after a refused token.
+    session: Session,
     cfg: WatcherConfig,
-    client: Option<Client>,
     stream: Option<WatchStream>,
     map: BTreeMap<String, Entry>,
     revision: i64,
@@ -209,9 +205,8 @@ impl Watcher {
             relists: 0,
         });
         Self {
-            etcd: etcd.require_leader(),
+            session: Session::new(etcd.require_leader()).with_timeout(REQUEST_TIMEOUT),
             cfg,
-            client: None,
             stream: None,
             map: BTreeMap::new(),
             revision: 0,
@@ -266,13 +261,13 @@ impl Watcher {
                 return ev;
             }
             if let Err(e) = self.step().await {
+                // (A refused auth token already dropped the session's
+                // client, and a timeout or an Unavailable answer moved it to
+                // the next member.) A watch etcd cancelled, for want of a
+                // leader say, is a reason to try another member too.
                 self.stream = None;
-                // A refused auth token (etcd restarted and forgot it) is
-                // not cured by retrying on the same client: log in again.
-                if matches!(&e, WatchError::Connect(_))
-                    || matches!(&e, WatchError::Etcd(e) if is_auth_token_error(e))
-                {
-                    self.client = None;
+                if matches!(e, WatchError::Cancelled(_)) {
+                    self.session.reset();
                 }
                 self.state.send_modify(|s| s.connected = false);
                 if !self.failing {
@@ -294,7 +289,9 @@ impl Watcher {
         let grace_ends = self.deferred.values().map(|(_, at)| *at).min();
         tokio::select! {
             msg = stream.message() => {
-                let resp = msg?.ok_or(WatchError::Ended)?;
+                let resp = msg
+                    .map_err(|e| self.session.check(e))?
+                    .ok_or(EtcdError::StreamEnded("watch"))?;
                 if resp.compact_revision() > 0 {
                     info!(prefix = %self.cfg.prefix, compact_revision = resp.compact_revision(),
                           "watch fell behind compaction; relisting");
@@ -376,7 +373,10 @@ impl Watcher {
             }
             () = tokio::time::sleep_until(progress_at) => {
                 self.next_progress = Instant::now() + self.cfg.progress_interval;
-                stream.request_progress().await?;
+                stream
+                    .request_progress()
+                    .await
+                    .map_err(|e| self.session.check(e))?;
                 Ok(())
             }
         }
@@ -385,15 +385,14 @@ impl Watcher {
     /// (Re)connects: resumes from the last revision when etcd still has it,
     /// relists otherwise.
     async fn connect(&mut self) -> Result<(), WatchError> {
-        if self.client.is_none() {
-            self.client = Some(self.etcd.connect().await?);
-        }
-        let client = self.client.as_mut().expect("set above");
-        let head = bounded(client.get(
-            self.cfg.prefix.as_str(),
-            Some(GetOptions::new().with_prefix().with_count_only()),
-        ))
-        .await?;
+        let mut client = self.session.client().await?;
+        let head = self
+            .session
+            .bounded(client.get(
+                self.cfg.prefix.as_str(),
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            ))
+            .await?;
         let (rev, cluster) = head
             .header()
             .map(|h| (h.revision(), h.cluster_id()))
@@ -440,24 +439,26 @@ impl Watcher {
     /// compacted revision says nothing here; the watch then reports the
     /// compaction and we relist anyway.
     async fn same_history(&mut self) -> Result<bool, WatchError> {
-        let client = self.client.as_mut().expect("connected before checking");
+        let mut client = self.session.client().await?;
         let at = self.revision;
-        let count = bounded(
-            client.get(
-                self.cfg.prefix.as_str(),
-                Some(
-                    GetOptions::new()
-                        .with_prefix()
-                        .with_count_only()
-                        .with_revision(at),
+        let count = self
+            .session
+            .bounded(
+                client.get(
+                    self.cfg.prefix.as_str(),
+                    Some(
+                        GetOptions::new()
+                            .with_prefix()
+                            .with_count_only()
+                            .with_revision(at),
+                    ),
                 ),
-            ),
-        )
-        .await;
+            )
+            .await;
         let count = match count {
             Ok(resp) => resp.count(),
-            Err(WatchError::Etcd(e)) if is_compacted(&e) => return Ok(true),
-            Err(e) => return Err(e),
+            Err(EtcdError::Client(e)) if is_compacted(&e) => return Ok(true),
+            Err(e) => return Err(e.into()),
         };
         if usize::try_from(count).ok() != Some(self.map.len()) {
             debug!(prefix = %self.cfg.prefix, revision = at, count, entries = self.map.len(),
@@ -467,15 +468,17 @@ impl Watcher {
         let Some(newest) = self.map.values().max_by_key(|e| e.mod_revision) else {
             return Ok(true);
         };
-        let resp = bounded(client.get(
-            newest.key.as_bytes(),
-            Some(GetOptions::new().with_revision(at)),
-        ))
-        .await;
+        let resp = self
+            .session
+            .bounded(client.get(
+                newest.key.as_bytes(),
+                Some(GetOptions::new().with_revision(at)),
+            ))
+            .await;
         let resp = match resp {
             Ok(resp) => resp,
-            Err(WatchError::Etcd(e)) if is_compacted(&e) => return Ok(true),
-            Err(e) => return Err(e),
+            Err(EtcdError::Client(e)) if is_compacted(&e) => return Ok(true),
+            Err(e) => return Err(e.into()),
         };
         let same = resp
             .kvs()
@@ -490,15 +493,22 @@ impl Watcher {
 
     async fn start_watch(&mut self) -> Result<(), WatchError> {
         let start = self.resume_from();
-        let client = self.client.as_mut().expect("connected before watching");
+        let client = self.session.client().await?;
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(start)
             .with_progress_notify()
             .with_fragment();
         let mut watch_client = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
-        let mut stream = bounded(watch_client.watch(self.cfg.prefix.as_str(), Some(opts))).await?;
-        let created = bounded(stream.message()).await?.ok_or(WatchError::Ended)?;
+        let mut stream = self
+            .session
+            .bounded(watch_client.watch(self.cfg.prefix.as_str(), Some(opts)))
+            .await?;
+        let created = self
+            .session
+            .bounded(stream.message())
+            .await?
+            .ok_or(EtcdError::StreamEnded("watch"))?;
         if created.compact_revision() > 0 {
             info!(prefix = %self.cfg.prefix, "resume revision compacted; relisting");
             self.relist(false).await?;
@@ -528,7 +538,7 @@ impl Watcher {
     /// from the new list are reported removed only after
     /// [`WatcherConfig::wipe_grace`], unless they come back first.
     async fn relist(&mut self, grace: bool) -> Result<(), WatchError> {
-        let client = self.client.as_mut().expect("connected before listing");
+        let client = self.session.client().await?;
         let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
         let end = prefix_end(self.cfg.prefix.as_bytes());
         let mut from = self.cfg.prefix.as_bytes().to_vec();
@@ -541,8 +551,8 @@ impl Watcher {
             if at_revision > 0 {
                 opts = opts.with_revision(at_revision);
             }
-            let resp = match bounded(kv.get(from.clone(), Some(opts))).await {
-                Err(WatchError::Etcd(e)) if is_too_large(&e) && limit > 1 => {
+            let resp = match self.session.bounded(kv.get(from.clone(), Some(opts))).await {
+                Err(EtcdError::Client(e)) if is_too_large(&e) && limit > 1 => {
                     limit = (limit / 2).max(1);
                     debug!(prefix = %self.cfg.prefix, limit, "page larger than the byte budget; asking for fewer keys");
                     continue;
@@ -665,15 +675,6 @@ impl WarnLimiter {
             self.suppressed = 0;
         }
     }
-}
-
-async fn bounded<T>(
-    fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, WatchError> {
-    timeout(REQUEST_TIMEOUT, fut)
-        .await
-        .map_err(|_| WatchError::Timeout(REQUEST_TIMEOUT))?
-        .map_err(WatchError::from)
 }
 
 /// Whether a response was refused for exceeding [`MAX_MESSAGE`] (tonic's

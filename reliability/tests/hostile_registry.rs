@@ -213,3 +213,59 @@ async fn garbage_in_the_registry_does_not_hurt_the_good_entries() -> Result<()> 
     }
     Ok(())
 }
+
+/// Issue 10, defect 2: 200 keys of 1.4 MiB (just under etcd's request
+/// limit) beside three good servers. A list paged by count asked for all of
+/// them at once, more bytes than the client decodes, and never completed;
+/// with pages sized by a byte budget the client syncs, balances over the
+/// good three, and reports the hostile keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_near_the_request_limit_do_not_stall_discovery() -> Result<()> {
+    let etcd = Etcd::start().await?;
+    let eps = etcd.endpoint();
+    let c = etcd.client().await?;
+    let ports = [free_port(), free_port(), free_port()];
+    let _servers: Vec<Proc> = ports
+        .iter()
+        .map(|p| server(&eps, *p, &["--ttl", "10s"], &[]))
+        .collect::<Result<_>>()?;
+    eventually(Duration::from_secs(20), "servers registered", || async {
+        let k = keys(&c, PREFIX).await.ok()?;
+        ports.iter().all(|p| k.contains(&key_of(*p))).then_some(())
+    })
+    .await?;
+    let pad = "x".repeat(1_400 * 1024);
+    let kvs = (0..200u32)
+        .map(|i| {
+            (
+                format!("{PREFIX}127.0.0.1:{}", 40_000 + i).into_bytes(),
+                format!(r#"{{"weight":100,"pad":"{pad}"}}"#).into_bytes(),
+            )
+        })
+        .collect();
+    put_all(&c, kvs).await?;
+
+    let mut load = bench(&eps, 8, Duration::from_secs(5), &[], &[])?;
+    let r = report(&mut load, Duration::from_secs(90)).await?;
+    let log = load.log();
+    assert_eq!(r["errors"], 0, "no call failed:\n{r:#}\n{log}");
+    let calls = r["calls"].as_u64().unwrap_or(0);
+    assert!(calls > 100, "calls were made: {r:#}");
+    let good: u64 = ports
+        .iter()
+        .map(|p| calls_of(&r, &format!("127.0.0.1:{p}")))
+        .sum();
+    assert_eq!(good, calls, "only the good servers got calls: {r:#}");
+    for p in ports {
+        assert!(
+            calls_of(&r, &format!("127.0.0.1:{p}")) > 0,
+            "127.0.0.1:{p} got calls: {r:#}"
+        );
+    }
+    assert!(
+        log.contains("ignoring invalid registry entry"),
+        "the hostile keys are reported:\n{}",
+        log.chars().take(4000).collect::<String>()
+    );
+    Ok(())
+}
