@@ -138,6 +138,7 @@ impl AppState {
         let me = self.clone();
         let rendered = tokio::task::spawn_blocking(move || {
             let (generation, second) = me.version();
+            me.metrics.view_renders.inc();
             let view = me.store.view(None, None, Instant::now());
             let json = Bytes::from(serde_json::to_vec(&view).unwrap_or_default());
             let gzip = gzip_bytes(&json);
@@ -328,7 +329,10 @@ async fn services(
                 .insert(header::VARY, HeaderValue::from_static("accept-encoding"));
             Ok(resp)
         }
-        Some(h) => Ok(axum::Json(st.store.view(None, Some(h), Instant::now())).into_response()),
+        Some(h) => {
+            st.metrics.view_renders.inc();
+            Ok(axum::Json(st.store.view(None, Some(h), Instant::now())).into_response())
+        }
     }
 }
 
@@ -349,6 +353,7 @@ async fn service(
     let healthy = healthy_filter(query)?;
     let name = ServiceName::new(&name)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    st.metrics.view_renders.inc();
     let mut view = st.store.view(Some(&name), healthy, Instant::now());
     let Some(service) = view.services.pop() else {
         return Err(ApiError::new(

@@ -79,6 +79,9 @@ pub struct Metrics {
     pub watch_lag: Gauge<f64, AtomicU64>,
     /// Revision the view reflects.
     pub revision: Gauge,
+    /// JSON views built from the store (whole, filtered or one service):
+    /// shows whether readers share renders or each pay for their own.
+    pub view_renders: Counter,
 }
 
 impl Default for Metrics {
@@ -104,6 +107,7 @@ impl Metrics {
             etcd_up: Gauge::default(),
             watch_lag: Gauge::default(),
             revision: Gauge::default(),
+            view_renders: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -165,6 +169,11 @@ impl Metrics {
             "controller_view_revision",
             "etcd revision the view reflects",
             m.revision.clone(),
+        );
+        registry.register(
+            "controller_view_renders",
+            "JSON views built from the store (whole, filtered or one service) for HTTP readers",
+            m.view_renders.clone(),
         );
         Self { registry, ..m }
     }
