@@ -56,7 +56,9 @@ pub struct Args {
     #[arg(long, env = "CONTROLLER_MAX_DELETIONS_PER_PASS", default_value = "15%", value_parser = parse_budget)]
     pub max_deletions_per_pass: Budget,
     /// When more than this share of a service's members look dead in one
-    /// pass, delete nothing for that service (safety valve).
+    /// pass, delete nothing for that service (safety valve); when more
+    /// than this share of all members across services do, delete nothing
+    /// at all (global valve).
     #[arg(long, env = "CONTROLLER_MAX_UNHEALTHY_RATIO", default_value_t = 0.5, value_parser = parse_ratio)]
     pub max_unhealthy_ratio: f64,
     /// Election key (name) in etcd; replicas sharing it elect one leader.

@@ -71,6 +71,10 @@ pub struct Metrics {
     pub valve_trips: Family<ServiceLabel, Counter>,
     /// 1 while the service's safety valve holds deletions back.
     pub valve_active: Family<ServiceLabel, Gauge>,
+    /// Global safety-valve trips.
+    pub global_valve_trips: Counter,
+    /// 1 while the global safety valve holds every deletion back.
+    pub global_valve_active: Gauge,
     /// 1 while this replica leads.
     pub leader: Gauge,
     /// 1 once synced, while the watch is connected.
@@ -103,6 +107,8 @@ impl Metrics {
             deletions_skipped: Counter::default(),
             valve_trips: Family::default(),
             valve_active: Family::default(),
+            global_valve_trips: Counter::default(),
+            global_valve_active: Gauge::default(),
             leader: Gauge::default(),
             etcd_up: Gauge::default(),
             watch_lag: Gauge::default(),
@@ -149,6 +155,16 @@ impl Metrics {
             "controller_safety_valve_active",
             "1 while the safety valve holds the service's deletions back",
             m.valve_active.clone(),
+        );
+        registry.register(
+            "controller_safety_valve_global_trips",
+            "Times the global safety valve held every deletion back (too many members across services looked dead at once)",
+            m.global_valve_trips.clone(),
+        );
+        registry.register(
+            "controller_safety_valve_global_active",
+            "1 while the global safety valve holds every deletion back",
+            m.global_valve_active.clone(),
         );
         registry.register(
             "controller_leader",
@@ -227,6 +243,8 @@ impl Metrics {
                 })
                 .set(i64::from(active));
         }
+        self.global_valve_active
+            .set(i64::from(store.global_valve().is_some()));
         self.leader
             .set(i64::from(leader.valid(Instant::now()).is_some()));
         self.etcd_up.set(i64::from(watch.connected));

@@ -244,6 +244,14 @@ impl Reconciler {
         for service in &plan.cleared {
             info!(%service, "safety valve closed; deletions resume");
         }
+        if let Some(valve) = &plan.global_tripped {
+            warn!(dead = valve.dead, members = valve.members, withheld = valve.withheld,
+                  "global safety valve: most members across services look dead at once; deleting nothing at all (the controller is likely cut off)");
+            self.metrics.global_valve_trips.inc();
+        }
+        if plan.global_cleared {
+            info!("global safety valve closed; deletions resume");
+        }
         if plan.deferred > 0 {
             info!(
                 deferred = plan.deferred,
