@@ -185,6 +185,48 @@ fn trips(dead: usize, members: usize, ratio: f64) -> bool {
     dead > 1 && dead as f64 > ratio * members as f64
 }
 
+/// Counts by state per service, and the number of keys outside the schema.
+fn counts_of(inner: &Inner) -> (BTreeMap<ServiceName, Counts>, usize) {
+    let counts = inner
+        .services
+        .iter()
+        .map(|(s, members)| {
+            let mut c = Counts {
+                members: members.len(),
+                ..Counts::default()
+            };
+            for t in members.values() {
+                match &t.probe.last {
+                    None => c.unknown += 1,
+                    Some(o) if !o.is_alive() => c.failing += 1,
+                    Some(Outcome::NotServing) => c.draining += 1,
+                    Some(_) => c.healthy += 1,
+                }
+                if t.entry.member.is_err() {
+                    c.invalid += 1;
+                }
+            }
+            (s.clone(), c)
+        })
+        .collect();
+    (counts, inner.invalid_keys.len())
+}
+
+/// What one scrape of `/metrics` shows of the store, read at once.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsSnapshot {
+    /// Counts per service.
+    pub counts: BTreeMap<ServiceName, Counts>,
+    /// Keys outside the schema.
+    pub invalid_keys: usize,
+    /// Services whose valve holds.
+    pub valves: std::collections::BTreeSet<ServiceName>,
+    /// Whether the global valve holds.
+    pub global_valve: bool,
+    /// The revision reflected.
+    pub revision: i64,
+}
+
 /// Counts of a service's members by state, for metrics and the view.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Counts {
@@ -505,30 +547,22 @@ impl Store {
     /// Counts by state per service, and the number of keys outside the
     /// schema.
     pub fn counts(&self) -> (BTreeMap<ServiceName, Counts>, usize) {
+        counts_of(&self.read())
+    }
+
+    /// What `/metrics` shows, all from one read of the store: counts per
+    /// service, keys outside the schema, services whose valve holds,
+    /// whether the global valve holds, and the revision.
+    pub fn metrics_snapshot(&self) -> MetricsSnapshot {
         let inner = self.read();
-        let counts = inner
-            .services
-            .iter()
-            .map(|(s, members)| {
-                let mut c = Counts {
-                    members: members.len(),
-                    ..Counts::default()
-                };
-                for t in members.values() {
-                    match &t.probe.last {
-                        None => c.unknown += 1,
-                        Some(o) if !o.is_alive() => c.failing += 1,
-                        Some(Outcome::NotServing) => c.draining += 1,
-                        Some(_) => c.healthy += 1,
-                    }
-                    if t.entry.member.is_err() {
-                        c.invalid += 1;
-                    }
-                }
-                (s.clone(), c)
-            })
-            .collect();
-        (counts, inner.invalid_keys.len())
+        let (counts, invalid_keys) = counts_of(&inner);
+        MetricsSnapshot {
+            counts,
+            invalid_keys,
+            valves: inner.valves.keys().cloned().collect(),
+            global_valve: inner.global_valve.is_some(),
+            revision: inner.revision,
+        }
     }
 
     /// Services whose valve is tripped now.

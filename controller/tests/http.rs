@@ -650,3 +650,74 @@ async fn etcd_down_keeps_the_view_and_turns_readyz_red() -> Result<()> {
     ctl.wait_ready().await?;
     ctl.stop().await
 }
+
+/// Puts `n` one-member services (`svc_000`...) on one live legacy server
+/// and waits until the view shows every one probed healthy.
+async fn many_services(
+    etcd: &Etcd,
+    ctl: &Ctl,
+    n: usize,
+) -> Result<(String, tokio_util::sync::CancellationToken)> {
+    let client = etcd.client().await?;
+    let (addr, stop) = legacy_server().await?;
+    for i in 0..n {
+        put_plain(&client, &key(&format!("svc_{i:03}"), &addr), &addr).await?;
+    }
+    eventually(Duration::from_secs(20), "every service healthy", || async {
+        let (_, v) = ctl.get("/services").await.ok()?;
+        let healthy = v["services"]
+            .as_array()?
+            .iter()
+            .filter(|s| s["counts"]["healthy"] == 1)
+            .count();
+        (healthy == n).then_some(())
+    })
+    .await?;
+    Ok((addr, stop))
+}
+
+/// Issue 12, defect 4: scrapes running at the same time as each other
+/// (and as probe passes) each see every series of every service: a scrape
+/// never observes another one's half-refilled families.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_scrapes_always_see_every_series() -> Result<()> {
+    const SERVICES: usize = 200;
+    let etcd = Etcd::start().await?;
+    let ctl = Ctl::start(&etcd, patient()).await?;
+    let (_addr, _stop) = many_services(&etcd, &ctl, SERVICES).await?;
+    let mut scrapers = Vec::new();
+    for _ in 0..8 {
+        let http = ctl.http.clone();
+        let url = ctl.url("/metrics");
+        scrapers.push(tokio::spawn(async move {
+            let mut incomplete = Vec::new();
+            for _ in 0..40 {
+                let Ok(text) = http.get(&url).send().await?.text().await else {
+                    continue;
+                };
+                let missing = (0..SERVICES)
+                    .filter(|i| {
+                        let s = format!(r#"service="svc_{i:03}""#);
+                        sample(&text, "registry_members", &format!("{s},state=\"healthy\""))
+                            .is_none()
+                            || sample(&text, "controller_safety_valve_active", &s).is_none()
+                    })
+                    .count();
+                if missing > 0 {
+                    incomplete.push(missing);
+                }
+            }
+            anyhow::Ok(incomplete)
+        }));
+    }
+    let mut incomplete = Vec::new();
+    for s in scrapers {
+        incomplete.extend(s.await??);
+    }
+    assert!(
+        incomplete.is_empty(),
+        "{} of 320 scrapes missed series (services missing per scrape: {incomplete:?})",
+        incomplete.len()
+    );
+    ctl.stop().await
+}
