@@ -658,10 +658,19 @@ async fn many_services(
     ctl: &Ctl,
     n: usize,
 ) -> Result<(String, tokio_util::sync::CancellationToken)> {
-    let client = etcd.client().await?;
+    let mut client = etcd.client().await?;
     let (addr, stop) = legacy_server().await?;
+    // On a long lease: a lease-less entry goes after two failed probes, and
+    // 200 probes of one address on a busy machine may time out.
+    let lease = client.lease_grant(300, None).await?.id();
     for i in 0..n {
-        put_plain(&client, &key(&format!("svc_{i:03}"), &addr), &addr).await?;
+        client
+            .put(
+                key(&format!("svc_{i:03}"), &addr),
+                addr.as_str(),
+                Some(etcd_client::PutOptions::new().with_lease(lease)),
+            )
+            .await?;
     }
     eventually(Duration::from_secs(20), "every service healthy", || async {
         let (_, v) = ctl.get("/services").await.ok()?;
@@ -683,7 +692,12 @@ async fn many_services(
 async fn concurrent_scrapes_always_see_every_series() -> Result<()> {
     const SERVICES: usize = 200;
     let etcd = Etcd::start().await?;
-    let ctl = Ctl::start(&etcd, patient()).await?;
+    let cfg = controller::Config {
+        probe_interval: Duration::from_secs(1),
+        probe_timeout: Duration::from_secs(1),
+        ..patient()
+    };
+    let ctl = Ctl::start(&etcd, cfg).await?;
     let (_addr, _stop) = many_services(&etcd, &ctl, SERVICES).await?;
     let mut scrapers = Vec::new();
     for _ in 0..8 {
