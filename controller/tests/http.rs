@@ -735,3 +735,57 @@ async fn concurrent_scrapes_always_see_every_series() -> Result<()> {
     );
     ctl.stop().await
 }
+
+/// The number of JSON view renders so far (`controller_view_renders`).
+async fn renders(ctl: &Ctl) -> Result<f64> {
+    let text = ctl.metrics().await?;
+    sample(&text, "controller_view_renders_total", "").context(text)
+}
+
+/// Issue 12, defect 5: `?healthy=` and `/services/{name}` are answered
+/// from the cached render, as `/services` is: a hundred requests between
+/// two probe passes build the view a handful of times (at most once per
+/// wall-clock second and change), not once per request on the async
+/// workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filtered_and_single_service_views_come_from_the_cached_render() -> Result<()> {
+    let f = fleet().await?;
+    let cfg = controller::Config {
+        probe_interval: Duration::from_secs(5),
+        ..patient()
+    };
+    let ctl = Ctl::start(&f.etcd, cfg).await?;
+    for a in &f.addrs {
+        ctl.wait_member(
+            "greet_service",
+            a,
+            Duration::from_secs(15),
+            "healthy",
+            |m| m["healthy"] == true,
+        )
+        .await?;
+    }
+    let before = renders(&ctl).await?;
+    let paths = [
+        "/services?healthy=true",
+        "/services?healthy=false",
+        "/services/greet_service",
+        "/services/greet_service?healthy=true",
+        "/services/other.svc?healthy=false",
+    ];
+    for i in 0..100 {
+        let path = paths[i % paths.len()];
+        let (status, v) = ctl.get(path).await?;
+        assert_eq!(status, 200, "{path}: {v}");
+        if path == "/services/greet_service?healthy=true" {
+            assert_eq!(v["members"].as_array().map(Vec::len), Some(3), "{v}");
+        }
+        if path == "/services/other.svc?healthy=false" {
+            assert_eq!(v["members"].as_array().map(Vec::len), Some(1), "{v}");
+        }
+    }
+    let built = renders(&ctl).await? - before;
+    eprintln!("100 filtered/single-service requests: {built} renders");
+    assert!(built <= 10.0, "{built} renders for 100 requests");
+    ctl.stop().await
+}
