@@ -56,7 +56,9 @@ pub struct Args {
     #[arg(long, env = "CONTROLLER_MAX_DELETIONS_PER_PASS", default_value = "15%", value_parser = parse_budget)]
     pub max_deletions_per_pass: Budget,
     /// When more than this share of a service's members look dead in one
-    /// pass, delete nothing for that service (safety valve).
+    /// pass, delete nothing for that service (safety valve); when more
+    /// than this share of all members across services do, delete nothing
+    /// at all (global valve).
     #[arg(long, env = "CONTROLLER_MAX_UNHEALTHY_RATIO", default_value_t = 0.5, value_parser = parse_ratio)]
     pub max_unhealthy_ratio: f64,
     /// Election key (name) in etcd; replicas sharing it elect one leader.
@@ -72,6 +74,12 @@ pub struct Args {
     /// Upper bound for a graceful shutdown (HTTP streams, resignation).
     #[arg(long, env = "CONTROLLER_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_positive)]
     pub shutdown_timeout: Duration,
+    /// Readable part of this replica's identity (shown in `/readyz` and as
+    /// the leader's id): in Kubernetes the pod name from the downward API;
+    /// default the hostname. A random suffix is always added, so replicas
+    /// started alike never share an identity.
+    #[arg(long, env = "POD_NAME")]
+    pub replica_name: Option<String>,
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -173,6 +181,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Probe servers over TLS verified with this configuration.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Readable part of the identity (default: the hostname).
+    pub name: Option<String>,
 }
 
 impl Config {
@@ -190,6 +200,7 @@ impl Config {
             probe_concurrency: 64,
             shutdown_timeout: Duration::from_secs(5),
             tls: None,
+            name: None,
         }
     }
 }
@@ -229,6 +240,7 @@ impl Args {
             probe_concurrency: self.probe_concurrency as usize,
             shutdown_timeout: self.shutdown_timeout,
             tls: self.tls.resolve()?,
+            name: self.replica_name.clone(),
         })
     }
 }

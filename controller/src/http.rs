@@ -6,11 +6,18 @@
 //! count down in seconds) and shared by every request in between, gzipped
 //! once for clients that accept it (a 10,000-member view is megabytes).
 //! Renders run on a blocking thread while requests are answered with the
-//! previous bytes (stale-while-revalidate, at most one render old).
+//! previous bytes (stale-while-revalidate, at most one render old); one
+//! render at a time, and a caller that waited for it uses its result.
+//!
+//! `?healthy=` and `/services/{name}` are cut from the same cached render,
+//! on a blocking thread, once per render and filter (an unknown service
+//! is a 404 from the render, never a render of its own): they never build
+//! a view from the store on the async workers.
 //!
 //! Every error is JSON `{"error": "...", "status": N}` with the matching
 //! status code, including unknown paths and wrong methods.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -34,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::leader::LeaderState;
 use crate::metrics::Metrics;
-use crate::store::{ServiceView, Store};
+use crate::store::{Counts, InvalidKeyView, MemberView, ServiceView, ServicesView, Store, Valve};
 
 /// The membership page: one static file, no build step.
 const INDEX_HTML: &str = include_str!("../static/index.html");
@@ -59,6 +66,7 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     cache: std::sync::Mutex<Option<Arc<Cached>>>,
     rendering: AtomicBool,
+    render_one: tokio::sync::Mutex<()>,
 }
 
 impl AppState {
@@ -80,6 +88,7 @@ impl AppState {
             shutdown,
             cache: std::sync::Mutex::new(None),
             rendering: AtomicBool::new(false),
+            render_one: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -93,21 +102,55 @@ impl AppState {
     /// With `fresh`, waits for a render that reflects the current state
     /// (the stream, which is woken by changes, needs that).
     async fn services_body(self: &Arc<Self>, gzip: bool, fresh: bool) -> Bytes {
-        let (generation, second) = self.version();
-        let current = self.cache.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let body = match current {
-            Some(c) if c.generation >= generation && c.second == second => c,
-            Some(c) if !fresh => {
-                self.refresh();
-                c
-            }
-            _ => self.render().await,
-        };
+        let body = self.cached(fresh).await;
         if gzip {
             body.gzip.clone()
         } else {
             body.json.clone()
         }
+    }
+
+    /// The cached render (see [`Self::services_body`] for `fresh`).
+    async fn cached(self: &Arc<Self>, fresh: bool) -> Arc<Cached> {
+        match self.current() {
+            Some(c) if c.is_current(self.version()) => c,
+            Some(c) if !fresh => {
+                self.refresh();
+                c
+            }
+            _ => self.render().await,
+        }
+    }
+
+    fn current(&self) -> Option<Arc<Cached>> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The body of `/services?healthy=` (`name` None) or of
+    /// `/services/{name}`, cut from the cached render; `None` for a
+    /// service the render does not have.
+    async fn filtered(
+        self: &Arc<Self>,
+        name: Option<ServiceName>,
+        healthy: Option<bool>,
+    ) -> Option<Bytes> {
+        // Fresh, as these were before: a render of the current state (one
+        // at a time, shared by every caller in that generation and second).
+        let body = self.cached(true).await;
+        if let Some(n) = &name {
+            body.position(n)?;
+        }
+        let key = (name, healthy);
+        if let Some(b) = body.derived().get(&key) {
+            return Some(b.clone());
+        }
+        let (b, k) = (body.clone(), key.clone());
+        let bytes = tokio::task::spawn_blocking(move || b.cut(k.0.as_ref(), k.1))
+            .await
+            .ok()
+            .flatten()?;
+        body.derived().insert(key, bytes.clone());
+        Some(bytes)
     }
 
     fn version(&self) -> (u64, u64) {
@@ -133,19 +176,28 @@ impl AppState {
         });
     }
 
-    /// Renders now (JSON and gzip) on a blocking thread and caches it.
+    /// Renders now (JSON and gzip) on a blocking thread and caches it. One
+    /// render at a time: a caller that waited for another's render uses it
+    /// when it is current.
     async fn render(self: &Arc<Self>) -> Arc<Cached> {
+        let _one = self.render_one.lock().await;
+        if let Some(c) = self.current().filter(|c| c.is_current(self.version())) {
+            return c;
+        }
         let me = self.clone();
         let rendered = tokio::task::spawn_blocking(move || {
             let (generation, second) = me.version();
+            me.metrics.view_renders.inc();
             let view = me.store.view(None, None, Instant::now());
             let json = Bytes::from(serde_json::to_vec(&view).unwrap_or_default());
             let gzip = gzip_bytes(&json);
             Arc::new(Cached {
                 generation,
                 second,
+                view,
                 json,
                 gzip,
+                derived: std::sync::Mutex::new(HashMap::new()),
             })
         })
         .await;
@@ -153,12 +205,7 @@ impl AppState {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "rendering the view failed");
-                return Arc::new(Cached {
-                    generation: 0,
-                    second: 0,
-                    json: Bytes::new(),
-                    gzip: Bytes::new(),
-                });
+                return Arc::new(Cached::empty());
             }
         };
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -173,12 +220,108 @@ impl AppState {
     }
 }
 
-/// One rendered `/services` body.
+/// Which cut of a render: one service or all, and the `healthy` filter.
+type CutKey = (Option<ServiceName>, Option<bool>);
+
+/// One rendered `/services` body, the view it came from, and the cuts of
+/// it served so far (at most three per service plus three).
 struct Cached {
     generation: u64,
     second: u64,
+    view: ServicesView,
     json: Bytes,
     gzip: Bytes,
+    derived: std::sync::Mutex<HashMap<CutKey, Bytes>>,
+}
+
+impl Cached {
+    fn empty() -> Self {
+        Self {
+            generation: 0,
+            second: 0,
+            view: ServicesView {
+                revision: 0,
+                safety_valve: None,
+                services: Vec::new(),
+                invalid_keys: Vec::new(),
+            },
+            json: Bytes::new(),
+            gzip: Bytes::new(),
+            derived: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn is_current(&self, (generation, second): (u64, u64)) -> bool {
+        self.generation >= generation && self.second == second
+    }
+
+    fn derived(&self) -> std::sync::MutexGuard<'_, HashMap<CutKey, Bytes>> {
+        self.derived.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Where service `name` is in the view (services are sorted by name).
+    fn position(&self, name: &ServiceName) -> Option<usize> {
+        self.view
+            .services
+            .binary_search_by(|s| s.name.cmp(name))
+            .ok()
+    }
+
+    /// Serializes one cut of the view: one service (with the revision) or
+    /// all, members filtered by `healthy`, counts as before the filter.
+    fn cut(&self, name: Option<&ServiceName>, healthy: Option<bool>) -> Option<Bytes> {
+        let out = match name {
+            Some(n) => serde_json::to_vec(&OneService {
+                revision: self.view.revision,
+                service: service_cut(&self.view.services[self.position(n)?], healthy),
+            }),
+            None => serde_json::to_vec(&ViewCut {
+                revision: self.view.revision,
+                safety_valve: self.view.safety_valve.as_ref(),
+                services: self
+                    .view
+                    .services
+                    .iter()
+                    .map(|s| service_cut(s, healthy))
+                    .collect(),
+                invalid_keys: &self.view.invalid_keys,
+            }),
+        };
+        out.ok().map(Bytes::from)
+    }
+}
+
+/// One service of the cached view, members filtered by `healthy`.
+fn service_cut(s: &ServiceView, healthy: Option<bool>) -> ServiceCut<'_> {
+    ServiceCut {
+        name: &s.name,
+        members: s
+            .members
+            .iter()
+            .filter(|m| healthy.is_none_or(|h| m.healthy == Some(h)))
+            .collect(),
+        counts: &s.counts,
+        safety_valve: s.safety_valve.as_ref(),
+    }
+}
+
+/// A filtered `/services`, borrowing from the cached view; its fields
+/// serialize as [`ServicesView`]'s do.
+#[derive(Serialize)]
+struct ViewCut<'a> {
+    revision: i64,
+    safety_valve: Option<&'a Valve>,
+    services: Vec<ServiceCut<'a>>,
+    invalid_keys: &'a [InvalidKeyView],
+}
+
+/// One service of a cut; serializes as `ServiceView` does.
+#[derive(Serialize)]
+struct ServiceCut<'a> {
+    name: &'a ServiceName,
+    members: Vec<&'a MemberView>,
+    counts: &'a Counts,
+    safety_valve: Option<&'a Valve>,
 }
 
 fn gzip_bytes(data: &[u8]) -> Bytes {
@@ -328,15 +471,22 @@ async fn services(
                 .insert(header::VARY, HeaderValue::from_static("accept-encoding"));
             Ok(resp)
         }
-        Some(h) => Ok(axum::Json(st.store.view(None, Some(h), Instant::now())).into_response()),
+        Some(h) => match st.filtered(None, Some(h)).await {
+            Some(body) => Ok(json_bytes(body)),
+            None => Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "rendering the view failed",
+            )),
+        },
     }
 }
 
+/// `/services/{name}`: the revision, then the service's fields.
 #[derive(Serialize)]
-struct OneService {
+struct OneService<'a> {
     revision: i64,
     #[serde(flatten)]
-    service: ServiceView,
+    service: ServiceCut<'a>,
 }
 
 async fn service(
@@ -349,18 +499,13 @@ async fn service(
     let healthy = healthy_filter(query)?;
     let name = ServiceName::new(&name)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
-    let mut view = st.store.view(Some(&name), healthy, Instant::now());
-    let Some(service) = view.services.pop() else {
-        return Err(ApiError::new(
+    match st.filtered(Some(name.clone()), healthy).await {
+        Some(body) => Ok(json_bytes(body)),
+        None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("unknown service {:?}", name.as_str()),
-        ));
-    };
-    Ok(axum::Json(OneService {
-        revision: view.revision,
-        service,
-    })
-    .into_response())
+        )),
+    }
 }
 
 async fn stream(

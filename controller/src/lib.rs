@@ -60,7 +60,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let local = listener.local_addr()?;
-    let id = format!("{}@{local}", std::process::id());
+    let id = leader::identity(cfg.name.as_deref());
     let span = info_span!("controller", %id, prefix = %cfg.root);
     async move {
         let tasks = CancellationToken::new();
@@ -93,7 +93,7 @@ pub async fn run(
             })
         };
 
-        let (leader_rx, leader_task) = leader::spawn(
+        let (leader_rx, step_down, leader_task) = leader::spawn(
             etcd.clone(),
             cfg.election_key.clone(),
             cfg.election_ttl,
@@ -106,6 +106,7 @@ pub async fn run(
             store.clone(),
             metrics.clone(),
             leader_rx.clone(),
+            step_down,
         );
         let reconcile_task = tokio::spawn(reconciler.run(tasks.clone()));
 

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::config::Config;
-use crate::leader::{LeaderState, Leadership};
+use crate::leader::{LeaderState, Leadership, StepDown};
 use crate::metrics::{DeletionLabels, Metrics, ProbeLabels, ServiceLabel};
 use crate::probe::Prober;
 use crate::store::{Policy, Store};
@@ -115,17 +115,20 @@ pub struct Reconciler {
     metrics: Arc<Metrics>,
     prober: Prober,
     leader: watch::Receiver<LeaderState>,
+    step_down: StepDown,
     etcd_failing: bool,
 }
 
 impl Reconciler {
-    /// A reconciler over `store`, deleting only while `leader` says so.
+    /// A reconciler over `store`, deleting only while `leader` says so;
+    /// a deletion refused for leadership ends the term through `step_down`.
     pub fn new(
         cfg: Config,
         etcd: EtcdConfig,
         store: Arc<Store>,
         metrics: Arc<Metrics>,
         leader: watch::Receiver<LeaderState>,
+        step_down: StepDown,
     ) -> Self {
         Self {
             prober: Prober::new(cfg.probe_timeout, cfg.tls.clone()),
@@ -135,6 +138,7 @@ impl Reconciler {
             store,
             metrics,
             leader,
+            step_down,
             etcd_failing: false,
         }
     }
@@ -240,6 +244,14 @@ impl Reconciler {
         for service in &plan.cleared {
             info!(%service, "safety valve closed; deletions resume");
         }
+        if let Some(valve) = &plan.global_tripped {
+            warn!(dead = valve.dead, members = valve.members, withheld = valve.withheld,
+                  "global safety valve: most members across services look dead at once; deleting nothing at all (the controller is likely cut off)");
+            self.metrics.global_valve_trips.inc();
+        }
+        if plan.global_cleared {
+            info!("global safety valve closed; deletions resume");
+        }
         if plan.deferred > 0 {
             info!(
                 deferred = plan.deferred,
@@ -285,7 +297,9 @@ impl Reconciler {
                     self.metrics.deletions_skipped.inc();
                 }
                 Ok(DeleteOutcome::NotLeader) => {
-                    warn!("the election key is no longer ours; stopping deletions");
+                    warn!(election_revision = leadership.create_revision,
+                          "the election key is no longer ours; stopping deletions and campaigning again");
+                    self.step_down.not_leader(&leadership);
                     return;
                 }
                 Err(e) => {

@@ -97,7 +97,7 @@ pub struct Deletion {
     pub reason: Reason,
 }
 
-/// A tripped safety valve of one service.
+/// A tripped safety valve (of one service, or of the whole registry).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Valve {
     /// Members that looked dead in the pass.
@@ -122,6 +122,10 @@ pub struct Plan {
     pub tripped: Vec<(ServiceName, Valve)>,
     /// Services whose valve closed in this pass.
     pub cleared: Vec<ServiceName>,
+    /// The global valve, when it tripped in this pass (open before).
+    pub global_tripped: Option<Valve>,
+    /// The global valve closed in this pass.
+    pub global_cleared: bool,
 }
 
 /// The thresholds a plan is made with.
@@ -155,6 +159,9 @@ struct Inner {
     revision: i64,
     synced: bool,
     valves: BTreeMap<ServiceName, Valve>,
+    /// Set while more than the valve's share of all members, across
+    /// services, look dead: nothing at all is deleted then.
+    global_valve: Option<Valve>,
     passes: u64,
 }
 
@@ -169,6 +176,55 @@ impl Default for Store {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Whether `dead` of `members` trips a valve (per service or global). One
+/// dead member alone never does: it cannot tell "cut off" from "one server
+/// died".
+fn trips(dead: usize, members: usize, ratio: f64) -> bool {
+    dead > 1 && dead as f64 > ratio * members as f64
+}
+
+/// Counts by state per service, and the number of keys outside the schema.
+fn counts_of(inner: &Inner) -> (BTreeMap<ServiceName, Counts>, usize) {
+    let counts = inner
+        .services
+        .iter()
+        .map(|(s, members)| {
+            let mut c = Counts {
+                members: members.len(),
+                ..Counts::default()
+            };
+            for t in members.values() {
+                match &t.probe.last {
+                    None => c.unknown += 1,
+                    Some(o) if !o.is_alive() => c.failing += 1,
+                    Some(Outcome::NotServing) => c.draining += 1,
+                    Some(_) => c.healthy += 1,
+                }
+                if t.entry.member.is_err() {
+                    c.invalid += 1;
+                }
+            }
+            (s.clone(), c)
+        })
+        .collect();
+    (counts, inner.invalid_keys.len())
+}
+
+/// What one scrape of `/metrics` shows of the store, read at once.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsSnapshot {
+    /// Counts per service.
+    pub counts: BTreeMap<ServiceName, Counts>,
+    /// Keys outside the schema.
+    pub invalid_keys: usize,
+    /// Services whose valve holds.
+    pub valves: std::collections::BTreeSet<ServiceName>,
+    /// Whether the global valve holds.
+    pub global_valve: bool,
+    /// The revision reflected.
+    pub revision: i64,
 }
 
 /// Counts of a service's members by state, for metrics and the view.
@@ -389,6 +445,7 @@ impl Store {
         {
             let mut inner = self.write();
             let mut valves = BTreeMap::new();
+            let (mut members_total, mut dead_total, mut stale_total) = (0, 0, 0);
             for (service, members) in &inner.services {
                 let mut stale: Vec<(Instant, &Addr, &Tracked, Reason)> = Vec::new();
                 let mut dead = 0;
@@ -423,9 +480,12 @@ impl Store {
                     }
                 }
                 let n = members.len();
+                members_total += n;
+                dead_total += dead;
+                stale_total += stale.len();
                 // One dead member alone never trips the valve: it cannot
                 // tell "cut off" from "one server died".
-                if dead > 1 && dead as f64 > policy.max_unhealthy_ratio * n as f64 {
+                if trips(dead, n, policy.max_unhealthy_ratio) {
                     let valve = Valve {
                         dead,
                         members: n,
@@ -455,38 +515,54 @@ impl Store {
                 }
             }
             inner.valves = valves;
+            // The global valve: the only one that protects single-member
+            // services, and the one that holds when the controller itself
+            // is cut off from most of the fleet.
+            if trips(dead_total, members_total, policy.max_unhealthy_ratio) {
+                let valve = Valve {
+                    dead: dead_total,
+                    members: members_total,
+                    withheld: stale_total,
+                    since: inner.global_valve.as_ref().map_or(wall, |v| v.since),
+                };
+                if inner.global_valve.is_none() {
+                    plan.global_tripped = Some(valve.clone());
+                }
+                inner.global_valve = Some(valve);
+                plan.deletions.clear();
+                plan.deferred = 0;
+            } else {
+                plan.global_cleared = inner.global_valve.take().is_some();
+            }
         }
         self.bump();
         plan
     }
 
+    /// The global valve, while it holds.
+    pub fn global_valve(&self) -> Option<Valve> {
+        self.read().global_valve.clone()
+    }
+
     /// Counts by state per service, and the number of keys outside the
     /// schema.
     pub fn counts(&self) -> (BTreeMap<ServiceName, Counts>, usize) {
+        counts_of(&self.read())
+    }
+
+    /// What `/metrics` shows, all from one read of the store: counts per
+    /// service, keys outside the schema, services whose valve holds,
+    /// whether the global valve holds, and the revision.
+    pub fn metrics_snapshot(&self) -> MetricsSnapshot {
         let inner = self.read();
-        let counts = inner
-            .services
-            .iter()
-            .map(|(s, members)| {
-                let mut c = Counts {
-                    members: members.len(),
-                    ..Counts::default()
-                };
-                for t in members.values() {
-                    match &t.probe.last {
-                        None => c.unknown += 1,
-                        Some(o) if !o.is_alive() => c.failing += 1,
-                        Some(Outcome::NotServing) => c.draining += 1,
-                        Some(_) => c.healthy += 1,
-                    }
-                    if t.entry.member.is_err() {
-                        c.invalid += 1;
-                    }
-                }
-                (s.clone(), c)
-            })
-            .collect();
-        (counts, inner.invalid_keys.len())
+        let (counts, invalid_keys) = counts_of(&inner);
+        MetricsSnapshot {
+            counts,
+            invalid_keys,
+            valves: inner.valves.keys().cloned().collect(),
+            global_valve: inner.global_valve.is_some(),
+            revision: inner.revision,
+        }
     }
 
     /// Services whose valve is tripped now.
@@ -543,6 +619,7 @@ impl Store {
             .collect();
         ServicesView {
             revision: inner.revision,
+            safety_valve: inner.global_valve.clone(),
             services,
             invalid_keys: inner
                 .invalid_keys
@@ -620,6 +697,9 @@ fn ser_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Erro
 pub struct ServicesView {
     /// etcd revision the view reflects.
     pub revision: i64,
+    /// Set while the global safety valve holds every deletion back (too
+    /// many members across services look dead at once).
+    pub safety_valve: Option<Valve>,
     /// Services sorted by name.
     pub services: Vec<ServiceView>,
     /// Keys under the prefix that do not follow the schema (never deleted:
@@ -940,6 +1020,38 @@ mod tests {
     }
 
     #[test]
+    fn the_global_valve_holds_single_member_services_and_clears() {
+        let store = Store::new();
+        let t0 = Instant::now();
+        for p in 1..=20u16 {
+            store.apply(Event::Applied(good(&format!("s{p}"), p, 7, p as i64)), t0);
+        }
+        let t1 = t0 + Duration::from_secs(11);
+        pass(&store, t0, |_| dead());
+        pass(&store, t1, |_| dead());
+        let plan = store.plan(&policy(), t1, SystemTime::now());
+        assert!(plan.deletions.is_empty(), "{:?}", plan.deletions);
+        let g = plan.global_tripped.expect("tripped");
+        assert_eq!((g.dead, g.members, g.withheld), (20, 20, 20));
+        assert!(plan.tripped.is_empty(), "no service has two members");
+        assert_eq!(store.view(None, None, t1).safety_valve, Some(g));
+        // Still holding, reported once.
+        pass(&store, t1, |_| dead());
+        let plan = store.plan(&policy(), t1, SystemTime::now());
+        assert!(plan.global_tripped.is_none() && plan.deletions.is_empty());
+        // 15 of 20 answer again: 25 % dead, the valve closes, the dead go.
+        pass(
+            &store,
+            t1,
+            |p| if p <= 5 { dead() } else { Outcome::Serving },
+        );
+        let plan = store.plan(&policy(), t1, SystemTime::now());
+        assert!(plan.global_cleared);
+        assert_eq!(plan.deletions.len(), 5);
+        assert!(store.global_valve().is_none());
+    }
+
+    #[test]
     fn a_single_dead_member_does_not_trip_the_valve() {
         let store = Store::new();
         let t0 = Instant::now();
@@ -1181,6 +1293,9 @@ mod tests {
                                 *per_service.entry(d.service.as_str()).or_default() += 1;
                             }
                             prop_assert!(per_service.values().all(|n| *n <= budget));
+                            if store.global_valve().is_some() {
+                                prop_assert!(plan.deletions.is_empty());
+                            }
                             let _ = serde_json::to_string(&store.view(None, Some(true), now)).unwrap();
                         }
                     }

@@ -417,3 +417,97 @@ async fn etcd_restarts_delete_nothing_that_should_stay() -> Result<()> {
     wait_gone(&client, &stale, Duration::from_secs(10)).await?;
     ctl.stop().await
 }
+
+/// Issue 12, defect 3: a controller whose probes all fail at once (every
+/// server SIGSTOPped; as good as its own network being cut) deletes
+/// nothing, though each of the 20 services has a single member that the
+/// per-service valve cannot protect. The global valve says why, in the
+/// view and the metrics, and closes when the servers answer again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_global_valve_keeps_every_single_member_service_when_all_probes_fail() -> Result<()> {
+    let etcd = Etcd::start().await?;
+    let client = etcd.client().await?;
+    let mut servers = Vec::new();
+    let mut keys = Vec::new();
+    for i in 0..20 {
+        let port = free_port();
+        let service = format!("one_{i:02}");
+        servers.push(greet_server(&etcd, port, &["--service", &service])?);
+        keys.push(key(&service, &format!("127.0.0.1:{port}")));
+    }
+    for k in &keys {
+        wait_key(&client, k, Duration::from_secs(20)).await?;
+    }
+    let ctl = Ctl::start(&etcd, fast_config()).await?;
+    eventually_leader(&ctl).await?;
+    testkit::eventually(Duration::from_secs(15), "all 20 healthy", || async {
+        let (_, v) = ctl.get("/services").await.ok()?;
+        let healthy = v["services"]
+            .as_array()?
+            .iter()
+            .filter(|s| s["counts"]["healthy"] == 1)
+            .count();
+        (healthy == 20).then_some(())
+    })
+    .await?;
+
+    for s in &servers {
+        s.signal(Signal::SIGSTOP)?;
+    }
+    // Well past --dead-after: without a global valve all 20 would be gone.
+    tokio::time::sleep(DEAD_AFTER * 3).await;
+    let mut gone = Vec::new();
+    for k in &keys {
+        if !exists(&client, k).await? {
+            gone.push(k.clone());
+        }
+    }
+    // `/services` may answer with the render before the last change once.
+    let view = testkit::eventually(Duration::from_secs(5), "the valve in the view", || async {
+        let (_, v) = ctl.get("/services").await.ok()?;
+        (!v["safety_valve"].is_null()).then_some(v)
+    })
+    .await;
+    let metrics = ctl.metrics().await?;
+    for s in &servers {
+        s.signal(Signal::SIGCONT)?;
+    }
+    let view = view?;
+    assert!(
+        gone.is_empty(),
+        "deleted despite all probes failing: {gone:?}"
+    );
+    let valve = &view["safety_valve"];
+    assert_eq!(valve["dead"], 20, "{valve}");
+    assert_eq!(valve["members"], 20, "{valve}");
+    assert_eq!(valve["withheld"], 20, "{valve}");
+    assert_eq!(
+        sample(&metrics, "controller_safety_valve_global_active", ""),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "controller_safety_valve_global_trips_total", ""),
+        Some(1.0),
+        "{metrics}"
+    );
+
+    testkit::eventually(
+        Duration::from_secs(15),
+        "the global valve to close",
+        || async {
+            let (_, v) = ctl.get("/services").await.ok()?;
+            v["safety_valve"].is_null().then_some(())
+        },
+    )
+    .await?;
+    let metrics = ctl.metrics().await?;
+    assert_eq!(
+        sample(&metrics, "controller_safety_valve_global_active", ""),
+        Some(0.0)
+    );
+    for k in &keys {
+        assert!(exists(&client, k).await?, "{k}");
+    }
+    ctl.stop().await
+}

@@ -827,6 +827,23 @@ fn controller_args_parse_and_agree_with_service_and_network_policy() {
         let args = controller_args(&r);
         let cfg = args.config().expect("controller flags are consistent");
         let listen = i32::from(args.listen.port());
+
+        // Each replica's identity comes from its pod name (downward API): the
+        // replicas share PID 1 and --listen, so nothing else tells them apart.
+        let pod_name = c
+            .env
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .find(|e| e.name == "POD_NAME")
+            .and_then(|e| e.value_from.as_ref()?.field_ref.as_ref())
+            .map(|f| f.field_path.clone());
+        assert_eq!(pod_name.as_deref(), Some("metadata.name"));
+        assert_eq!(
+            cfg.name.as_deref(),
+            Some("controller-0"),
+            "--replica-name is the pod name"
+        );
         assert!(
             args.listen.ip().is_unspecified(),
             "reachable through its Service"

@@ -21,12 +21,13 @@
 //! let metrics = ClientMetrics::register(&mut registry);
 //! let balancer = Balancer::new(BalancerConfig {
 //!     metrics: Some(metrics),
+//!     eager_connect: false,
 //!     ..BalancerConfig::new("greet_service")
 //! });
-//! # drop(balancer);
+//! balancer.upsert(&"127.0.0.1:3000".parse().unwrap(), 100, "1.0.0");
 //! let mut text = String::new();
 //! prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-//! assert!(text.contains("lb_endpoints"));
+//! assert!(text.contains(r#"lb_endpoints{service="greet_service",state="up"} 1"#));
 //! ```
 
 use std::sync::atomic::AtomicU64;

@@ -43,8 +43,26 @@ pub struct Ctl {
 impl Ctl {
     /// Starts `run` on `127.0.0.1:0` and waits until `/readyz` is 200.
     pub async fn start(etcd: &Etcd, cfg: Config) -> Result<Self> {
-        registry::logging::init(registry::logging::LogFormat::Text);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(etcd, cfg, listener).await
+    }
+
+    /// Starts `run` on a listener the test bound itself.
+    pub async fn start_on(
+        etcd: &Etcd,
+        cfg: Config,
+        listener: tokio::net::TcpListener,
+    ) -> Result<Self> {
+        let ctl = Self::spawn_on(etcd, cfg, listener)?;
+        ctl.wait_ready().await?;
+        Ok(ctl)
+    }
+
+    /// Starts `run` on `listener` without waiting for it to be ready (for
+    /// listeners that share an address: every one must be served before
+    /// any request through it can be sure to be answered).
+    pub fn spawn_on(etcd: &Etcd, cfg: Config, listener: tokio::net::TcpListener) -> Result<Self> {
+        registry::logging::init(registry::logging::LogFormat::Text);
         let base = format!("http://{}", listener.local_addr()?);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(controller::run(
@@ -53,14 +71,12 @@ impl Ctl {
             listener,
             shutdown.clone(),
         ));
-        let ctl = Self {
+        Ok(Self {
             base,
             shutdown,
             task,
             http: reqwest::Client::new(),
-        };
-        ctl.wait_ready().await?;
-        Ok(ctl)
+        })
     }
 
     pub async fn wait_ready(&self) -> Result<()> {
