@@ -562,16 +562,16 @@ async fn readyz(State(st): State<Arc<AppState>>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+/// OpenMetrics for Prometheus (it asks in `Accept`), the Prometheus text
+/// format for everyone else (curl, promtool), as the binaries' `/metrics`.
+async fn metrics(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let w = st.watch.borrow().clone();
     let leader = st.leader.borrow().clone();
     let text = st.metrics.render(&st.store, &w, &leader);
+    let (kind, body) = registry::metrics_http::negotiate(&headers, text);
     (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-        )],
-        text,
+        [(header::CONTENT_TYPE, HeaderValue::from_static(kind))],
+        body,
     )
         .into_response()
 }

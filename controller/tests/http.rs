@@ -295,8 +295,28 @@ async fn every_endpoint_has_its_shape_and_errors_are_json() -> Result<()> {
         "{r}"
     );
 
-    // /metrics parses as Prometheus (OpenMetrics) text.
-    let resp = ctl.http.get(ctl.url("/metrics")).send().await?;
+    // Without asking for OpenMetrics (curl, promtool): the Prometheus text
+    // format, which the real promtool accepts.
+    let plain = ctl.http.get(ctl.url("/metrics")).send().await?;
+    let ctype = plain
+        .headers()
+        .get("content-type")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
+    promtool_check(&plain.text().await?)?;
+
+    // Asked for as Prometheus does: OpenMetrics text.
+    let resp = ctl
+        .http
+        .get(ctl.url("/metrics"))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )
+        .send()
+        .await?;
     assert_eq!(resp.status(), 200);
     let ctype = resp
         .headers()
@@ -400,6 +420,32 @@ fn names_and_addrs(v: &Value) -> Vec<(String, Vec<String>)> {
 /// is a `# HELP`/`# TYPE`/`# UNIT` comment, a sample of a declared family
 /// (`name{label="value",...} number`), or the final `# EOF`. Returns the
 /// declared family names.
+/// `promtool check metrics` (Debian's prometheus; scripts/setup.sh
+/// installs it) on `text`.
+fn promtool_check(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("promtool (Debian's prometheus; scripts/setup.sh installs it)")?;
+    child
+        .stdin
+        .take()
+        .context("promtool stdin")?
+        .write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "promtool check metrics failed: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 fn parse_prometheus(text: &str) -> Result<HashSet<String>> {
     let valid_name = |n: &str| {
         !n.is_empty()
