@@ -1,15 +1,16 @@
 //! Leader election over etcd: several replicas, one deleter.
 //!
 //! Uses etcd's election API (`campaign` blocks until this replica owns the
-//! election's oldest key; `leader` says who does; `resign` hands over) on a
-//! client of its own, without a request timeout that would cut the
-//! blocking campaign. The election key lives on a lease this module keeps
-//! alive itself (a ping every TTL/3, reading every answer: TTL 0 means etcd
-//! forgot the lease).
+//! election's oldest key; `leader` says who does; `resign` hands over) over
+//! the registry's one etcd session layer: every call but the blocking
+//! campaign goes through a [`Session`] (bounded, one member at a time, a
+//! refused token logs in again), and the election key lives on a lease kept
+//! by the registry's [`LeaseKeeper`], the same one the registrar uses.
 //!
 //! Safety, in two layers:
-//! - [`Leadership::valid_until`] is the send time of the last answered ping
-//!   plus two thirds of the TTL: when etcd stops answering, the reconciler
+//! - [`Leadership::valid_until`] is the lease keeper's proof: the send time
+//!   of the last answered ping plus two thirds of the TTL (see
+//!   [`LeaseState::Valid`]): when etcd stops answering, the reconciler
 //!   stops deleting well before the lease can have expired and another
 //!   replica can have won;
 //! - every deletion is a transaction that also compares the leader key's
@@ -33,20 +34,18 @@
 //! hostname plus a random part. It is the campaign value, so `/readyz`
 //! and the logs say which replica leads.
 
-use std::collections::VecDeque;
 use std::pin::pin;
 use std::time::Duration;
 
-use etcd_client::{Client, ElectionClient, KvClient, LeaderKey, ResignOptions};
+use etcd_client::{LeaderKey, ResignOptions};
 use registry::backoff::Backoff;
-use registry::etcd::{is_auth_token_error, EtcdConfig, EtcdError};
+use registry::etcd::{EtcdConfig, EtcdError};
+use registry::lease::{LeaseKeeper, LeaseState};
+use registry::session::Session;
 use tokio::sync::{mpsc, watch};
-use tokio::time::{timeout, Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
-
-/// Bound of each request other than the campaign.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Proof of leadership, attached to every deletion.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,18 +122,13 @@ impl StepDown {
     }
 }
 
+/// Why one term (one lease, one campaign) ended.
 #[derive(Debug, thiserror::Error)]
-enum SessionError {
+enum TermError {
     #[error(transparent)]
-    Connect(#[from] EtcdError),
-    #[error("etcd: {0}")]
-    Etcd(#[from] etcd_client::Error),
-    #[error("etcd did not answer within {0:?}")]
-    Timeout(Duration),
+    Etcd(#[from] EtcdError),
     #[error("election lease {0:x} lost")]
     LeaseLost(i64),
-    #[error("keep-alive stream ended")]
-    Ended,
     #[error("leadership not renewed in time")]
     Expired,
     #[error("the election key is gone or no longer ours")]
@@ -170,32 +164,21 @@ pub fn spawn(
         async move {
             let _keep_open = keep_open;
             let mut backoff = Backoff::new(Duration::from_millis(200), ttl / 2);
-            let mut client: Option<Client> = None;
+            let mut session = Session::new(etcd);
+            let election = Election {
+                name: &name,
+                id: &id,
+                ttl,
+                tx: &tx,
+            };
             loop {
-                let res = session(
-                    &etcd,
-                    &mut client,
-                    &name,
-                    ttl,
-                    &id,
-                    &tx,
-                    &mut refused,
-                    &cancel,
-                )
-                .await;
+                let res = election.term(&mut session, &mut refused, &cancel).await;
                 tx.send_modify(|s| s.me = None);
                 match res {
                     Ok(()) => break,
-                    Err(e) => {
-                        debug!(error = %e, "election session ended; retrying");
-                        // A refused auth token (etcd restarted and forgot
-                        // it) is not cured on the same client: log in again.
-                        if matches!(&e, SessionError::Connect(_))
-                            || matches!(&e, SessionError::Etcd(e) if is_auth_token_error(e))
-                        {
-                            client = None;
-                        }
-                    }
+                    // (The session already dropped a refused token or moved
+                    // on from a member that failed.)
+                    Err(e) => debug!(error = %e, "election term ended; campaigning again"),
                 }
                 tokio::select! {
                     () = cancel.cancelled() => break,
@@ -212,168 +195,185 @@ pub fn spawn(
     (rx, step_down, task)
 }
 
-async fn bounded<T>(
-    fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, SessionError> {
-    timeout(REQUEST_TIMEOUT, fut)
-        .await
-        .map_err(|_| SessionError::Timeout(REQUEST_TIMEOUT))?
-        .map_err(SessionError::from)
-}
-
-/// Who leads now (the campaign value), or `None` when nobody does.
-async fn current_leader(election: &mut ElectionClient, name: &str) -> Option<String> {
-    let resp = timeout(REQUEST_TIMEOUT, election.leader(name))
-        .await
-        .ok()?
-        .ok()?;
-    resp.kv()
-        .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+/// What every term of one replica's election shares.
+struct Election<'a> {
+    name: &'a str,
+    id: &'a str,
+    ttl: Duration,
+    tx: &'a watch::Sender<LeaderState>,
 }
 
 /// Whether `key` still exists with `create_revision`: the election's own
 /// answer to "is this term still mine" (the oldest key under the name
 /// leads, and no key created later can be older). Errors are not answers:
 /// an unreachable etcd ends the term through `valid_until` instead.
-async fn still_held(kv: &mut KvClient, key: &LeaderKey) -> Result<bool, SessionError> {
-    let resp = bounded(kv.get(key.key(), None)).await?;
+async fn still_held(session: &mut Session, key: &LeaderKey) -> Result<bool, EtcdError> {
+    let k = key.key().to_vec();
+    let resp = session
+        .call(|mut c| async move { c.get(k, None).await })
+        .await?;
     Ok(resp
         .kvs()
         .first()
         .is_some_and(|kv| kv.create_revision() == key.rev()))
 }
 
-/// One lease, one campaign; returns Ok only when cancelled.
-#[allow(clippy::too_many_arguments)]
-async fn session(
-    etcd: &EtcdConfig,
-    client: &mut Option<Client>,
-    name: &str,
-    ttl: Duration,
-    id: &str,
-    tx: &watch::Sender<LeaderState>,
-    refused: &mut mpsc::Receiver<i64>,
-    cancel: &CancellationToken,
-) -> Result<(), SessionError> {
-    if client.is_none() {
-        *client = Some(etcd.connect().await?);
-    }
-    let client = client.as_mut().expect("set above");
-    let ttl_secs = ttl.as_secs().max(2) as i64;
-    let lease = bounded(client.lease_grant(ttl_secs, None)).await?.id();
-    let (mut keeper, mut answers) = bounded(client.lease_keep_alive(lease)).await?;
-    let mut election = client.election_client();
-    let mut lookup = client.election_client();
-    let mut kv = client.kv_client();
-    // A refusal queued in an earlier term says nothing about this one.
-    while refused.try_recv().is_ok() {}
-    let mut campaign = pin!(election.campaign(name, id, lease));
-    let mut leader_key: Option<LeaderKey> = None;
-    // Send times of pings not answered yet, oldest first.
-    let mut sent: VecDeque<Instant> = VecDeque::new();
-    let mut valid_until = Instant::now() + ttl * 2 / 3;
-    let mut tick = tokio::time::interval(ttl / 3);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    debug!(lease = format!("{lease:x}"), "campaigning");
+/// Who leads now (the campaign value), or `None` when nobody does or etcd
+/// did not say.
+async fn current_leader(session: &mut Session, name: &str) -> Option<String> {
+    let name = name.to_owned();
+    let resp = session
+        .call(|mut c| async move { c.leader(name).await })
+        .await
+        .ok()?;
+    resp.kv()
+        .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+}
 
-    let result = loop {
-        tokio::select! {
-            () = cancel.cancelled() => break Ok(()),
-            won = &mut campaign, if leader_key.is_none() => {
-                let key = match won {
-                    Ok(mut resp) => match resp.take_leader() {
-                        Some(k) => k,
-                        None => break Err(SessionError::NoLeaderKey),
-                    },
-                    Err(e) => break Err(e.into()),
-                };
-                // The campaign also returns when this replica's own key
-                // was deleted while it waited: that is no term at all.
-                match still_held(&mut kv, &key).await {
-                    Ok(true) => {}
-                    Ok(false) => break Err(SessionError::Deposed),
-                    Err(e) => break Err(e),
-                }
-                info!(lease = format!("{lease:x}"), key = %String::from_utf8_lossy(key.key()),
-                      revision = key.rev(), "elected leader");
-                let me = Leadership {
-                    key: key.key().to_vec(),
-                    create_revision: key.rev(),
-                    lease,
-                    valid_until,
-                };
-                tx.send_modify(|s| {
-                    s.me = Some(me);
-                    s.leader_id = Some(id.to_owned());
-                });
-                leader_key = Some(key);
+impl Election<'_> {
+    /// One term: a lease kept by [`LeaseKeeper`], one campaign, and the
+    /// leadership it wins; returns Ok only when cancelled.
+    async fn term(
+        &self,
+        session: &mut Session,
+        refused: &mut mpsc::Receiver<i64>,
+        cancel: &CancellationToken,
+    ) -> Result<(), TermError> {
+        let keeper = LeaseKeeper::grant(session, self.ttl).await?;
+        let lease = keeper.id();
+        let result = self
+            .campaign_and_lead(session, &keeper, refused, cancel)
+            .await;
+        // Leaving: stop claiming first, then hand over (bounded).
+        self.tx.send_modify(|s| s.me = None);
+        let (result, leader_key) = result;
+        if let (Some(_), Err(e)) = (&leader_key, &result) {
+            warn!(error = %e, "leadership lost; deleting nothing until elected again, campaigning");
+        }
+        if let Some(key) = leader_key {
+            let resign = ResignOptions::new().with_leader(key);
+            match session
+                .call(|mut c| async move { c.resign(Some(resign)).await })
+                .await
+            {
+                Ok(_) => info!("resigned leadership"),
+                Err(e) => debug!(error = %e, "resign failed; the lease expiry hands over"),
             }
-            _ = tick.tick() => {
-                sent.push_back(Instant::now());
-                if let Err(e) = bounded(keeper.keep_alive()).await {
-                    break Err(e);
-                }
-                if let Some(key) = &leader_key {
-                    // Only a definite "gone" ends the term here; etcd not
-                    // answering ends it through `valid_until`.
-                    if let Ok(false) = still_held(&mut kv, key).await {
-                        break Err(SessionError::Deposed);
+        }
+        keeper.stop().await;
+        let _ = session
+            .call(|mut c| async move { c.lease_revoke(lease).await })
+            .await;
+        result
+    }
+
+    /// Campaigns on `keeper`'s lease and leads until the term ends; returns
+    /// why, with the leader key won (if any) for the resignation.
+    async fn campaign_and_lead(
+        &self,
+        session: &mut Session,
+        keeper: &LeaseKeeper,
+        refused: &mut mpsc::Receiver<i64>,
+        cancel: &CancellationToken,
+    ) -> (Result<(), TermError>, Option<LeaderKey>) {
+        let lease = keeper.id();
+        let mut lease_state = keeper.state();
+        // The campaign blocks until this replica leads: it runs on a clone
+        // of the session's client, unbounded (a bound would cut it).
+        let mut election = match session.client().await {
+            Ok(c) => c.election_client(),
+            Err(e) => return (Err(e.into()), None),
+        };
+        // A refusal queued in an earlier term says nothing about this one.
+        while refused.try_recv().is_ok() {}
+        let mut campaign = pin!(election.campaign(self.name, self.id, lease));
+        let mut leader_key: Option<LeaderKey> = None;
+        let mut valid_until = match keeper.current() {
+            LeaseState::Valid { until } => until,
+            _ => Instant::now(),
+        };
+        let mut tick = tokio::time::interval(self.ttl / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        debug!(lease = format!("{lease:x}"), "campaigning");
+
+        let result = loop {
+            tokio::select! {
+                () = cancel.cancelled() => break Ok(()),
+                won = &mut campaign, if leader_key.is_none() => {
+                    let key = match won {
+                        Ok(mut resp) => match resp.take_leader() {
+                            Some(k) => k,
+                            None => break Err(TermError::NoLeaderKey),
+                        },
+                        Err(e) => break Err(TermError::Etcd(session.check(e))),
+                    };
+                    // The campaign also returns when this replica's own key
+                    // was deleted while it waited: that is no term at all.
+                    match still_held(session, &key).await {
+                        Ok(true) => {}
+                        Ok(false) => break Err(TermError::Deposed),
+                        Err(e) => break Err(e.into()),
                     }
+                    info!(lease = format!("{lease:x}"), key = %String::from_utf8_lossy(key.key()),
+                          revision = key.rev(), "elected leader");
+                    let me = Leadership {
+                        key: key.key().to_vec(),
+                        create_revision: key.rev(),
+                        lease,
+                        valid_until,
+                    };
+                    self.tx.send_modify(|s| {
+                        s.me = Some(me);
+                        s.leader_id = Some(self.id.to_owned());
+                    });
+                    leader_key = Some(key);
                 }
-                let current = current_leader(&mut lookup, name).await;
-                if current.is_some() {
-                    tx.send_modify(|s| s.leader_id = current);
-                }
-            }
-            Some(revision) = refused.recv(), if leader_key.is_some() => {
-                if leader_key.as_ref().is_some_and(|k| k.rev() == revision) {
-                    break Err(SessionError::Refused);
-                }
-            }
-            answer = answers.message() => {
-                match answer {
-                    Ok(Some(r)) if r.ttl() > 0 => {
-                        let at = sent.pop_front().unwrap_or_else(Instant::now);
-                        let granted = Duration::from_secs(r.ttl() as u64).min(ttl);
-                        valid_until = at + granted * 2 / 3;
-                        if leader_key.is_some() {
-                            tx.send_modify(|s| {
-                                if let Some(me) = s.me.as_mut() {
-                                    me.valid_until = valid_until;
-                                }
-                            });
+                _ = tick.tick() => {
+                    if let Some(key) = &leader_key {
+                        // Only a definite "gone" ends the term here; etcd not
+                        // answering ends it through `valid_until`.
+                        if let Ok(false) = still_held(session, key).await {
+                            break Err(TermError::Deposed);
                         }
                     }
-                    Ok(Some(_)) => break Err(SessionError::LeaseLost(lease)),
-                    Ok(None) => break Err(SessionError::Ended),
-                    Err(e) => break Err(e.into()),
+                    let current = current_leader(session, self.name).await;
+                    if current.is_some() {
+                        self.tx.send_modify(|s| s.leader_id = current);
+                    }
+                }
+                Some(revision) = refused.recv(), if leader_key.is_some() => {
+                    if leader_key.as_ref().is_some_and(|k| k.rev() == revision) {
+                        break Err(TermError::Refused);
+                    }
+                }
+                changed = lease_state.changed() => {
+                    if changed.is_err() {
+                        break Err(TermError::LeaseLost(lease));
+                    }
+                    let state = *lease_state.borrow_and_update();
+                    match state {
+                        LeaseState::Lost => break Err(TermError::LeaseLost(lease)),
+                        // Unsure: the last proof stands until it runs out.
+                        LeaseState::Unsure => {}
+                        LeaseState::Valid { until } => {
+                            valid_until = until;
+                            if leader_key.is_some() {
+                                self.tx.send_modify(|s| {
+                                    if let Some(me) = s.me.as_mut() {
+                                        me.valid_until = valid_until;
+                                    }
+                                });
+                            }
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(valid_until), if leader_key.is_some() => {
+                    break Err(TermError::Expired);
                 }
             }
-            () = tokio::time::sleep_until(valid_until), if leader_key.is_some() => {
-                break Err(SessionError::Expired);
-            }
-        }
-    };
-
-    // Leaving: stop claiming first, then hand over (bounded).
-    tx.send_modify(|s| s.me = None);
-    if let (Some(_), Err(e)) = (&leader_key, &result) {
-        warn!(error = %e, "leadership lost; deleting nothing until elected again, campaigning");
+        };
+        (result, leader_key)
     }
-    if let Some(key) = leader_key {
-        match timeout(
-            REQUEST_TIMEOUT,
-            lookup.resign(Some(ResignOptions::new().with_leader(key))),
-        )
-        .await
-        {
-            Ok(Ok(_)) => info!("resigned leadership"),
-            Ok(Err(e)) => debug!(error = %e, "resign failed; the lease expiry hands over"),
-            Err(_) => debug!("resign timed out; the lease expiry hands over"),
-        }
-    }
-    let _ = timeout(REQUEST_TIMEOUT, client.lease_revoke(lease)).await;
-    result
 }
 
 #[cfg(test)]

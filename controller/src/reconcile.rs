@@ -20,9 +20,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
 use futures::StreamExt;
-use registry::etcd::EtcdConfig;
+use registry::etcd::{EtcdConfig, EtcdError};
+use registry::session::Session;
 use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
@@ -34,8 +35,6 @@ use crate::metrics::{DeletionLabels, Metrics, ProbeLabels, ServiceLabel};
 use crate::probe::Prober;
 use crate::store::{Policy, Store};
 
-/// Bound of each etcd request made by a pass.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// Lease lookups in flight at once.
 const LEASE_LOOKUPS: usize = 16;
 
@@ -50,30 +49,24 @@ pub enum DeleteOutcome {
     NotLeader,
 }
 
-/// Errors of a guarded deletion.
-#[derive(Debug, thiserror::Error)]
-pub enum DeleteError {
-    /// etcd refused or failed.
-    #[error("etcd: {0}")]
-    Etcd(#[from] etcd_client::Error),
-    /// etcd did not answer in time.
-    #[error("etcd did not answer within {0:?}")]
-    Timeout(Duration),
-}
-
 /// Deletes `key` only if its mod revision is still `mod_revision` and the
 /// election key of `leadership` still has its create revision: one
 /// transaction, so a server that re-registered after the probe, or a
 /// replica that lost the election, never removes anything.
 ///
+/// The transaction goes through `session`, so it is bounded like every
+/// etcd call and a refused token or a member without a leader is handled
+/// in one place.
+///
 /// # Errors
-/// etcd unreachable or failing; nothing was deleted then.
+/// etcd unreachable, failing or not answering in time; nothing was
+/// deleted then.
 pub async fn delete_if_unchanged(
-    client: &mut Client,
+    session: &mut Session,
     key: &str,
     mod_revision: i64,
     leadership: &Leadership,
-) -> Result<DeleteOutcome, DeleteError> {
+) -> Result<DeleteOutcome, EtcdError> {
     let txn = Txn::new()
         .when([
             Compare::mod_revision(key, CompareOp::Equal, mod_revision),
@@ -85,9 +78,9 @@ pub async fn delete_if_unchanged(
         ])
         .and_then([TxnOp::delete(key, None)])
         .or_else([TxnOp::get(leadership.key.clone(), None)]);
-    let resp = timeout(REQUEST_TIMEOUT, client.txn(txn))
-        .await
-        .map_err(|_| DeleteError::Timeout(REQUEST_TIMEOUT))??;
+    let resp = session
+        .call(|mut c| async move { c.txn(txn).await })
+        .await?;
     if resp.succeeded() {
         return Ok(DeleteOutcome::Deleted);
     }
@@ -105,12 +98,11 @@ pub async fn delete_if_unchanged(
     })
 }
 
-/// The loop's state: store, metrics, prober, and its own etcd client for
+/// The loop's state: store, metrics, prober, and its own etcd session for
 /// deletions and lease lookups.
 pub struct Reconciler {
     cfg: Config,
-    etcd: EtcdConfig,
-    client: Option<Client>,
+    session: Session,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     prober: Prober,
@@ -133,8 +125,7 @@ impl Reconciler {
         Self {
             prober: Prober::new(cfg.probe_timeout, cfg.tls.clone()),
             cfg,
-            etcd,
-            client: None,
+            session: Session::new(etcd),
             store,
             metrics,
             leader,
@@ -162,28 +153,27 @@ impl Reconciler {
         }
     }
 
-    async fn client(&mut self) -> Option<&mut Client> {
-        if self.client.is_none() {
-            match self.etcd.connect().await {
-                Ok(c) => {
-                    if self.etcd_failing {
-                        info!("etcd reachable again");
-                        self.etcd_failing = false;
-                    }
-                    self.client = Some(c);
+    /// Whether etcd can be reached now (dialing if needed); logs once when
+    /// that changes.
+    async fn connected(&mut self) -> bool {
+        match self.session.client().await {
+            Ok(_) => {
+                if self.etcd_failing {
+                    info!("etcd reachable again");
+                    self.etcd_failing = false;
                 }
-                Err(e) => {
-                    if !self.etcd_failing {
-                        warn!(error = %e, "etcd unreachable: no lease lookups or deletions until it answers");
-                        self.etcd_failing = true;
-                    } else {
-                        debug!(error = %e, "etcd still unreachable");
-                    }
-                    return None;
+                true
+            }
+            Err(e) => {
+                if !self.etcd_failing {
+                    warn!(error = %e, "etcd unreachable: no lease lookups or deletions until it answers");
+                    self.etcd_failing = true;
+                } else {
+                    debug!(error = %e, "etcd still unreachable");
                 }
+                false
             }
         }
-        self.client.as_mut()
     }
 
     /// One reconcile pass.
@@ -275,10 +265,11 @@ impl Reconciler {
                 warn!("leadership expired during the pass; stopping deletions");
                 return;
             }
-            let Some(client) = self.client().await else {
+            if !self.connected().await {
                 return;
-            };
-            match delete_if_unchanged(client, &d.key, d.mod_revision, &leadership).await {
+            }
+            match delete_if_unchanged(&mut self.session, &d.key, d.mod_revision, &leadership).await
+            {
                 Ok(DeleteOutcome::Deleted) => {
                     info!(service = %d.service, addr = %d.addr, key = %d.key,
                           mod_revision = d.mod_revision, reason = d.reason.as_str(),
@@ -303,8 +294,9 @@ impl Reconciler {
                     return;
                 }
                 Err(e) => {
+                    // (The session already moved on from a member that
+                    // timed out or had no leader.)
                     warn!(key = %d.key, error = %e, "deletion failed; retrying next pass");
-                    self.client = None;
                     return;
                 }
             }
@@ -319,15 +311,20 @@ impl Reconciler {
         // hanging etcd never delays the pass's decisions.
         let budget = self.cfg.probe_interval.max(Duration::from_secs(1));
         let deadline = tokio::time::sleep(budget);
-        let Ok(Some(client)) = timeout(budget, self.client()).await else {
+        if !matches!(timeout(budget, self.connected()).await, Ok(true)) {
+            return;
+        }
+        let Ok(client) = self.session.client().await else {
             return;
         };
-        let client = client.clone();
+        // Concurrent lookups on clones of the session's client, each
+        // bounded like a session call.
+        let bound = self.session.timeout();
         let ttls: HashMap<i64, i64> = futures::stream::iter(leases)
             .map(|id| {
                 let mut c = client.clone();
                 async move {
-                    let r = timeout(REQUEST_TIMEOUT, c.lease_time_to_live(id, None)).await;
+                    let r = timeout(bound, c.lease_time_to_live(id, None)).await;
                     match r {
                         Ok(Ok(resp)) => Some((id, resp.ttl())),
                         _ => None,

@@ -10,6 +10,8 @@ use common::*;
 use controller::leader::Leadership;
 use controller::reconcile::{delete_if_unchanged, DeleteOutcome};
 use nix::sys::signal::Signal;
+use registry::etcd::EtcdConfig;
+use registry::session::Session;
 use testkit::{free_port, Etcd};
 
 /// Point 1: a lease-less key for an address where nothing listens goes
@@ -169,12 +171,13 @@ async fn the_mod_revision_guard_keeps_a_rewritten_key() -> Result<()> {
         valid_until: tokio::time::Instant::now() + Duration::from_secs(60),
     };
 
+    let mut session = Session::new(EtcdConfig::plain([etcd.endpoint()]));
     let k = key("greet_service", "127.0.0.1:9");
     let probed = put_plain(&client, &k, "127.0.0.1:9").await?;
     let rewritten = put_plain(&client, &k, r#"{"addr":"127.0.0.1:9","weight":5}"#).await?;
     assert!(rewritten > probed);
 
-    let out = delete_if_unchanged(&mut client, &k, probed, &leadership).await?;
+    let out = delete_if_unchanged(&mut session, &k, probed, &leadership).await?;
     assert_eq!(out, DeleteOutcome::Changed);
     assert!(exists(&client, &k).await?, "the re-put entry survives");
 
@@ -182,19 +185,19 @@ async fn the_mod_revision_guard_keeps_a_rewritten_key() -> Result<()> {
         create_revision: leadership.create_revision + 1000,
         ..leadership.clone()
     };
-    let out = delete_if_unchanged(&mut client, &k, rewritten, &deposed).await?;
+    let out = delete_if_unchanged(&mut session, &k, rewritten, &deposed).await?;
     assert_eq!(out, DeleteOutcome::NotLeader);
     assert!(
         exists(&client, &k).await?,
         "a deposed leader deletes nothing"
     );
 
-    let out = delete_if_unchanged(&mut client, &k, rewritten, &leadership).await?;
+    let out = delete_if_unchanged(&mut session, &k, rewritten, &leadership).await?;
     assert_eq!(out, DeleteOutcome::Deleted);
     assert!(!exists(&client, &k).await?);
 
     // A key that is gone is "changed", not an error.
-    let out = delete_if_unchanged(&mut client, &k, rewritten, &leadership).await?;
+    let out = delete_if_unchanged(&mut session, &k, rewritten, &leadership).await?;
     assert_eq!(out, DeleteOutcome::Changed);
     Ok(())
 }
