@@ -71,6 +71,10 @@ pub struct Args {
     #[arg(long, env = "CONTROLLER_PROBE_CONCURRENCY", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub probe_concurrency: u32,
+    /// Most `/services/stream` subscribers at once; more get 503.
+    #[arg(long, env = "CONTROLLER_MAX_STREAMS", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_streams: u32,
     /// Upper bound for a graceful shutdown (HTTP streams, resignation).
     #[arg(long, env = "CONTROLLER_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_positive)]
     pub shutdown_timeout: Duration,
@@ -177,6 +181,8 @@ pub struct Config {
     pub election_ttl: Duration,
     /// Most probes in flight.
     pub probe_concurrency: usize,
+    /// Most `/services/stream` subscribers at once.
+    pub max_streams: usize,
     /// Bound of a graceful shutdown.
     pub shutdown_timeout: Duration,
     /// Probe servers over TLS verified with this configuration.
@@ -198,6 +204,7 @@ impl Config {
             election_key: DEFAULT_ELECTION_KEY.to_owned(),
             election_ttl: Duration::from_secs(10),
             probe_concurrency: 64,
+            max_streams: crate::http::DEFAULT_MAX_STREAMS,
             shutdown_timeout: Duration::from_secs(5),
             tls: None,
             name: None,
@@ -238,6 +245,7 @@ impl Args {
             election_key,
             election_ttl: self.election_ttl,
             probe_concurrency: self.probe_concurrency as usize,
+            max_streams: self.max_streams as usize,
             shutdown_timeout: self.shutdown_timeout,
             tls: self.tls.resolve()?,
             name: self.replica_name.clone(),

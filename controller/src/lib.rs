@@ -117,7 +117,8 @@ pub async fn run(
             leader_rx,
             id.clone(),
             shutdown.clone(),
-        ));
+        )
+        .with_max_streams(cfg.max_streams));
         let app = http::router(state);
         info!(listen = %local, "serving the HTTP view");
         let server = axum::serve(listener, app)

@@ -755,8 +755,45 @@ pub struct MemberView {
     pub problems: Vec<String>,
 }
 
+impl ServiceView {
+    /// Whether `other` shows the same state of this service, leaving out
+    /// what moves on its own (lease countdowns, probe times): what a stream
+    /// subscriber is told about as a change.
+    pub fn same_state(&self, other: &ServiceView) -> bool {
+        self.name == other.name
+            && self.counts == other.counts
+            && self.safety_valve == other.safety_valve
+            && self.members.len() == other.members.len()
+            && self
+                .members
+                .iter()
+                .zip(&other.members)
+                .all(|(a, b)| a.same_state(b))
+    }
+}
+
+impl MemberView {
+    /// Whether `other` shows the same state of this member: every field but
+    /// `ttl` (it counts down every second) and `last_probe` (it moves every
+    /// pass).
+    pub fn same_state(&self, other: &MemberView) -> bool {
+        self.addr == other.addr
+            && self.key == other.key
+            && self.version == other.version
+            && self.weight == other.weight
+            && self.kind == other.kind
+            && self.lease == other.lease
+            && self.healthy == other.healthy
+            && self.status == other.status
+            && self.status_detail == other.status_detail
+            && self.consecutive_failures == other.consecutive_failures
+            && self.mod_revision == other.mod_revision
+            && self.problems == other.problems
+    }
+}
+
 /// A key outside the schema.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct InvalidKeyView {
     /// The key.
     pub key: String,

@@ -14,11 +14,13 @@
 //! is a 404 from the render, never a render of its own): they never build
 //! a view from the store on the async workers.
 //!
+//! `/services/stream` ([`stream`]) shares one render and one diff per
+//! change among all its subscribers, and caps their number.
+//!
 //! Every error is JSON `{"error": "...", "status": N}` with the matching
 //! status code, including unknown paths and wrong methods.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -27,7 +29,6 @@ use axum::body::Bytes;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -43,12 +44,15 @@ use crate::leader::LeaderState;
 use crate::metrics::Metrics;
 use crate::store::{Counts, InvalidKeyView, MemberView, ServiceView, ServicesView, Store, Valve};
 
+mod stream;
+
+/// Open `/services/stream` subscribers at most, unless configured.
+pub const DEFAULT_MAX_STREAMS: usize = 100;
+
 /// The membership page: one static file, no build step.
-const INDEX_HTML: &str = include_str!("../static/index.html");
+const INDEX_HTML: &str = include_str!("../../static/index.html");
 /// The view counts as current while etcd confirmed it this recently.
 const MAX_WATCH_AGE: Duration = Duration::from_secs(10);
-/// `/services/stream` sends at most one update per this interval.
-const STREAM_THROTTLE: Duration = Duration::from_millis(250);
 
 /// What the handlers share.
 pub struct AppState {
@@ -67,6 +71,7 @@ pub struct AppState {
     cache: std::sync::Mutex<Option<Arc<Cached>>>,
     rendering: AtomicBool,
     render_one: tokio::sync::Mutex<()>,
+    broadcast: stream::Broadcast,
 }
 
 impl AppState {
@@ -89,7 +94,14 @@ impl AppState {
             cache: std::sync::Mutex::new(None),
             rendering: AtomicBool::new(false),
             render_one: tokio::sync::Mutex::new(()),
+            broadcast: stream::Broadcast::new(DEFAULT_MAX_STREAMS),
         }
+    }
+
+    /// At most `max` open `/services/stream` subscribers (past it: 503).
+    pub fn with_max_streams(mut self, max: usize) -> Self {
+        self.broadcast = stream::Broadcast::new(max);
+        self
     }
 
     /// The full `/services` body (JSON, or its gzip), cached per store
@@ -359,7 +371,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/services", get(services))
-        .route("/services/stream", get(stream))
+        .route("/services/stream", get(stream::stream))
         .route("/services/{name}", get(service))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -506,31 +518,6 @@ async fn service(
             format!("unknown service {:?}", name.as_str()),
         )),
     }
-}
-
-async fn stream(
-    State(st): State<Arc<AppState>>,
-) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
-    let rx = st.store.subscribe();
-    let stream = futures::stream::unfold((rx, true, st), |(mut rx, first, st)| async move {
-        if !first {
-            tokio::select! {
-                () = st.shutdown.cancelled() => return None,
-                changed = rx.changed() => if changed.is_err() { return None },
-            }
-            tokio::select! {
-                () = st.shutdown.cancelled() => return None,
-                () = tokio::time::sleep(STREAM_THROTTLE) => {}
-            }
-        }
-        rx.borrow_and_update();
-        let json = st.services_body(false, true).await;
-        let event = Event::default()
-            .event("services")
-            .data(String::from_utf8_lossy(&json));
-        Some((Ok(event), (rx, false, st)))
-    });
-    Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
 async fn healthz() -> impl IntoResponse {
