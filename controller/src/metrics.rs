@@ -6,7 +6,10 @@
 //! Counter names are registered without `_total`: prometheus-client adds
 //! the suffix (and panics in debug builds when it is already there).
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -52,6 +55,12 @@ pub struct ProbeLabels {
     pub result: String,
 }
 
+/// How long the counters of a service that left are kept: long enough for
+/// every scraper to read their last increments (the deletion that removed
+/// its last member, say), short enough that a churning fleet's departed
+/// services do not pile up as series.
+pub const PRUNE_AFTER: Duration = Duration::from_secs(15 * 60);
+
 /// The controller's counters. Gauges are made fresh for every scrape
 /// from one [`MetricsSnapshot`], in a registry of the scrape's own, so
 /// concurrent scrapes never see each other's half-filled families.
@@ -72,6 +81,9 @@ pub struct Metrics {
     /// JSON views built from the store (whole, filtered or one service):
     /// shows whether readers share renders or each pay for their own.
     pub view_renders: Counter,
+    /// Services with per-service counters: `None` while in the store, else
+    /// since when it has been gone (pruned after [`PRUNE_AFTER`]).
+    services: Mutex<HashMap<String, Option<Instant>>>,
 }
 
 impl Metrics {
@@ -80,27 +92,88 @@ impl Metrics {
         Self::default()
     }
 
+    /// Counts one deletion of `service`'s member for `reason`.
+    pub fn count_deletion(&self, service: &str, reason: Reason) {
+        self.track(service);
+        self.deletions
+            .get_or_create(&DeletionLabels {
+                service: service.to_owned(),
+                reason: reason.as_str().to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one trip of `service`'s safety valve.
+    pub fn count_valve_trip(&self, service: &str) {
+        self.track(service);
+        self.valve_trips
+            .get_or_create(&ServiceLabel {
+                service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Makes sure `service`'s counters are pruned some day, even when the
+    /// service left before any scrape saw it.
+    fn track(&self, service: &str) {
+        let mut known = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        if !known.contains_key(service) {
+            known.insert(service.to_owned(), None);
+            self.zero_counters(service);
+        }
+    }
+
+    /// Makes every per-service counter of `service` exist (from 0).
+    fn zero_counters(&self, service: &str) {
+        for reason in Reason::ALL {
+            let _ = self.deletions.get_or_create(&DeletionLabels {
+                service: service.to_owned(),
+                reason: reason.as_str().to_owned(),
+            });
+        }
+        let _ = self.valve_trips.get_or_create(&ServiceLabel {
+            service: service.to_owned(),
+        });
+    }
+
+    /// Counters of the services in the store exist from 0, so rates and
+    /// alerts work before the first event; those of services gone for
+    /// [`PRUNE_AFTER`] are removed.
+    fn keep_service_counters<'a>(&self, present: impl Iterator<Item = &'a str>, now: Instant) {
+        let mut known = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        for since in known.values_mut() {
+            since.get_or_insert(now);
+        }
+        for service in present {
+            if let Some(since) = known.get_mut(service) {
+                *since = None;
+                continue;
+            }
+            known.insert(service.to_owned(), None);
+            self.zero_counters(service);
+        }
+        known.retain(|service, since| {
+            let keep = since.is_none_or(|t| now.duration_since(t) < PRUNE_AFTER);
+            if !keep {
+                for reason in Reason::ALL {
+                    self.deletions.remove(&DeletionLabels {
+                        service: service.clone(),
+                        reason: reason.as_str().to_owned(),
+                    });
+                }
+                self.valve_trips.remove(&ServiceLabel {
+                    service: service.clone(),
+                });
+            }
+            keep
+        });
+    }
+
     /// Encodes everything in the Prometheus text format: the counters, and
     /// gauges computed from one read of the store.
     pub fn render(&self, store: &Store, watch: &WatchState, leader: &LeaderState) -> String {
         let snap = store.metrics_snapshot();
-        // Counters of known services exist from 0, so rates and alerts
-        // work before the first event.
-        for service in snap.counts.keys() {
-            for reason in [
-                Reason::Unreachable,
-                Reason::NoLeaseUnreachable,
-                Reason::InvalidValue,
-            ] {
-                let _ = self.deletions.get_or_create(&DeletionLabels {
-                    service: service.to_string(),
-                    reason: reason.as_str().to_owned(),
-                });
-            }
-            let _ = self.valve_trips.get_or_create(&ServiceLabel {
-                service: service.to_string(),
-            });
-        }
+        self.keep_service_counters(snap.counts.keys().map(|s| s.as_str()), Instant::now());
         let members = Family::<ServiceState, Gauge>::default();
         let valve_active = Family::<ServiceLabel, Gauge>::default();
         for (service, c) in &snap.counts {
@@ -213,5 +286,62 @@ impl Metrics {
             tracing::warn!(error = %e, "encoding metrics failed");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counters(m: &Metrics) -> String {
+        let mut r = Registry::default();
+        r.register("deletions", "d", m.deletions.clone());
+        r.register("valve_trips", "v", m.valve_trips.clone());
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &r).unwrap();
+        out
+    }
+
+    /// Defect 4's second half: the counters of a service that left are
+    /// pruned once every scraper has had time to read them, and the
+    /// counters of services still there stay.
+    #[test]
+    fn counters_of_services_that_left_are_pruned_after_a_while() {
+        let m = Metrics::new();
+        let t0 = Instant::now();
+        m.keep_service_counters(["stays", "leaves"].into_iter(), t0);
+        // Deleted before any scrape saw the service: pruned too.
+        m.count_deletion("brief", Reason::Unreachable);
+        m.count_valve_trip("leaves");
+        let text = counters(&m);
+        assert!(
+            text.contains(r#"service="leaves""#) && text.contains(r#"service="brief""#),
+            "{text}"
+        );
+
+        m.keep_service_counters(["stays"].into_iter(), t0 + Duration::from_secs(60));
+        let text = counters(&m);
+        assert!(
+            text.contains(r#"valve_trips_total{service="leaves"} 1"#),
+            "kept while scrapers may not have read it yet: {text}"
+        );
+
+        m.keep_service_counters(
+            ["stays"].into_iter(),
+            t0 + PRUNE_AFTER + Duration::from_secs(61),
+        );
+        let text = counters(&m);
+        assert!(
+            !text.contains("leaves") && !text.contains("brief"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"deletions_total{service="stays",reason="unreachable"} 0"#),
+            "{text}"
+        );
+
+        // A service that comes back starts from 0 again.
+        m.keep_service_counters(["stays", "leaves"].into_iter(), t0 + PRUNE_AFTER * 2);
+        assert!(counters(&m).contains(r#"valve_trips_total{service="leaves"} 0"#));
     }
 }

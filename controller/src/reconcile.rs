@@ -31,7 +31,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::config::Config;
 use crate::leader::{LeaderState, Leadership, StepDown};
-use crate::metrics::{DeletionLabels, Metrics, ProbeLabels, ServiceLabel};
+use crate::metrics::{Metrics, ProbeLabels};
 use crate::probe::Prober;
 use crate::store::{Policy, Store};
 
@@ -224,12 +224,7 @@ impl Reconciler {
         for (service, valve) in &plan.tripped {
             warn!(%service, dead = valve.dead, members = valve.members, withheld = valve.withheld,
                   "safety valve: most members look dead at once; deleting nothing for this service (the controller may be cut off)");
-            self.metrics
-                .valve_trips
-                .get_or_create(&ServiceLabel {
-                    service: service.to_string(),
-                })
-                .inc();
+            self.metrics.count_valve_trip(service.as_str());
         }
         for service in &plan.cleared {
             info!(%service, "safety valve closed; deletions resume");
@@ -274,13 +269,7 @@ impl Reconciler {
                     info!(service = %d.service, addr = %d.addr, key = %d.key,
                           mod_revision = d.mod_revision, reason = d.reason.as_str(),
                           "deleted stale registration");
-                    self.metrics
-                        .deletions
-                        .get_or_create(&DeletionLabels {
-                            service: d.service.to_string(),
-                            reason: d.reason.as_str().to_owned(),
-                        })
-                        .inc();
+                    self.metrics.count_deletion(d.service.as_str(), d.reason);
                 }
                 Ok(DeleteOutcome::Changed) => {
                     info!(service = %d.service, addr = %d.addr, key = %d.key,

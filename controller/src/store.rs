@@ -72,6 +72,13 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason (the metrics make each label from 0).
+    pub const ALL: [Reason; 3] = [
+        Reason::Unreachable,
+        Reason::NoLeaseUnreachable,
+        Reason::InvalidValue,
+    ];
+
     /// Label for logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
