@@ -2,13 +2,15 @@
 //!
 //! Kubernetes-operator-like without CRDs: the etcd key space is the schema.
 //! The pieces, each in its module:
-//! - [`store`]: the watcher's copy of `<prefix>` joined with probe results;
-//! - [`probe`]: the gRPC health check (any gRPC answer proves "up");
+//! - `store`: the watcher's copy of `<prefix>` joined with probe results;
+//! - `policy`: what is stale, the safety valves and the budget (pure);
+//! - `view`: the JSON view's types and the one way members are counted;
+//! - `probe`: the gRPC health check (any gRPC answer proves "up");
 //! - [`reconcile`]: the level-triggered pass that decides what is stale and
 //!   deletes it, guarded, bounded, and held back by the safety valve;
 //! - [`leader`]: etcd election, so only one replica deletes;
-//! - [`http`]: the read-only JSON view, live page and metrics endpoint;
-//! - [`metrics`]: the Prometheus registry;
+//! - `http`: the read-only JSON view, live page and metrics endpoint;
+//! - `metrics`: the Prometheus registry;
 //! - [`config`]: flags and their validation.
 //!
 //! [`run`] is the whole controller given a bound listener and a shutdown
@@ -18,12 +20,14 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
-pub mod http;
+pub(crate) mod http;
 pub mod leader;
-pub mod metrics;
-pub mod probe;
+pub(crate) mod metrics;
+pub(crate) mod policy;
+pub(crate) mod probe;
 pub mod reconcile;
-pub mod store;
+pub(crate) mod store;
+pub(crate) mod view;
 
 use std::sync::Arc;
 

@@ -19,7 +19,8 @@ use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use crate::leader::LeaderState;
-use crate::store::{Reason, Store};
+use crate::policy::Reason;
+use crate::store::Store;
 use registry::watcher::WatchState;
 
 /// Labels of per-service, per-state gauges.
@@ -44,7 +45,7 @@ pub struct ServiceLabel {
 pub struct DeletionLabels {
     /// Service name.
     pub service: String,
-    /// Why (see [`crate::store::Reason`]).
+    /// Why (see [`crate::policy::Reason`]).
     pub reason: String,
 }
 

@@ -32,8 +32,9 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::config::Config;
 use crate::leader::{LeaderState, Leadership, StepDown};
 use crate::metrics::{Metrics, ProbeLabels};
+use crate::policy::Policy;
 use crate::probe::Prober;
-use crate::store::{Policy, Store};
+use crate::store::Store;
 
 /// Lease lookups in flight at once.
 const LEASE_LOOKUPS: usize = 16;

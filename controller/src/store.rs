@@ -1,6 +1,8 @@
 //! The controller's picture of the registry: what etcd holds (from the
-//! watcher) joined with what probes saw, plus the per-service safety-valve
-//! state. The reconciler writes it, the HTTP view and metrics read it.
+//! watcher) joined with what probes saw, plus the valves the last plan
+//! left. The reconciler writes it, the HTTP view, the metrics (and every
+//! other reader) read it. What is stale is decided in [`crate::policy`],
+//! how it is shown in [`crate::view`]; this module only holds state.
 //!
 //! Invariants:
 //! - an entry exists here exactly while its key exists in the watcher's
@@ -13,21 +15,19 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::RwLock;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use registry::schema::{Addr, ServiceName, ValueKind};
+use registry::schema::{Addr, ServiceName};
 use registry::watcher::{Entry, Event};
-use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::Budget;
+use crate::policy::{self, Plan, Policy, Valve, Valves};
 use crate::probe::Outcome;
+use crate::view::{self, Counts, ServicesView};
 
-/// Failed probes in a row after which a lease-less key is stale: two, so a
-/// single lost probe (a blip, a busy host) never deletes a live endpoint
-/// that nothing would put back.
-pub const LEASELESS_FAILURES: u32 = 2;
+/// Every tracked entry: service -> address -> entry, both sorted.
+pub type Members = BTreeMap<ServiceName, BTreeMap<Addr, Tracked>>;
 
 /// Probe history of one entry.
 #[derive(Debug, Clone, Default)]
@@ -59,93 +59,6 @@ pub struct Tracked {
     pub lease_ttl: Option<(i64, Instant)>,
 }
 
-/// Why an entry is stale.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reason {
-    /// Failed every probe for `--dead-after`.
-    Unreachable,
-    /// No lease, and the address does not answer.
-    NoLeaseUnreachable,
-    /// The value has been invalid for `--dead-after`.
-    InvalidValue,
-}
-
-impl Reason {
-    /// Every reason (the metrics make each label from 0).
-    pub const ALL: [Reason; 3] = [
-        Reason::Unreachable,
-        Reason::NoLeaseUnreachable,
-        Reason::InvalidValue,
-    ];
-
-    /// Label for logs and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Unreachable => "unreachable",
-            Self::NoLeaseUnreachable => "no_lease_unreachable",
-            Self::InvalidValue => "invalid_value",
-        }
-    }
-}
-
-/// A deletion the reconciler may make, guarded by `mod_revision`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Deletion {
-    /// Service of the key.
-    pub service: ServiceName,
-    /// Address of the key.
-    pub addr: Addr,
-    /// The full key.
-    pub key: String,
-    /// The revision the decision was based on.
-    pub mod_revision: i64,
-    /// Why.
-    pub reason: Reason,
-}
-
-/// A tripped safety valve (of one service, or of the whole registry).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Valve {
-    /// Members that looked dead in the pass.
-    pub dead: usize,
-    /// Members of the service.
-    pub members: usize,
-    /// Stale entries that were therefore kept.
-    pub withheld: usize,
-    /// Wall-clock time the valve tripped (this time).
-    #[serde(serialize_with = "ser_time")]
-    pub since: SystemTime,
-}
-
-/// The decisions of one pass.
-#[derive(Debug, Clone, Default)]
-pub struct Plan {
-    /// Deletions within each service's budget, oldest failure first.
-    pub deletions: Vec<Deletion>,
-    /// Stale entries over budget, left for the next pass.
-    pub deferred: usize,
-    /// Services whose valve tripped in this pass but was open before.
-    pub tripped: Vec<(ServiceName, Valve)>,
-    /// Services whose valve closed in this pass.
-    pub cleared: Vec<ServiceName>,
-    /// The global valve, when it tripped in this pass (open before).
-    pub global_tripped: Option<Valve>,
-    /// The global valve closed in this pass.
-    pub global_cleared: bool,
-}
-
-/// The thresholds a plan is made with.
-#[derive(Debug, Clone, Copy)]
-pub struct Policy {
-    /// Failing this long makes an entry stale (and an invalid value too).
-    pub dead_after: Duration,
-    /// Per service and pass.
-    pub budget: Budget,
-    /// Safety-valve threshold.
-    pub max_unhealthy_ratio: f64,
-}
-
 /// What a probe pass looks at: one key, as it was when the pass started.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -161,14 +74,12 @@ pub struct Target {
 
 #[derive(Debug, Default)]
 struct Inner {
-    services: BTreeMap<ServiceName, BTreeMap<Addr, Tracked>>,
+    services: Members,
     invalid_keys: BTreeMap<String, String>,
     revision: i64,
     synced: bool,
-    valves: BTreeMap<ServiceName, Valve>,
-    /// Set while more than the valve's share of all members, across
-    /// services, look dead: nothing at all is deleted then.
-    global_valve: Option<Valve>,
+    /// The valves the last plan left holding.
+    valves: Valves,
     passes: u64,
 }
 
@@ -185,40 +96,6 @@ impl Default for Store {
     }
 }
 
-/// Whether `dead` of `members` trips a valve (per service or global). One
-/// dead member alone never does: it cannot tell "cut off" from "one server
-/// died".
-fn trips(dead: usize, members: usize, ratio: f64) -> bool {
-    dead > 1 && dead as f64 > ratio * members as f64
-}
-
-/// Counts by state per service, and the number of keys outside the schema.
-fn counts_of(inner: &Inner) -> (BTreeMap<ServiceName, Counts>, usize) {
-    let counts = inner
-        .services
-        .iter()
-        .map(|(s, members)| {
-            let mut c = Counts {
-                members: members.len(),
-                ..Counts::default()
-            };
-            for t in members.values() {
-                match &t.probe.last {
-                    None => c.unknown += 1,
-                    Some(o) if !o.is_alive() => c.failing += 1,
-                    Some(Outcome::NotServing) => c.draining += 1,
-                    Some(_) => c.healthy += 1,
-                }
-                if t.entry.member.is_err() {
-                    c.invalid += 1;
-                }
-            }
-            (s.clone(), c)
-        })
-        .collect();
-    (counts, inner.invalid_keys.len())
-}
-
 /// What one scrape of `/metrics` shows of the store, read at once.
 #[derive(Debug, Clone, Default)]
 pub struct MetricsSnapshot {
@@ -232,23 +109,6 @@ pub struct MetricsSnapshot {
     pub global_valve: bool,
     /// The revision reflected.
     pub revision: i64,
-}
-
-/// Counts of a service's members by state, for metrics and the view.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Counts {
-    /// Members.
-    pub members: usize,
-    /// Answering and serving.
-    pub healthy: usize,
-    /// Answering NOT_SERVING.
-    pub draining: usize,
-    /// Latest probe failed.
-    pub failing: usize,
-    /// Not probed yet.
-    pub unknown: usize,
-    /// Invalid values.
-    pub invalid: usize,
 }
 
 impl Store {
@@ -341,7 +201,7 @@ impl Store {
                                 members.remove(&addr);
                                 if members.is_empty() {
                                     inner.services.remove(&service);
-                                    inner.valves.remove(&service);
+                                    inner.valves.services.remove(&service);
                                 }
                             }
                         }
@@ -445,116 +305,29 @@ impl Store {
         // same pass bumps; one re-render per pass is enough.
     }
 
-    /// Decides what is stale, applies the safety valve and the budget, and
-    /// remembers the valve state for the view.
+    /// Plans a pass ([`policy::plan`] over the members as they are now)
+    /// and keeps the valves it leaves for the next pass and the view.
     pub fn plan(&self, policy: &Policy, now: Instant, wall: SystemTime) -> Plan {
-        let mut plan = Plan::default();
-        {
+        let plan = {
             let mut inner = self.write();
-            let mut valves = BTreeMap::new();
-            let (mut members_total, mut dead_total, mut stale_total) = (0, 0, 0);
-            for (service, members) in &inner.services {
-                let mut stale: Vec<(Instant, &Addr, &Tracked, Reason)> = Vec::new();
-                let mut dead = 0;
-                for (addr, t) in members {
-                    let p = &t.probe;
-                    let failing = p.consecutive_failures > 0;
-                    if failing {
-                        dead += 1;
-                    }
-                    // Decide only on what the latest probe saw.
-                    if p.last.is_none() || p.probed_mod_revision != t.entry.mod_revision {
-                        continue;
-                    }
-                    let since = p.failing_since.unwrap_or(now);
-                    let reason = if p.consecutive_failures >= LEASELESS_FAILURES
-                        && t.entry.lease == 0
-                    {
-                        Some(Reason::NoLeaseUnreachable)
-                    } else if failing && now.saturating_duration_since(since) >= policy.dead_after {
-                        Some(Reason::Unreachable)
-                    } else if t
-                        .invalid_since
-                        .is_some_and(|s| now.saturating_duration_since(s) >= policy.dead_after)
-                    {
-                        Some(Reason::InvalidValue)
-                    } else {
-                        None
-                    };
-                    if let Some(reason) = reason {
-                        let order = p.failing_since.or(t.invalid_since).unwrap_or(now);
-                        stale.push((order, addr, t, reason));
-                    }
-                }
-                let n = members.len();
-                members_total += n;
-                dead_total += dead;
-                stale_total += stale.len();
-                // One dead member alone never trips the valve: it cannot
-                // tell "cut off" from "one server died".
-                if trips(dead, n, policy.max_unhealthy_ratio) {
-                    let valve = Valve {
-                        dead,
-                        members: n,
-                        withheld: stale.len(),
-                        since: inner.valves.get(service).map_or(wall, |v| v.since),
-                    };
-                    if !inner.valves.contains_key(service) {
-                        plan.tripped.push((service.clone(), valve.clone()));
-                    }
-                    valves.insert(service.clone(), valve);
-                    continue;
-                }
-                if inner.valves.contains_key(service) {
-                    plan.cleared.push(service.clone());
-                }
-                stale.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
-                let limit = policy.budget.limit(n);
-                plan.deferred += stale.len().saturating_sub(limit);
-                for (_, addr, t, reason) in stale.into_iter().take(limit) {
-                    plan.deletions.push(Deletion {
-                        service: service.clone(),
-                        addr: addr.clone(),
-                        key: t.entry.key.clone(),
-                        mod_revision: t.probe.probed_mod_revision,
-                        reason,
-                    });
-                }
-            }
+            let (plan, valves) = policy::plan(&inner.services, &inner.valves, policy, now, wall);
             inner.valves = valves;
-            // The global valve: the only one that protects single-member
-            // services, and the one that holds when the controller itself
-            // is cut off from most of the fleet.
-            if trips(dead_total, members_total, policy.max_unhealthy_ratio) {
-                let valve = Valve {
-                    dead: dead_total,
-                    members: members_total,
-                    withheld: stale_total,
-                    since: inner.global_valve.as_ref().map_or(wall, |v| v.since),
-                };
-                if inner.global_valve.is_none() {
-                    plan.global_tripped = Some(valve.clone());
-                }
-                inner.global_valve = Some(valve);
-                plan.deletions.clear();
-                plan.deferred = 0;
-            } else {
-                plan.global_cleared = inner.global_valve.take().is_some();
-            }
-        }
+            plan
+        };
         self.bump();
         plan
     }
 
     /// The global valve, while it holds.
     pub fn global_valve(&self) -> Option<Valve> {
-        self.read().global_valve.clone()
+        self.read().valves.global.clone()
     }
 
     /// Counts by state per service, and the number of keys outside the
     /// schema.
     pub fn counts(&self) -> (BTreeMap<ServiceName, Counts>, usize) {
-        counts_of(&self.read())
+        let inner = self.read();
+        (counts_of(&inner.services), inner.invalid_keys.len())
     }
 
     /// What `/metrics` shows, all from one read of the store: counts per
@@ -562,19 +335,20 @@ impl Store {
     /// whether the global valve holds, and the revision.
     pub fn metrics_snapshot(&self) -> MetricsSnapshot {
         let inner = self.read();
-        let (counts, invalid_keys) = counts_of(&inner);
+        let counts = counts_of(&inner.services);
+        let invalid_keys = inner.invalid_keys.len();
         MetricsSnapshot {
             counts,
             invalid_keys,
-            valves: inner.valves.keys().cloned().collect(),
-            global_valve: inner.global_valve.is_some(),
+            valves: inner.valves.services.keys().cloned().collect(),
+            global_valve: inner.valves.global.is_some(),
             revision: inner.revision,
         }
     }
 
     /// Services whose valve is tripped now.
     pub fn valves(&self) -> BTreeMap<ServiceName, Valve> {
-        self.read().valves.clone()
+        self.read().valves.services.clone()
     }
 
     /// Whether a service is known.
@@ -583,7 +357,7 @@ impl Store {
     }
 
     /// The whole view, or one service's, optionally only members whose
-    /// `healthy` equals `healthy`.
+    /// `healthy` equals `healthy` (see [`view::services_view`]).
     pub fn view(
         &self,
         only: Option<&ServiceName>,
@@ -591,226 +365,33 @@ impl Store {
         now: Instant,
     ) -> ServicesView {
         let inner = self.read();
-        let services = inner
-            .services
-            .iter()
-            .filter(|(name, _)| only.is_none_or(|o| o == *name))
-            .map(|(name, members)| {
-                let mut counts = Counts {
-                    members: members.len(),
-                    ..Counts::default()
-                };
-                let members = members
-                    .values()
-                    .map(|t| member_view(t, now))
-                    .inspect(|m| {
-                        match m.healthy {
-                            None => counts.unknown += 1,
-                            Some(true) => counts.healthy += 1,
-                            Some(false) if m.status == "not_serving" => counts.draining += 1,
-                            Some(false) => counts.failing += 1,
-                        }
-                        if m.kind == "invalid" {
-                            counts.invalid += 1;
-                        }
-                    })
-                    .filter(|m| healthy.is_none_or(|h| m.healthy == Some(h)))
-                    .collect();
-                ServiceView {
-                    name: name.clone(),
-                    members,
-                    counts,
-                    safety_valve: inner.valves.get(name).cloned(),
-                }
-            })
-            .collect();
-        ServicesView {
-            revision: inner.revision,
-            safety_valve: inner.global_valve.clone(),
-            services,
-            invalid_keys: inner
-                .invalid_keys
-                .iter()
-                .map(|(key, problem)| InvalidKeyView {
-                    key: key.clone(),
-                    problem: problem.clone(),
-                })
-                .collect(),
-        }
+        view::services_view(
+            &inner.services,
+            &inner.valves,
+            &inner.invalid_keys,
+            inner.revision,
+            only,
+            healthy,
+            now,
+        )
     }
 }
 
-fn member_view(t: &Tracked, now: Instant) -> MemberView {
-    let e = &t.entry;
-    let mut problems = Vec::new();
-    let (version, weight, kind) = match &e.member {
-        Ok(m) => {
-            problems.extend(m.problems.iter().cloned());
-            let kind = match m.kind {
-                ValueKind::Json => "json",
-                ValueKind::Legacy => "legacy",
-            };
-            (Some(m.version.clone()), Some(m.weight), kind)
-        }
-        Err(err) => {
-            problems.push(err.to_string());
-            (None, None, "invalid")
-        }
-    };
-    if e.lease == 0 {
-        problems.push("no lease: stale as soon as the address stops answering".to_owned());
-    }
-    let ttl = match t.lease_ttl {
-        Some((secs, _)) if secs < 0 => {
-            problems.push("lease not found in etcd (expired or revoked)".to_owned());
-            None
-        }
-        Some((secs, at)) => {
-            Some((secs - now.saturating_duration_since(at).as_secs() as i64).max(0))
-        }
-        None => None,
-    };
-    let p = &t.probe;
-    MemberView {
-        addr: e
-            .id
-            .as_ref()
-            .map(|(_, a)| a.to_string())
-            .unwrap_or_default(),
-        key: e.key.clone(),
-        version,
-        weight,
-        kind,
-        lease: (e.lease != 0).then(|| format!("{:x}", e.lease)),
-        ttl,
-        healthy: p.last.as_ref().map(Outcome::is_healthy),
-        status: p.last.as_ref().map_or("unknown", Outcome::label),
-        status_detail: p.last.as_ref().and_then(|o| o.detail().map(str::to_owned)),
-        last_probe: p
-            .last_at
-            .map(|t| humantime::format_rfc3339_millis(t).to_string()),
-        consecutive_failures: p.consecutive_failures,
-        mod_revision: e.mod_revision,
-        problems,
-    }
-}
-
-fn ser_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&humantime::format_rfc3339_millis(*t))
-}
-
-/// `GET /services`: every service, sorted by name.
-#[derive(Debug, Clone, Serialize)]
-pub struct ServicesView {
-    /// etcd revision the view reflects.
-    pub revision: i64,
-    /// Set while the global safety valve holds every deletion back (too
-    /// many members across services look dead at once).
-    pub safety_valve: Option<Valve>,
-    /// Services sorted by name.
-    pub services: Vec<ServiceView>,
-    /// Keys under the prefix that do not follow the schema (never deleted:
-    /// they may belong to someone else).
-    pub invalid_keys: Vec<InvalidKeyView>,
-}
-
-/// One service.
-#[derive(Debug, Clone, Serialize)]
-pub struct ServiceView {
-    /// Service name.
-    pub name: ServiceName,
-    /// Members sorted by address.
-    pub members: Vec<MemberView>,
-    /// Member counts by state (before any filter).
-    pub counts: Counts,
-    /// Set while the safety valve holds deletions back.
-    pub safety_valve: Option<Valve>,
-}
-
-/// One member.
-#[derive(Debug, Clone, Serialize)]
-pub struct MemberView {
-    /// Address (the key suffix).
-    pub addr: String,
-    /// Full etcd key.
-    pub key: String,
-    /// Version from the value; null when the value is invalid.
-    pub version: Option<String>,
-    /// Weight from the value; null when the value is invalid.
-    pub weight: Option<u32>,
-    /// `json`, `legacy` or `invalid`.
-    pub kind: &'static str,
-    /// Lease id in hex (as etcdctl prints it), null without a lease.
-    pub lease: Option<String>,
-    /// Seconds left on the lease at the last lookup, null if unknown.
-    pub ttl: Option<i64>,
-    /// Answering and serving; null before the first probe.
-    pub healthy: Option<bool>,
-    /// Latest probe: serving, not_serving, unimplemented, answered, failed
-    /// or unknown.
-    pub status: &'static str,
-    /// Failure reason or odd answer of the latest probe.
-    pub status_detail: Option<String>,
-    /// Time of the latest probe (RFC 3339).
-    pub last_probe: Option<String>,
-    /// Failed probes in a row.
-    pub consecutive_failures: u32,
-    /// Revision of the value.
-    pub mod_revision: i64,
-    /// Findings: legacy value, invalid value with reason, addr mismatch,
-    /// no lease.
-    pub problems: Vec<String>,
-}
-
-impl ServiceView {
-    /// Whether `other` shows the same state of this service, leaving out
-    /// what moves on its own (lease countdowns, probe times): what a stream
-    /// subscriber is told about as a change.
-    pub fn same_state(&self, other: &ServiceView) -> bool {
-        self.name == other.name
-            && self.counts == other.counts
-            && self.safety_valve == other.safety_valve
-            && self.members.len() == other.members.len()
-            && self
-                .members
-                .iter()
-                .zip(&other.members)
-                .all(|(a, b)| a.same_state(b))
-    }
-}
-
-impl MemberView {
-    /// Whether `other` shows the same state of this member: every field but
-    /// `ttl` (it counts down every second) and `last_probe` (it moves every
-    /// pass).
-    pub fn same_state(&self, other: &MemberView) -> bool {
-        self.addr == other.addr
-            && self.key == other.key
-            && self.version == other.version
-            && self.weight == other.weight
-            && self.kind == other.kind
-            && self.lease == other.lease
-            && self.healthy == other.healthy
-            && self.status == other.status
-            && self.status_detail == other.status_detail
-            && self.consecutive_failures == other.consecutive_failures
-            && self.mod_revision == other.mod_revision
-            && self.problems == other.problems
-    }
-}
-
-/// A key outside the schema.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct InvalidKeyView {
-    /// The key.
-    pub key: String,
-    /// Why it is not a registration.
-    pub problem: String,
+/// Counts by state per service (the view's counting, [`Counts::of`]).
+fn counts_of(services: &Members) -> BTreeMap<ServiceName, Counts> {
+    services
+        .iter()
+        .map(|(s, members)| (s.clone(), Counts::of(members.values())))
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::config::Budget;
+    use crate::policy::Reason;
     use registry::schema::{self, DEFAULT_ROOT};
 
     fn entry(service: &str, addr: &str, value: &[u8], lease: i64, rev: i64) -> Entry {

@@ -42,7 +42,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::leader::LeaderState;
 use crate::metrics::Metrics;
-use crate::store::{Counts, InvalidKeyView, MemberView, ServiceView, ServicesView, Store, Valve};
+use crate::policy::Valve;
+use crate::store::Store;
+use crate::view::{Counts, InvalidKeyView, MemberView, ServiceView, ServicesView};
 
 mod stream;
 

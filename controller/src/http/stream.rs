@@ -35,7 +35,8 @@ use tokio::sync::{watch, Notify};
 use tracing::{debug, warn};
 
 use super::{ApiError, AppState, Cached};
-use crate::store::{InvalidKeyView, ServiceView, ServicesView, Valve};
+use crate::policy::Valve;
+use crate::view::{InvalidKeyView, ServiceView, ServicesView};
 
 /// At most one change event per this interval.
 pub(super) const STREAM_THROTTLE: Duration = Duration::from_millis(250);
@@ -309,7 +310,7 @@ pub(super) async fn stream(State(st): State<Arc<AppState>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Counts, MemberView};
+    use crate::view::{Counts, MemberView};
     use registry::schema::ServiceName;
 
     fn member(addr: &str, weight: u32, ttl: i64) -> MemberView {

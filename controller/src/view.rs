@@ -1,0 +1,261 @@
+//! The HTTP view of the store: the types `/services` serializes, how one
+//! member is shown, and the one way members are counted by state (used by
+//! the view and by the metrics, so the two never disagree).
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use registry::schema::{ServiceName, ValueKind};
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::policy::{Valve, Valves};
+use crate::probe::Outcome;
+use crate::store::{Members, Tracked};
+
+/// Counts of a service's members by state, for metrics and the view.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    /// Members.
+    pub members: usize,
+    /// Answering and serving.
+    pub healthy: usize,
+    /// Answering NOT_SERVING.
+    pub draining: usize,
+    /// Latest probe failed.
+    pub failing: usize,
+    /// Not probed yet.
+    pub unknown: usize,
+    /// Invalid values.
+    pub invalid: usize,
+}
+
+impl Counts {
+    /// Counts `members` by the state their latest probe shows: unknown
+    /// before the first probe, failing when it got no answer, draining on
+    /// NOT_SERVING, healthy otherwise; invalid values counted beside.
+    pub fn of<'a>(members: impl IntoIterator<Item = &'a Tracked>) -> Self {
+        let mut c = Counts::default();
+        for t in members {
+            c.members += 1;
+            match &t.probe.last {
+                None => c.unknown += 1,
+                Some(o) if !o.is_alive() => c.failing += 1,
+                Some(Outcome::NotServing) => c.draining += 1,
+                Some(_) => c.healthy += 1,
+            }
+            if t.entry.member.is_err() {
+                c.invalid += 1;
+            }
+        }
+        c
+    }
+}
+
+/// The whole view, or one service's (`only`), optionally only members
+/// whose `healthy` equals `healthy`; counts are of all members.
+pub fn services_view(
+    members: &Members,
+    valves: &Valves,
+    invalid_keys: &BTreeMap<String, String>,
+    revision: i64,
+    only: Option<&ServiceName>,
+    healthy: Option<bool>,
+    now: Instant,
+) -> ServicesView {
+    let services = members
+        .iter()
+        .filter(|(name, _)| only.is_none_or(|o| o == *name))
+        .map(|(name, members)| ServiceView {
+            name: name.clone(),
+            counts: Counts::of(members.values()),
+            members: members
+                .values()
+                .map(|t| member_view(t, now))
+                .filter(|m| healthy.is_none_or(|h| m.healthy == Some(h)))
+                .collect(),
+            safety_valve: valves.services.get(name).cloned(),
+        })
+        .collect();
+    ServicesView {
+        revision,
+        safety_valve: valves.global.clone(),
+        services,
+        invalid_keys: invalid_keys
+            .iter()
+            .map(|(key, problem)| InvalidKeyView {
+                key: key.clone(),
+                problem: problem.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// One member as the view shows it.
+fn member_view(t: &Tracked, now: Instant) -> MemberView {
+    let e = &t.entry;
+    let mut problems = Vec::new();
+    let (version, weight, kind) = match &e.member {
+        Ok(m) => {
+            problems.extend(m.problems.iter().cloned());
+            let kind = match m.kind {
+                ValueKind::Json => "json",
+                ValueKind::Legacy => "legacy",
+            };
+            (Some(m.version.clone()), Some(m.weight), kind)
+        }
+        Err(err) => {
+            problems.push(err.to_string());
+            (None, None, "invalid")
+        }
+    };
+    if e.lease == 0 {
+        problems.push("no lease: stale as soon as the address stops answering".to_owned());
+    }
+    let ttl = match t.lease_ttl {
+        Some((secs, _)) if secs < 0 => {
+            problems.push("lease not found in etcd (expired or revoked)".to_owned());
+            None
+        }
+        Some((secs, at)) => {
+            Some((secs - now.saturating_duration_since(at).as_secs() as i64).max(0))
+        }
+        None => None,
+    };
+    let p = &t.probe;
+    MemberView {
+        addr: e
+            .id
+            .as_ref()
+            .map(|(_, a)| a.to_string())
+            .unwrap_or_default(),
+        key: e.key.clone(),
+        version,
+        weight,
+        kind,
+        lease: (e.lease != 0).then(|| format!("{:x}", e.lease)),
+        ttl,
+        healthy: p.last.as_ref().map(Outcome::is_healthy),
+        status: p.last.as_ref().map_or("unknown", Outcome::label),
+        status_detail: p.last.as_ref().and_then(|o| o.detail().map(str::to_owned)),
+        last_probe: p
+            .last_at
+            .map(|t| humantime::format_rfc3339_millis(t).to_string()),
+        consecutive_failures: p.consecutive_failures,
+        mod_revision: e.mod_revision,
+        problems,
+    }
+}
+
+pub(crate) fn ser_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
+/// `GET /services`: every service, sorted by name.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServicesView {
+    /// etcd revision the view reflects.
+    pub revision: i64,
+    /// Set while the global safety valve holds every deletion back (too
+    /// many members across services look dead at once).
+    pub safety_valve: Option<Valve>,
+    /// Services sorted by name.
+    pub services: Vec<ServiceView>,
+    /// Keys under the prefix that do not follow the schema (never deleted:
+    /// they may belong to someone else).
+    pub invalid_keys: Vec<InvalidKeyView>,
+}
+
+/// One service.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceView {
+    /// Service name.
+    pub name: ServiceName,
+    /// Members sorted by address.
+    pub members: Vec<MemberView>,
+    /// Member counts by state (before any filter).
+    pub counts: Counts,
+    /// Set while the safety valve holds deletions back.
+    pub safety_valve: Option<Valve>,
+}
+
+/// One member.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberView {
+    /// Address (the key suffix).
+    pub addr: String,
+    /// Full etcd key.
+    pub key: String,
+    /// Version from the value; null when the value is invalid.
+    pub version: Option<String>,
+    /// Weight from the value; null when the value is invalid.
+    pub weight: Option<u32>,
+    /// `json`, `legacy` or `invalid`.
+    pub kind: &'static str,
+    /// Lease id in hex (as etcdctl prints it), null without a lease.
+    pub lease: Option<String>,
+    /// Seconds left on the lease at the last lookup, null if unknown.
+    pub ttl: Option<i64>,
+    /// Answering and serving; null before the first probe.
+    pub healthy: Option<bool>,
+    /// Latest probe: serving, not_serving, unimplemented, answered, failed
+    /// or unknown.
+    pub status: &'static str,
+    /// Failure reason or odd answer of the latest probe.
+    pub status_detail: Option<String>,
+    /// Time of the latest probe (RFC 3339).
+    pub last_probe: Option<String>,
+    /// Failed probes in a row.
+    pub consecutive_failures: u32,
+    /// Revision of the value.
+    pub mod_revision: i64,
+    /// Findings: legacy value, invalid value with reason, addr mismatch,
+    /// no lease.
+    pub problems: Vec<String>,
+}
+
+impl ServiceView {
+    /// Whether `other` shows the same state of this service, leaving out
+    /// what moves on its own (lease countdowns, probe times): what a stream
+    /// subscriber is told about as a change.
+    pub fn same_state(&self, other: &ServiceView) -> bool {
+        self.name == other.name
+            && self.counts == other.counts
+            && self.safety_valve == other.safety_valve
+            && self.members.len() == other.members.len()
+            && self
+                .members
+                .iter()
+                .zip(&other.members)
+                .all(|(a, b)| a.same_state(b))
+    }
+}
+
+impl MemberView {
+    /// Whether `other` shows the same state of this member: every field but
+    /// `ttl` (it counts down every second) and `last_probe` (it moves every
+    /// pass).
+    pub fn same_state(&self, other: &MemberView) -> bool {
+        self.addr == other.addr
+            && self.key == other.key
+            && self.version == other.version
+            && self.weight == other.weight
+            && self.kind == other.kind
+            && self.lease == other.lease
+            && self.healthy == other.healthy
+            && self.status == other.status
+            && self.status_detail == other.status_detail
+            && self.consecutive_failures == other.consecutive_failures
+            && self.mod_revision == other.mod_revision
+            && self.problems == other.problems
+    }
+}
+
+/// A key outside the schema.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InvalidKeyView {
+    /// The key.
+    pub key: String,
+    /// Why it is not a registration.
+    pub problem: String,
+}
