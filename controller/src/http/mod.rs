@@ -14,6 +14,9 @@
 //! is a 404 from the render, never a render of its own): they never build
 //! a view from the store on the async workers.
 //!
+//! `/services?limit=N&continue=TOKEN` ([`pages`]) pages the view, every
+//! page of a walk cut from one snapshot.
+//!
 //! `/services/stream` ([`stream`]) shares one render and one diff per
 //! change among all its subscribers, and caps their number.
 //!
@@ -46,6 +49,7 @@ use crate::policy::Valve;
 use crate::store::Store;
 use crate::view::{Counts, InvalidKeyView, MemberView, ServiceView, ServicesView};
 
+mod pages;
 mod stream;
 
 /// Open `/services/stream` subscribers at most, unless configured.
@@ -74,6 +78,7 @@ pub struct AppState {
     rendering: AtomicBool,
     render_one: tokio::sync::Mutex<()>,
     broadcast: stream::Broadcast,
+    pages: pages::Pages,
 }
 
 impl AppState {
@@ -97,6 +102,7 @@ impl AppState {
             rendering: AtomicBool::new(false),
             render_one: tokio::sync::Mutex::new(()),
             broadcast: stream::Broadcast::new(DEFAULT_MAX_STREAMS),
+            pages: pages::Pages::default(),
         }
     }
 
@@ -202,8 +208,8 @@ impl AppState {
         let rendered = tokio::task::spawn_blocking(move || {
             let (generation, second) = me.version();
             me.metrics.view_renders.inc();
-            let view = me.store.view(None, None, Instant::now());
-            let json = Bytes::from(serde_json::to_vec(&view).unwrap_or_default());
+            let view = Arc::new(me.store.view(None, None, Instant::now()));
+            let json = Bytes::from(serde_json::to_vec(&*view).unwrap_or_default());
             let gzip = gzip_bytes(&json);
             Arc::new(Cached {
                 generation,
@@ -242,7 +248,8 @@ type CutKey = (Option<ServiceName>, Option<bool>);
 struct Cached {
     generation: u64,
     second: u64,
-    view: ServicesView,
+    /// Shared with the page walks bound to this render.
+    view: Arc<ServicesView>,
     json: Bytes,
     gzip: Bytes,
     derived: std::sync::Mutex<HashMap<CutKey, Bytes>>,
@@ -253,12 +260,12 @@ impl Cached {
         Self {
             generation: 0,
             second: 0,
-            view: ServicesView {
+            view: Arc::new(ServicesView {
                 revision: 0,
                 safety_valve: None,
                 services: Vec::new(),
                 invalid_keys: Vec::new(),
-            },
+            }),
             json: Bytes::new(),
             gzip: Bytes::new(),
             derived: std::sync::Mutex::new(HashMap::new()),
@@ -307,13 +314,20 @@ impl Cached {
 
 /// One service of the cached view, members filtered by `healthy`.
 fn service_cut(s: &ServiceView, healthy: Option<bool>) -> ServiceCut<'_> {
-    ServiceCut {
-        name: &s.name,
-        members: s
-            .members
+    service_cut_of(
+        s,
+        s.members
             .iter()
             .filter(|m| healthy.is_none_or(|h| m.healthy == Some(h)))
             .collect(),
+    )
+}
+
+/// One service of the cached view with only `members` of it.
+fn service_cut_of<'a>(s: &'a ServiceView, members: Vec<&'a MemberView>) -> ServiceCut<'a> {
+    ServiceCut {
+        name: &s.name,
+        members,
         counts: &s.counts,
         safety_valve: s.safety_valve.as_ref(),
     }
@@ -444,6 +458,53 @@ fn healthy_filter(
 ) -> Result<Option<bool>, ApiError> {
     let Query(pairs) =
         query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad query: {e}")))?;
+    healthy_of(pairs, "only healthy=true|false is supported")
+}
+
+/// Parses `/services`'s query: `healthy=true|false`, and `limit=N` and
+/// `continue=TOKEN` for pages (see [`pages`]).
+fn list_query(
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<(Option<bool>, Option<pages::PageQuery>), ApiError> {
+    let Query(pairs) =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad query: {e}")))?;
+    let (mut limit, mut token, mut rest) = (None, None, Vec::new());
+    for (k, v) in pairs {
+        match k.as_str() {
+            "limit" => {
+                let n = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=pages::MAX_LIMIT).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            format!(
+                                "limit={v:?}: want a number of members from 1 to {}",
+                                pages::MAX_LIMIT
+                            ),
+                        )
+                    })?;
+                limit = Some(n);
+            }
+            "continue" => token = Some(v),
+            _ => rest.push((k, v)),
+        }
+    }
+    let healthy = healthy_of(
+        rest,
+        "only healthy=true|false, limit=N and continue=TOKEN are supported",
+    )?;
+    let page = (limit.is_some() || token.is_some()).then(|| pages::PageQuery {
+        limit: limit.unwrap_or(pages::DEFAULT_LIMIT),
+        token,
+    });
+    Ok((healthy, page))
+}
+
+/// The `healthy` filter of `pairs`; any other parameter is an error that
+/// says `supported`.
+fn healthy_of(pairs: Vec<(String, String)>, supported: &str) -> Result<Option<bool>, ApiError> {
     let mut healthy = None;
     for (k, v) in pairs {
         match (k.as_str(), v.as_str()) {
@@ -458,7 +519,7 @@ fn healthy_filter(
             (other, _) => {
                 return Err(ApiError::new(
                     StatusCode::BAD_REQUEST,
-                    format!("unknown parameter {other:?}: only healthy=true|false is supported"),
+                    format!("unknown parameter {other:?}: {supported}"),
                 ))
             }
         }
@@ -471,7 +532,11 @@ async fn services(
     headers: HeaderMap,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    match healthy_filter(query)? {
+    let (healthy, page) = list_query(query)?;
+    if let Some(q) = page {
+        return Ok(json_bytes(pages::page(&st, healthy, q).await?));
+    }
+    match healthy {
         None if accepts_gzip(&headers) => {
             let mut resp = json_bytes(st.services_body(true, false).await);
             let h = resp.headers_mut();
