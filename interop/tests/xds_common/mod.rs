@@ -1,0 +1,296 @@
+//! Shared pieces of the xDS interop tests: a real etcd, greet-servers at
+//! given weights, the controller binary serving xDS, its bootstrap file,
+//! weight changes written to etcd as an operator would, and a long-lived
+//! grpcio client driven over stdin.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use etcd_client::PutOptions;
+use testkit::{bin_path, eventually, free_port, Etcd, Proc};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+pub const SERVICE: &str = "greet_service";
+
+/// A greet-server process on a free port at `weight`.
+pub struct Server {
+    pub addr: String,
+    pub proc: Proc,
+}
+
+pub fn key(addr: &str) -> String {
+    format!("/ns/{SERVICE}/{addr}")
+}
+
+/// Starts a greet-server at `weight` with lease TTL `ttl` and waits until
+/// it listens.
+pub async fn server(etcd: &Etcd, weight: u32, ttl: &str) -> Result<Server> {
+    server_with(etcd, weight, ttl, "/ns/").await
+}
+
+/// A greet-server that registers under `prefix` (not the watched one), so
+/// a test can register its address by hand and delete it for good.
+pub async fn server_on_prefix(etcd: &Etcd, prefix: &str) -> Result<Server> {
+    server_with(etcd, 100, "300s", prefix).await
+}
+
+async fn server_with(etcd: &Etcd, weight: u32, ttl: &str, prefix: &str) -> Result<Server> {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let proc = Proc::spawn(
+        &format!("greet-server:{port}"),
+        bin_path("greet-server"),
+        &[
+            "--listen".to_owned(),
+            addr.clone(),
+            "--etcd-endpoints".to_owned(),
+            etcd.endpoint(),
+            "--weight".to_owned(),
+            weight.to_string(),
+            "--ttl".to_owned(),
+            ttl.to_owned(),
+            "--prefix".to_owned(),
+            prefix.to_owned(),
+        ],
+        &[],
+    )?;
+    eventually(Duration::from_secs(15), "server listening", || async {
+        std::net::TcpStream::connect(&addr).ok()
+    })
+    .await?;
+    Ok(Server { addr, proc })
+}
+
+/// The controller binary with `--xds-listen`, fast probes.
+pub struct Controller {
+    pub http: String,
+    pub xds: String,
+    pub proc: Proc,
+}
+
+pub fn controller(etcd: &Etcd, xds_port: u16) -> Result<Controller> {
+    let http = format!("127.0.0.1:{}", free_port());
+    let xds = format!("127.0.0.1:{xds_port}");
+    let proc = Proc::spawn(
+        &format!("controller:{xds_port}"),
+        bin_path("controller"),
+        &[
+            "--etcd-endpoints".to_owned(),
+            etcd.endpoint(),
+            "--listen".to_owned(),
+            http.clone(),
+            "--xds-listen".to_owned(),
+            xds.clone(),
+            "--probe-interval".to_owned(),
+            "200ms".to_owned(),
+            "--probe-timeout".to_owned(),
+            "200ms".to_owned(),
+            "--dead-after".to_owned(),
+            "3s".to_owned(),
+        ],
+        &[("RUST_LOG", "info,controller::xds=debug")],
+    )?;
+    Ok(Controller { http, xds, proc })
+}
+
+/// Writes the bootstrap the generator prints for `xds` into `dir`.
+pub fn bootstrap(dir: &Path, xds: &str) -> Result<PathBuf> {
+    let out = std::process::Command::new(bin_path("controller"))
+        .args([
+            "xds-bootstrap",
+            "--server",
+            xds,
+            "--node-id",
+            "interop-test",
+        ])
+        .output()
+        .context("controller xds-bootstrap")?;
+    ensure!(
+        out.status.success(),
+        "xds-bootstrap failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("xds-bootstrap printed no JSON")?;
+    let path = dir.join("bootstrap.json");
+    std::fs::write(&path, &out.stdout)?;
+    Ok(path)
+}
+
+/// Rewrites `addr`'s value with `weight`, on the lease it has (so its
+/// registrar keeps it as its own).
+pub async fn set_weight(etcd: &Etcd, addr: &str, weight: u32) -> Result<()> {
+    let mut c = etcd.client().await?;
+    let resp = c.get(key(addr), None).await?;
+    let kv = resp.kvs().first().context("no key to reweight")?;
+    let mut v: serde_json::Value = serde_json::from_slice(kv.value())?;
+    v["weight"] = weight.into();
+    c.put(
+        key(addr),
+        v.to_string(),
+        Some(PutOptions::new().with_lease(kv.lease())),
+    )
+    .await?;
+    Ok(())
+}
+
+/// One batch's outcome, as xds_calls.py reports it.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub ok: u64,
+    pub errors: u64,
+    pub from: BTreeMap<String, u64>,
+    pub raw: serde_json::Value,
+}
+
+impl Batch {
+    pub fn count(&self, addr: &str) -> u64 {
+        self.from.get(addr).copied().unwrap_or(0)
+    }
+
+    pub fn share(&self, addr: &str) -> f64 {
+        self.count(addr) as f64 / self.ok.max(1) as f64
+    }
+
+    /// Every share within `tol` (absolute) of weight/sum.
+    pub fn shares_match(&self, weights: &[(&str, u32)], tol: f64) -> bool {
+        let sum: u32 = weights.iter().map(|(_, w)| w).sum();
+        weights
+            .iter()
+            .all(|(a, w)| (self.share(a) - f64::from(*w) / f64::from(sum)).abs() <= tol)
+    }
+
+    pub fn parse(v: serde_json::Value) -> Result<Self> {
+        let from = v["from"]
+            .as_object()
+            .context("no from")?
+            .iter()
+            .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
+            .collect();
+        let errors = v["errors"]
+            .as_object()
+            .map(|m| m.values().filter_map(|n| n.as_u64()).sum())
+            .unwrap_or(0);
+        Ok(Self {
+            ok: v["ok"].as_u64().context("no ok")?,
+            errors,
+            from,
+            raw: v,
+        })
+    }
+}
+
+/// The long-lived grpcio client.
+pub struct Grpcio {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Grpcio {
+    /// python3 xds_calls.py `target`, bootstrapped from `bootstrap`.
+    pub fn start(target: &str, bootstrap: &Path) -> Result<Self> {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("grpcio/xds_calls.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg(target)
+            .env("GRPC_XDS_BOOTSTRAP", bootstrap)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("python3 (grpcio is installed by scripts/setup.sh)")?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+        Ok(Self {
+            child,
+            stdin,
+            lines,
+        })
+    }
+
+    /// Makes `n` calls; the client's verdict.
+    pub async fn calls(&mut self, n: u32) -> Result<Batch> {
+        self.stdin
+            .write_all(format!("calls {n}\n").as_bytes())
+            .await?;
+        self.stdin.flush().await?;
+        let line = tokio::time::timeout(Duration::from_secs(120), self.lines.next_line())
+            .await
+            .context("grpcio batch took over 120 s")??;
+        let Some(line) = line else {
+            bail!("grpcio client exited: {:?}", self.child.try_wait());
+        };
+        Batch::parse(serde_json::from_str(&line).with_context(|| line.clone())?)
+    }
+
+    /// Calls in batches of `n` until `pred` holds for one batch.
+    pub async fn until(
+        &mut self,
+        n: u32,
+        limit: Duration,
+        what: &str,
+        pred: impl Fn(&Batch) -> bool,
+    ) -> Result<Batch> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let b = self.calls(n).await?;
+            if pred(&b) {
+                return Ok(b);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "timed out after {limit:?} waiting for {what}; last batch {}",
+                    b.raw
+                );
+            }
+        }
+    }
+}
+
+/// Three servers at 100/200/300 (lease TTL `ttl`) and a controller with
+/// xDS on a free port.
+pub struct Fleet {
+    pub etcd: Etcd,
+    pub servers: Vec<Server>,
+    pub ctl: Controller,
+    pub dir: tempfile::TempDir,
+    pub bootstrap: PathBuf,
+}
+
+pub const WEIGHTS: [u32; 3] = [100, 200, 300];
+
+impl Fleet {
+    pub async fn start(ttl: &str) -> Result<Self> {
+        let etcd = Etcd::start().await?;
+        let mut servers = Vec::new();
+        for w in WEIGHTS {
+            servers.push(server(&etcd, w, ttl).await?);
+        }
+        let ctl = controller(&etcd, free_port())?;
+        let dir = tempfile::tempdir()?;
+        let bootstrap = bootstrap(dir.path(), &ctl.xds)?;
+        Ok(Self {
+            etcd,
+            servers,
+            ctl,
+            dir,
+            bootstrap,
+        })
+    }
+
+    pub fn addr(&self, i: usize) -> &str {
+        &self.servers[i].addr
+    }
+
+    pub fn weights(&self, w: [u32; 3]) -> Vec<(&str, u32)> {
+        (0..3).map(|i| (self.addr(i), w[i])).collect()
+    }
+}
