@@ -63,7 +63,7 @@ pub fn spawn_snapshots(
                 let same = tx
                     .borrow()
                     .as_ref()
-                    .is_some_and(|old| old.kinds == snap.kinds);
+                    .is_some_and(|old| old.same_content(&snap));
                 if !same {
                     debug!(
                         revision = snap.revision,

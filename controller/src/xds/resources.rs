@@ -105,11 +105,15 @@ impl Kind {
 /// The resources of one kind with their version.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Resources {
-    /// A hash of the encoded resources: equal content, equal version, on
+    /// A hash of the resources' content: equal content, equal version, on
     /// every replica and across restarts.
     pub version: String,
     /// By name.
     pub by_name: BTreeMap<String, Any>,
+    /// Each resource's content hash. Not a hash of the encoding: prost
+    /// encodes map fields (the metadata `Struct`) in a random order, so
+    /// equal resources can encode differently.
+    pub hashes: BTreeMap<String, u64>,
 }
 
 /// Every resource of one view.
@@ -127,6 +131,14 @@ impl Snapshot {
         &self.kinds[kind as usize]
     }
 
+    /// Whether every kind has the same versions as `other`.
+    pub fn same_content(&self, other: &Snapshot) -> bool {
+        self.kinds
+            .iter()
+            .zip(other.kinds.iter())
+            .all(|(a, b)| a.version == b.version)
+    }
+
     /// Builds every resource from `view`.
     pub fn build(view: &ServicesView) -> Self {
         let mut listeners = BTreeMap::new();
@@ -134,9 +146,14 @@ impl Snapshot {
         let mut endpoints = BTreeMap::new();
         for s in &view.services {
             let name = s.name.to_string();
-            listeners.insert(name.clone(), pack(listener(&name)));
-            clusters.insert(name.clone(), pack(cluster(&name)));
-            endpoints.insert(name.clone(), pack(assignment(&name, &s.members)));
+            let l = pack(listener(&name));
+            let lh = fnv(&l.value);
+            listeners.insert(name.clone(), (l, lh));
+            let c = pack(cluster(&name));
+            let ch = fnv(&c.value);
+            clusters.insert(name.clone(), (c, ch));
+            let e = pack(assignment(&name, &s.members));
+            endpoints.insert(name.clone(), (e, members_hash(&s.members)));
         }
         Self {
             revision: view.revision,
@@ -149,33 +166,59 @@ impl Snapshot {
     }
 }
 
+/// FNV-1a: stable across processes and Rust releases (std's hasher
+/// promises neither).
+fn fnv(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The content of an assignment: what [`assignment`] reads of each member.
+fn members_hash(members: &[MemberView]) -> u64 {
+    let mut text = String::new();
+    for m in members {
+        use std::fmt::Write;
+        let _ = write!(
+            text,
+            "{}\0{:?}\0{:?}\0{:?}\0{}\0",
+            m.addr,
+            m.weight,
+            health_of(m),
+            m.version,
+            m.key
+        );
+    }
+    fnv(text.as_bytes())
+}
+
 impl Resources {
-    /// The resources `by_name`, versioned by their content.
-    pub fn from_map(by_name: BTreeMap<String, Any>) -> Self {
+    /// The resources by name, each with its content hash.
+    pub fn from_map(resources: BTreeMap<String, (Any, u64)>) -> Self {
+        let hashes: BTreeMap<String, u64> = resources
+            .iter()
+            .map(|(n, (_, h))| (n.clone(), *h))
+            .collect();
         Self {
-            version: Self::version_of(&by_name),
-            by_name,
+            version: Self::version_of(hashes.iter().map(|(n, h)| (n.as_str(), *h))),
+            by_name: resources.into_iter().map(|(n, (a, _))| (n, a)).collect(),
+            hashes,
         }
     }
 
-    /// The version of a set of resources: FNV-1a over names and encodings,
-    /// stable across processes and Rust releases (std's hasher promises
-    /// neither).
-    pub fn version_of(by_name: &BTreeMap<String, Any>) -> String {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for (name, any) in by_name {
-            for b in name
-                .as_bytes()
-                .iter()
-                .chain([0u8].iter())
-                .chain(any.value.iter())
-                .chain([0u8].iter())
-            {
-                h ^= u64::from(*b);
-                h = h.wrapping_mul(0x0100_0000_01b3);
-            }
+    /// The version of a set of resources given as (name, content hash),
+    /// in name order.
+    pub fn version_of<'a>(resources: impl IntoIterator<Item = (&'a str, u64)>) -> String {
+        let mut bytes = Vec::new();
+        for (name, h) in resources {
+            bytes.extend_from_slice(name.as_bytes());
+            bytes.push(0);
+            bytes.extend_from_slice(&h.to_le_bytes());
         }
-        format!("{h:016x}")
+        format!("{:016x}", fnv(&bytes))
     }
 }
 
@@ -452,10 +495,19 @@ mod tests {
 
     #[test]
     fn versions_follow_content_only() {
-        let a = Resources::from_map(BTreeMap::from([("x".to_owned(), pack(cluster("x")))]));
-        let b = Resources::from_map(BTreeMap::from([("x".to_owned(), pack(cluster("x")))]));
-        let c = Resources::from_map(BTreeMap::from([("y".to_owned(), pack(cluster("y")))]));
-        assert_eq!(a.version, b.version);
-        assert_ne!(a.version, c.version);
+        let m = |w| {
+            vec![
+                member("127.0.0.1:1", Some(w), Some(true), "serving"),
+                member("127.0.0.1:2", Some(5), None, "unknown"),
+            ]
+        };
+        let enc = |w| {
+            let a = pack(assignment("x", &m(w)));
+            Resources::from_map(BTreeMap::from([("x".to_owned(), (a, members_hash(&m(w))))]))
+        };
+        // Equal content, equal version (although the encodings may
+        // differ in map order); other content, other version.
+        assert_eq!(enc(1).version, enc(1).version);
+        assert_ne!(enc(1).version, enc(2).version);
     }
 }

@@ -58,8 +58,12 @@ impl Names {
 #[derive(Debug)]
 struct Subscription {
     names: Names,
-    /// Version and nonce of the latest response sent.
-    sent: Option<(String, String)>,
+    /// Version of the latest response sent for the current names (reset
+    /// when they change, so the new selection is always sent).
+    sent: Option<String>,
+    /// Nonce of the latest response sent: only a request carrying it is
+    /// current.
+    nonce: Option<String>,
     /// The latest version the client accepted.
     acked: Option<String>,
     /// The version whose rejection was logged (logged once).
@@ -140,6 +144,7 @@ impl Session {
                 Subscription {
                     names,
                     sent: None,
+                    nonce: None,
                     // A client reconnecting says what it has (from another
                     // replica, or before a restart).
                     acked: (!req.version_info.is_empty()).then(|| req.version_info.clone()),
@@ -148,14 +153,13 @@ impl Session {
             );
             return Ok(snapshot.and_then(|s| self.respond(kind, s)));
         };
-        let latest = sub.sent.as_ref().map(|(_, n)| n.as_str());
-        if !req.response_nonce.is_empty() && Some(req.response_nonce.as_str()) != latest {
+        if !req.response_nonce.is_empty() && Some(&req.response_nonce) != sub.nonce.as_ref() {
             debug!(kind = kind.as_str(), nonce = %req.response_nonce, "xds stale nonce ignored");
             return Ok(None);
         }
         match &req.error_detail {
             Some(err) if !req.response_nonce.is_empty() => {
-                let rejected = sub.sent.as_ref().map(|(v, _)| v.clone());
+                let rejected = sub.sent.clone();
                 if sub.nacked != rejected {
                     warn!(
                         node = self.node.as_deref().unwrap_or(""),
@@ -206,15 +210,18 @@ impl Session {
         let (version, resources) = match &sub.names {
             Names::Wildcard => (all.version.clone(), all.by_name.values().cloned().collect()),
             Names::Only(names) => {
-                let picked: BTreeMap<String, _> = names
+                let picked: Vec<(&str, u64)> = names
                     .iter()
-                    .filter_map(|n| all.by_name.get(n).map(|a| (n.clone(), a.clone())))
+                    .filter_map(|n| all.hashes.get(n).map(|h| (n.as_str(), *h)))
                     .collect();
-                let version = Resources::version_of(&picked);
-                (version, picked.into_values().collect::<Vec<_>>())
+                let resources = picked
+                    .iter()
+                    .filter_map(|(n, _)| all.by_name.get(*n).cloned())
+                    .collect::<Vec<_>>();
+                (Resources::version_of(picked), resources)
             }
         };
-        if sub.sent.as_ref().is_some_and(|(v, _)| *v == version) {
+        if sub.sent.as_ref() == Some(&version) {
             return None;
         }
         if kind == Kind::Endpoint && resources.is_empty() {
@@ -235,7 +242,8 @@ impl Session {
             resources = resources.len(),
             "xds push"
         );
-        sub.sent = Some((version.clone(), nonce.clone()));
+        sub.sent = Some(version.clone());
+        sub.nonce = Some(nonce.clone());
         Some(DiscoveryResponse {
             version_info: version,
             resources,
@@ -264,10 +272,13 @@ mod tests {
                     .map(|s| {
                         (
                             s.to_string(),
-                            Any {
-                                type_url: kind.to_owned(),
-                                value: s.as_bytes().to_vec(),
-                            },
+                            (
+                                Any {
+                                    type_url: kind.to_owned(),
+                                    value: s.as_bytes().to_vec(),
+                                },
+                                s.len() as u64,
+                            ),
                         )
                     })
                     .collect(),
@@ -340,6 +351,30 @@ mod tests {
         });
         assert!(s.on_request(nack, Some(&s2)).unwrap().is_none());
         assert_eq!(s.acked(Kind::Endpoint), Some(r.version_info.as_str()));
+    }
+
+    #[test]
+    fn a_subscription_change_with_nothing_to_send_keeps_the_nonce() {
+        let mut s = Session::new("c");
+        let s1 = snap(&["a"]);
+        let r = s
+            .on_request(req(ENDPOINT, &["a"], "", ""), Some(&s1))
+            .unwrap()
+            .unwrap();
+        assert!(s
+            .on_request(
+                req(ENDPOINT, &["nope"], &r.version_info, &r.nonce),
+                Some(&s1)
+            )
+            .unwrap()
+            .is_none());
+        let back = s
+            .on_request(req(ENDPOINT, &["a"], &r.version_info, &r.nonce), Some(&s1))
+            .unwrap();
+        assert!(
+            back.is_some(),
+            "the nonce of the last response is still current"
+        );
     }
 
     #[test]
