@@ -4,7 +4,9 @@ registry between batches and watch the picking follow.
 
 Reads commands on stdin, one a line, and answers each with one JSON line:
 
-    calls N    -> {"ok": N, "errors": {code: N}, "from": {addr: N}, "first_error": "..."}
+    calls N        -> {"ok": N, "errors": {code: N}, "from": {addr: N}, "first_error": "..."}
+    until ADDR N   -> {"n": calls made, "at": unix time of the first reply from ADDR}
+                      (or {"n": N, "at": null} when none came in N calls)
     quit
 
     GRPC_XDS_BOOTSTRAP=bootstrap.json python3 xds_calls.py xds:///greet_service
@@ -15,6 +17,7 @@ greet_calls.py: no generated stubs.
 import collections
 import json
 import sys
+import time
 
 import grpc
 
@@ -43,7 +46,18 @@ def main() -> None:
             continue
         if words[0] == "quit":
             break
-        if words[0] == "calls":
+        if words[0] == "until":
+            addr, limit, at, n = words[1], int(words[2]), None, 0
+            while n < limit:
+                n += 1
+                try:
+                    if decode_from(morning(encode_request("grpcio-xds"), timeout=5)) == addr:
+                        at = time.time()
+                        break
+                except grpc.RpcError:
+                    pass
+            print(json.dumps({"n": n, "at": at}), flush=True)
+        elif words[0] == "calls":
             print(json.dumps(batch(morning, int(words[1]))), flush=True)
         else:
             print(json.dumps({"error": f"unknown command {line.strip()!r}"}), flush=True)

@@ -218,8 +218,13 @@ impl Grpcio {
 
     /// Makes `n` calls; the client's verdict.
     pub async fn calls(&mut self, n: u32) -> Result<Batch> {
+        Batch::parse(self.command(&format!("calls {n}")).await?)
+    }
+
+    /// Sends one command line; its JSON answer.
+    pub async fn command(&mut self, command: &str) -> Result<serde_json::Value> {
         self.stdin
-            .write_all(format!("calls {n}\n").as_bytes())
+            .write_all(format!("{command}\n").as_bytes())
             .await?;
         self.stdin.flush().await?;
         let line = tokio::time::timeout(Duration::from_secs(120), self.lines.next_line())
@@ -228,7 +233,7 @@ impl Grpcio {
         let Some(line) = line else {
             bail!("grpcio client exited: {:?}", self.child.try_wait());
         };
-        Batch::parse(serde_json::from_str(&line).with_context(|| line.clone())?)
+        serde_json::from_str(&line).with_context(|| line.clone())
     }
 
     /// Calls in batches of `n` until `pred` holds for one batch.
