@@ -21,7 +21,8 @@
 #   --etcd-endpoints E    use this etcd instead of starting one (ETCD_ENDPOINTS)
 #   --base-port P         servers on P, P+1, P+2 (DEMO_BASE_PORT, default 3000)
 #   --controller-port P   controller's HTTP port (DEMO_CONTROLLER_PORT, default 8080)
-#   --xds-port P          controller's xDS port (DEMO_XDS_PORT, default 18000)
+#   --xds-port P          controller's xDS port (DEMO_XDS_PORT, default 18000; with
+#                         --controller-port given, one the kernel picks)
 #   --bin-dir DIR         use these prebuilt binaries, build nothing (DEMO_BIN_DIR)
 #   --debug               build the debug profile instead of release (DEMO_PROFILE=dev)
 set -euo pipefail
@@ -32,7 +33,7 @@ DURATION="${DEMO_DURATION:-}"
 ENDPOINTS="${ETCD_ENDPOINTS:-}"
 BASE_PORT="${DEMO_BASE_PORT:-3000}"
 CONTROLLER_PORT="${DEMO_CONTROLLER_PORT:-8080}"
-XDS_PORT="${DEMO_XDS_PORT:-18000}"
+XDS_PORT="${DEMO_XDS_PORT:-}"
 BIN_DIR="${DEMO_BIN_DIR:-}"
 PROFILE="${DEMO_PROFILE:-release}"
 
@@ -81,7 +82,12 @@ if [[ -n "$DURATION" ]]; then
   DURATION_S="$(to_seconds "$DURATION")"
   [[ "$DURATION_S" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--duration $DURATION: want e.g. 20s, 2m or 90"
 fi
-for p in "$BASE_PORT" "$CONTROLLER_PORT" "$XDS_PORT"; do
+# Side by side demos (other --controller-port) must not fight over 18000.
+if [[ -z "$XDS_PORT" ]]; then
+  if [[ "$CONTROLLER_PORT" == 8080 ]]; then XDS_PORT=18000; else XDS_PORT=0; fi
+fi
+[[ "$XDS_PORT" =~ ^[0-9]+$ ]] && ((XDS_PORT < 65536)) || die "bad port $XDS_PORT"
+for p in "$BASE_PORT" "$CONTROLLER_PORT"; do
   [[ "$p" =~ ^[0-9]+$ ]] && ((p > 0 && p < 65534)) || die "bad port $p"
 done
 SERVER_PORTS=("$BASE_PORT" "$((BASE_PORT + 1))" "$((BASE_PORT + 2))")
@@ -104,7 +110,9 @@ who_listens() {
 # Refuse to start anything when a fixed port is taken: the servers and the
 # controller would fail one by one with less helpful messages.
 busy=()
-for p in "${SERVER_PORTS[@]}" "$CONTROLLER_PORT" "$XDS_PORT"; do
+fixed=("${SERVER_PORTS[@]}" "$CONTROLLER_PORT")
+((XDS_PORT == 0)) || fixed+=("$XDS_PORT")
+for p in "${fixed[@]}"; do
   if port_busy "$p"; then busy+=("127.0.0.1:$p$(who_listens "$p")"); fi
 done
 if ((${#busy[@]})); then
@@ -305,6 +313,10 @@ done
 say "servers      127.0.0.1:${SERVER_PORTS[0]} (weight 100, v1.0.0), 127.0.0.1:${SERVER_PORTS[1]} (weight 200, v1.1.0), 127.0.0.1:${SERVER_PORTS[2]} (weight 300, v2.0.0)"
 say "controller   http://127.0.0.1:$CONTROLLER_PORT/ (live membership page)"
 say "look:        curl 127.0.0.1:$CONTROLLER_PORT/services"
+if ((XDS_PORT == 0)); then
+  x="$(grep -oE 'serving xDS.*listen=127\.0\.0\.1:[0-9]+' "$WORK/controller.log" | head -1 | grep -oE '[0-9]+$')" || true
+  XDS_PORT="${x:-?}"
+fi
 say "xds          127.0.0.1:$XDS_PORT (bootstrap: $BIN_DIR/controller xds-bootstrap --server 127.0.0.1:$XDS_PORT; docs/xds.md)"
 say "             grpcurl -plaintext 127.0.0.1:${SERVER_PORTS[0]} list   (server reflection)"
 ((${#metrics_urls[@]})) && say "metrics:     ${metrics_urls[*]} and http://127.0.0.1:$CONTROLLER_PORT/metrics"

@@ -94,8 +94,10 @@ pub async fn serve(
     control_plane: String,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let local = listener.local_addr().ok();
-    info!(listen = ?local, "serving xDS (ADS, state of the world)");
+    match listener.local_addr() {
+        Ok(addr) => info!(listen = %addr, "serving xDS (ADS, state of the world)"),
+        Err(e) => info!(error = %e, "serving xDS (ADS, state of the world)"),
+    }
     let ads = server::Ads::new(snapshots, control_plane, shutdown.clone());
     tonic::transport::Server::builder()
         // Dead clients are noticed even when no update flows.

@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use envoy_types::pb::envoy::config::core::v3::ControlPlane;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use tonic::Status;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::resources::{Kind, Resources, Snapshot};
 
@@ -234,7 +234,9 @@ impl Session {
         }
         self.nonce += 1;
         let nonce = self.nonce.to_string();
-        info!(
+        // Debug, not info: with a thousand subscribers one change is a
+        // thousand pushes.
+        debug!(
             node = self.node.as_deref().unwrap_or(""),
             kind = kind.as_str(),
             %version,
