@@ -131,7 +131,7 @@ pub async fn run(
 
         // xDS: every replica, from the same store as the HTTP view.
         let xds_task = xds_listener.map(|l| {
-            let (snapshots, builder) = xds::spawn_snapshots(store.clone(), tasks.clone());
+            let (snapshots, builder) = xds::spawn_snapshots(store.clone(), cfg.max_unhealthy_ratio, tasks.clone());
             let server = tokio::spawn(xds::serve(l, snapshots, id.clone(), shutdown.clone()));
             (builder, server)
         });

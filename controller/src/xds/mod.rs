@@ -45,9 +45,11 @@ fn read_view(store: &Store) -> Option<ServicesView> {
 }
 
 /// Builds a snapshot on every store change and publishes it when it
-/// differs from the last one. Ends when `cancel` is cancelled.
+/// differs from the last one; `max_unhealthy_ratio` as in
+/// [`Snapshot::build`]. Ends when `cancel` is cancelled.
 pub fn spawn_snapshots(
     store: Arc<Store>,
+    max_unhealthy_ratio: f64,
     cancel: CancellationToken,
 ) -> (
     watch::Receiver<Option<Arc<Snapshot>>>,
@@ -59,7 +61,7 @@ pub fn spawn_snapshots(
         loop {
             generation.mark_unchanged();
             if let Some(view) = read_view(&store) {
-                let snap = Snapshot::build(&view);
+                let snap = Snapshot::build(&view, max_unhealthy_ratio);
                 let same = tx
                     .borrow()
                     .as_ref()

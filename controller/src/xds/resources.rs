@@ -139,8 +139,15 @@ impl Snapshot {
             .all(|(a, b)| a.version == b.version)
     }
 
-    /// Builds every resource from `view`.
-    pub fn build(view: &ServicesView) -> Self {
+    /// Builds every resource from `view`. `max_unhealthy_ratio` is the
+    /// controller's safety valve (`--max-unhealthy-ratio`): when more
+    /// than that share of a service's members fail probes at once (and
+    /// more than one), the controller is more likely cut off from them
+    /// than they are all dead, so their failures are not passed on
+    /// (sent as `UNKNOWN`, which clients use): a partitioned controller
+    /// must not make every client stop calling. Envoy's panic threshold
+    /// does the same on its side.
+    pub fn build(view: &ServicesView, max_unhealthy_ratio: f64) -> Self {
         let mut listeners = BTreeMap::new();
         let mut clusters = BTreeMap::new();
         let mut endpoints = BTreeMap::new();
@@ -152,8 +159,30 @@ impl Snapshot {
             let c = pack(cluster(&name));
             let ch = fnv(&c.value);
             clusters.insert(name.clone(), (c, ch));
-            let e = pack(assignment(&name, &s.members));
-            endpoints.insert(name.clone(), (e, members_hash(&s.members)));
+            let failing = s
+                .members
+                .iter()
+                .filter(|m| m.weight.is_some() && health_of(m) == HealthStatus::Unhealthy)
+                .count();
+            let valid = s.members.iter().filter(|m| m.weight.is_some()).count();
+            let members: Vec<MemberView> =
+                if failing > 1 && failing as f64 > max_unhealthy_ratio * valid as f64 {
+                    s.members
+                        .iter()
+                        .cloned()
+                        .map(|mut m| {
+                            if health_of(&m) == HealthStatus::Unhealthy {
+                                m.healthy = None;
+                                m.status = "unknown";
+                            }
+                            m
+                        })
+                        .collect()
+                } else {
+                    s.members.clone()
+                };
+            let e = pack(assignment(&name, &members));
+            endpoints.insert(name.clone(), (e, members_hash(&members)));
         }
         Self {
             revision: view.revision,
@@ -490,6 +519,51 @@ mod tests {
         assert_eq!(
             md.fields["key"].kind,
             Some(value::Kind::StringValue("/ns/s/127.0.0.1:1".into()))
+        );
+    }
+
+    #[test]
+    fn most_members_failing_at_once_is_not_passed_on() {
+        use crate::store::{Counts, ServiceView};
+        use registry::schema::ServiceName;
+        let view = |failing: usize| ServicesView {
+            revision: 1,
+            safety_valve: None,
+            invalid_keys: vec![],
+            services: vec![ServiceView {
+                name: ServiceName::new("s").unwrap(),
+                counts: Counts::default(),
+                safety_valve: None,
+                members: (0..4)
+                    .map(|i| {
+                        let addr = format!("127.0.0.1:{}", i + 1);
+                        if i < failing {
+                            member(&addr, Some(100), Some(false), "failed")
+                        } else {
+                            member(&addr, Some(100), Some(true), "serving")
+                        }
+                    })
+                    .collect(),
+            }],
+        };
+        let health = |failing| {
+            let snap = Snapshot::build(&view(failing), 0.5);
+            let cla = ClusterLoadAssignment::decode(
+                snap.of(Kind::Endpoint).by_name["s"].value.as_slice(),
+            )
+            .unwrap();
+            cla.endpoints
+                .iter()
+                .map(|l| l.lb_endpoints[0].health_status)
+                .filter(|h| *h == HealthStatus::Unhealthy as i32)
+                .count()
+        };
+        assert_eq!(health(1), 1);
+        assert_eq!(health(2), 2, "half is not more than half");
+        assert_eq!(
+            health(3),
+            0,
+            "3 of 4 failing: the controller is likely cut off"
         );
     }
 
