@@ -24,9 +24,18 @@ async fn grpcio_over_xds_follows_weights_drains_deaths_and_deletions() -> Result
             (0..3).all(|i| b.count(fleet.addr(i)) > 0)
         })
         .await?;
+    let pushes = |f: &Fleet| f.ctl.proc.log().matches("xds push").count();
+    let before = pushes(&fleet);
     let b = client.calls(6000).await?;
-    eprintln!("100/200/300: {}", b.raw);
+    let during = pushes(&fleet) - before;
+    eprintln!("100/200/300: {} ({during} pushes during the batch)", b.raw);
     ensure!(b.ok == 6000, "failed calls: {}", b.raw);
+    // Nothing changed, so nothing was pushed (a push per probe pass would
+    // rebuild every client's picker for nothing).
+    ensure!(
+        before > 0 && during == 0,
+        "{during} pushes while nothing changed ({before} before)"
+    );
     ensure!(
         b.shares_match(&fleet.weights([100, 200, 300]), 0.02),
         "shares off weight/sum by more than 2 %: {}",
