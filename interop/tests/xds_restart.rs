@@ -2,7 +2,8 @@
 //! controller SIGKILLed and started again on the same port, or etcd
 //! stopped for longer than the servers' lease TTL. grpcio (`xds:///`) and
 //! Envoy (ADS) keep calling the last known servers without a failed call,
-//! and changes flow again afterwards.
+//! and changes flow again afterwards. Envoy with two controller replicas
+//! behind its ADS cluster fails over from either to the other.
 
 mod xds_common;
 
@@ -11,7 +12,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use nix::sys::signal::Signal;
 use testkit::eventually;
-use xds_common::{envoy, Fleet, Grpcio, SERVICE};
+use xds_common::{envoy, envoy_with, Fleet, Grpcio, SERVICE};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn clients_ride_out_a_controller_restart_without_a_failed_call() -> Result<()> {
@@ -157,6 +158,79 @@ async fn clients_keep_calling_through_an_etcd_outage_longer_than_the_ttl() -> Re
             )
             .await?;
         ensure!(b.errors == 0, "{who}: {}", b.raw);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn envoy_fails_over_between_two_controller_replicas() -> Result<()> {
+    let mut fleet = Fleet::start("300s").await?;
+    let b = xds_common::controller(&fleet.etcd, testkit::free_port())?;
+    let a_port: u16 = fleet
+        .ctl
+        .xds
+        .rsplit_once(':')
+        .map_or(0, |(_, p)| p.parse().unwrap_or(0));
+    let envoy = envoy_with(fleet.dir.path(), &[&fleet.ctl.xds, &b.xds]).await?;
+    let healthy = format!("cluster.{SERVICE}.membership_healthy");
+    eventually(
+        Duration::from_secs(30),
+        "envoy has three healthy hosts",
+        || async { (envoy.stat(&healthy).await.ok().flatten() == Some(3)).then_some(()) },
+    )
+    .await?;
+    let mut proxied = Grpcio::start(&envoy.target(), &fleet.bootstrap)?;
+
+    // Replica A dies: calls go on, and a change reaches Envoy through B
+    // (whichever of the two it streamed from).
+    fleet.ctl.proc.signal(Signal::SIGKILL)?;
+    let c = proxied.calls(2000).await?;
+    ensure!(
+        c.ok == 2000 && c.errors == 0,
+        "calls failed with replica A dead: {}",
+        c.raw
+    );
+    xds_common::set_weight(&fleet.etcd, fleet.addr(0), 600).await?;
+    let w = fleet.weights([600, 200, 300]);
+    proxied
+        .until(
+            2200,
+            Duration::from_secs(60),
+            "envoy follows replica B",
+            |c| c.errors == 0 && c.shares_match(&w, 0.02),
+        )
+        .await?;
+
+    // A back, B dies: the same through A.
+    fleet.ctl = xds_common::controller(&fleet.etcd, a_port)?;
+    eventually(Duration::from_secs(15), "replica A listening", || async {
+        std::net::TcpStream::connect(&fleet.ctl.xds).ok().map(drop)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    b.proc.signal(Signal::SIGKILL)?;
+    let c = proxied.calls(2000).await?;
+    ensure!(
+        c.ok == 2000 && c.errors == 0,
+        "calls failed with replica B dead: {}",
+        c.raw
+    );
+    xds_common::set_weight(&fleet.etcd, fleet.addr(0), 100).await?;
+    let w = fleet.weights([100, 200, 300]);
+    proxied
+        .until(
+            2400,
+            Duration::from_secs(60),
+            "envoy follows replica A",
+            |c| c.errors == 0 && c.shares_match(&w, 0.02),
+        )
+        .await?;
+    for stat in [
+        "cluster_manager.cds.update_rejected".to_owned(),
+        format!("cluster.{SERVICE}.update_rejected"),
+    ] {
+        let v = envoy.stat(&stat).await?;
+        ensure!(v == Some(0), "{stat} = {v:?}");
     }
     Ok(())
 }

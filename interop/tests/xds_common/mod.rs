@@ -324,7 +324,23 @@ pub struct Envoy {
 }
 
 pub async fn envoy(dir: &Path, xds: &str) -> Result<Envoy> {
-    let (xds_host, xds_port) = xds.rsplit_once(':').context("xds addr")?;
+    envoy_with(dir, &[xds]).await
+}
+
+/// [`envoy`] with several controllers behind its ADS cluster: Envoy
+/// streams from one and reconnects to another when it goes away.
+pub async fn envoy_with(dir: &Path, xds: &[&str]) -> Result<Envoy> {
+    let xds_endpoints = xds
+        .iter()
+        .map(|a| {
+            let (host, port) = a.rsplit_once(':').context("xds addr")?;
+            Ok(
+                serde_json::json!({"endpoint": {"address": {"socket_address": {
+                    "address": host, "port_value": port.parse::<u16>()?
+                }}}}),
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
     let listen_port = free_port();
     let admin_port = free_port();
     let h2 = serde_json::json!({
@@ -375,9 +391,7 @@ pub async fn envoy(dir: &Path, xds: &str) -> Result<Envoy> {
                 "type": "STATIC",
                 "connect_timeout": "1s",
                 "typed_extension_protocol_options": h2,
-                "load_assignment": {"cluster_name": "xds", "endpoints": [{"lb_endpoints": [{"endpoint": {
-                    "address": {"socket_address": {"address": xds_host, "port_value": xds_port.parse::<u16>()?}}
-                }}]}]}
+                "load_assignment": {"cluster_name": "xds", "endpoints": [{"lb_endpoints": xds_endpoints}]}
             }]
         }
     });
