@@ -4,7 +4,12 @@
 //! ```text
 //! cargo bench -p controller --bench services
 //! BENCH_MEMBERS=10000 BENCH_LIVE=0 BENCH_CONCURRENCY=64 BENCH_SECS=10 cargo bench -p controller --bench services
+//! BENCH_MEMBERS=100000 BENCH_LIVE=0 BENCH_PAGE=500 cargo bench -p controller --bench services
 //! ```
+//!
+//! `BENCH_PAGE=N` makes every worker walk the view in pages
+//! (`/services?limit=N`, then `continue=` until the last page) instead of
+//! fetching it whole; latencies are per page.
 //!
 //! `BENCH_GZIP` picks what the load client does: `decode` (default: asks
 //! for gzip and inflates every body, like a browser), `raw` (asks for gzip
@@ -56,6 +61,7 @@ async fn bench() -> Result<()> {
     let concurrency = env_or("BENCH_CONCURRENCY", 64) as usize;
     let secs = env_or("BENCH_SECS", 10);
     let live = env_or("BENCH_LIVE", 1) != 0;
+    let page = env_or("BENCH_PAGE", 0) as usize;
     let gzip = std::env::var("BENCH_GZIP").unwrap_or_else(|_| "decode".to_owned());
     anyhow::ensure!(
         ["decode", "raw", "off"].contains(&gzip.as_str()),
@@ -75,7 +81,13 @@ async fn bench() -> Result<()> {
             addrs.push(l.local_addr()?.to_string());
             listeners.push(TcpListenerStream::new(l));
         } else {
-            addrs.push(format!("127.0.0.1:{}", 20_000 + i % 40_000));
+            // Distinct loopback addresses where nothing listens, past
+            // 40,000 members too (all of 127.0.0.0/8 is loopback).
+            addrs.push(format!(
+                "127.0.{}.1:{}",
+                1 + i / 40_000,
+                20_000 + i % 40_000
+            ));
         }
     }
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -176,9 +188,10 @@ async fn bench() -> Result<()> {
     };
     eprintln!("all {members} members probed in the view ({bytes} bytes of JSON); warming up");
 
-    run_load(&http, &url, concurrency, Duration::from_secs(1)).await?;
+    let page = (page > 0).then_some(page);
+    run_load(&http, &url, page, concurrency, Duration::from_secs(1)).await?;
     let (mut lat, elapsed, errors) =
-        run_load(&http, &url, concurrency, Duration::from_secs(secs)).await?;
+        run_load(&http, &url, page, concurrency, Duration::from_secs(secs)).await?;
     lat.sort_unstable();
     let pct = |p: f64| -> Duration {
         if lat.is_empty() {
@@ -189,19 +202,29 @@ async fn bench() -> Result<()> {
     };
     let ms = |d: Duration| format!("{:.2}", d.as_secs_f64() * 1000.0);
     println!();
+    let what = match page {
+        Some(n) => format!("GET /services?limit={n}&continue=... (page walks)"),
+        None => "GET /services".to_owned(),
+    };
     println!(
-        "GET /services under load (controller in-process, release build, loopback, live endpoints: {live}, client gzip: {gzip})"
+        "{what} under load (controller in-process, release build, loopback, live endpoints: {live}, client gzip: {gzip})"
     );
     println!(
-        "| members | concurrency | requests | errors | seconds | req/s | JSON MB/s | p50 ms | p90 ms | p99 ms | max ms |"
+        "| members | page | concurrency | requests | errors | seconds | req/s | view MB/s | p50 ms | p90 ms | p99 ms | max ms |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    // A page carries about its share of the whole view's bytes.
+    let per_request = match page {
+        Some(n) => bytes * n.min(members) / members.max(1),
+        None => bytes,
+    };
     println!(
-        "| {members} | {concurrency} | {} | {errors} | {:.1} | {:.0} | {:.1} | {} | {} | {} | {} |",
+        "| {members} | {} | {concurrency} | {} | {errors} | {:.1} | {:.0} | {:.1} | {} | {} | {} | {} |",
+        page.map_or("whole".to_owned(), |n| n.to_string()),
         lat.len(),
         elapsed.as_secs_f64(),
         lat.len() as f64 / elapsed.as_secs_f64(),
-        (lat.len() * bytes) as f64 / elapsed.as_secs_f64() / 1e6,
+        (lat.len() * per_request) as f64 / elapsed.as_secs_f64() / 1e6,
         ms(pct(0.50)),
         ms(pct(0.90)),
         ms(pct(0.99)),
@@ -222,12 +245,22 @@ async fn bench() -> Result<()> {
     Ok(())
 }
 
+/// The next page's token of a page body (`"continue":"..."` near its end),
+/// without parsing the page.
+fn next_token(body: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(body).ok()?;
+    let at = text.rfind("\"continue\":\"")? + "\"continue\":\"".len();
+    let end = text[at..].find('"')?;
+    Some(text[at..at + end].to_owned())
+}
+
 /// `concurrency` workers, each issuing requests back to back until
-/// `duration` is over; returns every latency, the elapsed time and the
-/// number of failed requests.
+/// `duration` is over (walking pages of `page` members when set); returns
+/// every latency, the elapsed time and the number of failed requests.
 async fn run_load(
     http: &reqwest::Client,
     url: &str,
+    page: Option<usize>,
     concurrency: usize,
     duration: Duration,
 ) -> Result<(Vec<Duration>, Duration, usize)> {
@@ -241,11 +274,28 @@ async fn run_load(
         let errors = errors.clone();
         workers.push(tokio::spawn(async move {
             let mut lat = Vec::new();
+            let mut token: Option<String> = None;
             while Instant::now() < end {
+                let target = match (page, &token) {
+                    (None, _) => url.clone(),
+                    (Some(n), None) => format!("{url}?limit={n}"),
+                    (Some(n), Some(t)) => format!("{url}?limit={n}&continue={t}"),
+                };
                 let t = Instant::now();
-                let ok = match http.get(&url).send().await {
-                    Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
-                    _ => false,
+                let ok = match http.get(&target).send().await {
+                    Ok(r) if r.status().is_success() => match r.bytes().await {
+                        Ok(body) => {
+                            if page.is_some() {
+                                token = next_token(&body);
+                            }
+                            true
+                        }
+                        Err(_) => false,
+                    },
+                    _ => {
+                        token = None;
+                        false
+                    }
                 };
                 if ok {
                     lat.push(t.elapsed());
