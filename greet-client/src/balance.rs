@@ -17,6 +17,12 @@
 //!   costs a retry too (gRPC itself commits at the headers); other responses
 //!   stream through untouched. A server's refusal (`UNAVAILABLE`, in the
 //!   headers or the trailers) is retried too.
+//! - Slow is not dead: an attempt past its per-try bound is not given up
+//!   but checked: a health check on the same connection that gets an
+//!   answer means the server is alive and slow, so the call keeps waiting
+//!   (to its deadline); only a check with no answer (a silent connection)
+//!   marks the endpoint down and sends the call elsewhere. The caller's own
+//!   deadline passing is `DEADLINE_EXCEEDED` and never marks anything down.
 //! - With nothing usable, calls fail at once with `UNAVAILABLE` and a
 //!   message that says why (none registered, all draining, all unreachable).
 
@@ -40,7 +46,7 @@ use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
 use crate::metrics::{ClientMetrics, EndpointMetrics, RetryReason};
-use crate::retry::{grpc_timeout, not_sent, RetryPolicy};
+use crate::retry::{grpc_timeout, not_sent, timed_out, RetryPolicy};
 use crate::scheduler::Scheduler;
 
 /// Boxed error, as tonic's `GrpcService` expects.
@@ -501,18 +507,20 @@ impl Balancer {
                 *req.extensions_mut() = ext;
             }
 
-            // A retryable call gets a bounded attempt, so a connection that
-            // went silent (a partition drops packets, no reset comes) costs
-            // one attempt, not the whole deadline.
-            let attempt_limit = policy.per_try_timeout.filter(|_| retryable).map(|t| {
-                deadline.map_or(t, |d| t.min(d.saturating_duration_since(Instant::now())))
-            });
+            // A retryable call's attempt is watched: past its per-try
+            // bound, the same connection is probed with a health check. A
+            // server that answers is alive and merely slow, so the attempt
+            // keeps waiting (to the deadline); one that does not is behind a
+            // silent connection (a partition drops packets, no reset comes)
+            // and costs one bounded attempt, not the whole deadline.
+            let per_try = policy.per_try_timeout.filter(|_| retryable);
             if let Some(m) = &metrics {
                 m.attempt();
             }
             let sent_at = Instant::now();
             let attempt = async {
                 let resp = channel
+                    .clone()
                     .oneshot(req)
                     .await
                     .map_err(|e| Lost::Send(e.into()))?;
@@ -522,29 +530,57 @@ impl Balancer {
                     Ok((resp, None))
                 }
             };
-            let sent = match attempt_limit {
-                Some(limit) => tokio::time::timeout(limit, attempt).await,
-                None => Ok(attempt.await),
+            let sent = match per_try {
+                Some(bound) => watch(attempt, &channel, bound, deadline).await,
+                None => Watched::Done(attempt.await),
             };
-            let Ok(sent) = sent else {
-                if let Some(m) = &metrics {
-                    m.answered(sent_at.elapsed(), Some(Code::Unavailable));
+            let sent = match sent {
+                Watched::Done(sent) => sent,
+                Watched::DeadlineExceeded => {
+                    // The caller's deadline, not evidence against the
+                    // server: the endpoint stays up and keeps its connection.
+                    if let Some(m) = &metrics {
+                        m.answered(sent_at.elapsed(), Some(Code::DeadlineExceeded));
+                    }
+                    return Err(Status::deadline_exceeded(format!(
+                        "{addr}: no answer within the call's deadline"
+                    ))
+                    .into());
                 }
-                self.mark_down(&addr, generation, "attempt timed out");
-                let status =
-                    Status::unavailable(format!("{addr}: no answer within the per-try timeout"));
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Err(Status::deadline_exceeded(status.message().to_owned()).into());
+                Watched::Silent(why) => {
+                    if let Some(m) = &metrics {
+                        m.answered(sent_at.elapsed(), Some(Code::Unavailable));
+                    }
+                    self.mark_down(&addr, generation, &why);
+                    let status = Status::unavailable(format!(
+                        "{addr}: no answer within the per-try timeout, and {why}"
+                    ));
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(Status::deadline_exceeded(status.message().to_owned()).into());
+                    }
+                    if lost_attempts >= policy.max_attempts {
+                        return Err(status.into());
+                    }
+                    lost_attempts += 1;
+                    self.count_retry(RetryReason::Silent);
+                    avoid = Some(addr);
+                    continue;
                 }
-                if lost_attempts >= policy.max_attempts {
-                    return Err(status.into());
-                }
-                lost_attempts += 1;
-                self.count_retry(RetryReason::Silent);
-                avoid = Some(addr);
-                continue;
             };
             let took = sent_at.elapsed();
+            // The channel enforces `grpc-timeout` itself: its expiry is the
+            // caller's deadline, not a broken connection.
+            if let Err(Lost::Send(e) | Lost::Body(e)) = &sent {
+                if timed_out(&**e) {
+                    if let Some(m) = &metrics {
+                        m.answered(took, Some(Code::DeadlineExceeded));
+                    }
+                    return Err(Status::deadline_exceeded(format!(
+                        "{addr}: no answer within the call's deadline"
+                    ))
+                    .into());
+                }
+            }
             let outcome = match sent {
                 Err(Lost::Send(e)) => {
                     if let Some(m) = &metrics {
@@ -637,6 +673,60 @@ async fn probe(channel: Channel, limit: Duration) -> Result<Channel, String> {
     match registry::health::check(channel.clone(), limit).await {
         registry::health::Outcome::Failed(why) => Err(format!("health check: {why}")),
         _ => Ok(channel),
+    }
+}
+
+/// How a watched attempt ended.
+enum Watched<T> {
+    /// It finished (well or not) on its own.
+    Done(T),
+    /// The call's deadline passed first; nothing is known against the
+    /// endpoint.
+    DeadlineExceeded,
+    /// It passed its per-try bound and a health check on the same
+    /// connection got no answer: the connection is silent.
+    Silent(String),
+}
+
+/// Waits for `attempt`; each time it passes `bound`, probes `channel` (the
+/// attempt's own connection) with a health check while still waiting for
+/// the attempt. Gives up only when the probe gets no answer, or at the
+/// call's deadline. A slow server answers its health checks, so a call
+/// that merely takes long is never abandoned, and its endpoint is never
+/// marked down for it.
+async fn watch<F: Future>(
+    attempt: F,
+    channel: &Channel,
+    bound: Duration,
+    deadline: Option<Instant>,
+) -> Watched<F::Output> {
+    let mut attempt = std::pin::pin!(attempt);
+    let at_deadline = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut at_deadline = std::pin::pin!(at_deadline);
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut attempt => return Watched::Done(out),
+            () = &mut at_deadline => return Watched::DeadlineExceeded,
+            () = tokio::time::sleep(bound) => {}
+        }
+        let probe = registry::health::check(channel.clone(), bound);
+        tokio::select! {
+            biased;
+            out = &mut attempt => return Watched::Done(out),
+            () = &mut at_deadline => return Watched::DeadlineExceeded,
+            outcome = probe => {
+                if let registry::health::Outcome::Failed(why) = outcome {
+                    return Watched::Silent(format!("a health check on its connection got none ({why})"));
+                }
+                debug!(bound = ?bound, "attempt past its per-try bound; the server answers health checks, still waiting");
+            }
+        }
     }
 }
 

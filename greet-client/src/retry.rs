@@ -102,6 +102,20 @@ pub fn not_sent(err: &(dyn StdError + 'static)) -> bool {
     false
 }
 
+/// Whether a transport error is the channel's own enforcement of the
+/// call's `grpc-timeout` (tonic's `TimeoutExpired`): the caller's deadline
+/// passed, which says nothing against the server or its connection.
+pub fn timed_out(err: &(dyn StdError + 'static)) -> bool {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if e.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
 /// Parses the `grpc-timeout` header (`"100m"`, `"5S"`, ...).
 pub fn grpc_timeout(value: &str) -> Option<Duration> {
     if value.len() < 2 || value.len() > 9 {
@@ -160,5 +174,7 @@ mod tests {
         assert!(not_sent(&e));
         let other = std::io::Error::other("connection reset");
         assert!(!not_sent(&other));
+        assert!(!timed_out(&other));
+        assert!(timed_out(&tonic::TimeoutExpired(())));
     }
 }
