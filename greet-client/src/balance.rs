@@ -45,6 +45,7 @@ use tonic::{Code, Status};
 use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
+use crate::budget::{RetryBudget, RetryBudgetConfig};
 use crate::metrics::{ClientMetrics, EndpointMetrics, RetryReason};
 use crate::retry::{grpc_timeout, not_sent, timed_out, RetryPolicy};
 use crate::scheduler::Scheduler;
@@ -59,6 +60,10 @@ pub struct BalancerConfig {
     pub service: String,
     /// Retry policy.
     pub retry: RetryPolicy,
+    /// Caps retries of every kind at a share of recent calls, so retries
+    /// never multiply the load on a fleet that sheds it; `None`: no cap
+    /// (only the policy's per-call limits).
+    pub retry_budget: Option<RetryBudgetConfig>,
     /// Ramp a new endpoint's weight from 10 % to 100 % over this window.
     pub slow_start: Option<Duration>,
     /// TCP connect timeout per endpoint.
@@ -73,11 +78,13 @@ pub struct BalancerConfig {
 }
 
 impl BalancerConfig {
-    /// Defaults for a service: retry policy none, 1 s connect timeout, eager.
+    /// Defaults for a service: retry policy none, the default retry budget
+    /// (10 % of calls plus 5/s), 1 s connect timeout, eager.
     pub fn new(service: impl Into<String>) -> Self {
         Self {
             service: service.into(),
             retry: RetryPolicy::none(),
+            retry_budget: Some(RetryBudgetConfig::default()),
             slow_start: None,
             connect_timeout: Duration::from_secs(1),
             eager_connect: true,
@@ -129,6 +136,7 @@ struct Pool {
 
 struct Inner {
     cfg: BalancerConfig,
+    budget: Option<RetryBudget>,
     pool: Mutex<Pool>,
     /// Bumped on every applied change: lets callers (tests, the propagation
     /// benchmark) observe the moment an update takes effect.
@@ -156,6 +164,7 @@ impl Balancer {
     pub fn new(cfg: BalancerConfig) -> Self {
         Self {
             inner: Arc::new(Inner {
+                budget: cfg.retry_budget.as_ref().map(RetryBudget::new),
                 cfg,
                 pool: Mutex::new(Pool {
                     sched: Scheduler::new(),
@@ -348,6 +357,15 @@ impl Balancer {
         Err(Status::unavailable(why))
     }
 
+    /// Whether the retry budget allows one more retry (always, without a
+    /// budget).
+    fn may_retry(&self) -> bool {
+        self.inner
+            .budget
+            .as_ref()
+            .is_none_or(|b| b.withdraw(&self.inner.cfg.service))
+    }
+
     fn count_retry(&self, reason: RetryReason) {
         if let Some(m) = &self.inner.cfg.metrics {
             m.retry(&self.inner.cfg.service, reason);
@@ -491,6 +509,9 @@ impl Balancer {
         let mut lost_attempts = 1u32;
         let mut unsent = 0u32;
         let mut avoid: Option<Addr> = None;
+        if let Some(b) = &self.inner.budget {
+            b.deposit();
+        }
         loop {
             let Picked {
                 addr,
@@ -558,7 +579,7 @@ impl Balancer {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         return Err(Status::deadline_exceeded(status.message().to_owned()).into());
                     }
-                    if lost_attempts >= policy.max_attempts {
+                    if lost_attempts >= policy.max_attempts || !self.may_retry() {
                         return Err(status.into());
                     }
                     lost_attempts += 1;
@@ -640,7 +661,7 @@ impl Balancer {
             if reason == RetryReason::Unsent {
                 unsent += 1;
                 // Every endpoint may be tried once, and a few more for luck.
-                if unsent > 8 + self.pool().endpoints.len() as u32 {
+                if unsent > 8 + self.pool().endpoints.len() as u32 || !self.may_retry() {
                     return Err(status.into());
                 }
                 debug!(%addr, "call not sent; retrying on another endpoint");
@@ -653,7 +674,7 @@ impl Balancer {
             }
             lost_attempts += 1;
             let pause = policy.backoff(lost_attempts);
-            if deadline.is_some_and(|d| now + pause >= d) {
+            if deadline.is_some_and(|d| now + pause >= d) || !self.may_retry() {
                 return Err(status.into());
             }
             debug!(%addr, attempt = lost_attempts, "call lost; retrying on another endpoint");

@@ -3,6 +3,7 @@
 //! - [`scheduler`]: smooth weighted round-robin (EDF), O(log n);
 //! - [`balance`]: the `tower::Service` a generated tonic client wraps;
 //! - [`retry`]: which failed calls go again;
+//! - [`budget`]: how many retries, as a share of recent calls;
 //! - [`discover`]: feeds the balancer from etcd through the registry's
 //!   reflector, with version selection and freshness logging;
 //! - [`metrics`]: Prometheus metrics in a registry the application owns.
@@ -10,12 +11,14 @@
 #![forbid(unsafe_code)]
 
 pub mod balance;
+pub mod budget;
 pub mod discover;
 pub mod metrics;
 pub mod retry;
 pub mod scheduler;
 
 pub use balance::{Balancer, BalancerConfig, EndpointInfo};
+pub use budget::RetryBudgetConfig;
 pub use discover::{Discovery, DiscoveryConfig};
 pub use retry::RetryPolicy;
 pub mod config;
