@@ -36,7 +36,7 @@ use std::time::Duration;
 use http_body::Frame;
 use http_body_util::{BodyExt, Full, StreamBody};
 use registry::backoff::Backoff;
-use registry::grpc_status::{code_of, OnStatus};
+use registry::grpc_status::{code_of, OnStatus, Report};
 use registry::schema::Addr;
 use tokio::time::Instant;
 use tonic::body::Body;
@@ -47,6 +47,7 @@ use tracing::{debug, info, warn};
 
 use crate::budget::{RetryBudget, RetryBudgetConfig};
 use crate::metrics::{ClientMetrics, EndpointMetrics, RetryReason};
+use crate::outlier::{Ejector, OutlierConfig, Tracker};
 use crate::retry::{grpc_timeout, not_sent, timed_out, RetryPolicy};
 use crate::scheduler::Scheduler;
 
@@ -64,6 +65,9 @@ pub struct BalancerConfig {
     /// never multiply the load on a fleet that sheds it; `None`: no cap
     /// (only the policy's per-call limits).
     pub retry_budget: Option<RetryBudgetConfig>,
+    /// Ejects an endpoint that fails calls in a row (see
+    /// [`crate::outlier`]); `None`: never.
+    pub outlier: Option<OutlierConfig>,
     /// Ramp a new endpoint's weight from 10 % to 100 % over this window.
     pub slow_start: Option<Duration>,
     /// TCP connect timeout per endpoint.
@@ -79,12 +83,14 @@ pub struct BalancerConfig {
 
 impl BalancerConfig {
     /// Defaults for a service: retry policy none, the default retry budget
-    /// (10 % of calls plus 5/s), 1 s connect timeout, eager.
+    /// (10 % of calls plus 5/s), outlier detection (5 failures in a row,
+    /// 30 s, at most half), 1 s connect timeout, eager.
     pub fn new(service: impl Into<String>) -> Self {
         Self {
             service: service.into(),
             retry: RetryPolicy::none(),
             retry_budget: Some(RetryBudgetConfig::default()),
+            outlier: Some(OutlierConfig::default()),
             slow_start: None,
             connect_timeout: Duration::from_secs(1),
             eager_connect: true,
@@ -103,8 +109,10 @@ pub struct EndpointInfo {
     pub weight: u32,
     /// Advertised version.
     pub version: String,
-    /// Whether calls may go there now (connection not known to be down).
+    /// Whether its connection is not known to be down.
     pub up: bool,
+    /// Whether outlier detection has taken it out of rotation for now.
+    pub ejected: bool,
 }
 
 struct Ep {
@@ -118,6 +126,21 @@ struct Ep {
     recovering: bool,
     generation: u64,
     metrics: Option<EndpointMetrics>,
+    /// The failure streak, when outlier detection is on.
+    tracker: Option<Arc<Tracker>>,
+    /// Until when it is ejected, if it is.
+    ejected_until: Option<Instant>,
+    /// Ejections in a row (decays by one per base time in service).
+    ejections: u32,
+    /// When it last came back into service (or was added).
+    in_service_since: Instant,
+}
+
+impl Ep {
+    /// Whether the scheduler should hold it (weight aside).
+    fn in_rotation(&self) -> bool {
+        self.up && self.ejected_until.is_none()
+    }
 }
 
 /// What [`Balancer::pick`] hands an attempt.
@@ -126,6 +149,7 @@ struct Picked {
     channel: Channel,
     generation: u64,
     metrics: Option<EndpointMetrics>,
+    tracker: Option<Arc<Tracker>>,
 }
 
 struct Pool {
@@ -137,6 +161,9 @@ struct Pool {
 struct Inner {
     cfg: BalancerConfig,
     budget: Option<RetryBudget>,
+    /// What a failure streak calls to eject its endpoint; trackers hold it
+    /// weakly, so they never keep the balancer alive.
+    ejector: Arc<Ejector>,
     pool: Mutex<Pool>,
     /// Bumped on every applied change: lets callers (tests, the propagation
     /// benchmark) observe the moment an update takes effect.
@@ -163,15 +190,23 @@ impl Balancer {
     /// [`Balancer::remove`] (usually through [`crate::discover`]).
     pub fn new(cfg: BalancerConfig) -> Self {
         Self {
-            inner: Arc::new(Inner {
-                budget: cfg.retry_budget.as_ref().map(RetryBudget::new),
-                cfg,
-                pool: Mutex::new(Pool {
-                    sched: Scheduler::new(),
-                    endpoints: HashMap::new(),
-                    next_generation: 0,
-                }),
-                changes: tokio::sync::watch::Sender::new(0),
+            inner: Arc::new_cyclic(|me: &std::sync::Weak<Inner>| {
+                let me = me.clone();
+                Inner {
+                    budget: cfg.retry_budget.as_ref().map(RetryBudget::new),
+                    ejector: Arc::new(move |addr: &Addr, generation: u64| {
+                        if let Some(inner) = me.upgrade() {
+                            Balancer { inner }.eject(addr, generation);
+                        }
+                    }),
+                    cfg,
+                    pool: Mutex::new(Pool {
+                        sched: Scheduler::new(),
+                        endpoints: HashMap::new(),
+                        next_generation: 0,
+                    }),
+                    changes: tokio::sync::watch::Sender::new(0),
+                }
             }),
         }
     }
@@ -192,7 +227,7 @@ impl Balancer {
             }
             ep.weight = weight;
             ep.version = version.to_owned();
-            if ep.up {
+            if ep.in_rotation() {
                 pool.sched.set(addr.clone(), weight);
             }
             self.inner.changes.send_modify(|g| *g += 1);
@@ -221,6 +256,17 @@ impl Balancer {
                     m.transition(&self.inner.cfg.service, None, Some(true));
                     m.endpoint(&self.inner.cfg.service, addr.as_str())
                 }),
+                tracker: self.inner.cfg.outlier.map(|o| {
+                    Arc::new(Tracker::new(
+                        addr.clone(),
+                        pool.next_generation,
+                        o.consecutive_failures,
+                        Arc::downgrade(&self.inner.ejector),
+                    ))
+                }),
+                ejected_until: None,
+                ejections: 0,
+                in_service_since: Instant::now(),
             },
         );
         pool.sched.set(addr.clone(), weight);
@@ -240,6 +286,9 @@ impl Balancer {
         if let Some(ep) = pool.endpoints.remove(addr) {
             if let (Some(all), Some(m)) = (&self.inner.cfg.metrics, &ep.metrics) {
                 all.transition(&self.inner.cfg.service, Some(ep.up), None);
+                if ep.ejected_until.is_some() {
+                    m.reinstated();
+                }
                 all.forget(m);
             }
             pool.sched.remove(addr);
@@ -284,6 +333,7 @@ impl Balancer {
                 weight: ep.weight,
                 version: ep.version.clone(),
                 up: ep.up,
+                ejected: ep.ejected_until.is_some(),
             })
             .collect();
         v.sort_by(|a, b| a.addr.cmp(&b.addr));
@@ -342,6 +392,7 @@ impl Balancer {
                     channel,
                     generation: ep.generation,
                     metrics: ep.metrics.clone(),
+                    tracker: ep.tracker.clone(),
                 });
             }
         }
@@ -370,6 +421,77 @@ impl Balancer {
         if let Some(m) = &self.inner.cfg.metrics {
             m.retry(&self.inner.cfg.service, reason);
         }
+    }
+
+    /// Takes an endpoint out of rotation for a while after a failure
+    /// streak, unless that would eject more than the allowed share of the
+    /// service's endpoints. Its connection stays.
+    fn eject(&self, addr: &Addr, generation: u64) {
+        let Some(cfg) = self.inner.cfg.outlier else {
+            return;
+        };
+        let mut pool = self.pool();
+        let pool = &mut *pool;
+        let total = pool.endpoints.len();
+        let ejected = pool
+            .endpoints
+            .values()
+            .filter(|e| e.ejected_until.is_some())
+            .count();
+        let Some(ep) = pool.endpoints.get_mut(addr) else {
+            return;
+        };
+        if ep.generation != generation || ep.ejected_until.is_some() {
+            return;
+        }
+        if !cfg.may_eject(ejected, total) {
+            debug!(%addr, ejected, total, "failing endpoint not ejected: the most allowed are");
+            return;
+        }
+        let now = Instant::now();
+        let base = cfg.base_ejection_time.max(Duration::from_millis(1));
+        let decay = (now.duration_since(ep.in_service_since).as_secs_f64() / base.as_secs_f64())
+            .min(f64::from(u32::MAX)) as u32;
+        ep.ejections = ep.ejections.saturating_sub(decay).saturating_add(1);
+        let time = cfg.ejection_time(ep.ejections);
+        ep.ejected_until = Some(now + time);
+        pool.sched.remove(addr);
+        if let Some(m) = &ep.metrics {
+            m.ejected();
+        }
+        warn!(%addr, ejections = ep.ejections, for_ = ?time, "endpoint fails every call; ejected");
+        let weak = Arc::downgrade(&self.inner);
+        let addr = addr.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(time).await;
+            if let Some(inner) = weak.upgrade() {
+                Balancer { inner }.reinstate(&addr, generation);
+            }
+        });
+    }
+
+    /// Puts an ejected endpoint back when its time is up.
+    fn reinstate(&self, addr: &Addr, generation: u64) {
+        let mut pool = self.pool();
+        let pool = &mut *pool;
+        let Some(ep) = pool.endpoints.get_mut(addr) else {
+            return;
+        };
+        if ep.generation != generation || ep.ejected_until.is_none() {
+            return;
+        }
+        ep.ejected_until = None;
+        ep.in_service_since = Instant::now();
+        if let Some(t) = &ep.tracker {
+            t.reset();
+        }
+        if let Some(m) = &ep.metrics {
+            m.reinstated();
+        }
+        if ep.in_rotation() {
+            pool.sched.set(addr.clone(), ep.weight);
+        }
+        info!(%addr, "ejection over; endpoint back in rotation");
     }
 
     /// Counts an endpoint that just went from up to down.
@@ -466,7 +588,9 @@ impl Balancer {
                     }
                     ep.up = true;
                     ep.since = Instant::now();
-                    pool.sched.set(addr.clone(), ep.weight);
+                    if ep.in_rotation() {
+                        pool.sched.set(addr.clone(), ep.weight);
+                    }
                     info!(%addr, "endpoint reachable again");
                 }
                 ep.recovering = false;
@@ -518,6 +642,7 @@ impl Balancer {
                 channel,
                 generation,
                 metrics,
+                tracker,
             } = self.pick(avoid.as_ref())?;
             let mut req = http::Request::new(Body::new(Full::new(bytes.clone())));
             *req.method_mut() = parts.method.clone();
@@ -635,6 +760,9 @@ impl Balancer {
                     if let Some(m) = &metrics {
                         m.answered(took, code);
                     }
+                    if let (Some(t), Some(code)) = (&tracker, code) {
+                        t.observe(code);
+                    }
                     match code {
                         Some(code) if retryable && policy.retryable_codes.contains(&code) => Err((
                             RetryReason::Answered,
@@ -642,9 +770,9 @@ impl Balancer {
                         )),
                         // The status comes with the trailers of a streamed
                         // answer: count it when they pass.
-                        None => Ok(match metrics {
-                            Some(m) => OnStatus::wrap(resp, m).map(Body::new),
-                            None => resp,
+                        None => Ok(match (metrics, tracker) {
+                            (None, None) => resp,
+                            (m, t) => OnStatus::wrap(resp, Observer(m, t)).map(Body::new),
                         }),
                         Some(_) => Ok(resp),
                     }
@@ -747,6 +875,21 @@ async fn watch<F: Future>(
                 }
                 debug!(bound = ?bound, "attempt past its per-try bound; the server answers health checks, still waiting");
             }
+        }
+    }
+}
+
+/// Reports a streamed answer's status to the endpoint's metrics and its
+/// failure streak.
+struct Observer(Option<EndpointMetrics>, Option<Arc<Tracker>>);
+
+impl Report for Observer {
+    fn report(self, code: Code) {
+        if let Some(m) = self.0 {
+            m.report(code);
+        }
+        if let Some(t) = self.1 {
+            t.observe(code);
         }
     }
 }
