@@ -48,7 +48,7 @@ use tracing::{debug, info, warn};
 use crate::budget::{RetryBudget, RetryBudgetConfig};
 use crate::metrics::{ClientMetrics, EndpointMetrics, RetryReason};
 use crate::outlier::{Ejector, OutlierConfig, Tracker};
-use crate::retry::{grpc_timeout, not_sent, timed_out, RetryPolicy};
+use crate::retry::{grpc_timeout, not_sent, timed_out, Decision, Failed, RetryPolicy, Tries};
 use crate::scheduler::Scheduler;
 
 /// Boxed error, as tonic's `GrpcService` expects.
@@ -613,7 +613,9 @@ impl Balancer {
         }
     }
 
-    /// Sends one unary call with retries; see the module docs.
+    /// Sends one call with retries; see the module docs. Each attempt is
+    /// [`Balancer::attempt`]; whether to go again is the policy's pure
+    /// [`RetryPolicy::decide`], then the budget's say.
     async fn send(self, req: http::Request<Body>) -> Result<http::Response<Body>, BoxError> {
         let (mut parts, body) = req.into_parts();
         // Only the first attempt carries the caller's extensions (the
@@ -630,20 +632,13 @@ impl Balancer {
             .map(|d| started + d);
         let policy = &self.inner.cfg.retry;
         let retryable = policy.is_retryable(parts.uri.path());
-        let mut lost_attempts = 1u32;
-        let mut unsent = 0u32;
+        let mut tries = Tries::default();
         let mut avoid: Option<Addr> = None;
         if let Some(b) = &self.inner.budget {
             b.deposit();
         }
         loop {
-            let Picked {
-                addr,
-                channel,
-                generation,
-                metrics,
-                tracker,
-            } = self.pick(avoid.as_ref())?;
+            let picked = self.pick(avoid.as_ref())?;
             let mut req = http::Request::new(Body::new(Full::new(bytes.clone())));
             *req.method_mut() = parts.method.clone();
             *req.uri_mut() = parts.uri.clone();
@@ -652,165 +647,180 @@ impl Balancer {
             if let Some(ext) = extensions.take() {
                 *req.extensions_mut() = ext;
             }
-
-            // A retryable call's attempt is watched: past its per-try
-            // bound, the same connection is probed with a health check. A
-            // server that answers is alive and merely slow, so the attempt
-            // keeps waiting (to the deadline); one that does not is behind a
-            // silent connection (a partition drops packets, no reset comes)
-            // and costs one bounded attempt, not the whole deadline.
-            let per_try = policy.per_try_timeout.filter(|_| retryable);
-            if let Some(m) = &metrics {
-                m.attempt();
-            }
-            let sent_at = Instant::now();
-            let attempt = async {
-                let resp = channel
-                    .clone()
-                    .oneshot(req)
-                    .await
-                    .map_err(|e| Lost::Send(e.into()))?;
-                if retryable {
-                    read_whole(resp).await.map_err(Lost::Body)
-                } else {
-                    Ok((resp, None))
+            let addr = picked.addr.clone();
+            let (failed, status) = match self.attempt(picked, req, retryable, deadline).await {
+                Outcome::Answered(resp) => return Ok(resp),
+                Outcome::DeadlineExceeded(status) => return Err(status.into()),
+                Outcome::Failed(failed, status) => (failed, status),
+            };
+            let endpoints = self.len();
+            let decision = policy.decide(
+                retryable,
+                failed,
+                &mut tries,
+                endpoints,
+                Instant::now(),
+                deadline,
+                crate::retry::random(),
+            );
+            let pause = match decision {
+                Decision::Retry(pause) if self.may_retry() => pause,
+                Decision::Retry(_) | Decision::Return => return Err(status.into()),
+                Decision::DeadlineExceeded => {
+                    return Err(Status::deadline_exceeded(status.message().to_owned()).into())
                 }
             };
-            let sent = match per_try {
-                Some(bound) => watch(attempt, &channel, bound, deadline).await,
-                None => Watched::Done(attempt.await),
-            };
-            let sent = match sent {
-                Watched::Done(sent) => sent,
-                Watched::DeadlineExceeded => {
-                    // The caller's deadline, not evidence against the
-                    // server: the endpoint stays up and keeps its connection.
-                    if let Some(m) = &metrics {
-                        m.answered(sent_at.elapsed(), Some(Code::DeadlineExceeded));
-                    }
-                    return Err(Status::deadline_exceeded(format!(
-                        "{addr}: no answer within the call's deadline"
-                    ))
-                    .into());
-                }
-                Watched::Silent(why) => {
-                    if let Some(m) = &metrics {
-                        m.answered(sent_at.elapsed(), Some(Code::Unavailable));
-                    }
-                    self.mark_down(&addr, generation, &why);
-                    let status = Status::unavailable(format!(
-                        "{addr}: no answer within the per-try timeout, and {why}"
-                    ));
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Err(Status::deadline_exceeded(status.message().to_owned()).into());
-                    }
-                    if lost_attempts >= policy.max_attempts || !self.may_retry() {
-                        return Err(status.into());
-                    }
-                    lost_attempts += 1;
-                    self.count_retry(RetryReason::Silent);
-                    avoid = Some(addr);
-                    continue;
-                }
-            };
-            let took = sent_at.elapsed();
-            // The channel enforces `grpc-timeout` itself: its expiry is the
-            // caller's deadline, not a broken connection.
-            if let Err(Lost::Send(e) | Lost::Body(e)) = &sent {
-                if timed_out(&**e) {
-                    if let Some(m) = &metrics {
-                        m.answered(took, Some(Code::DeadlineExceeded));
-                    }
-                    return Err(Status::deadline_exceeded(format!(
-                        "{addr}: no answer within the call's deadline"
-                    ))
-                    .into());
-                }
+            debug!(%addr, ?failed, attempt = tries.lost, "retrying on another endpoint");
+            self.count_retry(match failed {
+                Failed::Unsent => RetryReason::Unsent,
+                Failed::Lost => RetryReason::Lost,
+                Failed::Silent => RetryReason::Silent,
+                Failed::Refused => RetryReason::Answered,
+            });
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
             }
-            let outcome = match sent {
-                Err(Lost::Send(e)) => {
-                    if let Some(m) = &metrics {
-                        m.answered(took, Some(Code::Unavailable));
-                    }
-                    let reason = if not_sent(&*e) {
-                        RetryReason::Unsent
-                    } else {
-                        RetryReason::Lost
-                    };
-                    self.mark_down(&addr, generation, &e.to_string());
-                    Err((reason, Status::unavailable(format!("{addr}: {e}"))))
-                }
-                // Sent, and the server died before the response ended
-                // (SIGKILL after the headers): the call is lost, not failed.
-                Err(Lost::Body(e)) => {
-                    if let Some(m) = &metrics {
-                        m.answered(took, Some(Code::Unavailable));
-                    }
-                    self.mark_down(&addr, generation, &e.to_string());
-                    Err((
-                        RetryReason::Lost,
-                        Status::unavailable(format!("{addr}: {e}")),
-                    ))
-                }
-                // The status is in the headers (trailers-only: how a server
-                // refuses a call) or, for a response read whole, in the
-                // trailers.
-                Ok((resp, trailer_code)) => {
-                    let code = code_of(resp.headers()).or(trailer_code);
-                    if let Some(m) = &metrics {
-                        m.answered(took, code);
-                    }
-                    if let (Some(t), Some(code)) = (&tracker, code) {
-                        t.observe(code);
-                    }
-                    match code {
-                        Some(code) if retryable && policy.retryable_codes.contains(&code) => Err((
-                            RetryReason::Answered,
-                            Status::new(code, format!("{addr} answered {code:?}")),
-                        )),
-                        // The status comes with the trailers of a streamed
-                        // answer: count it when they pass.
-                        None => Ok(match (metrics, tracker) {
-                            (None, None) => resp,
-                            (m, t) => OnStatus::wrap(resp, Observer(m, t)).map(Body::new),
-                        }),
-                        Some(_) => Ok(resp),
-                    }
-                }
-            };
-            let (reason, status) = match outcome {
-                Ok(resp) => return Ok(resp),
-                Err(e) => e,
-            };
-            let now = Instant::now();
-            if deadline.is_some_and(|d| now >= d) {
-                return Err(Status::deadline_exceeded(status.message().to_owned()).into());
-            }
-            if reason == RetryReason::Unsent {
-                unsent += 1;
-                // Every endpoint may be tried once, and a few more for luck.
-                if unsent > 8 + self.pool().endpoints.len() as u32 || !self.may_retry() {
-                    return Err(status.into());
-                }
-                debug!(%addr, "call not sent; retrying on another endpoint");
-                self.count_retry(RetryReason::Unsent);
-                avoid = Some(addr);
-                continue;
-            }
-            if !retryable || lost_attempts >= policy.max_attempts {
-                return Err(status.into());
-            }
-            lost_attempts += 1;
-            let pause = policy.backoff(lost_attempts);
-            if deadline.is_some_and(|d| now + pause >= d) || !self.may_retry() {
-                return Err(status.into());
-            }
-            debug!(%addr, attempt = lost_attempts, "call lost; retrying on another endpoint");
-            self.count_retry(reason);
-            tokio::time::sleep(pause).await;
             avoid = Some(addr);
         }
     }
+
+    /// Sends one attempt to the picked endpoint and says what happened.
+    /// Marks the endpoint down on connection-level evidence only, and feeds
+    /// its metrics and failure streak.
+    ///
+    /// A retryable call's attempt is watched: past its per-try bound, the
+    /// same connection is probed with a health check. A server that answers
+    /// is alive and merely slow, so the attempt keeps waiting (to the
+    /// deadline); one that does not is behind a silent connection (a
+    /// partition drops packets, no reset comes) and costs one bounded
+    /// attempt, not the whole deadline.
+    async fn attempt(
+        &self,
+        picked: Picked,
+        req: http::Request<Body>,
+        retryable: bool,
+        deadline: Option<Instant>,
+    ) -> Outcome {
+        let Picked {
+            addr,
+            channel,
+            generation,
+            metrics,
+            tracker,
+        } = picked;
+        let policy = &self.inner.cfg.retry;
+        let per_try = policy.per_try_timeout.filter(|_| retryable);
+        if let Some(m) = &metrics {
+            m.attempt();
+        }
+        let sent_at = Instant::now();
+        let attempt = async {
+            let resp = channel
+                .clone()
+                .oneshot(req)
+                .await
+                .map_err(|e| Lost::Send(e.into()))?;
+            if retryable {
+                read_whole(resp).await.map_err(Lost::Body)
+            } else {
+                Ok((resp, None))
+            }
+        };
+        let sent = match per_try {
+            Some(bound) => watch(attempt, &channel, bound, deadline).await,
+            None => Watched::Done(attempt.await),
+        };
+        let deadline_exceeded = |took| {
+            // The caller's deadline, not evidence against the server: the
+            // endpoint stays up and keeps its connection.
+            if let Some(m) = &metrics {
+                m.answered(took, Some(Code::DeadlineExceeded));
+            }
+            Outcome::DeadlineExceeded(Status::deadline_exceeded(format!(
+                "{addr}: no answer within the call's deadline"
+            )))
+        };
+        let sent = match sent {
+            Watched::Done(sent) => sent,
+            Watched::DeadlineExceeded => return deadline_exceeded(sent_at.elapsed()),
+            Watched::Silent(why) => {
+                if let Some(m) = &metrics {
+                    m.answered(sent_at.elapsed(), Some(Code::Unavailable));
+                }
+                self.mark_down(&addr, generation, &why);
+                return Outcome::Failed(
+                    Failed::Silent,
+                    Status::unavailable(format!(
+                        "{addr}: no answer within the per-try timeout, and {why}"
+                    )),
+                );
+            }
+        };
+        let took = sent_at.elapsed();
+        match sent {
+            // The channel enforces `grpc-timeout` itself: its expiry is the
+            // caller's deadline, not a broken connection.
+            Err(Lost::Send(e) | Lost::Body(e)) if timed_out(&*e) => deadline_exceeded(took),
+            Err(Lost::Send(e)) => {
+                if let Some(m) = &metrics {
+                    m.answered(took, Some(Code::Unavailable));
+                }
+                let failed = if not_sent(&*e) {
+                    Failed::Unsent
+                } else {
+                    Failed::Lost
+                };
+                self.mark_down(&addr, generation, &e.to_string());
+                Outcome::Failed(failed, Status::unavailable(format!("{addr}: {e}")))
+            }
+            // Sent, and the server died before the response ended (SIGKILL
+            // after the headers): the call is lost, not failed.
+            Err(Lost::Body(e)) => {
+                if let Some(m) = &metrics {
+                    m.answered(took, Some(Code::Unavailable));
+                }
+                self.mark_down(&addr, generation, &e.to_string());
+                Outcome::Failed(Failed::Lost, Status::unavailable(format!("{addr}: {e}")))
+            }
+            // The status is in the headers (trailers-only: how a server
+            // refuses a call) or, for a response read whole, in the
+            // trailers.
+            Ok((resp, trailer_code)) => {
+                let code = code_of(resp.headers()).or(trailer_code);
+                if let Some(m) = &metrics {
+                    m.answered(took, code);
+                }
+                if let (Some(t), Some(code)) = (&tracker, code) {
+                    t.observe(code);
+                }
+                match code {
+                    Some(code) if retryable && policy.retryable_codes.contains(&code) => {
+                        Outcome::Failed(
+                            Failed::Refused,
+                            Status::new(code, format!("{addr} answered {code:?}")),
+                        )
+                    }
+                    // The status comes with the trailers of a streamed
+                    // answer: count it when they pass.
+                    None => Outcome::Answered(match (metrics, tracker) {
+                        (None, None) => resp,
+                        (m, t) => OnStatus::wrap(resp, Observer(m, t)).map(Body::new),
+                    }),
+                    Some(_) => Outcome::Answered(resp),
+                }
+            }
+        }
+    }
+}
+
+/// What one attempt came to.
+enum Outcome {
+    /// A response to hand back (success, or an answer not retried).
+    Answered(http::Response<Body>),
+    /// Failed in a way the retry decision weighs.
+    Failed(Failed, Status),
+    /// The call's deadline passed.
+    DeadlineExceeded(Status),
 }
 
 /// Proves a fresh connection reaches a gRPC server with
