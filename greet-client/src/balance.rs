@@ -11,8 +11,10 @@
 //!   connection is up again (readiness, not a fixed timeout).
 //! - A call that was never sent is retried on another endpoint, always; a
 //!   call lost after sending is retried when its method is retryable, within
-//!   its `grpc-timeout`. Request bodies are buffered so they can be replayed:
-//!   this balancer is for unary calls. A retryable call's response is read
+//!   its `grpc-timeout`. A request body that is complete at once and
+//!   within 64 KiB (unary and server-streaming calls) is kept so it can be
+//!   replayed; an open request stream (client- and bidi-streaming) or a
+//!   larger body is sent once as it comes, never buffered, never retried. A retryable call's response is read
 //!   to its end before it is handed on, so a server that dies mid-response
 //!   costs a retry too (gRPC itself commits at the headers); other responses
 //!   stream through untouched. A server's refusal (`UNAVAILABLE`, in the
@@ -622,7 +624,6 @@ impl Balancer {
         // channels below ignore them): cloning them per call cost an
         // allocation that a profile showed on every call.
         let mut extensions = Some(std::mem::take(&mut parts.extensions));
-        let bytes = body.collect().await.map_err(BoxError::from)?.to_bytes();
         let started = Instant::now();
         let deadline = parts
             .headers
@@ -630,13 +631,31 @@ impl Balancer {
             .and_then(|v| v.to_str().ok())
             .and_then(grpc_timeout)
             .map(|d| started + d);
+        if let Some(b) = &self.inner.budget {
+            b.deposit();
+        }
+        let bytes = match replayable(body)? {
+            Ok(bytes) => bytes,
+            // A request stream still open (client- or bidi-streaming), or
+            // past the replay cap: sent once, as it comes, never retried.
+            Err(body) => {
+                let picked = self.pick(None)?;
+                let mut req = http::Request::from_parts(parts, body);
+                if let Some(ext) = extensions.take() {
+                    *req.extensions_mut() = ext;
+                }
+                return match self.attempt(picked, req, false, deadline).await {
+                    Outcome::Answered(resp) => Ok(resp),
+                    Outcome::Failed(_, status) | Outcome::DeadlineExceeded(status) => {
+                        Err(status.into())
+                    }
+                };
+            }
+        };
         let policy = &self.inner.cfg.retry;
         let retryable = policy.is_retryable(parts.uri.path());
         let mut tries = Tries::default();
         let mut avoid: Option<Addr> = None;
-        if let Some(b) = &self.inner.budget {
-            b.deposit();
-        }
         loop {
             let picked = self.pick(avoid.as_ref())?;
             let mut req = http::Request::new(Body::new(Full::new(bytes.clone())));
@@ -902,6 +921,55 @@ impl Report for Observer {
             t.observe(code);
         }
     }
+}
+
+/// Requests up to this size are kept for a retry (linkerd's `ReplayBody`
+/// caps at 64 KiB too); larger ones are sent once.
+const REPLAY_CAP: usize = 64 * 1024;
+
+/// Takes a request body whole when it is already complete and within
+/// [`REPLAY_CAP`] (a unary or server-streaming call: tonic encodes its one
+/// message at once), so it can be replayed; otherwise hands back a body
+/// that yields what was read and then the rest as it comes, without waiting
+/// for a request stream the caller keeps open.
+fn replayable(mut body: Body) -> Result<Result<bytes::Bytes, Body>, BoxError> {
+    use futures::{FutureExt, StreamExt};
+    let mut frames: Vec<Frame<bytes::Bytes>> = Vec::new();
+    let mut len = 0;
+    loop {
+        match body.frame().now_or_never() {
+            Some(Some(frame)) => {
+                let frame = frame.map_err(BoxError::from)?;
+                let is_data = frame.is_data();
+                if let Some(d) = frame.data_ref() {
+                    len += d.len();
+                }
+                frames.push(frame);
+                if !is_data || len > REPLAY_CAP {
+                    break;
+                }
+            }
+            Some(None) => {
+                let mut data = frames.into_iter().filter_map(|f| f.into_data().ok());
+                return Ok(Ok(match (data.next(), data.next()) {
+                    (None, _) => bytes::Bytes::new(),
+                    (Some(one), None) => one,
+                    (Some(a), Some(b)) => {
+                        let mut all = bytes::BytesMut::with_capacity(len);
+                        all.extend_from_slice(&a);
+                        all.extend_from_slice(&b);
+                        data.for_each(|d| all.extend_from_slice(&d));
+                        all.freeze()
+                    }
+                }));
+            }
+            // Not ready: the caller is still writing its request stream.
+            None => break,
+        }
+    }
+    let read = futures::stream::iter(frames.into_iter().map(Ok::<_, tonic::Status>));
+    let rest = http_body_util::BodyStream::new(body);
+    Ok(Err(Body::new(StreamBody::new(read.chain(rest)))))
 }
 
 /// Why an attempt did not bring back a whole response.
