@@ -735,7 +735,6 @@ impl Balancer {
         let sent_at = Instant::now();
         let attempt = async {
             let resp = channel
-                .clone()
                 .oneshot(req)
                 .await
                 .map_err(|e| Lost::Send(e.into()))?;
@@ -746,7 +745,16 @@ impl Balancer {
             }
         };
         let sent = match per_try {
-            Some(bound) => watch(attempt, &channel, bound, deadline).await,
+            // The probe takes the endpoint's channel from the pool when it
+            // needs it: a clone per attempt showed in the overhead figure.
+            Some(bound) => {
+                let channel = || {
+                    let pool = self.pool();
+                    let ep = pool.endpoints.get(&addr)?;
+                    (ep.generation == generation && ep.up).then(|| ep.channel.clone())?
+                };
+                watch(attempt, channel, bound, deadline).await
+            }
             None => Watched::Done(attempt.await),
         };
         let deadline_exceeded = |took| {
@@ -866,15 +874,15 @@ enum Watched<T> {
     Silent(String),
 }
 
-/// Waits for `attempt`; each time it passes `bound`, probes `channel` (the
-/// attempt's own connection) with a health check while still waiting for
+/// Waits for `attempt`; each time it passes `bound`, probes the channel
+/// `channel` gives (the attempt's own connection) with a health check while still waiting for
 /// the attempt. Gives up only when the probe gets no answer, or at the
 /// call's deadline. A slow server answers its health checks, so a call
 /// that merely takes long is never abandoned, and its endpoint is never
 /// marked down for it.
 async fn watch<F: Future>(
     attempt: F,
-    channel: &Channel,
+    channel: impl Fn() -> Option<Channel>,
     bound: Duration,
     deadline: Option<Instant>,
 ) -> Watched<F::Output> {
@@ -893,7 +901,12 @@ async fn watch<F: Future>(
             () = &mut at_deadline => return Watched::DeadlineExceeded,
             () = tokio::time::sleep(bound) => {}
         }
-        let probe = registry::health::check(channel.clone(), bound);
+        // Gone from the pool (removed, or replaced after a mark-down):
+        // nothing to wait for there.
+        let Some(channel) = channel() else {
+            return Watched::Silent("the endpoint left the pool".to_owned());
+        };
+        let probe = registry::health::check(channel, bound);
         tokio::select! {
             biased;
             out = &mut attempt => return Watched::Done(out),

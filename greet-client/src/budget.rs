@@ -9,7 +9,7 @@
 //! still retry. When the budget is empty the call returns its own error
 //! at once.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use tower::retry::budget::{Budget, TpsBudget};
@@ -39,9 +39,16 @@ impl Default for RetryBudgetConfig {
     }
 }
 
+/// Calls counted locally before they reach the window.
+const BATCH: u32 = 32;
+
 /// A budget shared by every call of one balancer.
 pub(crate) struct RetryBudget {
     tokens: TpsBudget,
+    /// Deposits not yet handed to `tokens`: its deposit takes a mutex, which
+    /// on every call was a point of contention between callers; a batch is
+    /// handed over every [`BATCH`] calls, and before every withdrawal.
+    pending: AtomicU32,
     /// Whether the last withdrawal failed: the warning is logged once per
     /// episode, not per refused retry.
     tripped: AtomicBool,
@@ -70,18 +77,29 @@ impl RetryBudget {
         let min_per_sec = cfg.min_per_sec.min(i32::MAX as u32 - 1);
         Self {
             tokens: TpsBudget::new(ttl, min_per_sec, ratio),
+            pending: AtomicU32::new(0),
             tripped: AtomicBool::new(false),
         }
     }
 
     /// Counts a call (its first attempt).
     pub(crate) fn deposit(&self) {
-        self.tokens.deposit();
+        if self.pending.fetch_add(1, Ordering::Relaxed) + 1 >= BATCH {
+            self.flush();
+        }
+    }
+
+    /// Hands the pending deposits to the window.
+    fn flush(&self) {
+        for _ in 0..self.pending.swap(0, Ordering::Relaxed) {
+            self.tokens.deposit();
+        }
     }
 
     /// Takes one retry from the budget; `false` when it is empty (logged
     /// once until a retry is allowed again).
     pub(crate) fn withdraw(&self, service: &str) -> bool {
+        self.flush();
         if self.tokens.withdraw() {
             self.tripped.store(false, Ordering::Relaxed);
             return true;
