@@ -11,12 +11,20 @@
 //!   connection is up again (readiness, not a fixed timeout).
 //! - A call that was never sent is retried on another endpoint, always; a
 //!   call lost after sending is retried when its method is retryable, within
-//!   its `grpc-timeout`. Request bodies are buffered so they can be replayed:
-//!   this balancer is for unary calls. A retryable call's response is read
+//!   its `grpc-timeout`. A request body that is complete at once and
+//!   within 64 KiB (unary and server-streaming calls) is kept so it can be
+//!   replayed; an open request stream (client- and bidi-streaming) or a
+//!   larger body is sent once as it comes, never buffered, never retried. A retryable call's response is read
 //!   to its end before it is handed on, so a server that dies mid-response
 //!   costs a retry too (gRPC itself commits at the headers); other responses
 //!   stream through untouched. A server's refusal (`UNAVAILABLE`, in the
 //!   headers or the trailers) is retried too.
+//! - Slow is not dead: an attempt past its per-try bound is not given up
+//!   but checked: a health check on the same connection that gets an
+//!   answer means the server is alive and slow, so the call keeps waiting
+//!   (to its deadline); only a check with no answer (a silent connection)
+//!   marks the endpoint down and sends the call elsewhere. The caller's own
+//!   deadline passing is `DEADLINE_EXCEEDED` and never marks anything down.
 //! - With nothing usable, calls fail at once with `UNAVAILABLE` and a
 //!   message that says why (none registered, all draining, all unreachable).
 
@@ -30,7 +38,7 @@ use std::time::Duration;
 use http_body::Frame;
 use http_body_util::{BodyExt, Full, StreamBody};
 use registry::backoff::Backoff;
-use registry::grpc_status::{code_of, OnStatus};
+use registry::grpc_status::{code_of, OnStatus, Report};
 use registry::schema::Addr;
 use tokio::time::Instant;
 use tonic::body::Body;
@@ -39,8 +47,10 @@ use tonic::{Code, Status};
 use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
+use crate::budget::{RetryBudget, RetryBudgetConfig};
 use crate::metrics::{ClientMetrics, EndpointMetrics, RetryReason};
-use crate::retry::{grpc_timeout, not_sent, RetryPolicy};
+use crate::outlier::{Ejector, OutlierConfig, Tracker};
+use crate::retry::{grpc_timeout, not_sent, timed_out, Decision, Failed, RetryPolicy, Tries};
 use crate::scheduler::Scheduler;
 
 /// Boxed error, as tonic's `GrpcService` expects.
@@ -53,6 +63,13 @@ pub struct BalancerConfig {
     pub service: String,
     /// Retry policy.
     pub retry: RetryPolicy,
+    /// Caps retries of every kind at a share of recent calls, so retries
+    /// never multiply the load on a fleet that sheds it; `None`: no cap
+    /// (only the policy's per-call limits).
+    pub retry_budget: Option<RetryBudgetConfig>,
+    /// Ejects an endpoint that fails calls in a row (see
+    /// [`crate::outlier`]); `None`: never.
+    pub outlier: Option<OutlierConfig>,
     /// Ramp a new endpoint's weight from 10 % to 100 % over this window.
     pub slow_start: Option<Duration>,
     /// TCP connect timeout per endpoint.
@@ -67,11 +84,15 @@ pub struct BalancerConfig {
 }
 
 impl BalancerConfig {
-    /// Defaults for a service: retry policy none, 1 s connect timeout, eager.
+    /// Defaults for a service: retry policy none, the default retry budget
+    /// (10 % of calls plus 5/s), outlier detection (5 failures in a row,
+    /// 30 s, at most half), 1 s connect timeout, eager.
     pub fn new(service: impl Into<String>) -> Self {
         Self {
             service: service.into(),
             retry: RetryPolicy::none(),
+            retry_budget: Some(RetryBudgetConfig::default()),
+            outlier: Some(OutlierConfig::default()),
             slow_start: None,
             connect_timeout: Duration::from_secs(1),
             eager_connect: true,
@@ -90,8 +111,10 @@ pub struct EndpointInfo {
     pub weight: u32,
     /// Advertised version.
     pub version: String,
-    /// Whether calls may go there now (connection not known to be down).
+    /// Whether its connection is not known to be down.
     pub up: bool,
+    /// Whether outlier detection has taken it out of rotation for now.
+    pub ejected: bool,
 }
 
 struct Ep {
@@ -105,6 +128,21 @@ struct Ep {
     recovering: bool,
     generation: u64,
     metrics: Option<EndpointMetrics>,
+    /// The failure streak, when outlier detection is on.
+    tracker: Option<Arc<Tracker>>,
+    /// Until when it is ejected, if it is.
+    ejected_until: Option<Instant>,
+    /// Ejections in a row (decays by one per base time in service).
+    ejections: u32,
+    /// When it last came back into service (or was added).
+    in_service_since: Instant,
+}
+
+impl Ep {
+    /// Whether the scheduler should hold it (weight aside).
+    fn in_rotation(&self) -> bool {
+        self.up && self.ejected_until.is_none()
+    }
 }
 
 /// What [`Balancer::pick`] hands an attempt.
@@ -113,6 +151,7 @@ struct Picked {
     channel: Channel,
     generation: u64,
     metrics: Option<EndpointMetrics>,
+    tracker: Option<Arc<Tracker>>,
 }
 
 struct Pool {
@@ -123,6 +162,10 @@ struct Pool {
 
 struct Inner {
     cfg: BalancerConfig,
+    budget: Option<RetryBudget>,
+    /// What a failure streak calls to eject its endpoint; trackers hold it
+    /// weakly, so they never keep the balancer alive.
+    ejector: Arc<Ejector>,
     pool: Mutex<Pool>,
     /// Bumped on every applied change: lets callers (tests, the propagation
     /// benchmark) observe the moment an update takes effect.
@@ -149,14 +192,23 @@ impl Balancer {
     /// [`Balancer::remove`] (usually through [`crate::discover`]).
     pub fn new(cfg: BalancerConfig) -> Self {
         Self {
-            inner: Arc::new(Inner {
-                cfg,
-                pool: Mutex::new(Pool {
-                    sched: Scheduler::new(),
-                    endpoints: HashMap::new(),
-                    next_generation: 0,
-                }),
-                changes: tokio::sync::watch::Sender::new(0),
+            inner: Arc::new_cyclic(|me: &std::sync::Weak<Inner>| {
+                let me = me.clone();
+                Inner {
+                    budget: cfg.retry_budget.as_ref().map(RetryBudget::new),
+                    ejector: Arc::new(move |addr: &Addr, generation: u64| {
+                        if let Some(inner) = me.upgrade() {
+                            Balancer { inner }.eject(addr, generation);
+                        }
+                    }),
+                    cfg,
+                    pool: Mutex::new(Pool {
+                        sched: Scheduler::new(),
+                        endpoints: HashMap::new(),
+                        next_generation: 0,
+                    }),
+                    changes: tokio::sync::watch::Sender::new(0),
+                }
             }),
         }
     }
@@ -177,7 +229,7 @@ impl Balancer {
             }
             ep.weight = weight;
             ep.version = version.to_owned();
-            if ep.up {
+            if ep.in_rotation() {
                 pool.sched.set(addr.clone(), weight);
             }
             self.inner.changes.send_modify(|g| *g += 1);
@@ -206,6 +258,17 @@ impl Balancer {
                     m.transition(&self.inner.cfg.service, None, Some(true));
                     m.endpoint(&self.inner.cfg.service, addr.as_str())
                 }),
+                tracker: self.inner.cfg.outlier.map(|o| {
+                    Arc::new(Tracker::new(
+                        addr.clone(),
+                        pool.next_generation,
+                        o.consecutive_failures,
+                        Arc::downgrade(&self.inner.ejector),
+                    ))
+                }),
+                ejected_until: None,
+                ejections: 0,
+                in_service_since: Instant::now(),
             },
         );
         pool.sched.set(addr.clone(), weight);
@@ -225,6 +288,9 @@ impl Balancer {
         if let Some(ep) = pool.endpoints.remove(addr) {
             if let (Some(all), Some(m)) = (&self.inner.cfg.metrics, &ep.metrics) {
                 all.transition(&self.inner.cfg.service, Some(ep.up), None);
+                if ep.ejected_until.is_some() {
+                    m.reinstated();
+                }
                 all.forget(m);
             }
             pool.sched.remove(addr);
@@ -269,6 +335,7 @@ impl Balancer {
                 weight: ep.weight,
                 version: ep.version.clone(),
                 up: ep.up,
+                ejected: ep.ejected_until.is_some(),
             })
             .collect();
         v.sort_by(|a, b| a.addr.cmp(&b.addr));
@@ -327,6 +394,7 @@ impl Balancer {
                     channel,
                     generation: ep.generation,
                     metrics: ep.metrics.clone(),
+                    tracker: ep.tracker.clone(),
                 });
             }
         }
@@ -342,10 +410,90 @@ impl Balancer {
         Err(Status::unavailable(why))
     }
 
+    /// Whether the retry budget allows one more retry (always, without a
+    /// budget).
+    fn may_retry(&self) -> bool {
+        self.inner
+            .budget
+            .as_ref()
+            .is_none_or(|b| b.withdraw(&self.inner.cfg.service))
+    }
+
     fn count_retry(&self, reason: RetryReason) {
         if let Some(m) = &self.inner.cfg.metrics {
             m.retry(&self.inner.cfg.service, reason);
         }
+    }
+
+    /// Takes an endpoint out of rotation for a while after a failure
+    /// streak, unless that would eject more than the allowed share of the
+    /// service's endpoints. Its connection stays.
+    fn eject(&self, addr: &Addr, generation: u64) {
+        let Some(cfg) = self.inner.cfg.outlier else {
+            return;
+        };
+        let mut pool = self.pool();
+        let pool = &mut *pool;
+        let total = pool.endpoints.len();
+        let ejected = pool
+            .endpoints
+            .values()
+            .filter(|e| e.ejected_until.is_some())
+            .count();
+        let Some(ep) = pool.endpoints.get_mut(addr) else {
+            return;
+        };
+        if ep.generation != generation || ep.ejected_until.is_some() {
+            return;
+        }
+        if !cfg.may_eject(ejected, total) {
+            debug!(%addr, ejected, total, "failing endpoint not ejected: the most allowed are");
+            return;
+        }
+        let now = Instant::now();
+        let base = cfg.base_ejection_time.max(Duration::from_millis(1));
+        let decay = (now.duration_since(ep.in_service_since).as_secs_f64() / base.as_secs_f64())
+            .min(f64::from(u32::MAX)) as u32;
+        ep.ejections = ep.ejections.saturating_sub(decay).saturating_add(1);
+        let time = cfg.ejection_time(ep.ejections);
+        ep.ejected_until = Some(now + time);
+        pool.sched.remove(addr);
+        if let Some(m) = &ep.metrics {
+            m.ejected();
+        }
+        warn!(%addr, ejections = ep.ejections, for_ = ?time, "endpoint fails every call; ejected");
+        let weak = Arc::downgrade(&self.inner);
+        let addr = addr.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(time).await;
+            if let Some(inner) = weak.upgrade() {
+                Balancer { inner }.reinstate(&addr, generation);
+            }
+        });
+    }
+
+    /// Puts an ejected endpoint back when its time is up.
+    fn reinstate(&self, addr: &Addr, generation: u64) {
+        let mut pool = self.pool();
+        let pool = &mut *pool;
+        let Some(ep) = pool.endpoints.get_mut(addr) else {
+            return;
+        };
+        if ep.generation != generation || ep.ejected_until.is_none() {
+            return;
+        }
+        ep.ejected_until = None;
+        ep.in_service_since = Instant::now();
+        if let Some(t) = &ep.tracker {
+            t.reset();
+        }
+        if let Some(m) = &ep.metrics {
+            m.reinstated();
+        }
+        if ep.in_rotation() {
+            pool.sched.set(addr.clone(), ep.weight);
+        }
+        info!(%addr, "ejection over; endpoint back in rotation");
     }
 
     /// Counts an endpoint that just went from up to down.
@@ -442,7 +590,9 @@ impl Balancer {
                     }
                     ep.up = true;
                     ep.since = Instant::now();
-                    pool.sched.set(addr.clone(), ep.weight);
+                    if ep.in_rotation() {
+                        pool.sched.set(addr.clone(), ep.weight);
+                    }
                     info!(%addr, "endpoint reachable again");
                 }
                 ep.recovering = false;
@@ -465,14 +615,15 @@ impl Balancer {
         }
     }
 
-    /// Sends one unary call with retries; see the module docs.
+    /// Sends one call with retries; see the module docs. Each attempt is
+    /// [`Balancer::attempt`]; whether to go again is the policy's pure
+    /// [`RetryPolicy::decide`], then the budget's say.
     async fn send(self, req: http::Request<Body>) -> Result<http::Response<Body>, BoxError> {
         let (mut parts, body) = req.into_parts();
         // Only the first attempt carries the caller's extensions (the
         // channels below ignore them): cloning them per call cost an
         // allocation that a profile showed on every call.
         let mut extensions = Some(std::mem::take(&mut parts.extensions));
-        let bytes = body.collect().await.map_err(BoxError::from)?.to_bytes();
         let started = Instant::now();
         let deadline = parts
             .headers
@@ -480,18 +631,33 @@ impl Balancer {
             .and_then(|v| v.to_str().ok())
             .and_then(grpc_timeout)
             .map(|d| started + d);
+        if let Some(b) = &self.inner.budget {
+            b.deposit();
+        }
+        let bytes = match replayable(body)? {
+            Ok(bytes) => bytes,
+            // A request stream still open (client- or bidi-streaming), or
+            // past the replay cap: sent once, as it comes, never retried.
+            Err(body) => {
+                let picked = self.pick(None)?;
+                let mut req = http::Request::from_parts(parts, body);
+                if let Some(ext) = extensions.take() {
+                    *req.extensions_mut() = ext;
+                }
+                return match self.attempt(picked, req, false, deadline).await {
+                    Outcome::Answered(resp) => Ok(resp),
+                    Outcome::Failed(_, status) | Outcome::DeadlineExceeded(status) => {
+                        Err(status.into())
+                    }
+                };
+            }
+        };
         let policy = &self.inner.cfg.retry;
         let retryable = policy.is_retryable(parts.uri.path());
-        let mut lost_attempts = 1u32;
-        let mut unsent = 0u32;
+        let mut tries = Tries::default();
         let mut avoid: Option<Addr> = None;
         loop {
-            let Picked {
-                addr,
-                channel,
-                generation,
-                metrics,
-            } = self.pick(avoid.as_ref())?;
+            let picked = self.pick(avoid.as_ref())?;
             let mut req = http::Request::new(Body::new(Full::new(bytes.clone())));
             *req.method_mut() = parts.method.clone();
             *req.uri_mut() = parts.uri.clone();
@@ -500,132 +666,188 @@ impl Balancer {
             if let Some(ext) = extensions.take() {
                 *req.extensions_mut() = ext;
             }
-
-            // A retryable call gets a bounded attempt, so a connection that
-            // went silent (a partition drops packets, no reset comes) costs
-            // one attempt, not the whole deadline.
-            let attempt_limit = policy.per_try_timeout.filter(|_| retryable).map(|t| {
-                deadline.map_or(t, |d| t.min(d.saturating_duration_since(Instant::now())))
+            let addr = picked.addr.clone();
+            let (failed, status) = match self.attempt(picked, req, retryable, deadline).await {
+                Outcome::Answered(resp) => return Ok(resp),
+                Outcome::DeadlineExceeded(status) => return Err(status.into()),
+                Outcome::Failed(failed, status) => (failed, status),
+            };
+            let endpoints = self.len();
+            let decision = policy.decide(
+                retryable,
+                failed,
+                &mut tries,
+                endpoints,
+                Instant::now(),
+                deadline,
+                crate::retry::random(),
+            );
+            let pause = match decision {
+                Decision::Retry(pause) if self.may_retry() => pause,
+                Decision::Retry(_) | Decision::Return => return Err(status.into()),
+                Decision::DeadlineExceeded => {
+                    return Err(Status::deadline_exceeded(status.message().to_owned()).into())
+                }
+            };
+            debug!(%addr, ?failed, attempt = tries.lost, "retrying on another endpoint");
+            self.count_retry(match failed {
+                Failed::Unsent => RetryReason::Unsent,
+                Failed::Lost => RetryReason::Lost,
+                Failed::Silent => RetryReason::Silent,
+                Failed::Refused => RetryReason::Answered,
             });
-            if let Some(m) = &metrics {
-                m.attempt();
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
             }
-            let sent_at = Instant::now();
-            let attempt = async {
-                let resp = channel
-                    .oneshot(req)
-                    .await
-                    .map_err(|e| Lost::Send(e.into()))?;
-                if retryable {
-                    read_whole(resp).await.map_err(Lost::Body)
-                } else {
-                    Ok((resp, None))
-                }
-            };
-            let sent = match attempt_limit {
-                Some(limit) => tokio::time::timeout(limit, attempt).await,
-                None => Ok(attempt.await),
-            };
-            let Ok(sent) = sent else {
-                if let Some(m) = &metrics {
-                    m.answered(sent_at.elapsed(), Some(Code::Unavailable));
-                }
-                self.mark_down(&addr, generation, "attempt timed out");
-                let status =
-                    Status::unavailable(format!("{addr}: no answer within the per-try timeout"));
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Err(Status::deadline_exceeded(status.message().to_owned()).into());
-                }
-                if lost_attempts >= policy.max_attempts {
-                    return Err(status.into());
-                }
-                lost_attempts += 1;
-                self.count_retry(RetryReason::Silent);
-                avoid = Some(addr);
-                continue;
-            };
-            let took = sent_at.elapsed();
-            let outcome = match sent {
-                Err(Lost::Send(e)) => {
-                    if let Some(m) = &metrics {
-                        m.answered(took, Some(Code::Unavailable));
-                    }
-                    let reason = if not_sent(&*e) {
-                        RetryReason::Unsent
-                    } else {
-                        RetryReason::Lost
-                    };
-                    self.mark_down(&addr, generation, &e.to_string());
-                    Err((reason, Status::unavailable(format!("{addr}: {e}"))))
-                }
-                // Sent, and the server died before the response ended
-                // (SIGKILL after the headers): the call is lost, not failed.
-                Err(Lost::Body(e)) => {
-                    if let Some(m) = &metrics {
-                        m.answered(took, Some(Code::Unavailable));
-                    }
-                    self.mark_down(&addr, generation, &e.to_string());
-                    Err((
-                        RetryReason::Lost,
-                        Status::unavailable(format!("{addr}: {e}")),
-                    ))
-                }
-                // The status is in the headers (trailers-only: how a server
-                // refuses a call) or, for a response read whole, in the
-                // trailers.
-                Ok((resp, trailer_code)) => {
-                    let code = code_of(resp.headers()).or(trailer_code);
-                    if let Some(m) = &metrics {
-                        m.answered(took, code);
-                    }
-                    match code {
-                        Some(code) if retryable && policy.retryable_codes.contains(&code) => Err((
-                            RetryReason::Answered,
-                            Status::new(code, format!("{addr} answered {code:?}")),
-                        )),
-                        // The status comes with the trailers of a streamed
-                        // answer: count it when they pass.
-                        None => Ok(match metrics {
-                            Some(m) => OnStatus::wrap(resp, m).map(Body::new),
-                            None => resp,
-                        }),
-                        Some(_) => Ok(resp),
-                    }
-                }
-            };
-            let (reason, status) = match outcome {
-                Ok(resp) => return Ok(resp),
-                Err(e) => e,
-            };
-            let now = Instant::now();
-            if deadline.is_some_and(|d| now >= d) {
-                return Err(Status::deadline_exceeded(status.message().to_owned()).into());
-            }
-            if reason == RetryReason::Unsent {
-                unsent += 1;
-                // Every endpoint may be tried once, and a few more for luck.
-                if unsent > 8 + self.pool().endpoints.len() as u32 {
-                    return Err(status.into());
-                }
-                debug!(%addr, "call not sent; retrying on another endpoint");
-                self.count_retry(RetryReason::Unsent);
-                avoid = Some(addr);
-                continue;
-            }
-            if !retryable || lost_attempts >= policy.max_attempts {
-                return Err(status.into());
-            }
-            lost_attempts += 1;
-            let pause = policy.backoff(lost_attempts);
-            if deadline.is_some_and(|d| now + pause >= d) {
-                return Err(status.into());
-            }
-            debug!(%addr, attempt = lost_attempts, "call lost; retrying on another endpoint");
-            self.count_retry(reason);
-            tokio::time::sleep(pause).await;
             avoid = Some(addr);
         }
     }
+
+    /// Sends one attempt to the picked endpoint and says what happened.
+    /// Marks the endpoint down on connection-level evidence only, and feeds
+    /// its metrics and failure streak.
+    ///
+    /// A retryable call's attempt is watched: past its per-try bound, the
+    /// same connection is probed with a health check. A server that answers
+    /// is alive and merely slow, so the attempt keeps waiting (to the
+    /// deadline); one that does not is behind a silent connection (a
+    /// partition drops packets, no reset comes) and costs one bounded
+    /// attempt, not the whole deadline.
+    async fn attempt(
+        &self,
+        picked: Picked,
+        req: http::Request<Body>,
+        retryable: bool,
+        deadline: Option<Instant>,
+    ) -> Outcome {
+        let Picked {
+            addr,
+            channel,
+            generation,
+            metrics,
+            tracker,
+        } = picked;
+        let policy = &self.inner.cfg.retry;
+        let per_try = policy.per_try_timeout.filter(|_| retryable);
+        if let Some(m) = &metrics {
+            m.attempt();
+        }
+        let sent_at = Instant::now();
+        let attempt = async {
+            let resp = channel
+                .oneshot(req)
+                .await
+                .map_err(|e| Lost::Send(e.into()))?;
+            if retryable {
+                read_whole(resp).await.map_err(Lost::Body)
+            } else {
+                Ok((resp, None))
+            }
+        };
+        let sent = match per_try {
+            // The probe takes the endpoint's channel from the pool when it
+            // needs it: a clone per attempt showed in the overhead figure.
+            Some(bound) => {
+                let channel = || {
+                    let pool = self.pool();
+                    let ep = pool.endpoints.get(&addr)?;
+                    (ep.generation == generation && ep.up).then(|| ep.channel.clone())?
+                };
+                watch(attempt, channel, bound, deadline).await
+            }
+            None => Watched::Done(attempt.await),
+        };
+        let deadline_exceeded = |took| {
+            // The caller's deadline, not evidence against the server: the
+            // endpoint stays up and keeps its connection.
+            if let Some(m) = &metrics {
+                m.answered(took, Some(Code::DeadlineExceeded));
+            }
+            Outcome::DeadlineExceeded(Status::deadline_exceeded(format!(
+                "{addr}: no answer within the call's deadline"
+            )))
+        };
+        let sent = match sent {
+            Watched::Done(sent) => sent,
+            Watched::DeadlineExceeded => return deadline_exceeded(sent_at.elapsed()),
+            Watched::Silent(why) => {
+                if let Some(m) = &metrics {
+                    m.answered(sent_at.elapsed(), Some(Code::Unavailable));
+                }
+                self.mark_down(&addr, generation, &why);
+                return Outcome::Failed(
+                    Failed::Silent,
+                    Status::unavailable(format!(
+                        "{addr}: no answer within the per-try timeout, and {why}"
+                    )),
+                );
+            }
+        };
+        let took = sent_at.elapsed();
+        match sent {
+            // The channel enforces `grpc-timeout` itself: its expiry is the
+            // caller's deadline, not a broken connection.
+            Err(Lost::Send(e) | Lost::Body(e)) if timed_out(&*e) => deadline_exceeded(took),
+            Err(Lost::Send(e)) => {
+                if let Some(m) = &metrics {
+                    m.answered(took, Some(Code::Unavailable));
+                }
+                let failed = if not_sent(&*e) {
+                    Failed::Unsent
+                } else {
+                    Failed::Lost
+                };
+                self.mark_down(&addr, generation, &e.to_string());
+                Outcome::Failed(failed, Status::unavailable(format!("{addr}: {e}")))
+            }
+            // Sent, and the server died before the response ended (SIGKILL
+            // after the headers): the call is lost, not failed.
+            Err(Lost::Body(e)) => {
+                if let Some(m) = &metrics {
+                    m.answered(took, Some(Code::Unavailable));
+                }
+                self.mark_down(&addr, generation, &e.to_string());
+                Outcome::Failed(Failed::Lost, Status::unavailable(format!("{addr}: {e}")))
+            }
+            // The status is in the headers (trailers-only: how a server
+            // refuses a call) or, for a response read whole, in the
+            // trailers.
+            Ok((resp, trailer_code)) => {
+                let code = code_of(resp.headers()).or(trailer_code);
+                if let Some(m) = &metrics {
+                    m.answered(took, code);
+                }
+                if let (Some(t), Some(code)) = (&tracker, code) {
+                    t.observe(code);
+                }
+                match code {
+                    Some(code) if retryable && policy.retryable_codes.contains(&code) => {
+                        Outcome::Failed(
+                            Failed::Refused,
+                            Status::new(code, format!("{addr} answered {code:?}")),
+                        )
+                    }
+                    // The status comes with the trailers of a streamed
+                    // answer: count it when they pass.
+                    None => Outcome::Answered(match (metrics, tracker) {
+                        (None, None) => resp,
+                        (m, t) => OnStatus::wrap(resp, Observer(m, t)).map(Body::new),
+                    }),
+                    Some(_) => Outcome::Answered(resp),
+                }
+            }
+        }
+    }
+}
+
+/// What one attempt came to.
+enum Outcome {
+    /// A response to hand back (success, or an answer not retried).
+    Answered(http::Response<Body>),
+    /// Failed in a way the retry decision weighs.
+    Failed(Failed, Status),
+    /// The call's deadline passed.
+    DeadlineExceeded(Status),
 }
 
 /// Proves a fresh connection reaches a gRPC server with
@@ -638,6 +860,129 @@ async fn probe(channel: Channel, limit: Duration) -> Result<Channel, String> {
         registry::health::Outcome::Failed(why) => Err(format!("health check: {why}")),
         _ => Ok(channel),
     }
+}
+
+/// How a watched attempt ended.
+enum Watched<T> {
+    /// It finished (well or not) on its own.
+    Done(T),
+    /// The call's deadline passed first; nothing is known against the
+    /// endpoint.
+    DeadlineExceeded,
+    /// It passed its per-try bound and a health check on the same
+    /// connection got no answer: the connection is silent.
+    Silent(String),
+}
+
+/// Waits for `attempt`; each time it passes `bound`, probes the channel
+/// `channel` gives (the attempt's own connection) with a health check while still waiting for
+/// the attempt. Gives up only when the probe gets no answer, or at the
+/// call's deadline. A slow server answers its health checks, so a call
+/// that merely takes long is never abandoned, and its endpoint is never
+/// marked down for it.
+async fn watch<F: Future>(
+    attempt: F,
+    channel: impl Fn() -> Option<Channel>,
+    bound: Duration,
+    deadline: Option<Instant>,
+) -> Watched<F::Output> {
+    let mut attempt = std::pin::pin!(attempt);
+    let at_deadline = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut at_deadline = std::pin::pin!(at_deadline);
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut attempt => return Watched::Done(out),
+            () = &mut at_deadline => return Watched::DeadlineExceeded,
+            () = tokio::time::sleep(bound) => {}
+        }
+        // Gone from the pool (removed, or replaced after a mark-down):
+        // nothing to wait for there.
+        let Some(channel) = channel() else {
+            return Watched::Silent("the endpoint left the pool".to_owned());
+        };
+        let probe = registry::health::check(channel, bound);
+        tokio::select! {
+            biased;
+            out = &mut attempt => return Watched::Done(out),
+            () = &mut at_deadline => return Watched::DeadlineExceeded,
+            outcome = probe => {
+                if let registry::health::Outcome::Failed(why) = outcome {
+                    return Watched::Silent(format!("a health check on its connection got none ({why})"));
+                }
+                debug!(bound = ?bound, "attempt past its per-try bound; the server answers health checks, still waiting");
+            }
+        }
+    }
+}
+
+/// Reports a streamed answer's status to the endpoint's metrics and its
+/// failure streak.
+struct Observer(Option<EndpointMetrics>, Option<Arc<Tracker>>);
+
+impl Report for Observer {
+    fn report(self, code: Code) {
+        if let Some(m) = self.0 {
+            m.report(code);
+        }
+        if let Some(t) = self.1 {
+            t.observe(code);
+        }
+    }
+}
+
+/// Requests up to this size are kept for a retry (linkerd's `ReplayBody`
+/// caps at 64 KiB too); larger ones are sent once.
+const REPLAY_CAP: usize = 64 * 1024;
+
+/// Takes a request body whole when it is already complete and within
+/// [`REPLAY_CAP`] (a unary or server-streaming call: tonic encodes its one
+/// message at once), so it can be replayed; otherwise hands back a body
+/// that yields what was read and then the rest as it comes, without waiting
+/// for a request stream the caller keeps open.
+fn replayable(mut body: Body) -> Result<Result<bytes::Bytes, Body>, BoxError> {
+    use futures::{FutureExt, StreamExt};
+    let mut frames: Vec<Frame<bytes::Bytes>> = Vec::new();
+    let mut len = 0;
+    loop {
+        match body.frame().now_or_never() {
+            Some(Some(frame)) => {
+                let frame = frame.map_err(BoxError::from)?;
+                let is_data = frame.is_data();
+                if let Some(d) = frame.data_ref() {
+                    len += d.len();
+                }
+                frames.push(frame);
+                if !is_data || len > REPLAY_CAP {
+                    break;
+                }
+            }
+            Some(None) => {
+                let mut data = frames.into_iter().filter_map(|f| f.into_data().ok());
+                return Ok(Ok(match (data.next(), data.next()) {
+                    (None, _) => bytes::Bytes::new(),
+                    (Some(one), None) => one,
+                    (Some(a), Some(b)) => {
+                        let mut all = bytes::BytesMut::with_capacity(len);
+                        all.extend_from_slice(&a);
+                        all.extend_from_slice(&b);
+                        data.for_each(|d| all.extend_from_slice(&d));
+                        all.freeze()
+                    }
+                }));
+            }
+            // Not ready: the caller is still writing its request stream.
+            None => break,
+        }
+    }
+    let read = futures::stream::iter(frames.into_iter().map(Ok::<_, tonic::Status>));
+    let rest = http_body_util::BodyStream::new(body);
+    Ok(Err(Body::new(StreamBody::new(read.chain(rest)))))
 }
 
 /// Why an attempt did not bring back a whole response.

@@ -110,6 +110,8 @@ pub struct ClientMetrics {
     errors: Family<ErrorLabels, Counter>,
     latency: Family<EndpointLabels, Histogram, fn() -> Histogram>,
     marked_down: Family<EndpointLabels, Counter>,
+    ejections: Family<EndpointLabels, Counter>,
+    ejected: Family<ServiceLabel, Gauge>,
     retries: Family<RetryLabels, Counter>,
     endpoints: Family<StateLabels, Gauge>,
     view_age: Family<ServiceLabel, Gauge<f64, AtomicU64>>,
@@ -153,6 +155,8 @@ impl ClientMetrics {
             errors: Family::default(),
             latency: Family::new_with_constructor(new_histogram as fn() -> Histogram),
             marked_down: Family::default(),
+            ejections: Family::default(),
+            ejected: Family::default(),
             retries: Family::default(),
             endpoints: Family::default(),
             view_age: Family::default(),
@@ -177,6 +181,16 @@ impl ClientMetrics {
             "lb_endpoint_marked_down",
             "Times an endpoint was taken out of rotation for a connection-level failure",
             m.marked_down.clone(),
+        );
+        registry.register(
+            "lb_endpoint_ejections",
+            "Times outlier detection ejected an endpoint for failing calls in a row",
+            m.ejections.clone(),
+        );
+        registry.register(
+            "lb_ejected_endpoints",
+            "Endpoints ejected by outlier detection now",
+            m.ejected.clone(),
         );
         registry.register(
             "lb_retries",
@@ -220,6 +234,7 @@ impl ClientMetrics {
         self.attempts.remove(&ep.labels);
         self.latency.remove(&ep.labels);
         self.marked_down.remove(&ep.labels);
+        self.ejections.remove(&ep.labels);
         for code in ALL_CODES {
             self.errors.remove(&ErrorLabels {
                 service: ep.labels.service.clone(),
@@ -310,6 +325,26 @@ impl EndpointMetrics {
     /// The endpoint was taken out of rotation.
     pub(crate) fn marked_down(&self) {
         self.all.marked_down.get_or_create(&self.labels).inc();
+    }
+
+    /// Outlier detection ejected the endpoint.
+    pub(crate) fn ejected(&self) {
+        self.all.ejections.get_or_create(&self.labels).inc();
+        self.ejected_gauge().inc();
+    }
+
+    /// The endpoint's ejection ended (or it left while ejected).
+    pub(crate) fn reinstated(&self) {
+        self.ejected_gauge().dec();
+    }
+
+    fn ejected_gauge(&self) -> Gauge {
+        self.all
+            .ejected
+            .get_or_create(&ServiceLabel {
+                service: self.labels.service.clone(),
+            })
+            .clone()
     }
 }
 
