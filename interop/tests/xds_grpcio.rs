@@ -58,7 +58,11 @@ async fn grpcio_over_xds_follows_weights_drains_deaths_and_deletions() -> Result
     ensure!(b.errors == 0, "{}", b.raw);
     let b = client.calls(CALLS).await?;
     eprintln!("100/200/100: {}", b.raw);
-    ensure!(b.ok == u64::from(CALLS) && b.shares_match(&w, 0.02), "{}", b.raw);
+    ensure!(
+        b.ok == u64::from(CALLS) && b.shares_match(&w, 0.02),
+        "{}",
+        b.raw
+    );
 
     // Weight 0 (draining): no new calls.
     xds_common::set_weight(&fleet.etcd, fleet.addr(1), 0).await?;
