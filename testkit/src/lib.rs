@@ -23,8 +23,39 @@ use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-/// A free loopback TCP port (bound and released; good enough for tests).
+/// Where [`free_port`] looks: below Linux's ephemeral range (32768-60999),
+/// so no outgoing connection of a parallel test can take a port between our
+/// check and the process that binds it.
+const PORTS: std::ops::Range<u16> = 10_000..32_000;
+
+/// A free loopback TCP port for a process a test is about to start.
+///
+/// Not `bind(0)`: that hands out an ephemeral port, which the kernel may give
+/// to any test's outgoing connection before etcd or a server binds it (seen
+/// in CI as etcd's `bind: address already in use`). Each call takes the next
+/// port of a per-process walk from a random start, so two tests of one
+/// process never get the same port and two processes rarely collide; it
+/// still checks that the port binds now.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(PORTS.end - PORTS.start);
+    if NEXT.load(Ordering::Relaxed) == u32::MAX {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+            ^ std::process::id().wrapping_mul(2_654_435_761);
+        let _ = NEXT.compare_exchange(u32::MAX, seed % span, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        // Fits: offset < span, and PORTS.start + span == PORTS.end.
+        let port = PORTS.start + offset as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -43,17 +74,29 @@ pub struct Etcd {
 
 impl Etcd {
     /// Starts a single-member etcd and waits until it answers.
+    ///
+    /// A port taken between the check and etcd's bind (another process on
+    /// the machine) is met by starting again on new ports, twice at most.
     pub async fn start() -> Result<Self> {
-        let mut etcd = Self {
-            child: None,
-            dir: tempfile::Builder::new().prefix("testkit-etcd").tempdir()?,
-            client_port: free_port(),
-            peer_port: free_port(),
-            name: "default".into(),
-        };
-        etcd.spawn()?;
-        etcd.wait_ready().await?;
-        Ok(etcd)
+        let mut tries = 0;
+        loop {
+            let mut etcd = Self {
+                child: None,
+                dir: tempfile::Builder::new().prefix("testkit-etcd").tempdir()?,
+                client_port: free_port(),
+                peer_port: free_port(),
+                name: "default".into(),
+            };
+            etcd.spawn()?;
+            match etcd.wait_ready().await {
+                Ok(()) => return Ok(etcd),
+                Err(e) if tries < 2 && e.to_string().contains("address already in use") => {
+                    tries += 1;
+                    eprintln!("testkit: etcd's port was taken, starting on new ports: {e:#}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The client endpoint, `127.0.0.1:<port>`.
