@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod authority;
+pub mod coalesce;
 pub mod config;
 pub mod metrics;
 pub mod service;
@@ -137,7 +138,7 @@ pub async fn run(
         // over `ipv4:a,b,c`) are answered too (see `authority`).
         let incoming = TcpIncoming::from(listener)
             .with_nodelay(Some(true))
-            .map(|conn| conn.map(authority::ListAuthority::new));
+            .map(|conn| conn.map(|c| authority::ListAuthority::new(coalesce::Coalesce::new(c))));
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = cfg.tls.clone() {
             builder = builder.tls_config(tls)?;

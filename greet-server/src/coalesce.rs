@@ -1,0 +1,183 @@
+//! Coalesces a connection's writes: one `writev` for the responses of many
+//! streams instead of one per response.
+//!
+//! Measured under h2load (`-c 4 -m 16`, 50,000 unary calls, `strace -c`):
+//! hyper's HTTP/2 server made 32,431 `writev`s, 0.65 per call, against
+//! 4,800 reads (about 10 calls per read). Each stream's handler is its own
+//! task; when one finishes it wakes the connection task, which tokio runs
+//! next (its LIFO slot), and h2 writes and flushes that single response.
+//! The kernel's loopback send path was 30 % of the server's CPU.
+//!
+//! [`Coalesce`] keeps what h2 writes in a buffer, and on the first flush of
+//! a batch yields once (to the back of the run queue, as
+//! [`tokio::task::yield_now`]), so the handlers already queued finish
+//! first; the next flush writes everything they answered in one go. A lone
+//! call pays one extra trip through the scheduler, not a timer.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Past this much buffered, writes go out without waiting for a flush.
+const MAX_BUFFERED: usize = 64 * 1024;
+
+/// A connection whose writes are buffered until a flush that has yielded
+/// once (see the module docs).
+pub struct Coalesce<IO> {
+    io: IO,
+    buf: BytesMut,
+    /// The pending yield of the current flush, if it has started one.
+    yielding: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// The current batch has yielded; the next flush writes it.
+    yielded: bool,
+}
+
+impl<IO> std::fmt::Debug for Coalesce<IO> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coalesce")
+            .field("buffered", &self.buf.len())
+            .finish()
+    }
+}
+
+impl<IO> Coalesce<IO> {
+    /// Wraps `io`.
+    pub fn new(io: IO) -> Self {
+        Self {
+            io,
+            buf: BytesMut::new(),
+            yielding: None,
+            yielded: false,
+        }
+    }
+
+    /// The wrapped connection.
+    pub fn get_ref(&self) -> &IO {
+        &self.io
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> Coalesce<IO> {
+    /// Writes out the whole buffer.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.buf.is_empty() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.buf))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.buf.advance(n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Coalesce<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesce<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.buf.len() >= MAX_BUFFERED {
+            ready!(this.poll_drain(cx))?;
+        }
+        if this.buf.is_empty() && data.len() >= MAX_BUFFERED {
+            return Pin::new(&mut this.io).poll_write(cx, data);
+        }
+        this.buf.extend_from_slice(data);
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.buf.len() >= MAX_BUFFERED {
+            ready!(this.poll_drain(cx))?;
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if this.buf.is_empty() && total >= MAX_BUFFERED {
+            return Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        }
+        for b in bufs {
+            this.buf.extend_from_slice(b);
+        }
+        Poll::Ready(Ok(total))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.buf.is_empty() && !this.yielded {
+            let yielding = this
+                .yielding
+                .get_or_insert_with(|| Box::pin(tokio::task::yield_now()));
+            ready!(yielding.as_mut().poll(cx));
+            // Polled again after the yield: h2 has written what became
+            // ready meanwhile before calling this flush again.
+            this.yielding = None;
+            this.yielded = true;
+        }
+        ready!(this.poll_drain(cx))?;
+        this.yielded = false;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connected for Coalesce<IO> {
+    type ConnectInfo = IO::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn writes_arrive_whole_and_in_order_after_a_flush() {
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        let mut w = Coalesce::new(a);
+        w.write_all(b"one ").await.unwrap();
+        w.write_all(&vec![b'x'; MAX_BUFFERED + 10]).await.unwrap();
+        w.write_all(b" two").await.unwrap();
+        w.flush().await.unwrap();
+        let mut got = vec![0u8; 4 + MAX_BUFFERED + 10 + 4];
+        b.read_exact(&mut got).await.unwrap();
+        assert!(got.starts_with(b"one x") && got.ends_with(b"x two"));
+        w.write_all(b"end").await.unwrap();
+        w.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        b.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"end");
+    }
+}
