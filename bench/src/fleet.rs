@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use greet_client::{Balancer, BalancerConfig, Discovery, DiscoveryConfig, RetryPolicy};
+use etcd_lb::{Balancer, BalancerConfig, Discovery, DiscoveryConfig, RetryPolicy};
+use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest};
 use nix::sys::signal::Signal;
 use registry::etcd::EtcdConfig;
@@ -47,7 +48,7 @@ pub async fn failover(secs: u64, concurrency: usize) -> Result<Table> {
         .collect::<Result<_>>()?;
     let cancel = CancellationToken::new();
     let balancer = Balancer::new(BalancerConfig {
-        retry: RetryPolicy::greet(),
+        retry: RetryPolicy::idempotent([MORNING, NIGHT]),
         ..BalancerConfig::new("greet_service")
     });
     let discovery = Discovery::spawn(

@@ -3,7 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use greet_client::{Balancer, BalancerConfig, RetryPolicy};
+use etcd_lb::{Balancer, BalancerConfig, RetryPolicy};
+use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest, GreetServer};
 use greet_server::GreetService;
 use hdrhistogram::Histogram;
@@ -97,10 +98,10 @@ fn balancer(addrs: &[Addr]) -> Balancer {
         retry: if std::env::var_os("BENCH_NO_PER_TRY").is_some() {
             RetryPolicy {
                 per_try_timeout: None,
-                ..RetryPolicy::greet()
+                ..RetryPolicy::idempotent([MORNING, NIGHT])
             }
         } else {
-            RetryPolicy::greet()
+            RetryPolicy::idempotent([MORNING, NIGHT])
         },
         ..BalancerConfig::new("greet_service")
     });

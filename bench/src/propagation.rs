@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use etcd_client::{Client, PutOptions, Txn, TxnOp, WatchOptions};
-use greet_client::{Balancer, BalancerConfig, Discovery, DiscoveryConfig};
+use etcd_lb::{Balancer, BalancerConfig, Discovery, DiscoveryConfig};
 use registry::etcd::EtcdConfig;
 use registry::schema::ServiceName;
 use testkit::Etcd;

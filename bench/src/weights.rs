@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use greet_client::scheduler::Scheduler;
+use etcd_lb::scheduler::Scheduler;
 use rand::{Rng, SeedableRng};
 
 use crate::stats::Table;

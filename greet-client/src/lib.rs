@@ -1,28 +1,19 @@
-//! greet-client: reach a service registered in etcd, balanced by weight.
+//! greet-client: the Greet client binary's parts. The discovery and the
+//! balancer it runs are the [`etcd_lb`] library, which knows nothing of
+//! Greet; what is Greet's lives here:
 //!
-//! - [`scheduler`]: smooth weighted round-robin (EDF), O(log n);
-//! - [`balance`]: the `tower::Service` a generated tonic client wraps;
-//! - [`retry`]: which failed calls go again;
-//! - [`budget`]: how many retries, as a share of recent calls;
-//! - [`outlier`]: which failing endpoints sit out for a while;
-//! - [`discover`]: feeds the balancer from etcd through the registry's
-//!   reflector, with version selection and freshness logging;
-//! - [`metrics`]: Prometheus metrics in a registry the application owns.
+//! - [`config`]: the command line (clap, with `GREET_*` env fallbacks);
+//! - [`load`]: the load generator behind `greet-client bench`;
+//! - [`greet_retry_policy`]: Greet's methods are idempotent.
 
 #![forbid(unsafe_code)]
 
-pub mod balance;
-pub mod budget;
-pub mod discover;
-pub mod metrics;
-pub mod outlier;
-pub mod retry;
-pub mod scheduler;
-
-pub use balance::{Balancer, BalancerConfig, EndpointInfo};
-pub use budget::RetryBudgetConfig;
-pub use discover::{Discovery, DiscoveryConfig};
-pub use outlier::OutlierConfig;
-pub use retry::RetryPolicy;
 pub mod config;
 pub mod load;
+
+use etcd_lb::RetryPolicy;
+
+/// Greet's two methods are idempotent: retried on `UNAVAILABLE`.
+pub fn greet_retry_policy() -> RetryPolicy {
+    RetryPolicy::idempotent([greet_proto::paths::MORNING, greet_proto::paths::NIGHT])
+}

@@ -10,7 +10,7 @@ use greet_proto::{GreetClient, GreetRequest};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::balance::Balancer;
+use etcd_lb::Balancer;
 
 /// How much load to offer.
 #[derive(Debug, Clone)]

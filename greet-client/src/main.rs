@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use etcd_lb::metrics::ClientMetrics;
+use etcd_lb::{Balancer, BalancerConfig, Discovery, DiscoveryConfig, RetryPolicy};
 use greet_client::config::{Args, Command};
+use greet_client::greet_retry_policy;
 use greet_client::load::{self, LoadSpec};
-use greet_client::metrics::ClientMetrics;
-use greet_client::{Balancer, BalancerConfig, Discovery, DiscoveryConfig, RetryPolicy};
 use greet_proto::{GreetClient, GreetRequest};
 use tokio_util::sync::CancellationToken;
 
@@ -60,7 +61,7 @@ async fn main() -> anyhow::Result<()> {
     let balancer = Balancer::new(BalancerConfig {
         retry: RetryPolicy {
             per_try_timeout: Some(common.per_try_timeout).filter(|t| !t.is_zero()),
-            ..RetryPolicy::greet()
+            ..greet_retry_policy()
         },
         slow_start: common.slow_start,
         tls,

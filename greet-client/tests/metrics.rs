@@ -6,8 +6,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use greet_client::metrics::ClientMetrics;
-use greet_client::{Balancer, BalancerConfig, RetryPolicy};
+use etcd_lb::metrics::ClientMetrics;
+use etcd_lb::{Balancer, BalancerConfig, RetryPolicy};
+use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest, GreetServer};
 use greet_server::GreetService;
 use prometheus_client::registry::Registry;
@@ -52,7 +53,7 @@ async fn counts_match_the_calls_made_and_leavers_are_pruned() -> Result<()> {
     let mut registry = Registry::default();
     let metrics = ClientMetrics::register(&mut registry);
     let bal = Balancer::new(BalancerConfig {
-        retry: RetryPolicy::greet(),
+        retry: RetryPolicy::idempotent([MORNING, NIGHT]),
         metrics: Some(metrics),
         ..BalancerConfig::new("greet_service")
     });

@@ -30,31 +30,47 @@ pub enum EtcdError {
 }
 
 /// The etcd connection flags shared by every binary (`#[command(flatten)]`).
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct EtcdArgs {
     /// etcd endpoints, comma-separated (`host:port` or URLs).
-    #[arg(
-        long = "etcd-endpoints",
-        global = true,
-        env = "ETCD_ENDPOINTS",
-        value_delimiter = ',',
-        default_value = "127.0.0.1:2379"
+    #[cfg_attr(
+        feature = "cli",
+        arg(
+            long = "etcd-endpoints",
+            global = true,
+            env = "ETCD_ENDPOINTS",
+            value_delimiter = ',',
+            default_value = "127.0.0.1:2379"
+        )
     )]
     pub endpoints: Vec<String>,
     /// CA certificate (PEM) to verify etcd's server certificate; enables TLS.
-    #[arg(long = "etcd-ca", global = true, env = "ETCD_CA")]
+    #[cfg_attr(feature = "cli", arg(long = "etcd-ca", global = true, env = "ETCD_CA"))]
     pub ca: Option<PathBuf>,
     /// Client certificate (PEM) for etcd's client-cert auth; needs --etcd-key.
-    #[arg(long = "etcd-cert", global = true, env = "ETCD_CERT", requires = "key")]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long = "etcd-cert", global = true, env = "ETCD_CERT", requires = "key")
+    )]
     pub cert: Option<PathBuf>,
     /// Client private key (PEM); needs --etcd-cert.
-    #[arg(long = "etcd-key", global = true, env = "ETCD_KEY", requires = "cert")]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long = "etcd-key", global = true, env = "ETCD_KEY", requires = "cert")
+    )]
     pub key: Option<PathBuf>,
     /// etcd user; the password comes from ETCD_PASSWORD or --etcd-password-file.
-    #[arg(long = "etcd-user", global = true, env = "ETCD_USER")]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long = "etcd-user", global = true, env = "ETCD_USER")
+    )]
     pub user: Option<String>,
     /// File holding the etcd password (its first line).
-    #[arg(long = "etcd-password-file", global = true, env = "ETCD_PASSWORD_FILE")]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long = "etcd-password-file", global = true, env = "ETCD_PASSWORD_FILE")
+    )]
     pub password_file: Option<PathBuf>,
 }
 

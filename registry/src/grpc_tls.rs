@@ -13,21 +13,32 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerT
 use crate::schema::Addr;
 
 /// Server side: the certificate and key a server presents.
-#[derive(Debug, Clone, Default, clap::Args)]
+#[derive(Debug, Clone, Default)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct ServerTlsArgs {
     /// Serve gRPC over TLS with this certificate (PEM); needs --tls-key.
-    #[arg(long = "tls-cert", env = "GREET_TLS_CERT", requires = "tls_key")]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long = "tls-cert", env = "GREET_TLS_CERT", requires = "tls_key")
+    )]
     pub tls_cert: Option<PathBuf>,
     /// Private key (PEM) of --tls-cert.
-    #[arg(long = "tls-key", env = "GREET_TLS_KEY", requires = "tls_cert")]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long = "tls-key", env = "GREET_TLS_KEY", requires = "tls_cert")
+    )]
     pub tls_key: Option<PathBuf>,
 }
 
 /// Client side: the CA to verify servers with.
-#[derive(Debug, Clone, Default, clap::Args)]
+#[derive(Debug, Clone, Default)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct ClientTlsArgs {
     /// Dial servers over TLS, verifying them with this CA (PEM).
-    #[arg(long = "tls-ca", env = "GREET_TLS_CA", global = true)]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long = "tls-ca", env = "GREET_TLS_CA", global = true)
+    )]
     pub tls_ca: Option<PathBuf>,
 }
 

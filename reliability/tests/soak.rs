@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use common::{controller, http_get, key_of, keys, server, PREFIX};
-use greet_client::{Balancer, BalancerConfig, Discovery, DiscoveryConfig, RetryPolicy};
+use etcd_lb::{Balancer, BalancerConfig, Discovery, DiscoveryConfig, RetryPolicy};
+use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest};
 use nix::sys::signal::Signal;
 use rand::{Rng, SeedableRng};
@@ -42,7 +43,7 @@ async fn random_faults_then_etcd_controller_and_client_agree() -> Result<()> {
 
     let cancel = CancellationToken::new();
     let balancer = Balancer::new(BalancerConfig {
-        retry: RetryPolicy::greet(),
+        retry: RetryPolicy::idempotent([MORNING, NIGHT]),
         ..BalancerConfig::new("greet_service")
     });
     let discovery = Discovery::spawn(

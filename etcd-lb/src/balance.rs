@@ -1,5 +1,5 @@
 //! The weighted balancer: a `tower::Service` over one tonic `Channel` per
-//! endpoint, that a generated client (`GreetClient::new(balancer)`) wraps.
+//! endpoint, that a generated client (`EchoClient::new(balancer)`, any tonic client) wraps.
 //!
 //! - Picks with the [`Scheduler`] (smooth weighted round-robin, O(log n)).
 //! - Updates touch only the endpoints that changed: an unchanged endpoint

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use greet_client::{Balancer, BalancerConfig, RetryPolicy};
+use etcd_lb::{Balancer, BalancerConfig, RetryPolicy};
+use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest};
 use nix::sys::signal::Signal;
 use registry::schema::Addr;
@@ -45,7 +46,7 @@ async fn a_sigkill_under_mixed_load_loses_no_unary_call() -> Result<()> {
         servers.push(server(&etcd, p)?);
     }
     let bal = Balancer::new(BalancerConfig {
-        retry: RetryPolicy::greet(),
+        retry: RetryPolicy::idempotent([MORNING, NIGHT]),
         ..BalancerConfig::new("greet_service")
     });
     for p in ports {

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use greet_client::{Balancer, BalancerConfig, RetryPolicy};
+use etcd_lb::{Balancer, BalancerConfig, RetryPolicy};
+use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest, GreetServer};
 use greet_server::GreetService;
 use registry::schema::Addr;
@@ -28,7 +29,7 @@ async fn serve(name: &str) -> Result<std::net::SocketAddr> {
 
 fn balancer() -> Balancer {
     Balancer::new(BalancerConfig {
-        retry: RetryPolicy::greet(),
+        retry: RetryPolicy::idempotent([MORNING, NIGHT]),
         ..BalancerConfig::new("greet_service")
     })
 }
@@ -190,7 +191,7 @@ async fn a_response_cut_off_after_its_headers_is_retried() -> Result<()> {
     // Lazy channels: no health check reaches the broken server before the
     // first call does.
     let b = Balancer::new(BalancerConfig {
-        retry: RetryPolicy::greet(),
+        retry: RetryPolicy::idempotent([MORNING, NIGHT]),
         eager_connect: false,
         ..BalancerConfig::new("greet_service")
     });

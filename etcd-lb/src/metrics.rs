@@ -14,7 +14,7 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use greet_client::{Balancer, BalancerConfig, metrics::ClientMetrics};
+//! use etcd_lb::{Balancer, BalancerConfig, metrics::ClientMetrics};
 //! use prometheus_client::registry::Registry;
 //!
 //! let mut registry = Registry::default();

@@ -3,8 +3,9 @@
 //! fault mode.
 
 use anyhow::Result;
-use greet_client::metrics::ClientMetrics;
-use greet_client::{Balancer, BalancerConfig, RetryPolicy};
+use etcd_lb::metrics::ClientMetrics;
+use etcd_lb::{Balancer, BalancerConfig, RetryPolicy};
+use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest, GreetServer};
 use greet_server::{Fault, GreetService};
 use prometheus_client::registry::Registry;
@@ -54,7 +55,7 @@ async fn drive(bal: &Balancer, calls: usize) -> Result<Vec<usize>> {
 
 fn balancer(metrics: Option<std::sync::Arc<ClientMetrics>>) -> Balancer {
     Balancer::new(BalancerConfig {
-        retry: RetryPolicy::greet(),
+        retry: RetryPolicy::idempotent([MORNING, NIGHT]),
         metrics,
         ..BalancerConfig::new("greet_service")
     })

@@ -11,7 +11,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use greet_client::{Balancer, BalancerConfig, RetryPolicy};
+use etcd_lb::{Balancer, BalancerConfig, RetryPolicy};
+use greet_proto::paths::{MORNING, NIGHT};
 use registry::schema::Addr;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::body::Body;
@@ -92,7 +93,7 @@ async fn serve() -> Result<Addr> {
 
 async fn balancer() -> Result<Balancer> {
     let bal = Balancer::new(BalancerConfig {
-        retry: RetryPolicy::greet(),
+        retry: RetryPolicy::idempotent([MORNING, NIGHT]),
         ..BalancerConfig::new("stream_service")
     });
     bal.upsert(&serve().await?, 100, "");

@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use greet_client::{Balancer, BalancerConfig, RetryBudgetConfig, RetryPolicy};
+use etcd_lb::{Balancer, BalancerConfig, RetryBudgetConfig, RetryPolicy};
+use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest, GreetServer};
 use greet_server::metrics::{MetricsLayer, ServerMetrics};
 use greet_server::{Fault, GreetService};
@@ -71,7 +72,7 @@ async fn attempts_per_call(budget: Option<RetryBudgetConfig>, calls: usize) -> R
         servers.push(refusing(name).await?);
     }
     let bal = Balancer::new(BalancerConfig {
-        retry: RetryPolicy::greet(),
+        retry: RetryPolicy::idempotent([MORNING, NIGHT]),
         retry_budget: budget,
         ..BalancerConfig::new("greet_service")
     });

@@ -46,13 +46,22 @@ impl RetryPolicy {
         }
     }
 
-    /// Greet's two methods are idempotent: retry them on `UNAVAILABLE`.
-    pub fn greet() -> Self {
+    /// Retries calls to these idempotent methods (gRPC paths, as
+    /// `/pkg.Service/Method`) on `UNAVAILABLE`, up to 5 attempts, and bounds
+    /// each attempt at 1 s before probing its connection.
+    ///
+    /// A call past the bound is not failed: the balancer health-checks the
+    /// same connection and keeps waiting while it answers, so 2 s calls need
+    /// no tuning; only a connection that went silent costs the attempt.
+    ///
+    /// ```
+    /// let policy = etcd_lb::RetryPolicy::idempotent(["/echo.Echo/Say"]);
+    /// assert!(policy.is_retryable("/echo.Echo/Say"));
+    /// assert!(!policy.is_retryable("/echo.Echo/Store"));
+    /// ```
+    pub fn idempotent<S: Into<String>>(methods: impl IntoIterator<Item = S>) -> Self {
         Self {
-            retryable_methods: [greet_proto::paths::MORNING, greet_proto::paths::NIGHT]
-                .into_iter()
-                .map(str::to_owned)
-                .collect(),
+            retryable_methods: methods.into_iter().map(Into::into).collect(),
             max_attempts: 5,
             per_try_timeout: Some(Duration::from_secs(1)),
             ..Self::none()
@@ -243,6 +252,9 @@ pub fn grpc_timeout(value: &str) -> Option<Duration> {
 mod tests {
     use super::*;
 
+    const MORNING: &str = "/Greet/Morning";
+    const NIGHT: &str = "/Greet/Night";
+
     #[test]
     fn timeouts_parse() {
         assert_eq!(grpc_timeout("100m"), Some(Duration::from_millis(100)));
@@ -255,8 +267,8 @@ mod tests {
     }
 
     #[test]
-    fn greet_methods_are_retryable() {
-        let p = RetryPolicy::greet();
+    fn the_given_methods_are_retryable() {
+        let p = RetryPolicy::idempotent([MORNING, NIGHT]);
         assert!(p.is_retryable("/Greet/Morning"));
         assert!(p.is_retryable("/Greet/Night"));
         assert!(!p.is_retryable("/Other/Write"));
@@ -265,7 +277,7 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        let p = RetryPolicy::greet();
+        let p = RetryPolicy::idempotent([MORNING, NIGHT]);
         assert!(p.backoff(2) <= Duration::from_millis(20));
         assert!(p.backoff(30) <= p.max_backoff);
         assert!(p.backoff(30) >= p.max_backoff / 2);
@@ -286,7 +298,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn lost_calls_retry_up_to_max_attempts_with_growing_pauses() {
-        let p = RetryPolicy::greet();
+        let p = RetryPolicy::idempotent([MORNING, NIGHT]);
         let d = decide_all(&p, true, Failed::Lost);
         // random 0: the lower half of each pause.
         assert_eq!(
@@ -319,7 +331,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn silent_attempts_retry_at_once_within_max_attempts() {
-        let p = RetryPolicy::greet();
+        let p = RetryPolicy::idempotent([MORNING, NIGHT]);
         let d = decide_all(&p, true, Failed::Silent);
         assert_eq!(d.len(), 5);
         assert_eq!(d[4], Decision::Return);
@@ -327,7 +339,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_deadline_bounds_every_retry() {
-        let p = RetryPolicy::greet();
+        let p = RetryPolicy::idempotent([MORNING, NIGHT]);
         let start = Instant::now();
         let deadline = Some(start + Duration::from_millis(15));
         let mut tries = Tries::default();

@@ -7,7 +7,8 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use greet_client::{Balancer, BalancerConfig, RetryPolicy};
+use etcd_lb::{Balancer, BalancerConfig, RetryPolicy};
+use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest, GreetServer};
 use greet_server::GreetService;
 use registry::schema::Addr;
@@ -39,7 +40,7 @@ async fn serve_slow(name: &str, latency: Duration) -> Result<Proxy> {
 /// (`--per-try-timeout 1s`, Greet's retry policy).
 fn default_balancer() -> Balancer {
     Balancer::new(BalancerConfig {
-        retry: RetryPolicy::greet(),
+        retry: RetryPolicy::idempotent([MORNING, NIGHT]),
         ..BalancerConfig::new("greet_service")
     })
 }
