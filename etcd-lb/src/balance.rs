@@ -173,6 +173,24 @@ struct Inner {
 }
 
 /// A cheap-to-clone handle; every clone balances over the same pool.
+///
+/// Any generated tonic client takes it in place of a `Channel`. A
+/// [`crate::Discovery`] keeps its endpoints in step with etcd; they can also
+/// be set by hand, as here (no connection is made until the first call):
+///
+/// ```
+/// use etcd_lb::{Balancer, BalancerConfig};
+///
+/// let balancer = Balancer::new(BalancerConfig {
+///     eager_connect: false,
+///     ..BalancerConfig::new("echo")
+/// });
+/// balancer.upsert(&"127.0.0.1:50051".parse().unwrap(), 100, "1.0.0");
+/// balancer.upsert(&"127.0.0.1:50052".parse().unwrap(), 0, "1.0.0"); // draining
+/// assert_eq!(balancer.len(), 2);
+/// assert_eq!(balancer.weight_of(&"127.0.0.1:50052".parse().unwrap()), Some(0));
+/// // let mut client = EchoClient::new(balancer.clone());
+/// ```
 #[derive(Clone)]
 pub struct Balancer {
     inner: Arc<Inner>,

@@ -58,6 +58,22 @@ pub struct RegistrarConfig {
     pub ttl: Duration,
 }
 
+impl RegistrarConfig {
+    /// Registers `addr` for `service` under [`schema::DEFAULT_ROOT`] with
+    /// weight [`schema::DEFAULT_WEIGHT`], a 10 s TTL and an empty version;
+    /// set `version` (semver) when clients select by it.
+    pub fn new(service: ServiceName, addr: Addr) -> Self {
+        Self {
+            root: schema::DEFAULT_ROOT.to_owned(),
+            service,
+            addr,
+            version: String::new(),
+            weight: schema::DEFAULT_WEIGHT,
+            ttl: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Errors that stop a registrar from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistrarError {
@@ -98,6 +114,27 @@ pub enum Status {
 /// that expires a TTL later; and no task is left behind. Keep the handle
 /// for the life of the server; call [`Registrar::deregister`] to wait for
 /// the revoke.
+///
+/// A server registering itself (as `etcd_lb::Registrar` too):
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use registry::etcd::EtcdConfig;
+/// use registry::registrar::{Registrar, RegistrarConfig};
+/// use registry::schema::{Addr, ServiceName};
+///
+/// let etcd = EtcdConfig::plain(["127.0.0.1:2379"]);
+/// let addr: Addr = "10.0.0.7:50051".parse()?;
+/// let registration = Registrar::spawn(etcd, RegistrarConfig {
+///     version: "1.4.0".into(),
+///     ..RegistrarConfig::new(ServiceName::new("echo")?, addr)
+/// })?;
+/// // ... serve; on SIGTERM: drain, stop serving, then deregister.
+/// registration.set_weight(0, Duration::from_secs(5)).await;
+/// registration.deregister(Duration::from_secs(5)).await;
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 #[must_use = "dropping the Registrar deregisters the endpoint at once"]
 pub struct Registrar {
