@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
+use etcd_lb::{OutlierConfig, RetryBudgetConfig};
 use registry::etcd::EtcdArgs;
 use registry::logging::LogFormat;
 use registry::schema::{ServiceName, DEFAULT_ROOT};
@@ -56,6 +57,34 @@ pub struct Common {
     /// the call is retried elsewhere (`0s` turns it off).
     #[arg(long, global = true, env = "GREET_PER_TRY_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub per_try_timeout: Duration,
+    /// Retry budget: retries (of every kind) allowed per recent call, over
+    /// a 10 s window; past it the original error returns at once.
+    #[arg(long, global = true, env = "GREET_RETRY_BUDGET_RATIO", default_value_t = 0.1, value_parser = parse_ratio)]
+    pub retry_budget_ratio: f32,
+    /// Retry budget floor: retries per second allowed whatever the traffic.
+    #[arg(
+        long,
+        global = true,
+        env = "GREET_RETRY_BUDGET_MIN_PER_SEC",
+        default_value_t = 5
+    )]
+    pub retry_budget_min_per_sec: u32,
+    /// Outlier detection: server-sent failures (`UNAVAILABLE`, `INTERNAL`,
+    /// `UNKNOWN`, `DATA_LOSS`) in a row that eject an endpoint; 0: never.
+    #[arg(
+        long,
+        global = true,
+        env = "GREET_OUTLIER_FAILURES",
+        default_value_t = 5
+    )]
+    pub outlier_failures: u32,
+    /// Outlier detection: the first ejection's length; the n-th in a row
+    /// lasts n times this, at most ten times.
+    #[arg(long, global = true, env = "GREET_OUTLIER_EJECTION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub outlier_ejection: Duration,
+    /// Outlier detection: most endpoints ejected at once, in percent.
+    #[arg(long, global = true, env = "GREET_OUTLIER_MAX_PERCENT", default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub outlier_max_percent: u8,
     /// How long to wait for the first list from etcd before calling anyway.
     #[arg(long, global = true, env = "GREET_SYNC_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub sync_timeout: Duration,
@@ -99,6 +128,35 @@ pub struct Bench {
     pub json: bool,
 }
 
+/// A finite, non-negative ratio of at most 1000 (the budget's clamp).
+fn parse_ratio(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(r) if r.is_finite() && (0.0..=1000.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a ratio between 0 and 1000")),
+    }
+}
+
+impl Common {
+    /// The retry budget the flags ask for.
+    pub fn retry_budget(&self) -> RetryBudgetConfig {
+        RetryBudgetConfig {
+            ratio: self.retry_budget_ratio,
+            min_per_sec: self.retry_budget_min_per_sec,
+            ..RetryBudgetConfig::default()
+        }
+    }
+
+    /// The outlier detection the flags ask for; `None` when turned off.
+    pub fn outlier(&self) -> Option<OutlierConfig> {
+        (self.outlier_failures > 0).then(|| OutlierConfig {
+            consecutive_failures: self.outlier_failures,
+            base_ejection_time: self.outlier_ejection,
+            max_ejection_time: self.outlier_ejection.saturating_mul(10),
+            max_ejection_percent: self.outlier_max_percent,
+        })
+    }
+}
+
 fn parse_service(s: &str) -> Result<ServiceName, String> {
     ServiceName::new(s).map_err(|e| e.to_string())
 }
@@ -119,6 +177,43 @@ mod tests {
         assert_eq!(a.interval, Duration::from_secs(1));
         assert_eq!(a.common.service.as_str(), "greet_service");
         assert!(a.count.is_none());
+        let budget = a.common.retry_budget();
+        assert_eq!((budget.ratio, budget.min_per_sec), (0.1, 5));
+        let outlier = a.common.outlier().expect("on by default");
+        assert_eq!(
+            outlier.consecutive_failures,
+            OutlierConfig::default().consecutive_failures
+        );
+        assert_eq!(outlier.max_ejection_percent, 50);
+    }
+
+    #[test]
+    fn budget_and_outlier_flags_reach_the_config() {
+        let a = parse(&[
+            "--retry-budget-ratio",
+            "0.2",
+            "--retry-budget-min-per-sec",
+            "0",
+            "--outlier-failures",
+            "3",
+            "--outlier-ejection",
+            "2s",
+            "--outlier-max-percent",
+            "30",
+        ])
+        .unwrap();
+        let budget = a.common.retry_budget();
+        assert_eq!((budget.ratio, budget.min_per_sec), (0.2, 0));
+        let o = a.common.outlier().unwrap();
+        assert_eq!(o.consecutive_failures, 3);
+        assert_eq!(o.base_ejection_time, Duration::from_secs(2));
+        assert_eq!(o.max_ejection_time, Duration::from_secs(20));
+        assert_eq!(o.max_ejection_percent, 30);
+        assert!(parse(&["--outlier-failures", "0"])
+            .unwrap()
+            .common
+            .outlier()
+            .is_none());
     }
 
     #[test]
@@ -154,6 +249,10 @@ mod tests {
             &["bench", "--requests", "0"],
             &["bench", "--concurrency", "0", "--requests", "5"],
             &["--count", "-1"],
+            &["--retry-budget-ratio", "NaN"],
+            &["--retry-budget-ratio", "-0.5"],
+            &["--outlier-max-percent", "101"],
+            &["--outlier-ejection", "soon"],
         ] {
             assert_eq!(parse(bad).unwrap_err().exit_code(), 2, "{bad:?}");
         }

@@ -63,6 +63,8 @@ async fn main() -> anyhow::Result<()> {
             per_try_timeout: Some(common.per_try_timeout).filter(|t| !t.is_zero()),
             ..greet_retry_policy()
         },
+        retry_budget: Some(common.retry_budget()),
+        outlier: common.outlier(),
         slow_start: common.slow_start,
         tls,
         metrics: common.metrics_listen.map(|_| metrics),
