@@ -27,6 +27,10 @@ struct Args {
     /// Seconds per load cell (overhead, server).
     #[arg(long, global = true, default_value_t = 4.0)]
     secs: f64,
+    /// Endpoints under one prefix for the scale scenario.
+    #[arg(long, global = true, env = "BENCH_MEMBERS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(10..=1_000_000))]
+    members: u64,
 }
 
 #[derive(Debug, Clone, Copy, Subcommand, PartialEq, Eq)]
@@ -39,7 +43,7 @@ enum Scenario {
     Propagation,
     /// 4: SIGKILL/SIGTERM/new servers under load.
     Failover,
-    /// 5: 10,000 endpoints.
+    /// 5: `--members` endpoints (default 100,000).
     Scale,
     /// 6: the controller's GET /services at 1,000 and 10,000 members.
     Controller,
@@ -76,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
         emit(fleet::failover(20, 64).await?);
     }
     if want(Scenario::Scale) {
-        emit(propagation::scale(10_000).await?);
+        emit(propagation::scale(args.members as usize).await?);
     }
     if want(Scenario::Controller) {
         emit(controller_view::run(args.secs.max(5.0))?);

@@ -53,6 +53,35 @@ use crate::outlier::{Ejector, OutlierConfig, Tracker};
 use crate::retry::{grpc_timeout, not_sent, timed_out, Decision, Failed, RetryPolicy, Tries};
 use crate::scheduler::Scheduler;
 
+/// Batches of at most this many changes log each endpoint at info; larger
+/// ones log each at debug and one summary at info.
+pub const LOUD_BATCH: usize = 16;
+
+/// One change to the balancer's endpoints, for [`Balancer::apply`].
+#[derive(Debug, Clone, Copy)]
+pub enum Change<'a> {
+    /// Add the endpoint, or update its weight and version.
+    Upsert {
+        /// The endpoint (the key suffix).
+        addr: &'a Addr,
+        /// Its weight; 0 is draining.
+        weight: u32,
+        /// Its advertised version.
+        version: &'a str,
+    },
+    /// Forget the endpoint; calls running on it finish on their own.
+    Remove(&'a Addr),
+}
+
+/// What one [`Balancer::apply`] did, for its summary line.
+#[derive(Debug, Default)]
+struct Applied {
+    added: usize,
+    updated: usize,
+    reweighted: usize,
+    removed: usize,
+}
+
 /// Boxed error, as tonic's `GrpcService` expects.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -239,18 +268,76 @@ impl Balancer {
     /// Adds an endpoint or updates its weight and version. An existing
     /// endpoint keeps its channel and connection.
     pub fn upsert(&self, addr: &Addr, weight: u32, version: &str) {
+        self.apply([Change::Upsert {
+            addr,
+            weight,
+            version,
+        }]);
+    }
+
+    /// Removes an endpoint; calls running on it finish on their own.
+    pub fn remove(&self, addr: &Addr) {
+        self.apply([Change::Remove(addr)]);
+    }
+
+    /// Applies many changes under one lock, as discovery does with a list:
+    /// one wake-up of [`Balancer::changes`] for the lot, and past
+    /// [`LOUD_BATCH`] changes one summary line instead of a line per
+    /// endpoint (100,000 endpoints at start-up are not 100,000 log lines).
+    pub fn apply<'a>(&self, changes: impl IntoIterator<Item = Change<'a>>) {
+        let changes = changes.into_iter();
+        let loud = changes.size_hint().1.is_some_and(|n| n <= LOUD_BATCH);
+        let mut done = Applied::default();
         let mut pool = self.pool();
-        let pool = &mut *pool;
+        for change in changes {
+            match change {
+                Change::Upsert {
+                    addr,
+                    weight,
+                    version,
+                } => self.upsert_in(&mut pool, addr, weight, version, loud, &mut done),
+                Change::Remove(addr) => self.remove_in(&mut pool, addr, loud, &mut done),
+            }
+        }
+        drop(pool);
+        if done.added + done.updated + done.removed > 0 {
+            self.inner.changes.send_modify(|g| *g += 1);
+        }
+        if !loud && done.added + done.removed + done.reweighted > 0 {
+            info!(
+                added = done.added,
+                removed = done.removed,
+                reweighted = done.reweighted,
+                endpoints = self.len(),
+                "endpoints updated"
+            );
+        }
+    }
+
+    fn upsert_in(
+        &self,
+        pool: &mut Pool,
+        addr: &Addr,
+        weight: u32,
+        version: &str,
+        loud: bool,
+        done: &mut Applied,
+    ) {
         if let Some(ep) = pool.endpoints.get_mut(addr) {
             if ep.weight != weight {
-                info!(%addr, from = ep.weight, to = weight, "endpoint weight changed");
+                if loud {
+                    info!(%addr, from = ep.weight, to = weight, "endpoint weight changed");
+                }
+                done.reweighted += 1;
             }
             ep.weight = weight;
-            ep.version = version.to_owned();
+            if ep.version != version {
+                ep.version = version.to_owned();
+            }
             if ep.in_rotation() {
                 pool.sched.set(addr.clone(), weight);
             }
-            self.inner.changes.send_modify(|g| *g += 1);
+            done.updated += 1;
             return;
         }
         let endpoint = match self.endpoint(addr) {
@@ -290,8 +377,12 @@ impl Balancer {
             },
         );
         pool.sched.set(addr.clone(), weight);
-        self.inner.changes.send_modify(|g| *g += 1);
-        info!(%addr, weight, version, "endpoint added");
+        done.added += 1;
+        if loud {
+            info!(%addr, weight, version, "endpoint added");
+        } else {
+            debug!(%addr, weight, version, "endpoint added");
+        }
         if eager {
             let channel = pool.endpoints.get(addr).and_then(|e| e.channel.clone());
             if let Some(channel) = channel {
@@ -300,9 +391,7 @@ impl Balancer {
         }
     }
 
-    /// Removes an endpoint; calls running on it finish on their own.
-    pub fn remove(&self, addr: &Addr) {
-        let mut pool = self.pool();
+    fn remove_in(&self, pool: &mut Pool, addr: &Addr, loud: bool, done: &mut Applied) {
         if let Some(ep) = pool.endpoints.remove(addr) {
             if let (Some(all), Some(m)) = (&self.inner.cfg.metrics, &ep.metrics) {
                 all.transition(&self.inner.cfg.service, Some(ep.up), None);
@@ -312,8 +401,12 @@ impl Balancer {
                 all.forget(m);
             }
             pool.sched.remove(addr);
-            self.inner.changes.send_modify(|g| *g += 1);
-            info!(%addr, "endpoint removed");
+            done.removed += 1;
+            if loud {
+                info!(%addr, "endpoint removed");
+            } else {
+                debug!(%addr, "endpoint removed");
+            }
         }
     }
 

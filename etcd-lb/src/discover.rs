@@ -20,9 +20,9 @@ use registry::watcher::{Event, WatchState, Watcher, WatcherConfig};
 use semver::{Version, VersionReq};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
-use crate::balance::Balancer;
+use crate::balance::{Balancer, Change, LOUD_BATCH};
 use crate::metrics::ClientMetrics;
 
 /// What to discover.
@@ -83,12 +83,29 @@ impl Discovery {
         let (applied_tx, applied) = watch::channel(false);
         tokio::spawn(
             async move {
+                // Whatever has queued up is applied as one batch (a list of
+                // 100,000 keys takes one lock and one summary line), in order,
+                // up to each `Synced`.
+                let mut batch = Vec::new();
                 while let Some(event) = events.recv().await {
-                    let synced = matches!(event, Event::Synced { .. });
-                    apply(&balancer, req.as_ref(), event);
-                    if synced {
-                        applied_tx.send_replace(true);
+                    batch.push(event);
+                    while batch.len() < BATCH {
+                        match events.try_recv() {
+                            Ok(event) => batch.push(event),
+                            Err(_) => break,
+                        }
                     }
+                    let mut from = 0;
+                    for (i, event) in batch.iter().enumerate() {
+                        if let Event::Synced { revision } = event {
+                            apply(&balancer, req.as_ref(), &batch[from..i]);
+                            from = i + 1;
+                            info!(revision, endpoints = balancer.len(), "in sync with etcd");
+                            applied_tx.send_replace(true);
+                        }
+                    }
+                    apply(&balancer, req.as_ref(), &batch[from..]);
+                    batch.clear();
                 }
             }
             .instrument(span.clone()),
@@ -114,35 +131,43 @@ impl Discovery {
     }
 }
 
-fn apply(balancer: &Balancer, req: Option<&VersionReq>, event: Event) {
-    match event {
-        Event::Applied(entry) => {
-            let Some((_, addr)) = &entry.id else { return };
-            match &entry.member {
-                Ok(m) if version_matches(req, &m.version) => {
-                    balancer.upsert(addr, m.weight, &m.version);
-                }
-                Ok(m) => {
-                    info!(%addr, version = %m.version, "version does not match --version-req; not used");
-                    balancer.remove(addr);
-                }
-                // The reflector already warned, once per key and revision.
-                Err(_) => balancer.remove(addr),
-            }
-        }
-        Event::Removed(entry) => {
-            if let Some((_, addr)) = &entry.id {
-                balancer.remove(addr);
-            }
-        }
-        Event::Synced { revision } => {
-            info!(
-                revision,
-                endpoints = balancer.endpoints().len(),
-                "in sync with etcd"
-            );
-        }
+/// Most events applied under one lock.
+const BATCH: usize = 4096;
+
+/// Applies watch events (none of them `Synced`) to the balancer in one go.
+fn apply(balancer: &Balancer, req: Option<&VersionReq>, events: &[Event]) {
+    if events.is_empty() {
+        return;
     }
+    let loud = events.len() <= LOUD_BATCH;
+    let changes: Vec<Change<'_>> = events
+        .iter()
+        .filter_map(|event| match event {
+            Event::Applied(entry) => {
+                let (_, addr) = entry.id.as_ref()?;
+                Some(match &entry.member {
+                    Ok(m) if version_matches(req, &m.version) => Change::Upsert {
+                        addr,
+                        weight: m.weight,
+                        version: &m.version,
+                    },
+                    Ok(m) => {
+                        if loud {
+                            info!(%addr, version = %m.version, "version does not match --version-req; not used");
+                        } else {
+                            debug!(%addr, version = %m.version, "version does not match --version-req; not used");
+                        }
+                        Change::Remove(addr)
+                    }
+                    // The reflector already warned, once per key and revision.
+                    Err(_) => Change::Remove(addr),
+                })
+            }
+            Event::Removed(entry) => entry.id.as_ref().map(|(_, addr)| Change::Remove(addr)),
+            Event::Synced { .. } => None,
+        })
+        .collect();
+    balancer.apply(changes);
 }
 
 /// Logs staleness and its recovery; keeps the view's age and revision in

@@ -255,3 +255,33 @@ async fn a_retry_goes_to_another_endpoint_whatever_the_weights() -> Result<()> {
     );
     Ok(())
 }
+
+/// Discovery hands a whole list over as one batch: every endpoint lands,
+/// and watchers of `changes()` are woken once per batch, not per endpoint.
+#[test]
+fn a_batch_of_changes_is_applied_at_once() {
+    use etcd_lb::balance::Change;
+    let b = Balancer::new(BalancerConfig {
+        eager_connect: false,
+        ..BalancerConfig::new("batch")
+    });
+    let mut changes = b.changes();
+    let addrs: Vec<registry::schema::Addr> = (0..100)
+        .map(|i| format!("127.0.0.1:{}", 1000 + i).parse().unwrap())
+        .collect();
+    b.apply(addrs.iter().map(|addr| Change::Upsert {
+        addr,
+        weight: 7,
+        version: "1.0.0",
+    }));
+    assert_eq!(b.len(), 100);
+    assert_eq!(*changes.borrow_and_update(), 1, "one wake-up for the batch");
+    assert_eq!(b.weight_of(&addrs[42]), Some(7));
+    b.apply(addrs[..60].iter().map(Change::Remove));
+    assert_eq!(b.len(), 40);
+    assert_eq!(*changes.borrow_and_update(), 2);
+    assert_eq!(b.weight_of(&addrs[10]), None);
+    // Nothing to do: no wake-up.
+    b.apply(addrs[..60].iter().map(Change::Remove));
+    assert_eq!(*changes.borrow_and_update(), 2);
+}

@@ -33,8 +33,15 @@ use crate::etcd::{EtcdConfig, EtcdError};
 use crate::schema::{self, Addr, Member, SchemaError, ServiceName};
 use crate::session::Session;
 
-/// Keys per page of a list when values are small.
+/// Keys of a list's first page.
 const PAGE: i64 = 500;
+/// Most keys per page: pages grow from [`PAGE`] while they stay under
+/// [`PAGE_BYTES`]. etcd counts the whole rest of the range for every page
+/// it returns, so at 100,000 small keys, 500-key pages cost 200 such counts
+/// and most of the initial sync.
+const PAGE_MAX: i64 = 10_000;
+/// The bytes (keys and values) a page grows towards.
+const PAGE_BYTES: usize = 4 * 1024 * 1024;
 /// The byte budget of one response (list page or watch message). A page of
 /// [`PAGE`] keys can be far larger (values may be up to etcd's request
 /// limit, 1.5 MiB by default, so 500 of them make 750 MiB): a page that
@@ -559,8 +566,16 @@ impl Watcher {
                 }
                 other => other?,
             };
-            // Grow back towards full pages once the big values are behind.
-            limit = (limit * 2).min(PAGE);
+            // Grow while pages are small (back towards full pages once big
+            // values are behind, and past PAGE for many small values).
+            let bytes: usize = resp
+                .kvs()
+                .iter()
+                .map(|kv| kv.key().len() + kv.value().len())
+                .sum();
+            if bytes < PAGE_BYTES / 2 {
+                limit = (limit * 2).min(PAGE_MAX);
+            }
             if at_revision == 0 {
                 if let Some(h) = resp.header() {
                     at_revision = h.revision();
