@@ -185,7 +185,9 @@ struct Picked {
 
 struct Pool {
     sched: Scheduler<Addr>,
-    endpoints: HashMap<Addr, Ep>,
+    /// Boxed: an `Ep` is a few hundred bytes, and a table of 100,000 of
+    /// them inline is one 47 MB allocation (doubled while it grows).
+    endpoints: HashMap<Addr, Box<Ep>>,
     next_generation: u64,
 }
 
@@ -351,7 +353,7 @@ impl Balancer {
         let eager = self.inner.cfg.eager_connect;
         pool.endpoints.insert(
             addr.clone(),
-            Ep {
+            Box::new(Ep {
                 channel: eager.then(|| endpoint.connect_lazy()),
                 weight,
                 version: version.to_owned(),
@@ -374,7 +376,7 @@ impl Balancer {
                 ejected_until: None,
                 ejections: 0,
                 in_service_since: Instant::now(),
-            },
+            }),
         );
         pool.sched.set(addr.clone(), weight);
         done.added += 1;

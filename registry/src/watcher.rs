@@ -267,6 +267,11 @@ impl Watcher {
             if let Some(ev) = self.pending.pop_front() {
                 return ev;
             }
+            // A relist of 100,000 keys queued as many events: give the
+            // queue's buffer back (it is mmapped, so RSS falls at once).
+            if self.pending.capacity() > 4096 {
+                self.pending.shrink_to_fit();
+            }
             if let Err(e) = self.step().await {
                 // (A refused auth token already dropped the session's
                 // client, and a timeout or an Unavailable answer moved it to
