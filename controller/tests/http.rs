@@ -11,6 +11,7 @@ use anyhow::{bail, ensure, Context, Result};
 use common::*;
 use etcd_client::GetOptions;
 use serde_json::Value;
+use testkit::metrics::promtool_check;
 use testkit::{eventually, free_port, Etcd, Proc};
 
 /// A fleet for the view: two greet-servers with different weights and
@@ -416,36 +417,6 @@ fn names_and_addrs(v: &Value) -> Vec<(String, Vec<String>)> {
             )
         })
         .collect()
-}
-
-/// A strict reader of the Prometheus/OpenMetrics text format: every line
-/// is a `# HELP`/`# TYPE`/`# UNIT` comment, a sample of a declared family
-/// (`name{label="value",...} number`), or the final `# EOF`. Returns the
-/// declared family names.
-/// `promtool check metrics` (Debian's prometheus; scripts/setup.sh
-/// installs it) on `text`.
-fn promtool_check(text: &str) -> Result<()> {
-    use std::io::Write;
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("promtool (Debian's prometheus; scripts/setup.sh installs it)")?;
-    child
-        .stdin
-        .take()
-        .context("promtool stdin")?
-        .write_all(text.as_bytes())?;
-    let out = child.wait_with_output()?;
-    ensure!(
-        out.status.success(),
-        "promtool check metrics failed: {}{}\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
 }
 
 fn parse_prometheus(text: &str) -> Result<HashSet<String>> {

@@ -2,10 +2,9 @@
 //! against the calls made; and the binary's `--metrics-listen` exposition
 //! checked with the real promtool (Debian's prometheus).
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Result};
 use etcd_lb::metrics::ClientMetrics;
 use etcd_lb::{Balancer, BalancerConfig, RetryPolicy};
 use greet_proto::paths::{MORNING, NIGHT};
@@ -13,6 +12,7 @@ use greet_proto::{GreetClient, GreetRequest, GreetServer};
 use greet_server::GreetService;
 use prometheus_client::registry::Registry;
 use registry::schema::Addr;
+use testkit::metrics::{promtool_check, sample};
 use testkit::{eventually, free_port, Etcd, Proc, Proxy};
 use tonic::transport::server::TcpIncoming;
 
@@ -31,18 +31,6 @@ fn encode(registry: &Registry) -> String {
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, registry).expect("encoding to a String");
     out
-}
-
-/// The value of the one sample whose line starts with `series`.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .trim()
-            .split(' ')
-            .next()?
-            .parse()
-            .ok()
-    })
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -139,31 +127,6 @@ async fn counts_match_the_calls_made_and_leavers_are_pruned() -> Result<()> {
         ) == Some(0.0),
         "{text}"
     );
-    Ok(())
-}
-
-fn promtool_check(text: &str) -> Result<()> {
-    use std::io::Write;
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("promtool (Debian's prometheus; scripts/setup.sh installs it)")?;
-    child
-        .stdin
-        .take()
-        .context("promtool stdin")?
-        .write_all(text.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "promtool check metrics failed: {}{}\n{text}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
     Ok(())
 }
 

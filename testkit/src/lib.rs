@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod cluster;
+pub mod metrics;
 mod peer_proxy;
 mod proxy;
 mod tls;
