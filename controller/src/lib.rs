@@ -135,8 +135,19 @@ pub async fn run(
 
         // xDS: every replica, from the same store as the HTTP view.
         let xds_task = xds_listener.map(|l| {
-            let (snapshots, builder) = xds::spawn_snapshots(store.clone(), cfg.max_unhealthy_ratio, tasks.clone());
-            let server = tokio::spawn(xds::serve(l, snapshots, id.clone(), shutdown.clone()));
+            let (snapshots, builder) = xds::spawn_snapshots(
+                store.clone(),
+                cfg.max_unhealthy_ratio,
+                metrics.xds.clone(),
+                tasks.clone(),
+            );
+            let server = tokio::spawn(xds::serve(
+                l,
+                snapshots,
+                id.clone(),
+                metrics.xds.clone(),
+                shutdown.clone(),
+            ));
             (builder, server)
         });
 

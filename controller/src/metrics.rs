@@ -82,6 +82,8 @@ pub struct Metrics {
     /// JSON views built from the store (whole, filtered or one service):
     /// shows whether readers share renders or each pay for their own.
     pub view_renders: Counter,
+    /// The xDS server's streams, pushes, ACKs and NACKs.
+    pub xds: std::sync::Arc<crate::xds::XdsMetrics>,
     /// Services with per-service counters: `None` while in the store, else
     /// since when it has been gone (pruned after [`PRUNE_AFTER`]).
     services: Mutex<HashMap<String, Option<Instant>>>,
@@ -282,6 +284,7 @@ impl Metrics {
             "JSON views built from the store (whole, filtered or one service) for HTTP readers",
             self.view_renders.clone(),
         );
+        self.xds.register(&mut r);
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &r) {
             tracing::warn!(error = %e, "encoding metrics failed");

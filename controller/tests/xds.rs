@@ -299,6 +299,26 @@ async fn ads_protocol_acks_nacks_nonces_absence_and_subscriptions() -> Result<()
     let mut again = Ads::open(&xds).await?;
     again.send(CDS, &[], "", "").await?;
     again.expect("CDS after garbage").await?;
+
+    // What happened is in /metrics: pushes, ACKs, the NACK, the streams
+    // ended for bad input, the stream still open; promtool accepts it.
+    let text = ctl.metrics().await?;
+    testkit::metrics::promtool_check(&text)?;
+    let eds = r#"type="eds""#;
+    let at_least = |name: &str, labels: &str, n: f64| -> Result<()> {
+        let v = common::sample(&text, name, labels);
+        ensure!(
+            v.is_some_and(|v| v >= n),
+            "{name}{labels} = {v:?}, want >= {n}\n{text}"
+        );
+        Ok(())
+    };
+    at_least("controller_xds_responses_total", eds, 4.0)?;
+    at_least("controller_xds_acks_total", eds, 1.0)?;
+    at_least("controller_xds_nacks_total", eds, 1.0)?;
+    at_least("controller_xds_bad_requests_total", "", 2.0)?;
+    at_least("controller_xds_streams", "", 1.0)?;
+    at_least("controller_xds_snapshots_total", "", 1.0)?;
     ctl.stop().await
 }
 

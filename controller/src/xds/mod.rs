@@ -7,7 +7,8 @@
 //!   Listener / Cluster / ClusterLoadAssignment, versioned by content;
 //! - [`session`]: one stream's protocol (subscriptions, nonces, ACK/NACK);
 //! - [`server`]: the tonic service around sessions;
-//! - [`bootstrap`]: the bootstrap file a client needs.
+//! - [`bootstrap`]: the bootstrap file a client needs;
+//! - [`metrics`]: streams, pushes, ACKs and NACKs for `/metrics`.
 //!
 //! Every replica serves it, leader or not, from its own store: etcd sees
 //! one watch per controller however many clients subscribe. Snapshots are
@@ -19,6 +20,7 @@
 //! keeps its last state, and so does the snapshot.
 
 pub mod bootstrap;
+pub mod metrics;
 pub mod resources;
 pub mod server;
 pub mod session;
@@ -35,6 +37,7 @@ use tracing::{debug, info};
 
 use crate::store::Store;
 use crate::view::ServicesView;
+pub use metrics::XdsMetrics;
 pub use resources::Snapshot;
 
 /// The one place this module reads the store: the whole view once it has
@@ -51,6 +54,7 @@ fn read_view(store: &Store) -> Option<ServicesView> {
 pub fn spawn_snapshots(
     store: Arc<Store>,
     max_unhealthy_ratio: f64,
+    metrics: Arc<XdsMetrics>,
     cancel: CancellationToken,
 ) -> (
     watch::Receiver<Option<Arc<Snapshot>>>,
@@ -74,6 +78,7 @@ pub fn spawn_snapshots(
                         "xds snapshot"
                     );
                     tx.send_replace(Some(Arc::new(snap)));
+                    metrics.snapshots.inc();
                 }
             }
             tokio::select! {
@@ -86,7 +91,7 @@ pub fn spawn_snapshots(
 }
 
 /// Serves ADS on `listener` until `shutdown`, from `snapshots`, naming
-/// itself `control_plane` in responses.
+/// itself `control_plane` in responses and counting in `metrics`.
 ///
 /// # Errors
 /// The transport failing (not a client's bad request: that only ends its
@@ -95,13 +100,14 @@ pub async fn serve(
     listener: TcpListener,
     snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     control_plane: String,
+    metrics: Arc<XdsMetrics>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     match listener.local_addr() {
         Ok(addr) => info!(listen = %addr, "serving xDS (ADS, state of the world)"),
         Err(e) => info!(error = %e, "serving xDS (ADS, state of the world)"),
     }
-    let ads = server::Ads::new(snapshots, control_plane, shutdown.clone());
+    let ads = server::Ads::new(snapshots, control_plane, shutdown.clone(), metrics);
     tonic::transport::Server::builder()
         // Dead clients are noticed even when no update flows.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use super::metrics::XdsMetrics;
 use super::resources::Snapshot;
 use super::session::Session;
 
@@ -29,21 +30,25 @@ pub struct Ads {
     control_plane: String,
     shutdown: CancellationToken,
     streams: Arc<AtomicUsize>,
+    metrics: Arc<XdsMetrics>,
 }
 
 impl Ads {
     /// A service pushing `snapshots`, naming itself `control_plane` in
-    /// every response; streams end when `shutdown` is cancelled.
+    /// every response, counting in `metrics`; streams end when `shutdown`
+    /// is cancelled.
     pub fn new(
         snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
         control_plane: String,
         shutdown: CancellationToken,
+        metrics: Arc<XdsMetrics>,
     ) -> Self {
         Self {
             snapshots,
             control_plane,
             shutdown,
             streams: Arc::new(AtomicUsize::new(0)),
+            metrics,
         }
     }
 
@@ -72,6 +77,7 @@ async fn serve_stream(
     mut session: Session,
     tx: Out,
     cancel: CancellationToken,
+    metrics: &XdsMetrics,
 ) {
     // Responses are only ever computed from the latest snapshot: a slow
     // client skips intermediate ones, never gets them out of order.
@@ -87,6 +93,7 @@ async fn serve_stream(
                         Ok(Some(resp)) => if !send(&tx, &cancel, Ok(resp)).await { break },
                         Ok(None) => {}
                         Err(status) => {
+                            metrics.bad_requests.inc();
                             warn!(node = session.node().unwrap_or(""), error = %status.message(), "xds bad request; ending the stream");
                             let _ = send(&tx, &cancel, Err(status)).await;
                             break;
@@ -98,6 +105,7 @@ async fn serve_stream(
                     break;
                 }
                 Err(status) => {
+                    metrics.bad_requests.inc();
                     warn!(node = session.node().unwrap_or(""), code = ?status.code(), error = %status.message(), "xds stream failed");
                     let _ = send(&tx, &cancel, Err(Status::invalid_argument(format!(
                         "unreadable DiscoveryRequest: {}", status.message()
@@ -133,9 +141,11 @@ impl AggregatedDiscoveryService for Ads {
             .unwrap_or_default();
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(QUEUE);
-        let session = Session::new(&self.control_plane);
+        let session = Session::new(&self.control_plane).with_metrics(self.metrics.clone());
         let streams = self.streams.clone();
+        let metrics = self.metrics.clone();
         let open = streams.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics.streams.inc();
         info!(%peer, open, "xds stream opened");
         let span = info_span!("xds_stream", %peer);
         tokio::spawn(
@@ -143,7 +153,8 @@ impl AggregatedDiscoveryService for Ads {
                 let snapshots = self.snapshots.clone();
                 let cancel = self.shutdown.clone();
                 async move {
-                    serve_stream(inbound, snapshots, session, tx, cancel).await;
+                    serve_stream(inbound, snapshots, session, tx, cancel, &metrics).await;
+                    metrics.streams.dec();
                     let open = streams.fetch_sub(1, Ordering::Relaxed) - 1;
                     info!(open, "xds stream ended");
                 }

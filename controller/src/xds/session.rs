@@ -23,12 +23,14 @@
 //!   selects changed (its response version is a hash of exactly those).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::ControlPlane;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use tonic::Status;
 use tracing::{debug, warn};
 
+use super::metrics::XdsMetrics;
 use super::resources::{Kind, Resources, Snapshot};
 
 /// What a subscription asks for.
@@ -81,6 +83,8 @@ pub struct Session {
     nonce: u64,
     /// Unknown type URLs already warned about.
     unknown: BTreeSet<String>,
+    /// Shared with every stream of the server.
+    metrics: Arc<XdsMetrics>,
 }
 
 impl Session {
@@ -92,7 +96,14 @@ impl Session {
             subs: BTreeMap::new(),
             nonce: 0,
             unknown: BTreeSet::new(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// Counts this stream's pushes, ACKs and NACKs in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<XdsMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The client's node id, once it said it.
@@ -159,6 +170,7 @@ impl Session {
         }
         match &req.error_detail {
             Some(err) if !req.response_nonce.is_empty() => {
+                self.metrics.nacked(kind);
                 let rejected = sub.sent.clone();
                 if sub.nacked != rejected {
                     warn!(
@@ -173,6 +185,7 @@ impl Session {
                 }
             }
             _ if !req.response_nonce.is_empty() => {
+                self.metrics.acked(kind);
                 if sub.acked.as_deref() != Some(req.version_info.as_str()) {
                     debug!(kind = kind.as_str(), version = %req.version_info, "xds ack");
                 }
@@ -246,6 +259,7 @@ impl Session {
         );
         sub.sent = Some(version.clone());
         sub.nonce = Some(nonce.clone());
+        self.metrics.pushed(kind);
         Some(DiscoveryResponse {
             version_info: version,
             resources,
@@ -262,8 +276,11 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::xds::metrics::TypeName;
     use crate::xds::resources::{CLUSTER, ENDPOINT, LISTENER};
     use envoy_types::pb::google::rpc;
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
 
     fn snap(services: &[&str]) -> Snapshot {
         use envoy_types::pb::google::protobuf::Any;
@@ -316,7 +333,14 @@ mod tests {
 
     #[test]
     fn ack_nack_and_stale_nonces() {
-        let mut s = Session::new("c");
+        let metrics = Arc::new(XdsMetrics::default());
+        let mut s = Session::new("c").with_metrics(metrics.clone());
+        let count = |f: &Family<TypeName, Counter>| {
+            f.get_or_create(&TypeName {
+                r#type: "eds".into(),
+            })
+            .get()
+        };
         let s1 = snap(&["a"]);
         let r = s
             .on_request(req(ENDPOINT, &["a"], "", ""), Some(&s1))
@@ -353,6 +377,11 @@ mod tests {
         });
         assert!(s.on_request(nack, Some(&s2)).unwrap().is_none());
         assert_eq!(s.acked(Kind::Endpoint), Some(r.version_info.as_str()));
+        // Two pushes; the ACK and the request that acked r while changing
+        // names; one NACK. The stale request counts as nothing.
+        assert_eq!(count(&metrics.responses), 2);
+        assert_eq!(count(&metrics.acks), 2);
+        assert_eq!(count(&metrics.nacks), 1);
     }
 
     #[test]
