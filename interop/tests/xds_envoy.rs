@@ -8,20 +8,13 @@ mod xds_common;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use testkit::eventually;
 use xds_common::{envoy, Fleet, Grpcio, SERVICE};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn envoy_over_ads_splits_by_weight_and_rejects_nothing() -> Result<()> {
     let fleet = Fleet::start("300s").await?;
     let envoy = envoy(fleet.dir.path(), &fleet.ctl.xds).await?;
-    let healthy = format!("cluster.{SERVICE}.membership_healthy");
-    eventually(
-        Duration::from_secs(30),
-        "envoy has three healthy hosts",
-        || async { (envoy.stat(&healthy).await.ok().flatten() == Some(3)).then_some(()) },
-    )
-    .await?;
+    envoy.wait_healthy(3).await?;
     // Through Envoy's listener, one client connection: Envoy picks.
     let mut client = Grpcio::start(&envoy.target(), &fleet.bootstrap)?;
     let b = client.calls(6000).await?;

@@ -22,11 +22,7 @@ async fn grpcio_over_xds_follows_weights_drains_deaths_and_deletions() -> Result
     // Weights 100/200/300: within 2 % of 1/6, 2/6, 3/6 over 6,000 calls.
     // (The first calls wait for the channel's xDS resources; a batch is
     // counted once every server has been seen.)
-    client
-        .until(60, Duration::from_secs(30), "every server picked", |b| {
-            (0..3).all(|i| b.count(fleet.addr(i)) > 0)
-        })
-        .await?;
+    client.until_every_server_picked(&fleet).await?;
     let pushes = |f: &Fleet| f.ctl.proc.log().matches("xds push").count();
     let before = pushes(&fleet);
     // grpcio picks a locality at random by weight: 12,000 calls (the

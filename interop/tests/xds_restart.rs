@@ -18,20 +18,10 @@ use xds_common::{envoy, envoy_with, Fleet, Grpcio, SERVICE};
 async fn clients_ride_out_a_controller_restart_without_a_failed_call() -> Result<()> {
     let mut fleet = Fleet::start("300s").await?;
     let envoy = envoy(fleet.dir.path(), &fleet.ctl.xds).await?;
-    let healthy = format!("cluster.{SERVICE}.membership_healthy");
-    eventually(
-        Duration::from_secs(30),
-        "envoy has three healthy hosts",
-        || async { (envoy.stat(&healthy).await.ok().flatten() == Some(3)).then_some(()) },
-    )
-    .await?;
+    envoy.wait_healthy(3).await?;
     let mut direct = Grpcio::start(&format!("xds:///{SERVICE}"), &fleet.bootstrap)?;
     let mut proxied = Grpcio::start(&envoy.target(), &fleet.bootstrap)?;
-    direct
-        .until(60, Duration::from_secs(30), "every server picked", |b| {
-            (0..3).all(|i| b.count(fleet.addr(i)) > 0)
-        })
-        .await?;
+    direct.until_every_server_picked(&fleet).await?;
 
     // Kill the controller in the middle of two batches, start it again
     // 2 s later on the same port.
@@ -102,20 +92,10 @@ async fn clients_ride_out_a_controller_restart_without_a_failed_call() -> Result
 async fn clients_keep_calling_through_an_etcd_outage_longer_than_the_ttl() -> Result<()> {
     let mut fleet = Fleet::start("2s").await?;
     let envoy = envoy(fleet.dir.path(), &fleet.ctl.xds).await?;
-    let healthy = format!("cluster.{SERVICE}.membership_healthy");
-    eventually(
-        Duration::from_secs(30),
-        "envoy has three healthy hosts",
-        || async { (envoy.stat(&healthy).await.ok().flatten() == Some(3)).then_some(()) },
-    )
-    .await?;
+    envoy.wait_healthy(3).await?;
     let mut direct = Grpcio::start(&format!("xds:///{SERVICE}"), &fleet.bootstrap)?;
     let mut proxied = Grpcio::start(&envoy.target(), &fleet.bootstrap)?;
-    direct
-        .until(60, Duration::from_secs(30), "every server picked", |b| {
-            (0..3).all(|i| b.count(fleet.addr(i)) > 0)
-        })
-        .await?;
+    direct.until_every_server_picked(&fleet).await?;
 
     // etcd down for 6 s (three times the TTL) while both call.
     fleet.etcd.stop();
@@ -172,13 +152,7 @@ async fn envoy_fails_over_between_two_controller_replicas() -> Result<()> {
         .rsplit_once(':')
         .map_or(0, |(_, p)| p.parse().unwrap_or(0));
     let envoy = envoy_with(fleet.dir.path(), &[&fleet.ctl.xds, &b.xds]).await?;
-    let healthy = format!("cluster.{SERVICE}.membership_healthy");
-    eventually(
-        Duration::from_secs(30),
-        "envoy has three healthy hosts",
-        || async { (envoy.stat(&healthy).await.ok().flatten() == Some(3)).then_some(()) },
-    )
-    .await?;
+    envoy.wait_healthy(3).await?;
     let mut proxied = Grpcio::start(&envoy.target(), &fleet.bootstrap)?;
 
     // Replica A dies: calls go on, and a change reaches Envoy through B

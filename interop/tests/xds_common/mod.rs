@@ -236,6 +236,15 @@ impl Grpcio {
         serde_json::from_str(&line).with_context(|| line.clone())
     }
 
+    /// Calls until one batch of 60 reaches every server of `fleet`: the
+    /// client has the whole assignment.
+    pub async fn until_every_server_picked(&mut self, fleet: &Fleet) -> Result<Batch> {
+        self.until(60, Duration::from_secs(30), "every server picked", |b| {
+            (0..fleet.servers.len()).all(|i| b.count(fleet.addr(i)) > 0)
+        })
+        .await
+    }
+
     /// Calls in batches of `n` until `pred` holds for one batch.
     pub async fn until(
         &mut self,
@@ -451,6 +460,18 @@ impl Envoy {
             let (k, v) = l.split_once(": ")?;
             (k == name).then(|| v.trim().parse().ok()).flatten()
         }))
+    }
+
+    /// Waits (30 s at most) until Envoy counts `n` healthy hosts in the
+    /// service's cluster: its ADS updates have arrived.
+    pub async fn wait_healthy(&self, n: u64) -> Result<()> {
+        let healthy = format!("cluster.{SERVICE}.membership_healthy");
+        eventually(
+            Duration::from_secs(30),
+            &format!("envoy has {n} healthy hosts"),
+            || async { (self.stat(&healthy).await.ok().flatten() == Some(n)).then_some(()) },
+        )
+        .await
     }
 
     /// The grpcio target of the listener.
