@@ -27,7 +27,8 @@ struct Args {
     /// Seconds per load cell (overhead, server).
     #[arg(long, global = true, default_value_t = 4.0)]
     secs: f64,
-    /// Endpoints under one prefix for the scale scenario.
+    /// Endpoints under one prefix for the scale scenario, and members of
+    /// the controller scenario's largest rows.
     #[arg(long, global = true, env = "BENCH_MEMBERS", default_value_t = 100_000,
           value_parser = clap::value_parser!(u64).range(10..=1_000_000))]
     members: u64,
@@ -45,7 +46,7 @@ enum Scenario {
     Failover,
     /// 5: `--members` endpoints (default 100,000).
     Scale,
-    /// 6: the controller's GET /services at 1,000 and 10,000 members.
+    /// 6: the controller's GET /services at 1,000, 10,000 and `--members`.
     Controller,
     /// 7: one server's throughput, idle CPU, memory.
     Server,
@@ -83,7 +84,10 @@ async fn main() -> anyhow::Result<()> {
         emit(propagation::scale(args.members as usize).await?);
     }
     if want(Scenario::Controller) {
-        emit(controller_view::run(args.secs.max(5.0))?);
+        emit(controller_view::run(
+            args.secs.max(5.0),
+            args.members as usize,
+        )?);
     }
     if want(Scenario::Server) {
         emit(fleet::server_side(args.secs).await?);

@@ -4,7 +4,8 @@
 //! ```text
 //! cargo bench -p controller --bench services
 //! BENCH_MEMBERS=10000 BENCH_LIVE=0 BENCH_CONCURRENCY=64 BENCH_SECS=10 cargo bench -p controller --bench services
-//! BENCH_MEMBERS=100000 BENCH_LIVE=0 BENCH_PAGE=500 cargo bench -p controller --bench services
+//! BENCH_MEMBERS=100000 BENCH_LIVE=0 BENCH_PAGE=500 BENCH_GZIP=off cargo bench -p controller --bench services
+//! BENCH_MEMBERS=100000 BENCH_LIVE=0 BENCH_GZIP=raw cargo bench -p controller --bench services
 //! ```
 //!
 //! `BENCH_PAGE=N` makes every worker walk the view in pages
@@ -33,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use etcd_client::PutOptions;
+use etcd_client::{PutOptions, Txn, TxnOp};
 use futures::StreamExt;
 use registry::etcd::EtcdConfig;
 use serde_json::Value;
@@ -102,29 +103,41 @@ async fn bench() -> Result<()> {
             .serve_with_incoming_shutdown(incoming, stop_health.clone().cancelled_owned()),
     );
 
+    // Transactions of 128 puts, a few in flight: one put per request made
+    // the set-up alone take over ten minutes at 100,000 members (etcd slows
+    // down per request as the store grows), 128 per transaction a minute.
     let lease = client.lease_grant(3600, None).await?.id();
-    futures::stream::iter(addrs.iter().enumerate())
+    let setup = Instant::now();
+    let txns: Vec<Txn> = addrs
+        .iter()
+        .enumerate()
         .map(|(i, addr)| {
-            let mut c = client.clone();
-            async move {
-                let value = serde_json::json!({
-                    "addr": addr,
-                    "version": format!("1.{}.0", i % 7),
-                    "weight": 50 + (i % 10) * 25,
-                });
-                c.put(
-                    format!("/ns/bench_service_{}/{addr}", i % 4),
-                    value.to_string(),
-                    Some(PutOptions::new().with_lease(lease)),
-                )
-                .await
-            }
+            let value = serde_json::json!({
+                "addr": addr,
+                "version": format!("1.{}.0", i % 7),
+                "weight": 50 + (i % 10) * 25,
+            });
+            TxnOp::put(
+                format!("/ns/bench_service_{}/{addr}", i % 4),
+                value.to_string(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
         })
-        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .chunks(128)
+        .map(|ops| Txn::new().and_then(ops.to_vec()))
+        .collect();
+    futures::stream::iter(txns)
+        .map(|txn| {
+            let mut c = client.clone();
+            async move { c.txn(txn).await }
+        })
+        .buffer_unordered(4)
         .collect::<Vec<_>>()
         .await
         .into_iter()
         .collect::<Result<Vec<_>, _>>()?;
+    eprintln!("{members} keys put in {:.1?}", setup.elapsed());
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
@@ -155,7 +168,10 @@ async fn bench() -> Result<()> {
     }
     let http = builder.build()?;
     let url = format!("{base}/services");
-    let ready_by = Instant::now() + Duration::from_secs(120);
+    // Every member probed once: at 100,000 dead addresses a pass takes a
+    // while; allow a second per 500 members, at least two minutes.
+    let started = Instant::now();
+    let ready_by = started + Duration::from_secs((members as u64 / 500).max(120));
     let bytes = loop {
         if let Ok(resp) = probe_http.get(&url).send().await {
             if let Ok(body) = resp.bytes().await {
@@ -186,7 +202,10 @@ async fn bench() -> Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    eprintln!("all {members} members probed in the view ({bytes} bytes of JSON); warming up");
+    eprintln!(
+        "all {members} members probed in the view {:.1?} after the controller started ({bytes} bytes of JSON); warming up",
+        started.elapsed()
+    );
 
     let page = (page > 0).then_some(page);
     run_load(&http, &url, page, concurrency, Duration::from_secs(1)).await?;
@@ -230,9 +249,16 @@ async fn bench() -> Result<()> {
         ms(pct(0.99)),
         ms(lat.last().copied().unwrap_or_default()),
     );
+    // Issue 4: p99 < 50 ms for the whole view up to 10,000 members and per
+    // page at any size; issue 14: the whole view (gzip) < 100 ms beyond.
+    let bound = if page.is_none() && members > 10_000 {
+        100
+    } else {
+        50
+    };
     println!(
-        "target: p99 < 50 ms -> {}",
-        if pct(0.99) < Duration::from_millis(50) {
+        "target: p99 < {bound} ms -> {}",
+        if pct(0.99) < Duration::from_millis(bound) {
             "met"
         } else {
             "NOT met"
