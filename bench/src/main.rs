@@ -7,6 +7,7 @@
 
 mod controller_view;
 mod fleet;
+mod h2sender;
 mod overhead;
 mod propagation;
 mod stats;

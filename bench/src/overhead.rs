@@ -1,5 +1,8 @@
 //! Scenario 1: balancer overhead against a plain tonic channel, same
-//! process, same load, variants interleaved so noise hits them alike.
+//! process, same load, variants interleaved so noise hits them alike:
+//! (a) a plain `Channel` to one server, (b) the balancer over that one
+//! server, (c) the balancer over three, (d) hyper's HTTP/2 sender to the
+//! server of (a), without a `Channel`.
 
 use std::time::{Duration, Instant};
 
@@ -122,25 +125,28 @@ pub async fn run(secs: f64, levels: &[usize]) -> anyhow::Result<Table> {
         .tcp_nodelay(true)
         .connect()
         .await?;
+    let sender = crate::h2sender::H2Sender::connect(&servers[0]).await?;
     let one = balancer(&servers[..1]);
     let three = balancer(&servers);
     for _ in 0..2 {
         drive(GreetClient::new(plain.clone()), 4, 0.3).await;
         drive(GreetClient::new(one.clone()), 4, 0.3).await;
         drive(GreetClient::new(three.clone()), 4, 0.3).await;
+        drive(GreetClient::new(sender.clone()), 4, 0.3).await;
     }
     let mut t = Table::new(
         format!("1. Balancer overhead (unary Morning, in-process servers, {secs}s per cell, best of 2 interleaved rounds)"),
-        &["concurrency", "(a) plain rps", "(a) p50/p99", "(b) 1 srv rps", "(b) p50/p99", "(c) 3 srv rps", "(c) p50/p99", "(b)/(a)", "(c)/(a)", "errors"],
+        &["concurrency", "(a) plain rps", "(a) p50/p99", "(b) 1 srv rps", "(b) p50/p99", "(c) 3 srv rps", "(c) p50/p99", "(b)/(a)", "(c)/(a)", "(d)/(a)", "errors"],
     );
     let mut worst_b = f64::MAX;
     for &c in levels {
-        let mut best: [Option<Cell>; 3] = [None, None, None];
+        let mut best: [Option<Cell>; 4] = [None, None, None, None];
         for _ in 0..2 {
             let cells = [
                 drive(GreetClient::new(plain.clone()), c, secs / 2.0).await,
                 drive(GreetClient::new(one.clone()), c, secs / 2.0).await,
                 drive(GreetClient::new(three.clone()), c, secs / 2.0).await,
+                drive(GreetClient::new(sender.clone()), c, secs / 2.0).await,
             ];
             for (slot, cell) in best.iter_mut().zip(cells) {
                 if slot.as_ref().is_none_or(|b| cell.rps > b.rps) {
@@ -148,7 +154,7 @@ pub async fn run(secs: f64, levels: &[usize]) -> anyhow::Result<Table> {
                 }
             }
         }
-        let [a, b, c3] = best.map(|x| x.expect("two rounds ran"));
+        let [a, b, c3, d] = best.map(|x| x.expect("two rounds ran"));
         let pp = |x: &Cell| format!("{}/{}", us(x.p50 as f64), us(x.p99 as f64));
         worst_b = worst_b.min(b.rps / a.rps);
         t.row(vec![
@@ -161,9 +167,13 @@ pub async fn run(secs: f64, levels: &[usize]) -> anyhow::Result<Table> {
             pp(&c3),
             format!("{:.3}", b.rps / a.rps),
             format!("{:.3}", c3.rps / a.rps),
-            (a.errors + b.errors + c3.errors).to_string(),
+            format!("{:.3}", d.rps / a.rps),
+            (a.errors + b.errors + c3.errors + d.errors).to_string(),
         ]);
     }
+    t.note(
+        "(d): hyper's HTTP/2 sender on one connection to the server of (a), no tonic Channel (bench/src/h2sender.rs): the ceiling without the Channel's buffer task",
+    );
     t.note(format!(
         "Target (b)/(a) >= 0.95: worst {:.3} -> {}",
         worst_b,
