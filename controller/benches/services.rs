@@ -42,13 +42,6 @@ use testkit::Etcd;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() -> Result<()> {
     // Cargo passes `--bench`; any other argument is a filter we ignore.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -58,11 +51,11 @@ fn main() -> Result<()> {
 }
 
 async fn bench() -> Result<()> {
-    let members = env_or("BENCH_MEMBERS", 1000) as usize;
-    let concurrency = env_or("BENCH_CONCURRENCY", 64) as usize;
-    let secs = env_or("BENCH_SECS", 10);
-    let live = env_or("BENCH_LIVE", 1) != 0;
-    let page = env_or("BENCH_PAGE", 0) as usize;
+    let members = testkit::env_u64("BENCH_MEMBERS", 1000)? as usize;
+    let concurrency = testkit::env_u64("BENCH_CONCURRENCY", 64)? as usize;
+    let secs = testkit::env_u64("BENCH_SECS", 10)?;
+    let live = testkit::env_u64("BENCH_LIVE", 1)? != 0;
+    let page = testkit::env_u64("BENCH_PAGE", 0)? as usize;
     let gzip = std::env::var("BENCH_GZIP").unwrap_or_else(|_| "decode".to_owned());
     anyhow::ensure!(
         ["decode", "raw", "off"].contains(&gzip.as_str()),

@@ -41,13 +41,6 @@ use xds_common::{Fleet, Grpcio, SERVICE};
 
 const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -144,8 +137,8 @@ async fn subscriber(
 }
 
 async fn bench() -> Result<()> {
-    let subscribers = env_or("BENCH_SUBSCRIBERS", 1000) as usize;
-    let rounds = env_or("BENCH_ROUNDS", 20) as usize;
+    let subscribers = testkit::env_u64("BENCH_SUBSCRIBERS", 1000)? as usize;
+    let rounds = testkit::env_u64("BENCH_ROUNDS", 20)? as usize;
     let fleet = Fleet::start("300s").await?;
     let pid = fleet.ctl.proc.pid().as_raw();
     let target = fleet.addr(0).to_owned();
@@ -232,7 +225,7 @@ async fn bench() -> Result<()> {
     }
 
     // --- grpcio: put -> picker changed -------------------------------------
-    let grpcio_rounds = env_or("BENCH_CLIENT_ROUNDS", 20) as usize;
+    let grpcio_rounds = testkit::env_u64("BENCH_CLIENT_ROUNDS", 20)? as usize;
     match Grpcio::start(&format!("xds:///{SERVICE}"), &fleet.bootstrap) {
         Err(e) => println!("\ngrpcio: skipped ({e})"),
         Ok(mut client) => {

@@ -258,6 +258,20 @@ fn etcd_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("etcd"))
 }
 
+/// A benchmark's numeric knob: `name` from the environment, or `default`
+/// when unset. A value that is not a whole number is an error naming the
+/// variable, not a silent fall-back to the default.
+pub fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
+    match std::env::var(name) {
+        Err(std::env::VarError::NotPresent) => Ok(default),
+        Err(e) => anyhow::bail!("{name}: {e}"),
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{name}={v:?}: want a whole number ({e})")),
+    }
+}
+
 /// The path of a workspace binary built next to the running test
 /// (`target/<profile>/<name>`). `cargo test --workspace` builds them all;
 /// when a single package's tests run, a missing binary is built here first.
@@ -470,5 +484,20 @@ where
             bail!("timed out after {limit:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn env_u64_reads_defaults_and_refuses_garbage() {
+        let name = "TESTKIT_ENV_U64_UNIT_TEST";
+        assert_eq!(super::env_u64(name, 7).unwrap(), 7);
+        std::env::set_var(name, " 42 ");
+        assert_eq!(super::env_u64(name, 7).unwrap(), 42);
+        std::env::set_var(name, "many");
+        let e = super::env_u64(name, 7).unwrap_err().to_string();
+        assert!(e.contains(name) && e.contains("many"), "{e}");
+        std::env::remove_var(name);
     }
 }
