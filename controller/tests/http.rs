@@ -508,8 +508,8 @@ async fn the_stream_sends_updates_and_ends_on_shutdown() -> Result<()> {
         .get("content-type")
         .and_then(|h| h.to_str().ok())
         .is_some_and(|c| c.starts_with("text/event-stream")));
-    let mut buf = String::new();
-    let first = next_event(&mut resp, &mut buf).await?;
+    let mut buf = Vec::new();
+    let first = next_json(&mut resp, &mut buf).await?;
     assert_eq!(first["services"], serde_json::json!([]));
 
     let (addr, _stop) = legacy_server().await?;
@@ -517,7 +517,7 @@ async fn the_stream_sends_updates_and_ends_on_shutdown() -> Result<()> {
     let mut seen = false;
     for _ in 0..20 {
         // Changes after the first event name the changed services whole.
-        let ev = next_event(&mut resp, &mut buf).await?;
+        let ev = next_json(&mut resp, &mut buf).await?;
         let changed = serde_json::json!({ "services": ev["changed"] });
         if find_member(&changed, "late_service", &addr).is_some() {
             seen = true;
@@ -536,26 +536,10 @@ async fn the_stream_sends_updates_and_ends_on_shutdown() -> Result<()> {
     Ok(())
 }
 
-async fn next_event(resp: &mut reqwest::Response, buf: &mut String) -> Result<Value> {
-    loop {
-        if let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
-            let data: String = block
-                .lines()
-                .filter_map(|l| l.strip_prefix("data:"))
-                .map(str::trim_start)
-                .collect();
-            if data.is_empty() {
-                continue; // keep-alive comment
-            }
-            return Ok(serde_json::from_str(&data)?);
-        }
-        let chunk = tokio::time::timeout(Duration::from_secs(5), resp.chunk())
-            .await
-            .context("no SSE data within 5 s")??
-            .context("stream ended")?;
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-    }
+/// The next event's data as JSON (the shared reader, 5 s per event).
+async fn next_json(resp: &mut reqwest::Response, buf: &mut Vec<u8>) -> Result<Value> {
+    let ev = next_event(resp, buf, Duration::from_secs(5)).await?;
+    Ok(serde_json::from_str(&ev.data)?)
 }
 
 /// The page at `/` in headless Chromium shows the members of a running

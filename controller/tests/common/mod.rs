@@ -251,3 +251,41 @@ pub async fn legacy_server() -> Result<(String, CancellationToken)> {
 pub fn dead_addr() -> String {
     format!("127.0.0.1:{}", testkit::free_port())
 }
+
+/// One server-sent event: its name and its data.
+pub struct Sse {
+    pub event: String,
+    pub data: String,
+}
+
+/// Reads the next event (skipping keep-alive comments), within `limit`.
+pub async fn next_event(
+    resp: &mut reqwest::Response,
+    buf: &mut Vec<u8>,
+    limit: Duration,
+) -> Result<Sse> {
+    loop {
+        if let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+            let block: Vec<u8> = buf.drain(..end + 2).collect();
+            let block = String::from_utf8(block).context("SSE block is not UTF-8")?;
+            let mut event = String::from("message");
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(e) = line.strip_prefix("event:") {
+                    event = e.trim().to_owned();
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    data.push_str(d.strip_prefix(' ').unwrap_or(d));
+                }
+            }
+            if data.is_empty() {
+                continue;
+            }
+            return Ok(Sse { event, data });
+        }
+        let chunk = tokio::time::timeout(limit, resp.chunk())
+            .await
+            .context("no SSE data in time")??
+            .context("stream ended")?;
+        buf.extend_from_slice(&chunk);
+    }
+}
