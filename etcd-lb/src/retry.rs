@@ -28,8 +28,11 @@ pub struct RetryPolicy {
     pub initial_backoff: Duration,
     /// Largest pause.
     pub max_backoff: Duration,
-    /// Bound for one attempt of a retryable call (Envoy's per_try_timeout):
-    /// a connection that went silent costs one attempt, not the deadline.
+    /// When an attempt of a retryable call passes this, its connection is
+    /// probed with a health check: answered, the attempt keeps waiting (a
+    /// slow call is not a dead server); unanswered, the connection is
+    /// silent and the call is retried elsewhere, costing one bounded
+    /// attempt, not the deadline.
     pub per_try_timeout: Option<Duration>,
 }
 

@@ -53,8 +53,9 @@ pub struct Common {
     /// Deadline of each call, retries included.
     #[arg(long, global = true, env = "GREET_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
-    /// Bound for one attempt of a call; a silent server costs this, then
-    /// the call is retried elsewhere (`0s` turns it off).
+    /// How long an attempt of a retryable call runs before the client checks its connection
+    /// with a health check: answered, it keeps waiting (slow is not dead);
+    /// unanswered, the call is retried elsewhere (`0s` turns it off).
     #[arg(long, global = true, env = "GREET_PER_TRY_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub per_try_timeout: Duration,
     /// Retry budget: retries (of every kind) allowed per recent call, over
