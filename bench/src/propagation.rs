@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use etcd_client::{Client, PutOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{Client, WatchOptions};
 use etcd_lb::{Balancer, BalancerConfig, Discovery, DiscoveryConfig};
 use registry::etcd::EtcdConfig;
 use registry::schema::ServiceName;
@@ -132,29 +132,22 @@ pub async fn propagation(samples: usize) -> Result<Table> {
     Ok(t)
 }
 
-/// Puts `n` endpoints under `service` in transactions of 128 puts.
+/// Puts `n` endpoints under `service` (in transactions: testkit).
 async fn register_many(client: &mut Client, service: &str, n: usize) -> Result<()> {
     let lease = client.lease_grant(600, None).await?.id();
-    let mut ops = Vec::new();
-    for i in 0..n {
+    let kvs = (0..n).map(|i| {
         let addr = format!(
             "127.{}.{}.{}:3000",
             (i >> 16) & 255,
             (i >> 8) & 255,
             i & 255
         );
-        ops.push(TxnOp::put(
+        (
             format!("/ns/{service}/{addr}"),
             value(&addr, 1 + (i as u32 % 300)),
-            Some(PutOptions::new().with_lease(lease)),
-        ));
-        if ops.len() == 128 || i + 1 == n {
-            client
-                .txn(Txn::new().and_then(std::mem::take(&mut ops)))
-                .await?;
-        }
-    }
-    Ok(())
+        )
+    });
+    testkit::put_in_txns(client, kvs, Some(lease)).await
 }
 
 /// Scenario 5.

@@ -34,8 +34,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use etcd_client::{PutOptions, Txn, TxnOp};
-use futures::StreamExt;
 use registry::etcd::EtcdConfig;
 use serde_json::Value;
 use testkit::Etcd;
@@ -96,40 +94,22 @@ async fn bench() -> Result<()> {
             .serve_with_incoming_shutdown(incoming, stop_health.clone().cancelled_owned()),
     );
 
-    // Transactions of 128 puts, a few in flight: one put per request made
-    // the set-up alone take over ten minutes at 100,000 members (etcd slows
-    // down per request as the store grows), 128 per transaction a minute.
+    // In transactions (testkit::put_in_txns): one put per request made the
+    // set-up alone take over ten minutes at 100,000 members.
     let lease = client.lease_grant(3600, None).await?.id();
     let setup = Instant::now();
-    let txns: Vec<Txn> = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, addr)| {
-            let value = serde_json::json!({
-                "addr": addr,
-                "version": format!("1.{}.0", i % 7),
-                "weight": 50 + (i % 10) * 25,
-            });
-            TxnOp::put(
-                format!("/ns/bench_service_{}/{addr}", i % 4),
-                value.to_string(),
-                Some(PutOptions::new().with_lease(lease)),
-            )
-        })
-        .collect::<Vec<_>>()
-        .chunks(128)
-        .map(|ops| Txn::new().and_then(ops.to_vec()))
-        .collect();
-    futures::stream::iter(txns)
-        .map(|txn| {
-            let mut c = client.clone();
-            async move { c.txn(txn).await }
-        })
-        .buffer_unordered(4)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()?;
+    let kvs = addrs.iter().enumerate().map(|(i, addr)| {
+        let value = serde_json::json!({
+            "addr": addr,
+            "version": format!("1.{}.0", i % 7),
+            "weight": 50 + (i % 10) * 25,
+        });
+        (
+            format!("/ns/bench_service_{}/{addr}", i % 4),
+            value.to_string(),
+        )
+    });
+    testkit::put_in_txns(&client, kvs, Some(lease)).await?;
     eprintln!("{members} keys put in {:.1?}", setup.elapsed());
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

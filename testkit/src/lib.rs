@@ -272,6 +272,38 @@ pub fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
     }
 }
 
+/// etcd's default cap on the operations of one transaction
+/// (`--max-txn-ops`).
+pub const TXN_OPS: usize = 128;
+
+/// Puts `kvs` in transactions of [`TXN_OPS`] puts, on `lease` when given:
+/// set-ups of many keys. One put per request slowed etcd 3.4 to a crawl as
+/// the store grew (68,000 keys after 7.5 minutes); in transactions 100,000
+/// keys take about a second.
+pub async fn put_in_txns<K, V>(
+    client: &etcd_client::Client,
+    kvs: impl IntoIterator<Item = (K, V)>,
+    lease: Option<i64>,
+) -> Result<()>
+where
+    K: Into<Vec<u8>>,
+    V: Into<Vec<u8>>,
+{
+    let mut c = client.clone();
+    let mut ops = Vec::with_capacity(TXN_OPS);
+    let mut kvs = kvs.into_iter().peekable();
+    while let Some((k, v)) = kvs.next() {
+        let opts = lease.map(|l| etcd_client::PutOptions::new().with_lease(l));
+        ops.push(etcd_client::TxnOp::put(k, v, opts));
+        if ops.len() == TXN_OPS || kvs.peek().is_none() {
+            c.txn(etcd_client::Txn::new().and_then(std::mem::take(&mut ops)))
+                .await
+                .context("a transaction of puts")?;
+        }
+    }
+    Ok(())
+}
+
 /// The path of a workspace binary built next to the running test
 /// (`target/<profile>/<name>`). `cargo test --workspace` builds them all;
 /// when a single package's tests run, a missing binary is built here first.
