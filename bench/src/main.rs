@@ -5,6 +5,7 @@
 //! cargo) and prints one table per scenario (`--json` for
 //! scripts). Benchmarks print numbers; they never pass or fail.
 
+mod calls;
 mod controller_view;
 mod fleet;
 mod h2sender;
@@ -35,7 +36,7 @@ struct Args {
     members: u64,
 }
 
-#[derive(Debug, Clone, Copy, Subcommand, PartialEq, Eq)]
+#[derive(Debug, Clone, Subcommand, PartialEq, Eq)]
 enum Scenario {
     /// 1: balancer vs plain channel.
     Overhead,
@@ -53,12 +54,40 @@ enum Scenario {
     Server,
     /// Everything above.
     All,
+    /// Serves Greet on a loopback port, printing its address (for `calls`).
+    Serve,
+    /// A fixed number of calls through one client variant, for counting
+    /// instructions per call (`bench/instructions.sh`).
+    Calls {
+        /// The server (`serve` prints it).
+        #[arg(long)]
+        target: registry::schema::Addr,
+        /// Which client.
+        #[arg(long, value_enum)]
+        variant: calls::Variant,
+        /// Calls after the warm-up.
+        #[arg(long, default_value_t = 10_000)]
+        calls: u64,
+        /// Callers at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     registry::logging::init(registry::logging::LogFormat::Text);
+    match &args.scenario {
+        Scenario::Serve => return calls::serve().await,
+        Scenario::Calls {
+            target,
+            variant,
+            calls: n,
+            concurrency,
+        } => return calls::run(target, *variant, *n, *concurrency).await,
+        _ => {}
+    }
     let want = |s: Scenario| args.scenario == s || args.scenario == Scenario::All;
     let mut tables: Vec<Table> = Vec::new();
     let mut emit = |t: Table| {

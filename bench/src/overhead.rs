@@ -96,7 +96,9 @@ where
     }
 }
 
-fn balancer(addrs: &[Addr]) -> Balancer {
+/// The balancer of variants (b) and (c): Morning and Night retryable,
+/// with the default per-try timeout (`BENCH_NO_PER_TRY` drops it).
+pub fn balancer(addrs: &[Addr]) -> Balancer {
     let b = Balancer::new(BalancerConfig {
         retry: if std::env::var_os("BENCH_NO_PER_TRY").is_some() {
             RetryPolicy {

@@ -1,0 +1,98 @@
+//! A fixed number of calls through one client variant, for counting the
+//! client's instructions per call (`bench/instructions.sh` runs this under
+//! callgrind twice, at two call counts, and divides the difference). Wall
+//! time on a shared 2-core machine moves by 10-30 % between runs;
+//! instruction counts repeat to a fraction of a percent, so they compare
+//! two builds, or two variants, honestly (issue 14).
+
+use clap::ValueEnum;
+use greet_proto::{GreetClient, GreetRequest};
+use registry::schema::Addr;
+use tonic::transport::Channel;
+
+/// Which client makes the calls (the variants of scenario 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Variant {
+    /// (a) a plain tonic `Channel`.
+    Plain,
+    /// (b) the balancer over the one server (retryable calls, per-try
+    /// timeout, as greet-client runs it).
+    Balancer,
+    /// (d) hyper's HTTP/2 sender on one connection.
+    H2,
+}
+
+/// Serves Greet in-process until killed, printing the address first.
+pub async fn serve() -> anyhow::Result<()> {
+    let addr = crate::overhead::start_server().await?;
+    println!("{addr}");
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// Makes `calls` Morning calls to `target` through `variant`, `concurrency`
+/// at a time, after 200 warm-up calls; prints how many failed.
+pub async fn run(
+    target: &Addr,
+    variant: Variant,
+    calls: u64,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    match variant {
+        Variant::Plain => {
+            let ch = Channel::from_shared(target.uri())?
+                .tcp_nodelay(true)
+                .connect()
+                .await?;
+            drive(GreetClient::new(ch), calls, concurrency).await
+        }
+        Variant::Balancer => {
+            // Connecting happens in the warm-up, which both call counts
+            // share, so it drops out of the difference.
+            let b = crate::overhead::balancer(std::slice::from_ref(target));
+            drive(GreetClient::new(b), calls, concurrency).await
+        }
+        Variant::H2 => {
+            let s = crate::h2sender::H2Sender::connect(target).await?;
+            drive(GreetClient::new(s), calls, concurrency).await
+        }
+    }
+}
+
+async fn drive<T>(client: GreetClient<T>, calls: u64, concurrency: usize) -> anyhow::Result<()>
+where
+    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
+    T::Future: Send,
+    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    T::ResponseBody: tonic::transport::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::transport::Body>::Error:
+        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+{
+    let one = |mut c: GreetClient<T>, n: u64| async move {
+        let mut failed = 0u64;
+        for _ in 0..n {
+            let req = GreetRequest {
+                name: "bench".into(),
+            };
+            if c.morning(req).await.is_err() {
+                failed += 1;
+            }
+        }
+        failed
+    };
+    let warm = one(client.clone(), 200).await;
+    let concurrency = concurrency.max(1) as u64;
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|i| {
+            // Spread the remainder so exactly `calls` are made.
+            let n = calls / concurrency + u64::from(i < calls % concurrency);
+            tokio::spawn(one(client.clone(), n))
+        })
+        .collect();
+    let mut failed = warm;
+    for t in tasks {
+        failed += t.await?;
+    }
+    println!("failed {failed}");
+    Ok(())
+}
