@@ -35,8 +35,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http_body::Frame;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::Full;
 use registry::backoff::Backoff;
 use registry::grpc_status::{code_of, OnStatus, Report};
 use registry::schema::Addr;
@@ -47,6 +46,7 @@ use tonic::{Code, Status};
 use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
+use crate::body::{read_whole, replayable};
 use crate::budget::{RetryBudget, RetryBudgetConfig};
 use crate::metrics::{ClientMetrics, EndpointMetrics, RetryReason};
 use crate::outlier::{Ejector, OutlierConfig, Tracker};
@@ -1049,83 +1049,12 @@ impl Report for Observer {
     }
 }
 
-/// Requests up to this size are kept for a retry (linkerd's `ReplayBody`
-/// caps at 64 KiB too); larger ones are sent once.
-const REPLAY_CAP: usize = 64 * 1024;
-
-/// Takes a request body whole when it is already complete and within
-/// [`REPLAY_CAP`] (a unary or server-streaming call: tonic encodes its one
-/// message at once), so it can be replayed; otherwise hands back a body
-/// that yields what was read and then the rest as it comes, without waiting
-/// for a request stream the caller keeps open.
-fn replayable(mut body: Body) -> Result<Result<bytes::Bytes, Body>, BoxError> {
-    use futures::{FutureExt, StreamExt};
-    let mut frames: Vec<Frame<bytes::Bytes>> = Vec::new();
-    let mut len = 0;
-    loop {
-        match body.frame().now_or_never() {
-            Some(Some(frame)) => {
-                let frame = frame.map_err(BoxError::from)?;
-                let is_data = frame.is_data();
-                if let Some(d) = frame.data_ref() {
-                    len += d.len();
-                }
-                frames.push(frame);
-                if !is_data || len > REPLAY_CAP {
-                    break;
-                }
-            }
-            Some(None) => {
-                let mut data = frames.into_iter().filter_map(|f| f.into_data().ok());
-                return Ok(Ok(match (data.next(), data.next()) {
-                    (None, _) => bytes::Bytes::new(),
-                    (Some(one), None) => one,
-                    (Some(a), Some(b)) => {
-                        let mut all = bytes::BytesMut::with_capacity(len);
-                        all.extend_from_slice(&a);
-                        all.extend_from_slice(&b);
-                        data.for_each(|d| all.extend_from_slice(&d));
-                        all.freeze()
-                    }
-                }));
-            }
-            // Not ready: the caller is still writing its request stream.
-            None => break,
-        }
-    }
-    let read = futures::stream::iter(frames.into_iter().map(Ok::<_, tonic::Status>));
-    let rest = http_body_util::BodyStream::new(body);
-    Ok(Err(Body::new(StreamBody::new(read.chain(rest)))))
-}
-
 /// Why an attempt did not bring back a whole response.
 enum Lost {
     /// The request failed in the channel (maybe before it was sent).
     Send(BoxError),
     /// The response started but its body broke off.
     Body(BoxError),
-}
-
-/// Reads a retryable call's response to its end before handing it on. gRPC
-/// commits a call when its response headers arrive; this balancer commits
-/// at the trailers, so a server killed between the two (its response cut
-/// off mid-body) costs a retry, not a failed call. Unary responses are
-/// small; streaming methods are never marked retryable. Also returns the
-/// `grpc-status` from the trailers.
-async fn read_whole(
-    resp: http::Response<Body>,
-) -> Result<(http::Response<Body>, Option<Code>), BoxError> {
-    let (parts, body) = resp.into_parts();
-    let collected = body.collect().await?;
-    let trailers = collected.trailers().cloned();
-    let code = trailers.as_ref().and_then(code_of);
-    let data = collected.to_bytes();
-    let frames = [Some(Frame::data(data)), trailers.map(Frame::trailers)]
-        .into_iter()
-        .flatten()
-        .map(Ok::<_, std::convert::Infallible>);
-    let body = Body::new(StreamBody::new(futures::stream::iter(frames)));
-    Ok((http::Response::from_parts(parts, body), code))
 }
 
 impl tower::Service<http::Request<Body>> for Balancer {

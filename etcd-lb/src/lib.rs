@@ -43,6 +43,7 @@
 #![forbid(unsafe_code)]
 
 pub mod balance;
+mod body;
 pub mod budget;
 pub mod discover;
 pub mod metrics;
