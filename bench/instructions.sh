@@ -14,7 +14,8 @@
 # Needs valgrind and the release greet-bench:
 #   cargo build --release -p greet-bench
 # Usage: bench/instructions.sh   (env: LEVELS="1 16", VARIANTS="plain balancer h2",
-#                                 CALLS_LO, CALLS_HI)
+#                                 CALLS_LO, CALLS_HI, TIMEOUT=1s for a
+#                                 grpc-timeout on every call, as greet-client sets)
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -46,7 +47,7 @@ addr=$(head -1 "$work/addr")
 count() {
   local variant=$1 conc=$2 n=$3 out="$work/cg.$1.$2.$3"
   valgrind --tool=callgrind --callgrind-out-file="$out" \
-    "$bin" calls --target "$addr" --variant "$variant" --calls "$n" --concurrency "$conc" \
+    "$bin" calls --target "$addr" --variant "$variant" --calls "$n" --concurrency "$conc" ${TIMEOUT:+--timeout "$TIMEOUT"} \
     >"$out.stdout" 2>"$out.stderr" ||
     { echo "instructions: $variant c=$conc n=$n failed: $(tail -3 "$out.stderr")" >&2; exit 1; }
   grep -q '^failed 0$' "$out.stdout" ||
@@ -54,7 +55,7 @@ count() {
   awk '/^summary:/ {print $2}' "$out"
 }
 
-echo "### Client instructions per call (callgrind, unary Morning, one greet-bench serve)"
+echo "### Client instructions per call (callgrind, unary Morning, one greet-bench serve${TIMEOUT:+, grpc-timeout $TIMEOUT})"
 echo
 echo "| concurrency | variant | instructions per call | ÷ plain |"
 echo "| ----------: | :------ | --------------------: | ------: |"

@@ -5,6 +5,8 @@
 //! instruction counts repeat to a fraction of a percent, so they compare
 //! two builds, or two variants, honestly (issue 14).
 
+use std::time::Duration;
+
 use clap::ValueEnum;
 use greet_proto::{GreetClient, GreetRequest};
 use registry::schema::Addr;
@@ -31,12 +33,15 @@ pub async fn serve() -> anyhow::Result<()> {
 }
 
 /// Makes `calls` Morning calls to `target` through `variant`, `concurrency`
-/// at a time, after 200 warm-up calls; prints how many failed.
+/// at a time, after 200 warm-up calls, each with `timeout` as its
+/// `grpc-timeout` if given (greet-client sets one on every call); prints
+/// how many failed.
 pub async fn run(
     target: &Addr,
     variant: Variant,
     calls: u64,
     concurrency: usize,
+    timeout: Option<Duration>,
 ) -> anyhow::Result<()> {
     match variant {
         Variant::Plain => {
@@ -44,22 +49,27 @@ pub async fn run(
                 .tcp_nodelay(true)
                 .connect()
                 .await?;
-            drive(GreetClient::new(ch), calls, concurrency).await
+            drive(GreetClient::new(ch), calls, concurrency, timeout).await
         }
         Variant::Balancer => {
             // Connecting happens in the warm-up, which both call counts
             // share, so it drops out of the difference.
             let b = crate::overhead::balancer(std::slice::from_ref(target));
-            drive(GreetClient::new(b), calls, concurrency).await
+            drive(GreetClient::new(b), calls, concurrency, timeout).await
         }
         Variant::H2 => {
             let s = crate::h2sender::H2Sender::connect(target).await?;
-            drive(GreetClient::new(s), calls, concurrency).await
+            drive(GreetClient::new(s), calls, concurrency, timeout).await
         }
     }
 }
 
-async fn drive<T>(client: GreetClient<T>, calls: u64, concurrency: usize) -> anyhow::Result<()>
+async fn drive<T>(
+    client: GreetClient<T>,
+    calls: u64,
+    concurrency: usize,
+    timeout: Option<Duration>,
+) -> anyhow::Result<()>
 where
     T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
     T::Future: Send,
@@ -71,9 +81,12 @@ where
     let one = |mut c: GreetClient<T>, n: u64| async move {
         let mut failed = 0u64;
         for _ in 0..n {
-            let req = GreetRequest {
+            let mut req = tonic::Request::new(GreetRequest {
                 name: "bench".into(),
-            };
+            });
+            if let Some(t) = timeout {
+                req.set_timeout(t);
+            }
             if c.morning(req).await.is_err() {
                 failed += 1;
             }

@@ -71,6 +71,9 @@ enum Scenario {
         /// Callers at once.
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
+        /// A `grpc-timeout` on every call, as greet-client sets (e.g. `1s`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
     },
 }
 
@@ -85,7 +88,8 @@ async fn main() -> anyhow::Result<()> {
             variant,
             calls: n,
             concurrency,
-        } => return calls::run(target, *variant, *n, *concurrency).await,
+            timeout,
+        } => return calls::run(target, *variant, *n, *concurrency, *timeout).await,
         _ => {}
     }
     let want = |s: Scenario| args.scenario == s || args.scenario == Scenario::All;

@@ -1000,19 +1000,19 @@ async fn watch<F: Future>(
     deadline: Option<Instant>,
 ) -> Watched<F::Output> {
     let mut attempt = std::pin::pin!(attempt);
-    let at_deadline = async {
-        match deadline {
-            Some(d) => tokio::time::sleep_until(d).await,
-            None => std::future::pending().await,
-        }
-    };
-    let mut at_deadline = std::pin::pin!(at_deadline);
     loop {
+        // One timer while waiting: the per-try bound or the deadline,
+        // whichever comes first, not one for each (every call of a
+        // client that sets a timeout would register both).
+        let bound_at = Instant::now() + bound;
+        let wake = deadline.map_or(bound_at, |d| d.min(bound_at));
         tokio::select! {
             biased;
             out = &mut attempt => return Watched::Done(out),
-            () = &mut at_deadline => return Watched::DeadlineExceeded,
-            () = tokio::time::sleep(bound) => {}
+            () = tokio::time::sleep_until(wake) => {}
+        }
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            return Watched::DeadlineExceeded;
         }
         // Gone from the pool (removed, or replaced after a mark-down):
         // nothing to wait for there.
@@ -1020,10 +1020,16 @@ async fn watch<F: Future>(
             return Watched::Silent("the endpoint left the pool".to_owned());
         };
         let probe = registry::health::check(channel, bound);
+        let at_deadline = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             out = &mut attempt => return Watched::Done(out),
-            () = &mut at_deadline => return Watched::DeadlineExceeded,
+            () = at_deadline => return Watched::DeadlineExceeded,
             outcome = probe => {
                 if let registry::health::Outcome::Failed(why) = outcome {
                     return Watched::Silent(format!("a health check on its connection got none ({why})"));
