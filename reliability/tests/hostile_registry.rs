@@ -37,11 +37,17 @@ async fn put_all(c: &Client, kvs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
     Ok(())
 }
 
+/// Where the garbage keys' ports start: above [`testkit::PORTS`], where the
+/// good servers listen. Inside it (20,000 once), a garbage put could land on
+/// a good server's own key, and the liar's port could land on a garbage key,
+/// so the count of keys written came out short (seen in CI).
+const GARBAGE_PORTS: u32 = 40_000;
+
 /// 10,000 keys under the service's prefix, none of them usable.
 fn garbage() -> Vec<(Vec<u8>, Vec<u8>)> {
     (0..10_000u32)
         .map(|i| {
-            let port = 20_000 + i;
+            let port = GARBAGE_PORTS + i;
             let (k, v) = match i % 8 {
                 0 => (format!("{PREFIX}garbage-{i}"), "x".to_owned()),
                 1 => (format!("{PREFIX}127.0.0.1:{port}/extra"), "{}".to_owned()),
@@ -109,18 +115,18 @@ async fn garbage_in_the_registry_does_not_hurt_the_good_entries() -> Result<()> 
     .enumerate()
     {
         kvs.push((
-            format!("{PREFIX}127.0.0.1:{}", 31_000 + i).into_bytes(),
+            format!("{PREFIX}127.0.0.1:{}", GARBAGE_PORTS as usize + 20_000 + i).into_bytes(),
             v.into_bytes(),
         ));
     }
     // Deeply nested JSON, as an array and inside an object.
     let depth = 100_000;
     kvs.push((
-        format!("{PREFIX}127.0.0.1:31010").into_bytes(),
+        format!("{PREFIX}127.0.0.1:{}", GARBAGE_PORTS + 20_010).into_bytes(),
         format!("{}{}", "[".repeat(depth), "]".repeat(depth)).into_bytes(),
     ));
     kvs.push((
-        format!("{PREFIX}127.0.0.1:31011").into_bytes(),
+        format!("{PREFIX}127.0.0.1:{}", GARBAGE_PORTS + 20_011).into_bytes(),
         format!(
             r#"{{"weight":1,"x":{}{}}}"#,
             "{\"a\":".repeat(depth / 10),
@@ -144,8 +150,30 @@ async fn garbage_in_the_registry_does_not_hurt_the_good_entries() -> Result<()> 
         format!(r#"{{"addr":"{good}","weight":10000}}"#).into_bytes(),
     ));
     let total = kvs.len();
+    let written: Vec<String> = kvs
+        .iter()
+        .map(|(k, _)| String::from_utf8_lossy(k).into_owned())
+        .filter(|k| k.starts_with(PREFIX))
+        .collect();
+    assert_eq!(written.len(), total - 1, "all but one key under the prefix");
+    // The liar's port comes from free_port on purpose: nothing listens there.
+    for k in written.iter().filter(|k| **k != format!("{PREFIX}{liar}")) {
+        let port = k.rsplit(':').next().and_then(|p| p.parse::<u16>().ok());
+        assert!(
+            !port.is_some_and(|p| testkit::PORTS.contains(&p)),
+            "{k}: a garbage key on a port where a good server may listen"
+        );
+    }
     put_all(&c, kvs).await?;
-    assert!(keys(&c, PREFIX).await?.len() >= total - 1);
+    let stored = keys(&c, PREFIX).await?;
+    let missing: Vec<&String> = written.iter().filter(|k| !stored.contains(*k)).collect();
+    assert!(
+        missing.is_empty(),
+        "every key written is stored: {missing:?}"
+    );
+    for p in ports {
+        assert!(!written.contains(&key_of(p)), "no garbage on good key {p}");
+    }
 
     let http = free_port();
     let mut ctl = controller(&eps, http, "3s")?;

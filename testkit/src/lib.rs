@@ -26,8 +26,9 @@ use nix::unistd::Pid;
 
 /// Where [`free_port`] looks: below Linux's ephemeral range (32768-60999),
 /// so no outgoing connection of a parallel test can take a port between our
-/// check and the process that binds it.
-const PORTS: std::ops::Range<u16> = 10_000..32_000;
+/// check and the process that binds it. Public so that a test writing keys
+/// for addresses where nothing may listen can keep them out of this range.
+pub const PORTS: std::ops::Range<u16> = 10_000..32_000;
 
 /// A free loopback TCP port for a process a test is about to start.
 ///
