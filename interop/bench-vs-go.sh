@@ -317,6 +317,23 @@ if cross:
         for c, s in cross:
             line(label(c, s), conc, stats(sel(c, s, conc)))
 print()
+print("Targets (issue 14; medians of this run)")
+print()
+print("| point | concurrency | ours | Go | ratio | target | verdict |")
+print("|---|---:|---:|---:|---:|---|---|")
+def verdict(ok):
+    return "met" if ok else "**missed**"
+for conc in (16, 64):
+    g, r = stats(sel("go", "go", conc)), stats(sel("rust", "rust", conc))
+    x = r["rps"] / g["rps"]
+    print(f"| 1: throughput, each client over its own 3 servers | {conc} | {r['rps']:.0f} calls/s | {g['rps']:.0f} calls/s | {x:.2f}x | >= 1.2x | {verdict(x >= 1.2)} |")
+    y = r["ccpu"] / g["ccpu"]
+    print(f"| 1: client CPU per call | {conc} | {r['ccpu']:.1f} µs | {g['ccpu']:.1f} µs | {y:.2f}x | <= 1.00x | {verdict(y <= 1.0)} |")
+    if sel("rust", "go", conc):
+        o = stats(sel("rust", "go", conc))
+        z = o["scpu"] / g["scpu"]
+        print(f"| 3: Go servers' CPU per call, our client against the Go client | {conc} | {o['scpu']:.1f} µs | {g['scpu']:.1f} µs | {z:.2f}x | <= 1.00x | {verdict(z <= 1.0)} |")
+print()
 print("All runs (client/servers, concurrency, calls/s, p50 ms, p99 ms, errors):")
 print()
 for r in rows:
