@@ -42,21 +42,27 @@ def decode_from(reply: bytes) -> str:
     return ""
 
 
-def main() -> None:
-    target, calls = sys.argv[1], int(sys.argv[2])
-    policy = sys.argv[3] if len(sys.argv) > 3 else "round_robin"
-    channel = grpc.insecure_channel(target, options=[("grpc.lb_policy_name", policy)])
-    morning = channel.unary_unary("/Greet/Morning")
+def batch(morning, calls: int, name: str) -> dict:
+    """CALLS Morning calls one after another; every failure is counted by
+    its code and the run goes on (xds_calls.py runs batches of these too)."""
     ok, errors, seen, first = 0, collections.Counter(), collections.Counter(), None
     for _ in range(calls):
         try:
-            reply = morning(encode_request("grpcio"), timeout=5)
+            reply = morning(encode_request(name), timeout=5)
             ok += 1
             seen[decode_from(reply)] += 1
         except grpc.RpcError as e:
             errors[e.code().name] += 1
             first = first or f"{e.code().name}: {e.details()}"
-    print(json.dumps({"ok": ok, "errors": errors, "from": seen, "first_error": first}))
+    return {"ok": ok, "errors": errors, "from": seen, "first_error": first}
+
+
+def main() -> None:
+    target, calls = sys.argv[1], int(sys.argv[2])
+    policy = sys.argv[3] if len(sys.argv) > 3 else "round_robin"
+    channel = grpc.insecure_channel(target, options=[("grpc.lb_policy_name", policy)])
+    morning = channel.unary_unary("/Greet/Morning")
+    print(json.dumps(batch(morning, calls, "grpcio")))
 
 
 if __name__ == "__main__":

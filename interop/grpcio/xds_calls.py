@@ -14,27 +14,13 @@ Reads commands on stdin, one a line, and answers each with one JSON line:
 The request and reply are encoded by hand (two string fields), as in
 greet_calls.py: no generated stubs.
 """
-import collections
 import json
 import sys
 import time
 
 import grpc
 
-from greet_calls import decode_from, encode_request
-
-
-def batch(morning, calls: int) -> dict:
-    ok, errors, seen, first = 0, collections.Counter(), collections.Counter(), None
-    for _ in range(calls):
-        try:
-            reply = morning(encode_request("grpcio-xds"), timeout=5)
-            ok += 1
-            seen[decode_from(reply)] += 1
-        except grpc.RpcError as e:
-            errors[e.code().name] += 1
-            first = first or f"{e.code().name}: {e.details()}"
-    return {"ok": ok, "errors": errors, "from": seen, "first_error": first}
+from greet_calls import batch, decode_from, encode_request
 
 
 def main() -> None:
@@ -58,7 +44,7 @@ def main() -> None:
                     pass
             print(json.dumps({"n": n, "at": at}), flush=True)
         elif words[0] == "calls":
-            print(json.dumps(batch(morning, int(words[1]))), flush=True)
+            print(json.dumps(batch(morning, int(words[1]), "grpcio-xds")), flush=True)
         else:
             print(json.dumps({"error": f"unknown command {line.strip()!r}"}), flush=True)
 
