@@ -10,7 +10,7 @@
 # (issue 14, point 5). The Go server cannot be counted this way: Go's
 # runtime stops under valgrind.
 #
-# Needs valgrind, etcd, h2load, curl and the release greet-server:
+# Needs valgrind, etcd and etcdctl, h2load, curl, python3 and the release greet-server:
 #   cargo build --release -p greet-server
 # Usage: bench/server-instructions.sh   (env: CALLS_LO=2000, CALLS_HI=12000)
 set -euo pipefail
@@ -18,41 +18,24 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bin=${CARGO_TARGET_DIR:-$root/target}/release/greet-server
 [[ -x $bin ]] || { echo "server-instructions: $bin missing; run: cargo build --release -p greet-server" >&2; exit 2; }
-for c in valgrind etcd h2load curl; do
+for c in valgrind etcd etcdctl h2load curl python3; do
   command -v "$c" >/dev/null || { echo "server-instructions: $c not found (scripts/setup.sh)" >&2; exit 2; }
 done
 CALLS_LO=${CALLS_LO:-2000}
 CALLS_HI=${CALLS_HI:-12000}
 (( CALLS_HI > CALLS_LO )) || { echo "server-instructions: CALLS_HI must exceed CALLS_LO" >&2; exit 2; }
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/server-instructions.XXXXXX")
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-# Loopback ports from the kernel (bind 0): nothing else runs beside it.
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-cport=$(port) pport=$(port)
-etcd --data-dir "$work/etcd" --listen-client-urls "http://127.0.0.1:$cport" \
-  --advertise-client-urls "http://127.0.0.1:$cport" --listen-peer-urls "http://127.0.0.1:$pport" \
-  >"$work/etcd.log" 2>&1 &
-pids+=($!)
-printf '\x00\x00\x00\x00\x07\x0a\x05world' >"$work/body"
-load() {
-  h2load -n "$2" -c 4 -m 16 -t 1 -d "$work/body" -H 'content-type: application/grpc' -H 'te: trailers' \
-    "http://127.0.0.1:$1/Greet/Morning"
-}
+# shellcheck source=../scripts/bench-lib.sh
+source "$root/scripts/bench-lib.sh"
+bench_workdir server-instructions
+bench_etcd server-instructions
 
 # count CALLS: the server's instructions over a run of CALLS calls.
 count() {
   local calls=$1 sport mport vp i out
-  sport=$(port) mport=$(port)
+  sport=$(free_port) mport=$(free_port)
   valgrind --tool=callgrind --callgrind-out-file="$work/cg.$calls" "$bin" --listen "127.0.0.1:$sport" \
-    --etcd-endpoints "http://127.0.0.1:$cport" --service "instr_$calls" --metrics-listen "127.0.0.1:$mport" \
+    --etcd-endpoints "http://$etcd_ep" --service "instr_$calls" --metrics-listen "127.0.0.1:$mport" \
     --ttl 5s --drain 0s >"$work/server.$calls.log" 2>&1 &
   vp=$!
   pids+=($vp)
@@ -60,8 +43,8 @@ count() {
     curl -fs "http://127.0.0.1:$mport/metrics" 2>/dev/null | grep -q '^greet_server_registered 1' && break
     sleep 0.2
   done
-  load "$sport" 500 >/dev/null
-  out=$(load "$sport" "$calls")
+  h2load_morning "$sport" 500 >/dev/null
+  out=$(h2load_morning "$sport" "$calls")
   grep -q "$calls succeeded, 0 failed, 0 errored" <<<"$out" ||
     { echo "server-instructions: not every call succeeded: $(grep '^requests' <<<"$out")" >&2; exit 1; }
   kill -TERM "$vp"

@@ -59,29 +59,14 @@ for c in "${need[@]}"; do
   command -v "$c" >/dev/null || { echo "bench-vs-go: $c not found (scripts/setup.sh)" >&2; exit 2; }
 done
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/bench-vs-go.XXXXXX")
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+# shellcheck source=../scripts/bench-lib.sh
+source "$root/scripts/bench-lib.sh"
+bench_workdir bench-vs-go
 
 "$here/build-go.sh" "$work/bin" 2>/dev/null || "$here/build-go.sh" "$work/bin"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-cport=$(free_port) pport=$(free_port)
-etcd_ep=127.0.0.1:$cport
-etcd --name bench --data-dir "$work/etcd" \
-  --listen-client-urls "http://$etcd_ep" --advertise-client-urls "http://$etcd_ep" \
-  --listen-peer-urls "http://127.0.0.1:$pport" --initial-advertise-peer-urls "http://127.0.0.1:$pport" \
-  --initial-cluster "bench=http://127.0.0.1:$pport" >"$work/etcd.log" 2>&1 &
-pids+=($!)
+bench_etcd bench-vs-go
 ctl() { ETCDCTL_API=3 etcdctl --endpoints "$etcd_ep" "$@"; }
-for _ in $(seq 100); do ctl endpoint health >/dev/null 2>&1 && break; sleep 0.1; done
-ctl endpoint health >/dev/null 2>&1 || { echo "bench-vs-go: etcd did not start: $(tail -5 "$work/etcd.log")" >&2; exit 1; }
 
 run=0
 servers=()
@@ -171,11 +156,8 @@ measure() {
 
 # h2load_bench: (iv) above; prints its own table.
 h2load_bench() {
-  local body=$work/morning.grpc hdr=(-H 'content-type: application/grpc' -H 'te: trailers')
-  local mport gport mtport gpid mpid
-  # GreetRequest{name: "world"}, behind gRPC's 5-byte prefix (uncompressed,
-  # big-endian length 7).
-  printf '\x00\x00\x00\x00\x07\x0a\x05world' >"$body"
+  local body mport gport mtport gpid mpid
+  body=$(morning_body)
   mport=$(free_port) gport=$(free_port) mtport=$(free_port)
   "$rel/greet-server" --listen "127.0.0.1:$mport" --etcd-endpoints "$etcd_ep" --service h2load_rust \
     --metrics-listen "127.0.0.1:$mtport" --ttl 5s --drain 0s >"$work/h2load-rust.log" 2>&1 &
@@ -196,7 +178,7 @@ h2load_bench() {
   for stack in rust go; do
     port=$mport
     [[ $stack == go ]] && port=$gport
-    nghttp -v -d "$body" "${hdr[@]}" "http://127.0.0.1:$port/Greet/Morning" >"$work/nghttp-$stack.log" 2>&1 || true
+    nghttp -v -d "$body" "${GRPC_HEADERS[@]}" "http://127.0.0.1:$port/Greet/Morning" >"$work/nghttp-$stack.log" 2>&1 || true
     grep -q 'grpc-status: 0' "$work/nghttp-$stack.log" ||
       { echo "bench-vs-go: $stack server: no grpc-status 0 in a sample Morning: $(tail -20 "$work/nghttp-$stack.log")" >&2; exit 1; }
   done
@@ -213,7 +195,7 @@ h2load_bench() {
       [[ $stack == go ]] && port=$gport pid=$gpid
       before=$(handled_ok)
       cpu0=$(cpu_of "$pid")
-      out=$(h2load -n "$H2LOAD_N" -c 4 -m 16 -t 1 -d "$body" "${hdr[@]}" "http://127.0.0.1:$port/Greet/Morning")
+      out=$(h2load_morning "$port" "$H2LOAD_N")
       cpu1=$(cpu_of "$pid")
       after=$(handled_ok)
       rps=$(sed -n 's/^finished in [^,]*, \([0-9.]*\) req\/s.*/\1/p' <<<"$out")
