@@ -1,5 +1,7 @@
-//! The weighted balancer: a `tower::Service` over one tonic `Channel` per
-//! endpoint, that a generated client (`EchoClient::new(balancer)`, any tonic client) wraps.
+//! The weighted balancer: a `tower::Service` over one HTTP/2 connection per
+//! endpoint (hyper's sender, or a tonic `Channel` for TLS; see
+//! [`crate::conn`]), that a generated client (`EchoClient::new(balancer)`,
+//! any tonic client) wraps.
 //!
 //! - Picks with the [`Scheduler`] (smooth weighted round-robin, O(log n)).
 //! - Updates touch only the endpoints that changed: an unchanged endpoint
@@ -35,19 +37,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http_body_util::Full;
 use registry::backoff::Backoff;
 use registry::grpc_status::{code_of, OnStatus, Report};
 use registry::schema::Addr;
 use tokio::time::Instant;
 use tonic::body::Body;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Code, Status};
-use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
-use crate::body::{read_whole, replayable};
+use crate::body::{read_whole, replayable, Replay};
 use crate::budget::{RetryBudget, RetryBudgetConfig};
+use crate::conn::{Conn, Dialer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 use crate::metrics::{ClientMetrics, EndpointMetrics, RetryReason};
 use crate::outlier::{Ejector, OutlierConfig, Tracker};
 use crate::retry::{grpc_timeout, not_sent, timed_out, Decision, Failed, RetryPolicy, Tries};
@@ -56,6 +57,14 @@ use crate::scheduler::Scheduler;
 /// Batches of at most this many changes log each endpoint at info; larger
 /// ones log each at debug and one summary at info.
 pub const LOUD_BATCH: usize = 16;
+
+/// `grpc-timeout`, as a name: looking up by a string parses it first.
+static GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+
+/// The endpoint table's hasher: foldhash, not SipHash. Keys are the
+/// fleet's own registered addresses, and SipHash's flood resistance cost
+/// about 500 instructions a call across this table and the scheduler's.
+type Hasher = foldhash::fast::RandomState;
 
 /// One change to the balancer's endpoints, for [`Balancer::apply`].
 #[derive(Debug, Clone, Copy)]
@@ -148,8 +157,8 @@ pub struct EndpointInfo {
 
 struct Ep {
     /// Created on first use when not connecting eagerly, so 10,000 known
-    /// but idle endpoints cost no channel (and no buffer task) each.
-    channel: Option<Channel>,
+    /// but idle endpoints cost no connection (and no task) each.
+    conn: Option<Conn>,
     weight: u32,
     version: String,
     up: bool,
@@ -177,7 +186,7 @@ impl Ep {
 /// What [`Balancer::pick`] hands an attempt.
 struct Picked {
     addr: Addr,
-    channel: Channel,
+    conn: Conn,
     generation: u64,
     metrics: Option<EndpointMetrics>,
     tracker: Option<Arc<Tracker>>,
@@ -187,7 +196,7 @@ struct Pool {
     sched: Scheduler<Addr>,
     /// Boxed: an `Ep` is a few hundred bytes, and a table of 100,000 of
     /// them inline is one 47 MB allocation (doubled while it grows).
-    endpoints: HashMap<Addr, Box<Ep>>,
+    endpoints: HashMap<Addr, Box<Ep>, Hasher>,
     next_generation: u64,
 }
 
@@ -253,7 +262,7 @@ impl Balancer {
                     cfg,
                     pool: Mutex::new(Pool {
                         sched: Scheduler::new(),
-                        endpoints: HashMap::new(),
+                        endpoints: HashMap::default(),
                         next_generation: 0,
                     }),
                     changes: tokio::sync::watch::Sender::new(0),
@@ -342,8 +351,8 @@ impl Balancer {
             done.updated += 1;
             return;
         }
-        let endpoint = match self.endpoint(addr) {
-            Ok(e) => e,
+        let dialer = match self.dialer(addr) {
+            Ok(d) => d,
             Err(e) => {
                 warn!(%addr, error = %e, "cannot dial this address; ignoring it");
                 return;
@@ -354,7 +363,7 @@ impl Balancer {
         pool.endpoints.insert(
             addr.clone(),
             Box::new(Ep {
-                channel: eager.then(|| endpoint.connect_lazy()),
+                conn: eager.then(|| dialer.lazy()),
                 weight,
                 version: version.to_owned(),
                 up: true,
@@ -386,9 +395,12 @@ impl Balancer {
             debug!(%addr, weight, version, "endpoint added");
         }
         if eager {
-            let channel = pool.endpoints.get(addr).and_then(|e| e.channel.clone());
-            if let Some(channel) = channel {
-                self.spawn_connect(addr.clone(), pool.next_generation, endpoint, Some(channel));
+            let conn = pool.endpoints.get_mut(addr).and_then(|e| {
+                e.recovering = true;
+                e.conn.clone()
+            });
+            if let Some(conn) = conn {
+                self.spawn_connect(addr.clone(), pool.next_generation, dialer, Some(conn));
             }
         }
     }
@@ -455,35 +467,47 @@ impl Balancer {
         v
     }
 
-    fn endpoint(&self, addr: &Addr) -> Result<Endpoint, tonic::transport::Error> {
-        Ok(
-            registry::grpc_tls::endpoint(addr, self.inner.cfg.tls.as_ref())?
-                .connect_timeout(self.inner.cfg.connect_timeout)
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(5)),
-        )
+    /// How to connect to `addr`: the same TCP, keepalive and TLS settings
+    /// for a `Channel` and for the balancer's own connection.
+    fn dialer(&self, addr: &Addr) -> Result<Dialer, tonic::transport::Error> {
+        let cfg = &self.inner.cfg;
+        let endpoint: Endpoint = registry::grpc_tls::endpoint(addr, cfg.tls.as_ref())?
+            .connect_timeout(cfg.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+        Ok(Dialer::new(
+            addr,
+            endpoint,
+            cfg.tls.is_some(),
+            cfg.connect_timeout,
+        ))
     }
 
     /// Picks an endpoint, or says why none can take a call.
     fn pick(&self, avoid: Option<&Addr>) -> Result<Picked, Status> {
         let mut pool = self.pool();
         let pool = &mut *pool;
-        let slow_start = self.inner.cfg.slow_start;
-        let now = Instant::now();
+        let slow_start = self.inner.cfg.slow_start.filter(|w| !w.is_zero());
+        // The clock is read only when slow start needs it.
+        let now = slow_start.map(|_| Instant::now());
         let tries = if avoid.is_some() { 2 } else { 1 };
         for _ in 0..tries {
             let endpoints = &pool.endpoints;
             let weight = |addr: &Addr, w: u32| {
                 let w = f64::from(w);
-                match (slow_start, endpoints.get(addr)) {
-                    (Some(window), Some(ep)) if !window.is_zero() => {
+                // Without slow start, no lookup: the weight is as set.
+                let Some((window, now)) = slow_start.zip(now) else {
+                    return w;
+                };
+                match endpoints.get(addr) {
+                    Some(ep) => {
                         let frac = (now.duration_since(ep.since).as_secs_f64()
                             / window.as_secs_f64())
                         .min(1.0);
                         w * (0.1 + 0.9 * frac)
                     }
-                    _ => w,
+                    None => w,
                 }
             };
             // A retry goes elsewhere whenever anything else is usable,
@@ -495,16 +519,27 @@ impl Balancer {
             };
             let Some(addr) = picked else { break };
             if let Some(ep) = pool.endpoints.get_mut(&addr) {
-                let channel = match &ep.channel {
+                let conn = match &ep.conn {
                     Some(c) => c.clone(),
-                    None => match self.endpoint(&addr) {
-                        Ok(e) => ep.channel.insert(e.connect_lazy()).clone(),
+                    // First use of a lazily connected endpoint: this call
+                    // waits for the connection dialled now, which the
+                    // background connect proves and installs.
+                    None => match self.dialer(&addr) {
+                        Ok(d) => {
+                            let conn = ep.conn.insert(d.lazy()).clone();
+                            if !ep.recovering {
+                                ep.recovering = true;
+                                let warm = Some(conn.clone());
+                                self.spawn_connect(addr.clone(), ep.generation, d, warm);
+                            }
+                            conn
+                        }
                         Err(_) => continue,
                     },
                 };
                 return Ok(Picked {
                     addr,
-                    channel,
+                    conn,
                     generation: ep.generation,
                     metrics: ep.metrics.clone(),
                     tracker: ep.tracker.clone(),
@@ -620,7 +655,7 @@ impl Balancer {
     /// Takes an endpoint out of the schedule until a fresh connection to it
     /// succeeds.
     fn mark_down(&self, addr: &Addr, generation: u64, why: &str) {
-        let endpoint = {
+        let dialer = {
             let mut pool = self.pool();
             let pool = &mut *pool;
             let Some(ep) = pool.endpoints.get_mut(addr) else {
@@ -637,34 +672,37 @@ impl Balancer {
             }
             ep.recovering = true;
             warn!(%addr, reason = why, "endpoint unreachable; skipping it until it reconnects");
-            match self.endpoint(addr) {
-                Ok(e) => e,
+            match self.dialer(addr) {
+                Ok(d) => d,
                 Err(_) => return,
             }
         };
-        self.spawn_connect(addr.clone(), generation, endpoint, None);
+        self.spawn_connect(addr.clone(), generation, dialer, None);
     }
 
     /// Connects in the background and proves the connection with a health
-    /// check. With `warm`, the endpoint's own (lazy) channel is connected
-    /// ahead of its first call; without, the endpoint is down and a fresh
-    /// channel replaces its old one once it answers. Stops when the endpoint
-    /// is removed.
-    fn spawn_connect(
-        &self,
-        addr: Addr,
-        generation: u64,
-        endpoint: Endpoint,
-        warm: Option<Channel>,
-    ) {
+    /// check. With `warm`, the endpoint is new and calls may already wait
+    /// on its lazy connection: that one is connected ahead of (or beside)
+    /// its first call and installed. Without, the endpoint is down and a
+    /// fresh connection replaces its old one once it answers. Stops when
+    /// the endpoint is removed.
+    fn spawn_connect(&self, addr: Addr, generation: u64, dialer: Dialer, warm: Option<Conn>) {
         let recover = warm.is_none();
         let weak = Arc::downgrade(&self.inner);
         let limit = self.inner.cfg.connect_timeout;
         tokio::spawn(async move {
             let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+            let mut first = true;
             loop {
-                let channel = warm.clone().unwrap_or_else(|| endpoint.connect_lazy());
-                let result = probe(channel, limit).await;
+                let conn = match &warm {
+                    Some(lazy) if first || dialer.reuses_lazy() => lazy.clone().ready().await,
+                    _ => dialer.dial().await,
+                };
+                first = false;
+                let result = match conn {
+                    Ok(conn) => probe(conn, limit).await,
+                    Err(e) => Err(e),
+                };
                 let Some(inner) = weak.upgrade() else { return };
                 let me = Balancer { inner };
                 if me.connected(&addr, generation, result, recover) {
@@ -681,7 +719,7 @@ impl Balancer {
         &self,
         addr: &Addr,
         generation: u64,
-        result: Result<Channel, String>,
+        result: Result<Conn, String>,
         recover: bool,
     ) -> bool {
         let mut pool = self.pool();
@@ -693,10 +731,8 @@ impl Balancer {
             return true;
         }
         match result {
-            Ok(channel) => {
-                if recover {
-                    ep.channel = Some(channel);
-                }
+            Ok(conn) => {
+                ep.conn = Some(conn);
                 if recover || !ep.up {
                     if let Some(m) = &self.inner.cfg.metrics {
                         m.transition(&self.inner.cfg.service, Some(ep.up), Some(true));
@@ -737,13 +773,12 @@ impl Balancer {
         // channels below ignore them): cloning them per call cost an
         // allocation that a profile showed on every call.
         let mut extensions = Some(std::mem::take(&mut parts.extensions));
-        let started = Instant::now();
         let deadline = parts
             .headers
-            .get("grpc-timeout")
+            .get(&GRPC_TIMEOUT)
             .and_then(|v| v.to_str().ok())
             .and_then(grpc_timeout)
-            .map(|d| started + d);
+            .map(|d| Instant::now() + d);
         if let Some(b) = &self.inner.budget {
             b.deposit();
         }
@@ -771,7 +806,7 @@ impl Balancer {
         let mut avoid: Option<Addr> = None;
         loop {
             let picked = self.pick(avoid.as_ref())?;
-            let mut req = http::Request::new(Body::new(Full::new(bytes.clone())));
+            let mut req = http::Request::new(Body::new(Replay(Some(bytes.clone()))));
             *req.method_mut() = parts.method.clone();
             *req.uri_mut() = parts.uri.clone();
             *req.version_mut() = parts.version;
@@ -835,7 +870,7 @@ impl Balancer {
     ) -> Outcome {
         let Picked {
             addr,
-            channel,
+            conn,
             generation,
             metrics,
             tracker,
@@ -845,36 +880,43 @@ impl Balancer {
         if let Some(m) = &metrics {
             m.attempt();
         }
-        let sent_at = Instant::now();
+        // The clock is read only for what needs it: latency metrics and
+        // the per-try bound.
+        let sent_at = (metrics.is_some() || per_try.is_some()).then(Instant::now);
+        let took = || sent_at.map_or(Duration::ZERO, |t| t.elapsed());
+        let enforced = conn.enforces_deadline();
         let attempt = async {
-            let resp = channel
-                .oneshot(req)
-                .await
-                .map_err(|e| Lost::Send(e.into()))?;
+            let resp = conn.send(req).await.map_err(Lost::Send)?;
             if retryable {
                 read_whole(resp).await.map_err(Lost::Body)
             } else {
                 Ok((resp, None))
             }
         };
-        let sent = match per_try {
-            // The probe takes the endpoint's channel from the pool when it
-            // needs it: a clone per attempt showed in the overhead figure.
-            Some(bound) => {
-                let channel = || {
+        let sent = match (per_try, deadline) {
+            // The probe takes the endpoint's connection from the pool when
+            // it needs it: a clone per attempt showed in the overhead figure.
+            (Some(bound), _) => {
+                let conn = || {
                     let pool = self.pool();
                     let ep = pool.endpoints.get(&addr)?;
-                    (ep.generation == generation && ep.up).then(|| ep.channel.clone())?
+                    (ep.generation == generation && ep.up).then(|| ep.conn.clone())?
                 };
-                watch(attempt, channel, bound, deadline).await
+                let started = sent_at.unwrap_or_else(Instant::now);
+                watch(attempt, conn, started, bound, deadline).await
             }
-            None => Watched::Done(attempt.await),
+            // hyper's sender does not read `grpc-timeout`: bound it here.
+            (None, Some(at)) if !enforced => match tokio::time::timeout_at(at, attempt).await {
+                Ok(sent) => Watched::Done(sent),
+                Err(_) => Watched::DeadlineExceeded,
+            },
+            (None, _) => Watched::Done(attempt.await),
         };
-        let deadline_exceeded = |took| {
+        let deadline_exceeded = || {
             // The caller's deadline, not evidence against the server: the
             // endpoint stays up and keeps its connection.
             if let Some(m) = &metrics {
-                m.answered(took, Some(Code::DeadlineExceeded));
+                m.answered(took(), Some(Code::DeadlineExceeded));
             }
             Outcome::DeadlineExceeded(Status::deadline_exceeded(format!(
                 "{addr}: no answer within the call's deadline"
@@ -882,10 +924,10 @@ impl Balancer {
         };
         let sent = match sent {
             Watched::Done(sent) => sent,
-            Watched::DeadlineExceeded => return deadline_exceeded(sent_at.elapsed()),
+            Watched::DeadlineExceeded => return deadline_exceeded(),
             Watched::Silent(why) => {
                 if let Some(m) = &metrics {
-                    m.answered(sent_at.elapsed(), Some(Code::Unavailable));
+                    m.answered(took(), Some(Code::Unavailable));
                 }
                 self.mark_down(&addr, generation, &why);
                 return Outcome::Failed(
@@ -896,14 +938,13 @@ impl Balancer {
                 );
             }
         };
-        let took = sent_at.elapsed();
         match sent {
             // The channel enforces `grpc-timeout` itself: its expiry is the
             // caller's deadline, not a broken connection.
-            Err(Lost::Send(e) | Lost::Body(e)) if timed_out(&*e) => deadline_exceeded(took),
+            Err(Lost::Send(e) | Lost::Body(e)) if timed_out(&*e) => deadline_exceeded(),
             Err(Lost::Send(e)) => {
                 if let Some(m) = &metrics {
-                    m.answered(took, Some(Code::Unavailable));
+                    m.answered(took(), Some(Code::Unavailable));
                 }
                 let failed = if not_sent(&*e) {
                     Failed::Unsent
@@ -917,7 +958,7 @@ impl Balancer {
             // after the headers): the call is lost, not failed.
             Err(Lost::Body(e)) => {
                 if let Some(m) = &metrics {
-                    m.answered(took, Some(Code::Unavailable));
+                    m.answered(took(), Some(Code::Unavailable));
                 }
                 self.mark_down(&addr, generation, &e.to_string());
                 Outcome::Failed(Failed::Lost, Status::unavailable(format!("{addr}: {e}")))
@@ -928,7 +969,7 @@ impl Balancer {
             Ok((resp, trailer_code)) => {
                 let code = code_of(resp.headers()).or(trailer_code);
                 if let Some(m) = &metrics {
-                    m.answered(took, code);
+                    m.answered(took(), code);
                 }
                 if let (Some(t), Some(code)) = (&tracker, code) {
                     t.observe(code);
@@ -968,10 +1009,10 @@ enum Outcome {
 /// (even UNIMPLEMENTED from a server without the health service, as the
 /// original Go servers are) counts; a TCP connection alone, or an answer
 /// that is not gRPC, does not.
-async fn probe(channel: Channel, limit: Duration) -> Result<Channel, String> {
-    match registry::health::check(channel.clone(), limit).await {
+async fn probe(conn: Conn, limit: Duration) -> Result<Conn, String> {
+    match registry::health::check(conn.clone(), limit).await {
         registry::health::Outcome::Failed(why) => Err(format!("health check: {why}")),
-        _ => Ok(channel),
+        _ => Ok(conn),
     }
 }
 
@@ -993,18 +1034,23 @@ enum Watched<T> {
 /// call's deadline. A slow server answers its health checks, so a call
 /// that merely takes long is never abandoned, and its endpoint is never
 /// marked down for it.
+///
+/// `started` is when the attempt was sent: its first bound counts from
+/// there (the clock is not read again for it).
 async fn watch<F: Future>(
     attempt: F,
-    channel: impl Fn() -> Option<Channel>,
+    channel: impl Fn() -> Option<Conn>,
+    started: Instant,
     bound: Duration,
     deadline: Option<Instant>,
 ) -> Watched<F::Output> {
     let mut attempt = std::pin::pin!(attempt);
+    let mut since = started;
     loop {
         // One timer while waiting: the per-try bound or the deadline,
         // whichever comes first, not one for each (every call of a
         // client that sets a timeout would register both).
-        let bound_at = Instant::now() + bound;
+        let bound_at = since + bound;
         let wake = deadline.map_or(bound_at, |d| d.min(bound_at));
         tokio::select! {
             biased;
@@ -1019,7 +1065,9 @@ async fn watch<F: Future>(
         let Some(channel) = channel() else {
             return Watched::Silent("the endpoint left the pool".to_owned());
         };
-        let probe = registry::health::check(channel, bound);
+        // Boxed: rarely run, and large; inline, it made every retryable
+        // call's future (and its copies) larger.
+        let probe = Box::pin(registry::health::check(channel, bound));
         let at_deadline = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d).await,
@@ -1037,6 +1085,7 @@ async fn watch<F: Future>(
                 debug!(bound = ?bound, "attempt past its per-try bound; the server answers health checks, still waiting");
             }
         }
+        since = Instant::now();
     }
 }
 

@@ -24,9 +24,14 @@ const REPLAY_CAP: usize = 64 * 1024;
 /// message at once), so it can be replayed; otherwise hands back a body
 /// that yields what was read and then the rest as it comes, without waiting
 /// for a request stream the caller keeps open.
+///
+/// The frames read are kept in a `Vec` only from the second one on: a
+/// unary call's body is one frame, and that `Vec`'s allocation showed on
+/// every call (`bench/instructions.sh`).
 pub(crate) fn replayable(mut body: Body) -> Result<Result<bytes::Bytes, Body>, BoxError> {
     use futures::{FutureExt, StreamExt};
-    let mut frames: Vec<Frame<bytes::Bytes>> = Vec::new();
+    let mut first: Option<Frame<Bytes>> = None;
+    let mut more: Vec<Frame<bytes::Bytes>> = Vec::new();
     let mut len = 0;
     loop {
         match body.frame().now_or_never() {
@@ -36,13 +41,20 @@ pub(crate) fn replayable(mut body: Body) -> Result<Result<bytes::Bytes, Body>, B
                 if let Some(d) = frame.data_ref() {
                     len += d.len();
                 }
-                frames.push(frame);
+                if first.is_none() {
+                    first = Some(frame);
+                } else {
+                    more.push(frame);
+                }
                 if !is_data || len > REPLAY_CAP {
                     break;
                 }
             }
             Some(None) => {
-                let mut data = frames.into_iter().filter_map(|f| f.into_data().ok());
+                let mut data = first
+                    .into_iter()
+                    .chain(more)
+                    .filter_map(|f| f.into_data().ok());
                 return Ok(Ok(match (data.next(), data.next()) {
                     (None, _) => bytes::Bytes::new(),
                     (Some(one), None) => one,
@@ -59,9 +71,41 @@ pub(crate) fn replayable(mut body: Body) -> Result<Result<bytes::Bytes, Body>, B
             None => break,
         }
     }
-    let read = futures::stream::iter(frames.into_iter().map(Ok::<_, tonic::Status>));
+    let frames = first.into_iter().chain(more);
+    let read = futures::stream::iter(frames.map(Ok::<_, tonic::Status>));
     let rest = http_body_util::BodyStream::new(body);
     Ok(Err(Body::new(StreamBody::new(read.chain(rest)))))
+}
+
+/// A request body kept for replay: its bytes in one frame.
+///
+/// Its size is not announced as exact, so hyper adds no `content-length`
+/// header: a tonic request carries none (its body is a stream), grpc-go
+/// sends none, and the extra header cost an allocation and an HPACK entry
+/// on every call, on both sides.
+#[derive(Debug)]
+pub(crate) struct Replay(pub(crate) Option<Bytes>);
+
+impl http_body::Body for Replay {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Poll::Ready(self.0.take().map(|d| Ok(Frame::data(d))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let mut hint = SizeHint::new();
+        hint.set_lower(self.0.as_ref().map_or(0, |d| d.len() as u64));
+        hint
+    }
 }
 
 /// Reads a retryable call's response to its end before handing it on. gRPC
@@ -216,6 +260,51 @@ mod tests {
         assert_eq!(code, Some(Code::Ok));
         let data = resp.into_body().frame().await.unwrap().unwrap();
         assert_eq!(data.into_data().unwrap().as_ptr(), ptr);
+    }
+
+    #[tokio::test]
+    async fn a_replay_body_is_its_bytes_once_with_no_exact_size() {
+        let mut body = Replay(Some(Bytes::from_static(b"hello")));
+        assert!(!body.is_end_stream());
+        assert_eq!(body.size_hint().exact(), None, "no content-length");
+        assert_eq!(body.size_hint().lower(), 5);
+        let data = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(data, Bytes::from_static(b"hello"));
+        assert!(body.is_end_stream());
+        assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_body_of_many_frames_is_replayed_whole_and_an_open_one_as_it_comes() {
+        let frames = vec![
+            Ok::<_, tonic::Status>(Frame::data(Bytes::from_static(b"ab"))),
+            Ok(Frame::data(Bytes::from_static(b"cd"))),
+        ];
+        let whole = Body::new(StreamBody::new(futures::stream::iter(frames)));
+        assert_eq!(
+            replayable(whole).unwrap().unwrap(),
+            Bytes::from_static(b"abcd")
+        );
+
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, tonic::Status>>(4);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
+            .await
+            .unwrap();
+        let open = Body::new(StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ));
+        let Err(mut open) = replayable(open).unwrap() else {
+            panic!("a stream still open is not replayable");
+        };
+        let data = open.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(data, Bytes::from_static(b"x"), "what was read comes first");
+        tx.send(Ok(Frame::data(Bytes::from_static(b"y"))))
+            .await
+            .unwrap();
+        drop(tx);
+        let data = open.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(data, Bytes::from_static(b"y"), "then the rest");
+        assert!(open.frame().await.is_none());
     }
 
     #[tokio::test]

@@ -45,6 +45,7 @@
 pub mod balance;
 mod body;
 pub mod budget;
+pub mod conn;
 pub mod discover;
 pub mod metrics;
 pub mod outlier;

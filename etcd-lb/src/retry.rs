@@ -202,7 +202,10 @@ fn rand_below(n: u64) -> u64 {
 pub fn not_sent(err: &(dyn StdError + 'static)) -> bool {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = cur {
-        if e.is::<tonic::ConnectError>() {
+        if e.is::<tonic::ConnectError>()
+            || e.is::<crate::conn::NotSent>()
+            || e.is::<crate::conn::NotConnected>()
+        {
             return true;
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {

@@ -53,8 +53,8 @@ struct State<K> {
 pub struct Scheduler<K> {
     heap: BinaryHeap<Reverse<Slot>>,
     /// seq -> state; seq is the tie-breaker and stable per key.
-    states: HashMap<u64, State<K>>,
-    seqs: HashMap<K, u64>,
+    states: HashMap<u64, State<K>, foldhash::fast::RandomState>,
+    seqs: HashMap<K, u64, foldhash::fast::RandomState>,
     next_seq: u64,
     now: f64,
     active: usize,
@@ -71,8 +71,8 @@ impl<K: Clone + Eq + Hash> Scheduler<K> {
     pub fn new() -> Self {
         Self {
             heap: BinaryHeap::new(),
-            states: HashMap::new(),
-            seqs: HashMap::new(),
+            states: HashMap::default(),
+            seqs: HashMap::default(),
             next_seq: 0,
             now: 0.0,
             active: 0,

@@ -15,10 +15,14 @@ use std::task::{Context, Poll};
 use http_body::{Body, Frame, SizeHint};
 use tonic::Code;
 
+/// `grpc-status`, as a name: looking up by a string parses it first, on
+/// every call of every client.
+static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 /// The `grpc-status` in `headers`, if there is one.
 pub fn code_of(headers: &http::HeaderMap) -> Option<Code> {
     headers
-        .get("grpc-status")
+        .get(&GRPC_STATUS)
         .map(|v| Code::from_bytes(v.as_bytes()))
 }
 

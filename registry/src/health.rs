@@ -13,7 +13,6 @@
 use std::error::Error as _;
 use std::time::Duration;
 
-use tonic::transport::Channel;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -102,7 +101,16 @@ pub fn classify_status(status: &tonic::Status) -> Outcome {
 /// Checks the server behind `channel` once with `grpc.health.v1.Health/Check`
 /// for the server as a whole (service `""`). Never errors and never takes
 /// longer than `limit`; cancel-safe.
-pub async fn check(channel: Channel, limit: Duration) -> Outcome {
+///
+/// `channel` is any gRPC transport: a tonic `Channel`, or a balancer's own
+/// connection, so a probe can ride the very connection a call is on.
+pub async fn check<T>(channel: T, limit: Duration) -> Outcome
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: http_body::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <T::ResponseBody as http_body::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
     let mut client = HealthClient::new(channel);
     let mut req = tonic::Request::new(HealthCheckRequest {
         service: String::new(),
