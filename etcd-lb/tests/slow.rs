@@ -142,3 +142,41 @@ async fn a_deadline_shorter_than_the_call_is_not_a_dead_server() -> Result<()> {
     }
     Ok(())
 }
+
+/// A call that is never retried (no per-try bound) still ends at its
+/// deadline, on the balancer's own HTTP/2 connection too (hyper's sender
+/// does not read `grpc-timeout`; a tonic `Channel` did): the request is
+/// held 3 s on its way to the server, the caller gives up at 100 ms, and
+/// the endpoint stays up on its one connection.
+#[tokio::test]
+async fn a_call_without_retries_ends_at_its_deadline() -> Result<()> {
+    let p = serve_slow("held", Duration::ZERO).await?;
+    let bal = Balancer::new(BalancerConfig {
+        retry: RetryPolicy::none(),
+        ..BalancerConfig::new("greet_service")
+    });
+    bal.upsert(&Addr::from_socket(p.addr), 100, "");
+    assert_eq!(call(&bal, Duration::from_secs(5)).await?, "held");
+
+    p.set_delay(Duration::from_secs(3));
+    let started = std::time::Instant::now();
+    let err = call(&bal, Duration::from_millis(100))
+        .await
+        .expect_err("held past its deadline");
+    let took = started.elapsed();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "ended by the client at its deadline, not by the server after the hold: {took:?}"
+    );
+    assert!(
+        bal.endpoints().iter().all(|e| e.up),
+        "{:?}",
+        bal.endpoints()
+    );
+
+    p.set_delay(Duration::ZERO);
+    assert_eq!(call(&bal, Duration::from_secs(5)).await?, "held");
+    assert_eq!(p.accepted(), 1, "the same one connection throughout");
+    Ok(())
+}
