@@ -10,7 +10,7 @@
 //! 1.04-1.22x a `Channel`'s calls per second on the same server.
 //!
 //! A `Channel` stays for TLS endpoints. A plaintext endpoint's first
-//! connection is dialled once and shared ([`Conn::Dialing`]): calls made
+//! connection is dialled once and shared (`Conn::Dialing`): calls made
 //! before it is up wait for that same dial, so a new endpoint gets one
 //! connection, not one per caller.
 
