@@ -3,7 +3,9 @@
 A TCP proxy on 127.0.0.1:LISTEN forwarding to 127.0.0.1:UPSTREAM; every
 half second it writes to OUT.json the frames seen per direction (c2s:
 client to server, s2c: back) by type, and the reads it made per direction
-(about the writes the sender made, batching aside). Point a client at the
+(about the writes the sender made, batching aside), and the payload bytes
+per direction by frame type (HEADERS bytes per call: how well each side's
+HPACK encoder uses its dynamic table). Point a client at the
 proxy (for the registry: a key whose value is the proxy's address), run a
 known number of calls, divide. Used for docs/interop.md, "Frames and
 writes per call" (issue 14, point 3).
@@ -13,6 +15,7 @@ Usage: python3 interop/h2frames.py LISTEN UPSTREAM OUT.json
 import asyncio, sys, json, collections
 NAMES = {0:'DATA',1:'HEADERS',2:'PRIORITY',3:'RST_STREAM',4:'SETTINGS',5:'PUSH_PROMISE',6:'PING',7:'GOAWAY',8:'WINDOW_UPDATE',9:'CONTINUATION'}
 counts = {'c2s': collections.Counter(), 's2c': collections.Counter()}
+payload = {'c2s': collections.Counter(), 's2c': collections.Counter()}
 writes = collections.Counter()
 async def pump(r, w, d, preface):
     buf = b''
@@ -31,7 +34,9 @@ async def pump(r, w, d, preface):
         while len(buf) >= 9:
             ln = int.from_bytes(buf[0:3], 'big')
             if len(buf) < 9 + ln: break
-            counts[d][NAMES.get(buf[3], str(buf[3]))] += 1
+            kind = NAMES.get(buf[3], str(buf[3]))
+            counts[d][kind] += 1
+            payload[d][kind] += ln
             buf = buf[9+ln:]
     w.close()
 async def handle(cr, cw):
@@ -43,5 +48,7 @@ async def main():
         while True:
             await asyncio.sleep(0.5)
             with open(sys.argv[3], 'w') as f:
-                json.dump({'frames': {k: dict(v) for k, v in counts.items()}, 'reads': dict(writes)}, f)
+                json.dump({'frames': {k: dict(v) for k, v in counts.items()},
+                           'payload_bytes': {k: dict(v) for k, v in payload.items()},
+                           'reads': dict(writes)}, f)
 asyncio.run(main())
