@@ -17,6 +17,11 @@ mod weights;
 use clap::{Parser, Subcommand};
 use stats::Table;
 
+/// The same allocator as greet-server and greet-client, so that what this
+/// process measures of the balancer and the servers is what those binaries run.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Benchmarks of the registry, resolver and balancer.
 #[derive(Debug, Parser)]
 #[command(version, about)]
