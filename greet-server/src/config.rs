@@ -66,6 +66,12 @@ pub struct Args {
     /// codes in lower case with dashes).
     #[arg(long, env = "GREET_FAIL_CODE", default_value = "unavailable", value_parser = parse_code)]
     pub fail_code: tonic::Code,
+    /// Threads that serve gRPC connections, each with its own runtime; a
+    /// connection and its calls stay on one thread (no cross-thread
+    /// wake-ups per call), and new connections go to the thread with the
+    /// fewest. 0: one per CPU this process may use.
+    #[arg(long, env = "GREET_IO_THREADS", default_value_t = 0)]
+    pub io_threads: usize,
     /// Serve Prometheus metrics (`GET /metrics`) on this address; off when
     /// not given.
     #[arg(long, env = "GREET_METRICS_LISTEN")]
@@ -158,6 +164,8 @@ pub struct Config {
     pub tls: Option<tonic::transport::ServerTlsConfig>,
     /// Where to serve `/metrics`; `None`: nowhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Serving threads (at least 1).
+    pub io_threads: usize,
     /// Injected faults: (ratio, first, code).
     pub fault: (f64, u64, tonic::Code),
 }
@@ -187,6 +195,10 @@ impl Args {
             latency: self.latency,
             tls: self.tls.resolve()?,
             metrics_listen: self.metrics_listen,
+            io_threads: match self.io_threads {
+                0 => crate::shards::default_threads(),
+                n => n,
+            },
             fault: (self.fail_ratio, self.fail_first, self.fail_code),
         })
     }
@@ -211,6 +223,10 @@ mod tests {
         let c = a.config().unwrap();
         assert!(c.advertise.is_none());
         assert_eq!(c.root, "/ns/");
+        assert_eq!(c.io_threads, crate::shards::default_threads());
+        assert!(c.io_threads >= 1);
+        let c = parse(&["--io-threads", "3"]).unwrap().config().unwrap();
+        assert_eq!(c.io_threads, 3);
     }
 
     #[test]
@@ -230,6 +246,8 @@ mod tests {
             &["--fail-ratio", "1.5"],
             &["--fail-code", "teapot"],
             &["--fail-code", "ok"],
+            &["--io-threads", "-1"],
+            &["--io-threads", "many"],
         ] {
             let err = parse(bad).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{bad:?}");

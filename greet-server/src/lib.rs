@@ -16,6 +16,7 @@ pub mod coalesce;
 pub mod config;
 pub mod metrics;
 pub mod service;
+pub mod shards;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,6 +58,9 @@ pub enum Error {
     /// The reflection service could not be built from the descriptors.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// A serving thread could not start or failed.
+    #[error(transparent)]
+    Shard(#[from] shards::ShardError),
 }
 
 /// How long to wait for etcd to confirm the drain weight before draining
@@ -134,16 +138,13 @@ pub async fn run(
         tokio::spawn(metrics.clone().follow_registration(registrar.status()));
 
         let stop_accepting = CancellationToken::new();
-        // Below h2: clients that send an address list as :authority (grpcio
-        // over `ipv4:a,b,c`) are answered too (see `authority`).
-        let incoming = TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .map(|conn| conn.map(|c| authority::ListAuthority::new(coalesce::Coalesce::new(c))));
+        let abandon = CancellationToken::new();
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = cfg.tls.clone() {
             builder = builder.tls_config(tls)?;
         }
-        let server = builder
+        let router = builder
             .layer(metrics::MetricsLayer::new(metrics))
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -152,10 +153,27 @@ pub async fn run(
                 GreetService::new(advertise.to_string())
                     .with_latency(cfg.latency)
                     .with_fault(service::Fault::new(cfg.fault.0, cfg.fault.1, cfg.fault.2)),
-            ))
-            .serve_with_incoming_shutdown(incoming, stop_accepting.clone().cancelled_owned());
+            ));
+        // Each serving thread runs its connections on its own runtime (see
+        // `shards`).
+        let serve_shard = move |incoming: shards::ShardIncoming, stop: CancellationToken| {
+            // Below h2: clients that send an address list as :authority
+            // (grpcio over `ipv4:a,b,c`) are answered too (see `authority`).
+            let incoming = incoming
+                .map(|conn| conn.map(|c| authority::ListAuthority::new(coalesce::Coalesce::new(c))));
+            router
+                .clone()
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+        };
+        let server = shards::serve(
+            incoming,
+            cfg.io_threads,
+            serve_shard,
+            stop_accepting.clone(),
+            abandon.clone(),
+        );
         let mut server = tokio::spawn(server);
-        info!(listen = %local, "serving");
+        info!(listen = %local, io_threads = cfg.io_threads, "serving");
 
         tokio::select! {
             () = shutdown.cancelled() => {}
@@ -185,7 +203,8 @@ pub async fn run(
             Ok(Err(e)) => warn!(error = %e, "gRPC server task failed"),
             Err(_) => {
                 warn!(timeout = ?cfg.shutdown_timeout, "in-flight calls did not finish in time; abandoning them");
-                server.abort();
+                abandon.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(1), &mut server).await;
             }
         }
         registrar.deregister(DEREGISTER_TIMEOUT).await;
