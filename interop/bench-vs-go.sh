@@ -15,9 +15,10 @@
 #        only) every call answered grpc-status 0: counted by our server's
 #        grpc_server_handled_total, and in a sample call to each with nghttp.
 #        H2LOAD_ONLY=1 runs only (iv).
-#   (v)  ONE_WORKER=1 (default): greet-client again with TOKIO_WORKER_THREADS=1
-#        (one runtime worker instead of one per core) over 3 greet-servers,
-#        beside the default runs: what cross-thread wake-ups cost the client.
+#   (v)  PER_CORE=1 (default): greet-client again with --worker-threads 0
+#        (tokio's work-stealing runtime, a worker per core, instead of its
+#        default single thread) over 3 greet-servers, beside the default
+#        runs: what cross-thread wake-ups cost the client.
 # Everything runs on loopback against a private etcd on free ports. Every
 # measured run is repeated REPEAT times (default 1), the stacks alternating,
 # and the ratio row compares medians. CROSS=1 (default) also runs the mixed
@@ -32,7 +33,7 @@
 #
 # Usage: interop/bench-vs-go.sh   (env: DURATION, REPEAT, FAILOVER_AT, CROSS,
 #                                  H2LOAD, H2LOAD_N, H2LOAD_REPEAT, H2LOAD_ONLY,
-#                                  ONE_WORKER,
+#                                  PER_CORE,
 #                                  RESULTS=<file> keeps the raw JSON lines)
 set -euo pipefail
 
@@ -46,7 +47,7 @@ H2LOAD=${H2LOAD:-1}
 H2LOAD_N=${H2LOAD_N:-200000}
 H2LOAD_REPEAT=${H2LOAD_REPEAT:-2}
 H2LOAD_ONLY=${H2LOAD_ONLY:-0}
-ONE_WORKER=${ONE_WORKER:-1}
+PER_CORE=${PER_CORE:-1}
 rel=${CARGO_TARGET_DIR:-$root/target}/release
 bins=(greet-server)
 [[ ${H2LOAD_ONLY:-0} == 1 ]] || bins+=(greet-client)
@@ -110,7 +111,7 @@ server_cpu() {
 }
 
 # client STACK SERVICE CONCURRENCY: one JSON line normalised to
-# (STACK rust1: greet-client on one runtime worker)
+# (STACK rustmt: greet-client with a runtime worker per core)
 # {calls, errors, rps, p50_ms, p99_ms, client_cpu_s}.
 client() {
   local stack=$1 service=$2 conc=$3 out
@@ -120,8 +121,8 @@ client() {
       jq -c '{calls, errors, rps, p50_ms, p99_ms}')
   else
     local workers=()
-    [[ $stack != rust1 ]] || workers=(TOKIO_WORKER_THREADS=1)
-    out=$(/usr/bin/time -f '%U %S' -o "$work/ctime.$service" env "${workers[@]}" "$rel/greet-client" bench --etcd-endpoints "$etcd_ep" \
+    [[ $stack != rustmt ]] || workers=(--worker-threads 0)
+    out=$(/usr/bin/time -f '%U %S' -o "$work/ctime.$service" "$rel/greet-client" bench "${workers[@]}" --etcd-endpoints "$etcd_ep" \
       --service "$service" --concurrency "$conc" --duration "${DURATION}s" --json 2>>"$work/client.log" |
       jq -c '{calls, errors, rps: .throughput, p50_ms: (.p50_us / 1000), p99_ms: (.p99_us / 1000)}')
   fi
@@ -250,7 +251,7 @@ for _ in $(seq "$REPEAT"); do
   for conc in 16 64; do
     measure go go "$conc"
     measure rust rust "$conc"
-    [[ $ONE_WORKER != 1 ]] || measure rust1 rust "$conc"
+    [[ $PER_CORE != 1 ]] || measure rustmt rust "$conc"
   done
 done
 for _ in $(seq "$REPEAT"); do
@@ -273,10 +274,10 @@ python3 - "$results" "$DURATION" "$FAILOVER_AT" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 dur, at = sys.argv[2], sys.argv[3]
-who = {"go": "Go", "rust": "Rust", "rust1": "Rust (one worker)"}
+who = {"go": "Go", "rust": "Rust", "rustmt": "Rust (worker per core)"}
 def label(c, s):
     return {("go", "go"): "Go client + 3 Go servers", ("rust", "rust"): "greet-client + 3 greet-servers",
-            ("rust1", "rust"): "greet-client (TOKIO_WORKER_THREADS=1) + 3 greet-servers"}.get(
+            ("rustmt", "rust"): "greet-client (--worker-threads 0: one per core) + 3 greet-servers"}.get(
         (c, s), f"{who[c]} client + 3 {who[s]} servers")
 def sel(c, s, conc, fo=False):
     return [r for r in rows if r["client"] == c and r["servers"] == s and r["conc"] == conc and r["failover"] == fo]
@@ -299,10 +300,10 @@ for conc in (16, 64):
     line(label("go", "go"), conc, g)
     line(label("rust", "rust"), conc, r)
     print(f"| **ratio Rust / Go** | {conc} | | **{r['rps']/g['rps']:.2f}x** | {r['p50']/g['p50']:.2f}x | **{r['p99']/g['p99']:.2f}x** | {r['cpu']/g['cpu']:.2f}x | |")
-    if sel("rust1", "rust", conc):
-        o = stats(sel("rust1", "rust", conc))
-        line(label("rust1", "rust"), conc, o)
-        print(f"| ratio one worker / Go | {conc} | | {o['rps']/g['rps']:.2f}x | {o['p50']/g['p50']:.2f}x | {o['p99']/g['p99']:.2f}x | {o['cpu']/g['cpu']:.2f}x | |")
+    if sel("rustmt", "rust", conc):
+        o = stats(sel("rustmt", "rust", conc))
+        line(label("rustmt", "rust"), conc, o)
+        print(f"| ratio worker per core / Go | {conc} | | {o['rps']/g['rps']:.2f}x | {o['p50']/g['p50']:.2f}x | {o['p99']/g['p99']:.2f}x | {o['cpu']/g['cpu']:.2f}x | |")
 cross = [(c, s) for (c, s) in (("go", "rust"), ("rust", "go")) if sel(c, s, 16)]
 if cross:
     print()
@@ -325,11 +326,11 @@ for conc in (16, 64):
     print(f"| 1: throughput, each client over its own 3 servers | {conc} | {r['rps']:.0f} calls/s | {g['rps']:.0f} calls/s | {x:.2f}x | >= 1.2x | {verdict(x >= 1.2)} |")
     y = r["ccpu"] / g["ccpu"]
     print(f"| 1: client CPU per call | {conc} | {r['ccpu']:.1f} µs | {g['ccpu']:.1f} µs | {y:.2f}x | <= 1.00x | {verdict(y <= 1.0)} |")
-    if sel("rust1", "rust", conc):
-        o = stats(sel("rust1", "rust", conc))
+    if sel("rustmt", "rust", conc):
+        o = stats(sel("rustmt", "rust", conc))
         x1, y1 = o["rps"] / g["rps"], o["ccpu"] / g["ccpu"]
-        print(f"| 1, one runtime worker: throughput | {conc} | {o['rps']:.0f} calls/s | {g['rps']:.0f} calls/s | {x1:.2f}x | >= 1.2x | {verdict(x1 >= 1.2)} |")
-        print(f"| 1, one runtime worker: client CPU per call | {conc} | {o['ccpu']:.1f} µs | {g['ccpu']:.1f} µs | {y1:.2f}x | <= 1.00x | {verdict(y1 <= 1.0)} |")
+        print(f"| 1, a worker per core: throughput | {conc} | {o['rps']:.0f} calls/s | {g['rps']:.0f} calls/s | {x1:.2f}x | >= 1.2x | {verdict(x1 >= 1.2)} |")
+        print(f"| 1, a worker per core: client CPU per call | {conc} | {o['ccpu']:.1f} µs | {g['ccpu']:.1f} µs | {y1:.2f}x | <= 1.00x | {verdict(y1 <= 1.0)} |")
     if sel("rust", "go", conc):
         o = stats(sel("rust", "go", conc))
         z = o["scpu"] / g["scpu"]

@@ -28,6 +28,34 @@ pub struct Args {
     /// Rounds to make in the default mode (default: forever).
     #[arg(long, env = "GREET_COUNT")]
     pub count: Option<u64>,
+    /// Runtime worker threads that run the calls. 1 (the default): one,
+    /// where a call's task, the balancer and the connections' tasks wake
+    /// each other without a syscall; measured, it makes more calls per
+    /// second than a worker per core when the servers share the cores
+    /// (interop/bench-vs-go.sh). 0: one per CPU, for a client that is alone
+    /// on a many-core machine.
+    #[arg(long, global = true, env = "GREET_WORKER_THREADS", default_value_t = 1)]
+    pub worker_threads: usize,
+}
+
+impl Args {
+    /// The runtime `--worker-threads` asks for.
+    ///
+    /// # Errors
+    /// The runtime could not be built (out of threads or descriptors).
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        // A worker thread even for 1, not `current_thread`: a task woken by
+        // another runs next (the worker's LIFO slot), so a request is
+        // written as soon as its call is made. On `current_thread` it
+        // waited behind every other ready task, and at concurrency 64 the
+        // servers sat idle meanwhile: 1.7 of 2 cores busy against 1.9, and
+        // fewer calls per second (docs/interop.md).
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if self.worker_threads > 0 {
+            builder.worker_threads(self.worker_threads);
+        }
+        builder.enable_all().build()
+    }
 }
 
 /// Flags shared by both modes (accepted before or after `bench`).
@@ -257,5 +285,24 @@ mod tests {
         ] {
             assert_eq!(parse(bad).unwrap_err().exit_code(), 2, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn worker_threads_size_the_runtime() {
+        let workers = |args: &[&str]| {
+            parse(args)
+                .unwrap()
+                .runtime()
+                .unwrap()
+                .metrics()
+                .num_workers()
+        };
+        assert_eq!(workers(&[]), 1);
+        assert_eq!(
+            workers(&["bench", "--requests", "1", "--worker-threads", "0"]),
+            std::thread::available_parallelism().map_or(1, usize::from)
+        );
+        assert_eq!(workers(&["--worker-threads", "3"]), 3);
+        assert!(parse(&["--worker-threads", "-1"]).is_err());
     }
 }
