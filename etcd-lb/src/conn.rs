@@ -120,7 +120,7 @@ impl H2 {
                 .timer(TokioTimer::new())
                 .keep_alive_interval(KEEPALIVE_INTERVAL)
                 .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-                .handshake::<_, Body>(TokioIo::new(tcp))
+                .handshake::<_, Body>(TokioIo::new(registry::coalesce::Coalesce::new(tcp)))
                 .await?;
             Ok::<_, BoxError>((send, conn))
         };

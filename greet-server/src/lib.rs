@@ -12,7 +12,6 @@
 #![forbid(unsafe_code)]
 
 pub mod authority;
-pub mod coalesce;
 pub mod config;
 pub mod metrics;
 pub mod service;
@@ -160,7 +159,7 @@ pub async fn run(
             // Below h2: clients that send an address list as :authority
             // (grpcio over `ipv4:a,b,c`) are answered too (see `authority`).
             let incoming = incoming
-                .map(|conn| conn.map(|c| authority::ListAuthority::new(coalesce::Coalesce::new(c))));
+                .map(|conn| conn.map(|c| authority::ListAuthority::new(registry::coalesce::Coalesce::new(c))));
             router
                 .clone()
                 .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())

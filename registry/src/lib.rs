@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod coalesce;
 pub mod etcd;
 pub mod grpc_status;
 pub mod grpc_tls;
