@@ -358,11 +358,15 @@ mod tests {
         assert_eq!(&v[4..], ["greet-io-1", "greet-io-1"], "{v:?}");
 
         stop.cancel();
+        ends_within_5s(server, "stops once stopped").await;
+    }
+
+    async fn ends_within_5s(server: tokio::task::JoinHandle<Result<(), ShardError>>, why: &str) {
         tokio::time::timeout(Duration::from_secs(5), server)
             .await
-            .expect("stops once stopped")
-            .unwrap()
-            .unwrap();
+            .expect(why)
+            .expect("serve did not panic")
+            .expect("serve ended without an error");
     }
 
     #[tokio::test]
@@ -387,10 +391,6 @@ mod tests {
             "a stubborn shard keeps serve waiting"
         );
         abandon.cancel();
-        tokio::time::timeout(Duration::from_secs(5), server)
-            .await
-            .expect("abandon ends it")
-            .unwrap()
-            .unwrap();
+        ends_within_5s(server, "abandon ends it").await;
     }
 }
