@@ -120,9 +120,9 @@ client() {
       -ServiceName "$service" -Bench -Concurrency "$conc" -Duration "${DURATION}s" -Expect 3 2>>"$work/client.log" |
       jq -c '{calls, errors, rps, p50_ms, p99_ms}')
   else
-    local workers=()
-    [[ $stack != rustmt ]] || workers=(--worker-threads 0)
-    out=$(/usr/bin/time -f '%U %S' -o "$work/ctime.$service" "$rel/greet-client" bench "${workers[@]}" --etcd-endpoints "$etcd_ep" \
+    local threads=()
+    [[ $stack != rustmt ]] || threads=(--worker-threads 0)
+    out=$(/usr/bin/time -f '%U %S' -o "$work/ctime.$service" "$rel/greet-client" bench "${threads[@]}" --etcd-endpoints "$etcd_ep" \
       --service "$service" --concurrency "$conc" --duration "${DURATION}s" --json 2>>"$work/client.log" |
       jq -c '{calls, errors, rps: .throughput, p50_ms: (.p50_us / 1000), p99_ms: (.p99_us / 1000)}')
   fi

@@ -195,10 +195,7 @@ impl Args {
             latency: self.latency,
             tls: self.tls.resolve()?,
             metrics_listen: self.metrics_listen,
-            io_threads: match self.io_threads {
-                0 => crate::shards::default_threads(),
-                n => n,
-            },
+            io_threads: crate::shards::resolve_threads(self.io_threads),
             fault: (self.fail_ratio, self.fail_first, self.fail_code),
         })
     }
@@ -223,7 +220,7 @@ mod tests {
         let c = a.config().unwrap();
         assert!(c.advertise.is_none());
         assert_eq!(c.root, "/ns/");
-        assert_eq!(c.io_threads, crate::shards::default_threads());
+        assert_eq!(c.io_threads, crate::shards::resolve_threads(0));
         assert!(c.io_threads >= 1);
         let c = parse(&["--io-threads", "3"]).unwrap().config().unwrap();
         assert_eq!(c.io_threads, 3);

@@ -59,10 +59,13 @@ pub enum ShardError {
 /// The stream of connections one shard serves.
 pub type ShardIncoming = Pin<Box<dyn Stream<Item = io::Result<Counted<TcpStream>>> + Send>>;
 
-/// How many shards `threads = 0` means: one per core this process may use
-/// (`available_parallelism` honours cgroup CPU quotas).
-pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, usize::from)
+/// How many shards `threads` asks for: itself, or for 0 one per core this
+/// process may use (`available_parallelism` honours cgroup CPU quotas).
+pub fn resolve_threads(threads: usize) -> usize {
+    match threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    }
 }
 
 /// Serves the connections of `incoming` on `threads` shards (0: one per
@@ -88,11 +91,7 @@ where
     S: Fn(ShardIncoming, CancellationToken) -> F + Clone + Send + 'static,
     F: std::future::Future<Output = Result<(), tonic::transport::Error>>,
 {
-    let threads = if threads == 0 {
-        default_threads()
-    } else {
-        threads
-    };
+    let threads = resolve_threads(threads);
     let mut shards = Vec::with_capacity(threads);
     let mut done = Vec::with_capacity(threads);
     for shard in 0..threads {

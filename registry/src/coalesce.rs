@@ -13,9 +13,11 @@
 //! Why, on the client: with the calls on one runtime worker, a call's task
 //! wakes the connection task, which runs next (the worker's LIFO slot) and
 //! writes that one request. An original Go server then woke its reader
-//! 0.54 times per call for greet-client against 0.24 for grpc-go's client,
-//! and spent 1.45x the CPU per call; with this layer 0.38-0.40 reads and
-//! 1.2x (interop/go-server-reads.sh, interop/bench-vs-go.sh).
+//! 0.54-0.58 times per call for greet-client (0.38-0.40 with this layer;
+//! 0.24 for grpc-go's client), and over 3 Go servers at concurrency 16
+//! they spent 54.7-55.3 µs of CPU per call for it (44.8-47.1 with this
+//! layer; 37.5-39.8 for grpc-go's client). Measured by alternating the two
+//! builds (docs/interop.md).
 //!
 //! [`Coalesce`] keeps what h2 writes in a buffer, and on the first flush of
 //! a batch yields once (to the back of the run queue, as
