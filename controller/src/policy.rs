@@ -298,14 +298,14 @@ mod tests {
                 0
             };
             let t = Tracked {
-                entry: Entry {
+                entry: std::sync::Arc::new(Entry {
                     key: schema::key(DEFAULT_ROOT, &s, &addr),
                     member: schema::parse_value(&addr, value),
                     id: Some((s.clone(), addr.clone())),
                     lease: if a.lease { 7 } else { 0 },
                     create_revision: rev,
                     mod_revision: rev,
-                },
+                }),
                 invalid_since: a.invalid_for.map(|d| now - Duration::from_secs(d)),
                 probe: ProbeState {
                     last: a.probed.map(|ok| {

@@ -14,7 +14,7 @@
 //!   rendered JSON and to wake `/services/stream`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use registry::schema::{Addr, ServiceName};
@@ -48,8 +48,8 @@ pub struct ProbeState {
 /// One registered key with a valid `<service>/<addr>`.
 #[derive(Debug, Clone)]
 pub struct Tracked {
-    /// What etcd holds.
-    pub entry: Entry,
+    /// What etcd holds (shared with the reflector's copy).
+    pub entry: Arc<Entry>,
     /// Since when the value has been invalid (continuously).
     pub invalid_since: Option<Instant>,
     /// What probes saw.
@@ -192,16 +192,16 @@ impl Store {
                 }
                 Event::Removed(entry) => {
                     inner.revision = inner.revision.max(entry.mod_revision);
-                    match entry.id {
+                    match &entry.id {
                         None => {
                             inner.invalid_keys.remove(&entry.key);
                         }
                         Some((service, addr)) => {
-                            if let Some(members) = inner.services.get_mut(&service) {
-                                members.remove(&addr);
+                            if let Some(members) = inner.services.get_mut(service) {
+                                members.remove(addr);
                                 if members.is_empty() {
-                                    inner.services.remove(&service);
-                                    inner.valves.services.remove(&service);
+                                    inner.services.remove(service);
+                                    inner.valves.services.remove(service);
                                 }
                             }
                         }
@@ -394,20 +394,20 @@ mod tests {
     use crate::policy::Reason;
     use registry::schema::{self, DEFAULT_ROOT};
 
-    fn entry(service: &str, addr: &str, value: &[u8], lease: i64, rev: i64) -> Entry {
+    fn entry(service: &str, addr: &str, value: &[u8], lease: i64, rev: i64) -> Arc<Entry> {
         let s = ServiceName::new(service).unwrap();
         let a = Addr::new(addr).unwrap();
-        Entry {
+        Arc::new(Entry {
             key: schema::key(DEFAULT_ROOT, &s, &a),
             member: schema::parse_value(&a, value),
             id: Some((s, a)),
             lease,
             create_revision: rev,
             mod_revision: rev,
-        }
+        })
     }
 
-    fn good(service: &str, port: u16, lease: i64, rev: i64) -> Entry {
+    fn good(service: &str, port: u16, lease: i64, rev: i64) -> Arc<Entry> {
         let addr = format!("127.0.0.1:{port}");
         let v = format!(r#"{{"addr":"{addr}","version":"1","weight":100}}"#);
         entry(service, &addr, v.as_bytes(), lease, rev)
@@ -745,7 +745,7 @@ mod tests {
     fn invalid_keys_and_removal() {
         let store = Store::new();
         let t0 = Instant::now();
-        let bad = Entry {
+        let bad = Arc::new(Entry {
             key: "/ns/Bad Name/x".into(),
             id: None,
             member: Err(schema::SchemaError::Key {
@@ -755,7 +755,7 @@ mod tests {
             lease: 0,
             create_revision: 1,
             mod_revision: 1,
-        };
+        });
         store.apply(Event::Applied(bad.clone()), t0);
         store.apply(Event::Applied(good("s", 1, 3, 2)), t0);
         store.apply(Event::Synced { revision: 2 }, t0);
@@ -891,10 +891,10 @@ mod tests {
                             // Keys outside the schema arrive with id None.
                             let member = schema::parse_key(DEFAULT_ROOT, &k)
                                 .and(Err(schema::SchemaError::Value("outside".into())));
-                            store.apply(Event::Applied(Entry {
+                            store.apply(Event::Applied(Arc::new(Entry {
                                 key, id: None, member,
                                 lease: 0, create_revision: rev, mod_revision: rev,
-                            }), now);
+                            })), now);
                         }
                         Op::Probe { alive_mask, advance_ms } => {
                             now += Duration::from_millis(advance_ms);

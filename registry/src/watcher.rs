@@ -20,6 +20,7 @@
 //! and revision.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{EventType, GetOptions, KeyValue, WatchOptions, WatchStream};
@@ -92,12 +93,17 @@ impl Entry {
 }
 
 /// A change to the local copy.
+///
+/// The entry is shared with the reflector's own copy: a list of 100,000
+/// keys queues 100,000 pointers, not 100,000 copies of each key's strings
+/// (which, freed again right after, were most of a client's resident
+/// memory at that size).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// A key was created or changed (valid or not).
-    Applied(Entry),
+    Applied(Arc<Entry>),
     /// A key is gone; the last known entry.
-    Removed(Entry),
+    Removed(Arc<Entry>),
     /// The view is complete as of this revision (after every list/relist).
     Synced {
         /// etcd revision of the list.
@@ -182,7 +188,7 @@ pub struct Watcher {
     session: Session,
     cfg: WatcherConfig,
     stream: Option<WatchStream>,
-    map: BTreeMap<String, Entry>,
+    map: BTreeMap<String, Arc<Entry>>,
     revision: i64,
     cluster_id: u64,
     pending: VecDeque<Event>,
@@ -193,7 +199,7 @@ pub struct Watcher {
     warns: WarnLimiter,
     /// Keys missing after a relist of a wiped etcd, with the moment they
     /// will be reported removed unless they come back first.
-    deferred: BTreeMap<String, (Entry, Instant)>,
+    deferred: BTreeMap<String, (Arc<Entry>, Instant)>,
     /// The last revision may have been delivered in part (see
     /// [`Watcher::resume_from`]).
     maybe_partial: bool,
@@ -328,10 +334,10 @@ impl Watcher {
                             {
                                 continue;
                             }
-                            let entry = Entry::from_kv(&self.cfg.root, kv);
+                            let entry = Arc::new(Entry::from_kv(&self.cfg.root, kv));
                             self.warns.entry(&entry);
                             self.deferred.remove(&entry.key);
-                            self.map.insert(entry.key.clone(), entry.clone());
+                            self.map.insert(entry.key.clone(), Arc::clone(&entry));
                             self.pending.push_back(Event::Applied(entry));
                         }
                         EventType::Delete => {
@@ -495,7 +501,7 @@ impl Watcher {
         let same = resp
             .kvs()
             .first()
-            .is_some_and(|kv| Entry::from_kv(&self.cfg.root, kv) == *newest);
+            .is_some_and(|kv| Entry::from_kv(&self.cfg.root, kv) == **newest);
         if !same {
             debug!(prefix = %self.cfg.prefix, key = %newest.key, revision = at,
                    "the last key we saw is not as we saw it");
@@ -556,7 +562,10 @@ impl Watcher {
         let mut from = self.cfg.prefix.as_bytes().to_vec();
         let mut at_revision = 0;
         let mut cluster = 0;
-        let mut fresh = BTreeMap::new();
+        // Pages come in key order: collected into a map at the end, which
+        // builds it bottom-up with full nodes (inserting one by one leaves
+        // them about half full).
+        let mut fresh = Vec::new();
         let mut limit = PAGE;
         loop {
             let mut opts = GetOptions::new().with_range(end.clone()).with_limit(limit);
@@ -587,9 +596,12 @@ impl Watcher {
                     cluster = h.cluster_id();
                 }
             }
+            if fresh.is_empty() {
+                fresh.reserve_exact(usize::try_from(resp.count()).unwrap_or(0));
+            }
             for kv in resp.kvs() {
                 let entry = Entry::from_kv(&self.cfg.root, kv);
-                fresh.insert(entry.key.clone(), entry);
+                fresh.push((entry.key.clone(), Arc::new(entry)));
             }
             match resp.kvs().last() {
                 Some(last) if resp.more() => {
@@ -599,6 +611,7 @@ impl Watcher {
                 _ => break,
             }
         }
+        let fresh: BTreeMap<String, Arc<Entry>> = fresh.into_iter().collect();
         let old = std::mem::take(&mut self.map);
         for (key, entry) in &fresh {
             // The whole entry, lease and value included: after a wipe,
@@ -606,7 +619,7 @@ impl Watcher {
             // revisions on new leases.
             if old.get(key) != Some(entry) {
                 self.warns.entry(entry);
-                self.pending.push_back(Event::Applied(entry.clone()));
+                self.pending.push_back(Event::Applied(Arc::clone(entry)));
             }
         }
         self.warns.flush();
