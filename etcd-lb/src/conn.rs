@@ -23,7 +23,7 @@ use std::time::Duration;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use http::uri::{Authority, Scheme};
 use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use registry::schema::Addr;
 use tonic::body::Body;
 use tonic::transport::{Channel, Endpoint};
@@ -116,7 +116,7 @@ impl H2 {
         let dial = async {
             let tcp = tokio::net::TcpStream::connect(addr.as_str()).await?;
             tcp.set_nodelay(true)?;
-            let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            let (send, conn) = hyper::client::conn::http2::Builder::new(BoxingExecutor)
                 .timer(TokioTimer::new())
                 .keep_alive_interval(KEEPALIVE_INTERVAL)
                 .keep_alive_timeout(KEEPALIVE_TIMEOUT)
@@ -173,6 +173,26 @@ impl tower::Service<http::Request<Body>> for Conn {
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         Box::pin(self.clone().send(req))
+    }
+}
+
+/// Spawns hyper's per-request futures boxed. hyper hands its executor one
+/// enum for the connection task and for the two small tasks of every
+/// request (its body pipe and its response), so each is as large as the
+/// connection's whole state; spawned as it is, tokio copies that into the
+/// task and again at each stage change, 2,500-3,000 instructions of
+/// `memcpy` per call under callgrind. Boxed, the copy happens once.
+/// (tonic's `Channel` boxes them too.)
+#[derive(Clone, Copy, Debug)]
+struct BoxingExecutor;
+
+impl<F> hyper::rt::Executor<F> for BoxingExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(Box::pin(fut));
     }
 }
 
