@@ -30,7 +30,7 @@
 //! queued meanwhile, so the next call's send woke it into the LIFO slot and
 //! it flushed after one more request. Woken by itself, the task is already
 //! queued and later wakes do not move it. In an A/B of the two builds
-//! (2026-12-04, 19:00-19:25 UTC): an original Go server read 0.23-0.25
+//! (2026-12-04, 18:57-19:16 UTC): an original Go server read 0.23-0.25
 //! times per call from greet-client at concurrency 16 (0.36-0.39 before;
 //! grpc-go's client 0.24) and 0.064-0.066 at 64 (0.12-0.145; grpc-go
 //! 0.07); greet-client over 3 greet-servers made 32.9-33.7k calls/s at 16
