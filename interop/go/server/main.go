@@ -11,7 +11,9 @@
 //   - -Quiet turns off the per-call print (load tests measure the design,
 //     not an unbuffered write per call);
 //   - SIGKILL is no longer passed to signal.Notify (it cannot be caught;
-//     the tutorial listed it but it never had an effect).
+//     the tutorial listed it but it never had an effect);
+//   - -Pprof ADDR serves Go's profiler (net/http/pprof) on a side port,
+//     off by default (interop/go-server-reads.sh profiles with it).
 package main
 
 import (
@@ -19,6 +21,8 @@ import (
 	"flag"
 	"fmt"
 	"net"
+	"net/http"
+	_ "net/http/pprof"
 	"os"
 	"os/signal"
 	"strings"
@@ -39,6 +43,7 @@ var (
 	ServiceName = flag.String("ServiceName", "greet_service", "service name")
 	EtcdAddr    = flag.String("EtcdAddr", "127.0.0.1:2379", "register etcd address (several separated by ';')")
 	Quiet       = flag.Bool("Quiet", false, "do not print a line per call")
+	Pprof       = flag.String("Pprof", "", "serve net/http/pprof on this address (off when empty)")
 )
 var cli *clientv3.Client
 
@@ -143,6 +148,9 @@ func unRegister(serviceName, serverAddr string) {
 
 func main() {
 	flag.Parse()
+	if *Pprof != "" {
+		go func() { fmt.Println(http.ListenAndServe(*Pprof, nil)) }()
+	}
 
 	serverAddr := fmt.Sprintf("%s:%d", host, *Port)
 	listener, err := net.Listen("tcp", serverAddr)
