@@ -225,25 +225,45 @@ if [[ -z "$ENDPOINTS" ]]; then
     say "etcd is missing; installing Debian's etcd-server (scripts/setup.sh)"
     "$ROOT/scripts/setup.sh" demo
   fi
+  # Below the kernel's ephemeral range (32768 and up by default), so no
+  # outgoing connection holds it; another process may still take a port
+  # between the check and etcd's bind, so a bind failure picks again.
   pick_port() {
     local p
     for _ in $(seq 200); do
-      p=$((20000 + RANDOM % 20000))
+      p=$((20000 + RANDOM % 12000))
       port_busy "$p" || { echo "$p"; return; }
     done
     die "found no free loopback port for etcd"
   }
-  client_port="$(pick_port)"
-  peer_port="$(pick_port)"
-  [[ "$peer_port" != "$client_port" ]] || peer_port=$((client_port + 1))
-  start etcd "$WORK/etcd.log" etcd --name demo --data-dir "$WORK/etcd-data" \
-    --listen-client-urls "http://127.0.0.1:$client_port" \
-    --advertise-client-urls "http://127.0.0.1:$client_port" \
-    --listen-peer-urls "http://127.0.0.1:$peer_port" \
-    --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
-    --initial-cluster "demo=http://127.0.0.1:$peer_port"
+  etcd_up=0
+  for _ in 1 2 3 4 5; do
+    client_port="$(pick_port)"
+    peer_port="$(pick_port)"
+    [[ "$peer_port" != "$client_port" ]] || peer_port=$((client_port + 1))
+    rm -rf "$WORK/etcd-data"
+    start etcd "$WORK/etcd.log" etcd --name demo --data-dir "$WORK/etcd-data" \
+      --listen-client-urls "http://127.0.0.1:$client_port" \
+      --advertise-client-urls "http://127.0.0.1:$client_port" \
+      --listen-peer-urls "http://127.0.0.1:$peer_port" \
+      --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+      --initial-cluster "demo=http://127.0.0.1:$peer_port"
+    deadline=$((SECONDS + 30))
+    until (exec 3<>"/dev/tcp/127.0.0.1/$client_port") 2>/dev/null; do
+      if ! kill -0 "${PIDS[-1]}" 2>/dev/null && grep -q "address already in use" "$WORK/etcd.log"; then
+        say "etcd: a port was taken before etcd could bind it; picking others"
+        unset 'PIDS[-1]' 'NAMES[-1]'
+        continue 2
+      fi
+      alive etcd "${PIDS[-1]}" "$WORK/etcd.log"
+      ((SECONDS < deadline)) || die "etcd did not listen on 127.0.0.1:$client_port within 30s (log: $WORK/etcd.log)"
+      sleep 0.1
+    done
+    etcd_up=1
+    break
+  done
+  ((etcd_up)) || die "etcd found no free loopback ports in 5 attempts (log: $WORK/etcd.log)"
   ENDPOINTS="127.0.0.1:$client_port"
-  wait_port etcd "${PIDS[-1]}" "$WORK/etcd.log" "$client_port"
   say "etcd         $ENDPOINTS (data in $WORK/etcd-data)"
 else
   say "etcd         $ENDPOINTS (given; not started here)"

@@ -1,6 +1,7 @@
 //! The local demo (`scripts/demo.sh`), run as a user would: a bounded run
 //! that starts its own etcd, a run against a given etcd stopped with
-//! Ctrl-C (SIGINT), and a refusal when a port is taken.
+//! Ctrl-C (SIGINT), a refusal when a port is taken, and a retry when etcd
+//! loses the port it was given to another process.
 //!
 //! Each run uses free loopback ports instead of 3000-3002 and 8080 so tests
 //! never collide with each other or with a demo someone left running; the
@@ -304,6 +305,49 @@ async fn demo_against_given_etcd_stops_on_ctrl_c() -> Result<()> {
     assert!(after.is_empty(), "keys left after the demo: {after:?}");
     // The given etcd is not ours to stop.
     client.status().await.context("the given etcd still runs")?;
+    demo.assert_ports_released();
+    Ok(())
+}
+
+/// Another process can take the port the demo picked for etcd between its
+/// check and etcd's bind (seen in CI: `bind: address already in use`, and
+/// the demo stopped). An `etcd` first on PATH that fails that way once,
+/// then runs the real one: the demo picks other ports and runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_picks_other_ports_when_etcd_loses_a_port_race() -> Result<()> {
+    let real = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join("etcd"))
+        .find(|p| p.is_file())
+        .context("etcd on PATH (scripts/setup.sh)")?;
+    let fake = tempfile::Builder::new().prefix("e2e-fake-etcd").tempdir()?;
+    let marker = fake.path().join("failed-once");
+    std::fs::write(
+        fake.path().join("etcd"),
+        format!(
+            "#!/bin/sh\nif [ ! -e {m} ]; then\n  touch {m}\n  echo 'etcdmain: listen tcp 127.0.0.1:1: bind: address already in use'\n  exit 1\nfi\nexec {real} \"$@\"\n",
+            m = marker.display(),
+            real = real.display()
+        ),
+    )?;
+    std::fs::set_permissions(
+        fake.path().join("etcd"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let path = std::env::join_paths(std::iter::once(fake.path().to_path_buf()).chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))?;
+    let (base, ctl) = free_ports();
+    let path = path.to_string_lossy().into_owned();
+    let mut demo = Demo::start(&["--duration", "6s"], &[("PATH", &path)], base, ctl)?;
+    demo.wait_listed().await?;
+    let status = demo.wait_exit(Duration::from_secs(60)).await?;
+    let err = demo.stderr();
+    assert!(marker.exists(), "the fake etcd ran first:\n{err}");
+    assert!(status.success(), "exit {status}\nstderr:\n{err}");
+    assert!(
+        err.contains("picking others") && err.contains("etcd         127.0.0.1:"),
+        "it said so and went on with etcd on other ports:\n{err}"
+    );
     demo.assert_ports_released();
     Ok(())
 }
