@@ -210,9 +210,14 @@ alive() {
   exit 1
 }
 
-wait_port() { # NAME PID LOG PORT
+# wait_port NAME PID LOG PORT [RETRY]: wait until PORT accepts; with RETRY, a
+# process that exited with RETRY in its log returns 1 instead of failing.
+wait_port() {
   local deadline=$((SECONDS + 30))
   until (exec 3<>"/dev/tcp/127.0.0.1/$4") 2>/dev/null; do
+    if [[ -n ${5:-} ]] && ! kill -0 "$2" 2>/dev/null && grep -q "$5" "$3"; then
+      return 1
+    fi
     alive "$1" "$2" "$3"
     ((SECONDS < deadline)) || die "$1 did not listen on 127.0.0.1:$4 within 30s (log: $3)"
     sleep 0.1
@@ -248,19 +253,12 @@ if [[ -z "$ENDPOINTS" ]]; then
       --listen-peer-urls "http://127.0.0.1:$peer_port" \
       --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
       --initial-cluster "demo=http://127.0.0.1:$peer_port"
-    deadline=$((SECONDS + 30))
-    until (exec 3<>"/dev/tcp/127.0.0.1/$client_port") 2>/dev/null; do
-      if ! kill -0 "${PIDS[-1]}" 2>/dev/null && grep -q "address already in use" "$WORK/etcd.log"; then
-        say "etcd: a port was taken before etcd could bind it; picking others"
-        unset 'PIDS[-1]' 'NAMES[-1]'
-        continue 2
-      fi
-      alive etcd "${PIDS[-1]}" "$WORK/etcd.log"
-      ((SECONDS < deadline)) || die "etcd did not listen on 127.0.0.1:$client_port within 30s (log: $WORK/etcd.log)"
-      sleep 0.1
-    done
-    etcd_up=1
-    break
+    if wait_port etcd "${PIDS[-1]}" "$WORK/etcd.log" "$client_port" "address already in use"; then
+      etcd_up=1
+      break
+    fi
+    say "etcd: a port was taken before etcd could bind it; picking others"
+    unset 'PIDS[-1]' 'NAMES[-1]'
   done
   ((etcd_up)) || die "etcd found no free loopback ports in 5 attempts (log: $WORK/etcd.log)"
   ENDPOINTS="127.0.0.1:$client_port"

@@ -315,7 +315,10 @@ async fn demo_against_given_etcd_stops_on_ctrl_c() -> Result<()> {
 /// then runs the real one: the demo picks other ports and runs.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_demo_picks_other_ports_when_etcd_loses_a_port_race() -> Result<()> {
-    let real = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+    let dirs: Vec<PathBuf> =
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).collect();
+    let real = dirs
+        .iter()
         .map(|d| d.join("etcd"))
         .find(|p| p.is_file())
         .context("etcd on PATH (scripts/setup.sh)")?;
@@ -333,9 +336,7 @@ async fn the_demo_picks_other_ports_when_etcd_loses_a_port_race() -> Result<()> 
         fake.path().join("etcd"),
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )?;
-    let path = std::env::join_paths(std::iter::once(fake.path().to_path_buf()).chain(
-        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
-    ))?;
+    let path = std::env::join_paths(std::iter::once(fake.path().to_path_buf()).chain(dirs))?;
     let (base, ctl) = free_ports();
     let path = path.to_string_lossy().into_owned();
     let mut demo = Demo::start(&["--duration", "6s"], &[("PATH", &path)], base, ctl)?;
