@@ -387,46 +387,6 @@ mod tests {
         assert_eq!(writes, 1, "a chain of {CALLS} calls took {writes} writes");
     }
 
-    /// A worker that never runs out of ready tasks still writes: tokio
-    /// runs the deferred wakes every few dozen tasks (its event interval)
-    /// as well as when it goes idle, so a batch waits that long at most.
-    #[test]
-    fn until_idle_writes_on_a_worker_that_is_never_idle() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .build()
-            .unwrap();
-        let writes = Arc::new(AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
-        rt.spawn(connection(
-            Coalesce::until_idle(CountWrites(writes.clone())),
-            rx,
-        ));
-        // Always ready again: wakes itself on every poll.
-        rt.spawn({
-            let stop = stop.clone();
-            std::future::poll_fn(move |cx| {
-                if stop.load(Ordering::Relaxed) {
-                    return Poll::Ready(());
-                }
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            })
-        });
-        tx.send(vec![7; 100]).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while writes.load(Ordering::Relaxed) == 0 && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        stop.store(true, Ordering::Relaxed);
-        assert_eq!(
-            writes.load(Ordering::Relaxed),
-            1,
-            "the frame was never written"
-        );
-    }
-
     /// Outside a runtime worker there is no idle to wait for: the flush
     /// goes through on the next poll, and the bytes arrive whole.
     #[test]
