@@ -116,13 +116,11 @@ impl H2 {
         let dial = async {
             let tcp = tokio::net::TcpStream::connect(addr.as_str()).await?;
             tcp.set_nodelay(true)?;
-            // Requests go out when the worker has nothing else ready: the
-            // calls a read released write together (registry::coalesce).
             let (send, conn) = hyper::client::conn::http2::Builder::new(BoxingExecutor)
                 .timer(TokioTimer::new())
                 .keep_alive_interval(KEEPALIVE_INTERVAL)
                 .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-                .handshake::<_, Body>(TokioIo::new(registry::coalesce::Coalesce::until_idle(tcp)))
+                .handshake::<_, Body>(TokioIo::new(registry::coalesce::Coalesce::new(tcp)))
                 .await?;
             Ok::<_, BoxError>((send, conn))
         };

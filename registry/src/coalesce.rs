@@ -36,25 +36,10 @@
 //! 0.07); greet-client over 3 greet-servers made 32.9-33.7k calls/s at 16
 //! against 28.3-29.5k, and greet-server 111.7-114.9k req/s under h2load
 //! against 104.7-105.0k.
-//!
-//! [`Coalesce::until_idle`] waits longer, for the client's connections:
-//! until its worker has no other task ready to run (tokio's deferred wake,
-//! the one `yield_now` uses, marked so that no other wake of the task
-//! can flush early), as grpc-go's writer flushes only when it has nothing
-//! more queued. Over three original Go servers at concurrency 16 it took
-//! their reads per call from 1.03 to 0.83 and their CPU per call down by
-//! 6-8 % (grpc-go's client: 0.69 reads), with no change that two rounds
-//! could separate in greet-client's calls/s or CPU over greet-servers
-//! (2026-12-05, docs/interop.md). greet-server keeps the shorter wait:
-//! with this one, under h2load, it fell from 1.34x to 1.17-1.28x the Go
-//! server's req/s.
 
-use std::future::Future;
 use std::io;
-use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::task::{ready, Context, Poll, Wake, Waker};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -63,36 +48,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const MAX_BUFFERED: usize = 64 * 1024;
 
 /// A connection whose writes are buffered until a flush that has yielded
-/// once, or with [`Coalesce::until_idle`] until its worker is idle (see the
-/// module docs).
+/// once (see the module docs).
 pub struct Coalesce<IO> {
     io: IO,
     buf: BytesMut,
     /// The current batch has yielded; the next flush writes it.
     yielded: bool,
-    /// `Some` for [`Coalesce::until_idle`]: the wake the current batch
-    /// waits for, kept between batches to reuse its allocation.
-    idle: Option<Arc<IdleWake>>,
-    /// An idle wake is pending for the current batch.
-    waiting: bool,
-}
-
-/// The waker handed to tokio's deferred wake: records that the worker
-/// went idle, then wakes the connection's task.
-struct IdleWake {
-    fired: AtomicBool,
-    task: Waker,
-}
-
-impl Wake for IdleWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.fired.store(true, Ordering::Release);
-        self.task.wake_by_ref();
-    }
 }
 
 impl<IO> std::fmt::Debug for Coalesce<IO> {
@@ -110,20 +71,6 @@ impl<IO> Coalesce<IO> {
             io,
             buf: BytesMut::new(),
             yielded: false,
-            idle: None,
-            waiting: false,
-        }
-    }
-
-    /// Wraps `io`, writing a batch only once its worker has no other task
-    /// ready to run (see the module docs: for a client's connections).
-    pub fn until_idle(io: IO) -> Self {
-        Self {
-            idle: Some(Arc::new(IdleWake {
-                fired: AtomicBool::new(false),
-                task: Waker::noop().clone(),
-            })),
-            ..Self::new(io)
         }
     }
 
@@ -144,43 +91,6 @@ impl<IO: AsyncWrite + Unpin> Coalesce<IO> {
             self.buf.advance(n);
         }
         Poll::Ready(Ok(()))
-    }
-
-    /// For [`Coalesce::until_idle`]: whether the current batch must wait
-    /// longer (its idle wake has not fired yet). The first call of a batch
-    /// asks tokio to wake the task once the worker is idle.
-    fn wait_for_idle(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(idle) = &mut self.idle else {
-            return false;
-        };
-        if self.waiting {
-            if !idle.fired.load(Ordering::Acquire) {
-                return true;
-            }
-            self.waiting = false;
-            return false;
-        }
-        // The last batch's wake has run and been dropped by the scheduler,
-        // so the allocation is ours again; otherwise take a new one.
-        match Arc::get_mut(idle) {
-            Some(wake) => {
-                *wake.fired.get_mut() = false;
-                wake.task.clone_from(cx.waker());
-            }
-            None => {
-                *idle = Arc::new(IdleWake {
-                    fired: AtomicBool::new(false),
-                    task: cx.waker().clone(),
-                })
-            }
-        }
-        // `yield_now`'s first poll hands its waker to the worker's deferred
-        // list (woken when the worker runs out of ready tasks) or, outside a
-        // runtime worker, wakes it at once.
-        let waker = Waker::from(idle.clone());
-        let _ = pin!(tokio::task::yield_now()).poll(&mut Context::from_waker(&waker));
-        self.waiting = true;
-        true
     }
 }
 
@@ -236,10 +146,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesce<IO> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.buf.is_empty() && this.wait_for_idle(cx) {
-            return Poll::Pending;
-        }
-        if !this.buf.is_empty() && !this.yielded && this.idle.is_none() {
+        if !this.buf.is_empty() && !this.yielded {
             // A task that wakes itself goes to the back of its worker's
             // run queue. Polled again, h2 has written what the tasks
             // ahead of it sent before calling this flush again.
@@ -297,111 +204,6 @@ mod tests {
         }
     }
 
-    /// A connection task shaped like h2's: each time it is polled it
-    /// writes every frame the streams have queued, then flushes. Returns
-    /// the frames written once the streams are gone.
-    async fn connection(
-        mut w: Coalesce<CountWrites>,
-        mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
-    ) -> usize {
-        let mut frames = 0;
-        std::future::poll_fn(|cx| loop {
-            let mut closed = false;
-            loop {
-                match rx.poll_recv(cx) {
-                    Poll::Ready(Some(frame)) => {
-                        frames += 1;
-                        let r = Pin::new(&mut w).poll_write(cx, &frame);
-                        assert!(matches!(r, Poll::Ready(Ok(_))));
-                    }
-                    Poll::Ready(None) => {
-                        closed = true;
-                        break;
-                    }
-                    Poll::Pending => break,
-                }
-            }
-            ready!(Pin::new(&mut w).poll_flush(cx)).unwrap();
-            if closed {
-                return Poll::Ready(frames);
-            }
-            if rx.is_empty() {
-                return Poll::Pending;
-            }
-        })
-        .await
-    }
-
-    /// What `until_idle` waits for that the yield does not: calls that
-    /// become ready one after another, each made ready by the one before
-    /// (as a client's calls are by the responses the connections read),
-    /// while the connection task already waits in the run queue. The
-    /// yield writes whenever it comes round again (5 writes for this chain
-    /// of 32 with `Coalesce::new`, seen failing so); `until_idle` writes
-    /// once the chain has run out.
-    #[test]
-    fn until_idle_writes_a_chain_of_calls_at_once() {
-        const CALLS: usize = 32;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .build()
-            .unwrap();
-        let writes = Arc::new(AtomicUsize::new(0));
-        let frames = rt.block_on({
-            let writes = writes.clone();
-            async move {
-                tokio::spawn(async move {
-                    let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
-                    let w = Coalesce::until_idle(CountWrites(writes));
-                    let conn = tokio::spawn(connection(w, rx));
-                    // Call i sends its frame, then lets call i + 1 run.
-                    let parked = Arc::new(AtomicUsize::new(0));
-                    let (first, mut turn) = tokio::sync::oneshot::channel::<()>();
-                    for i in 0..CALLS {
-                        let (next, next_turn) = tokio::sync::oneshot::channel::<()>();
-                        let (tx, parked) = (tx.clone(), parked.clone());
-                        tokio::spawn(async move {
-                            parked.fetch_add(1, Ordering::Relaxed);
-                            turn.await.unwrap();
-                            tx.send(vec![i as u8; 100]).unwrap();
-                            let _ = next.send(());
-                        });
-                        turn = next_turn;
-                    }
-                    // Until every call waits and the connection is idle.
-                    while parked.load(Ordering::Relaxed) < CALLS {
-                        tokio::task::yield_now().await;
-                    }
-                    tokio::task::yield_now().await;
-                    first.send(()).unwrap();
-                    turn.await.unwrap();
-                    drop(tx);
-                    conn.await.unwrap()
-                })
-                .await
-                .unwrap()
-            }
-        });
-        assert_eq!(frames, CALLS);
-        let writes = writes.load(Ordering::Relaxed);
-        assert_eq!(writes, 1, "a chain of {CALLS} calls took {writes} writes");
-    }
-
-    /// Outside a runtime worker there is no idle to wait for: the flush
-    /// goes through on the next poll, and the bytes arrive whole.
-    #[test]
-    fn until_idle_flushes_outside_a_runtime() {
-        let (a, mut b) = tokio::io::duplex(1 << 16);
-        let mut w = Coalesce::until_idle(a);
-        futures::executor::block_on(async {
-            w.write_all(b"hello").await.unwrap();
-            w.flush().await.unwrap();
-            let mut got = [0u8; 5];
-            b.read_exact(&mut got).await.unwrap();
-            assert_eq!(&got, b"hello");
-        });
-    }
-
     /// The case the layer exists for, shaped like h2: a connection task
     /// that, each time it is polled, writes every frame the streams have
     /// queued and then flushes; and many call tasks on the same worker,
@@ -425,8 +227,36 @@ mod tests {
                 // Spawned from a worker task, so the wakes below are the
                 // worker's own (the LIFO slot is in play), as in a client.
                 tokio::spawn(async move {
-                    let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
-                    let conn = tokio::spawn(connection(Coalesce::new(CountWrites(writes)), rx));
+                    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+                    let conn = tokio::spawn(async move {
+                        let mut w = Coalesce::new(CountWrites(writes));
+                        let mut frames = 0;
+                        std::future::poll_fn(|cx| loop {
+                            let mut closed = false;
+                            loop {
+                                match rx.poll_recv(cx) {
+                                    Poll::Ready(Some(frame)) => {
+                                        frames += 1;
+                                        let r = Pin::new(&mut w).poll_write(cx, &frame);
+                                        assert!(matches!(r, Poll::Ready(Ok(_))));
+                                    }
+                                    Poll::Ready(None) => {
+                                        closed = true;
+                                        break;
+                                    }
+                                    Poll::Pending => break,
+                                }
+                            }
+                            ready!(Pin::new(&mut w).poll_flush(cx)).unwrap();
+                            if closed {
+                                return Poll::Ready(frames);
+                            }
+                            if rx.is_empty() {
+                                return Poll::Pending;
+                            }
+                        })
+                        .await
+                    });
                     // Every call waits for its turn, as calls wait for a
                     // response; one task then releases them all, as one
                     // read delivers many responses.
