@@ -31,7 +31,8 @@ struct Args {
     /// Print the tables as JSON.
     #[arg(long, global = true)]
     json: bool,
-    /// Seconds per load cell (overhead, server).
+    /// Seconds per load cell (server); the overhead scenario runs each
+    /// cell as 8 interleaved rounds of a quarter of this.
     #[arg(long, global = true, default_value_t = 4.0)]
     secs: f64,
     /// Endpoints under one prefix for the scale scenario, and members of
