@@ -11,6 +11,7 @@ mod fleet;
 mod h2sender;
 mod overhead;
 mod propagation;
+mod round_robin;
 mod stats;
 mod weights;
 

@@ -2,7 +2,8 @@
 //! process, same load, variants interleaved so noise hits them alike:
 //! (a) a plain `Channel` to one server, (b) the balancer over that one
 //! server, (c) the balancer over three, (d) hyper's HTTP/2 sender to the
-//! server of (a), without a `Channel`.
+//! server of (a), without a `Channel`, (e) plain channels to the three
+//! servers of (c), taken in turn.
 
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use registry::schema::Addr;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Channel;
 
+use crate::round_robin::RoundRobin;
 use crate::stats::{us, Table};
 
 /// Serves Greet in-process on a loopback port (no registration).
@@ -195,32 +197,44 @@ pub async fn run(secs: f64, levels: &[usize]) -> anyhow::Result<Table> {
     let sender = crate::h2sender::H2Sender::connect(&servers[0]).await?;
     let one = balancer(&servers[..1]);
     let three = balancer(&servers);
+    let mut channels = Vec::new();
+    for s in &servers {
+        channels.push(
+            Channel::from_shared(s.uri())?
+                .tcp_nodelay(true)
+                .connect()
+                .await?,
+        );
+    }
+    let rr = RoundRobin::new(channels);
     for _ in 0..2 {
         drive(GreetClient::new(plain.clone()), 4, 0.3).await;
         drive(GreetClient::new(one.clone()), 4, 0.3).await;
         drive(GreetClient::new(three.clone()), 4, 0.3).await;
         drive(GreetClient::new(sender.clone()), 4, 0.3).await;
+        drive(GreetClient::new(rr.clone()), 4, 0.3).await;
     }
     let per_round = secs / 4.0;
     let mut t = Table::new(
         format!("1. Balancer overhead (unary Morning, in-process servers, {ROUNDS} interleaved rounds of {per_round}s per cell; calls/s the mean of the rounds, ratios the median of the rounds' ratios (min-max))"),
-        &["concurrency", "(a) plain rps", "(a) p50/p99", "(b) 1 srv rps", "(b) p50/p99", "(c) 3 srv rps", "(c) p50/p99", "(b)/(a)", "(c)/(a)", "(d)/(a)", "errors"],
+        &["concurrency", "(a) plain rps", "(a) p50/p99", "(b) 1 srv rps", "(b) p50/p99", "(c) 3 srv rps", "(c) p50/p99", "(b)/(a)", "(c)/(a)", "(d)/(a)", "(e)/(a)", "(c)/(e)", "errors"],
     );
     let mut worst_b = f64::MAX;
     for &c in levels {
-        let mut merged = [Merged::new(), Merged::new(), Merged::new(), Merged::new()];
+        let mut merged = [(); 5].map(|_| Merged::new());
         for _ in 0..ROUNDS {
             let cells = [
                 drive(GreetClient::new(plain.clone()), c, per_round).await,
                 drive(GreetClient::new(one.clone()), c, per_round).await,
                 drive(GreetClient::new(three.clone()), c, per_round).await,
                 drive(GreetClient::new(sender.clone()), c, per_round).await,
+                drive(GreetClient::new(rr.clone()), c, per_round).await,
             ];
             for (m, cell) in merged.iter_mut().zip(cells) {
                 m.add(cell);
             }
         }
-        let [a, b, c3, d] = &merged;
+        let [a, b, c3, d, e] = &merged;
         let (b_median, b_text) = median_range(&mut b.ratios(a));
         worst_b = worst_b.min(b_median);
         t.row(vec![
@@ -234,9 +248,14 @@ pub async fn run(secs: f64, levels: &[usize]) -> anyhow::Result<Table> {
             b_text,
             median_range(&mut c3.ratios(a)).1,
             median_range(&mut d.ratios(a)).1,
+            median_range(&mut e.ratios(a)).1,
+            median_range(&mut c3.ratios(e)).1,
             merged.iter().map(|m| m.errors).sum::<u64>().to_string(),
         ]);
     }
+    t.note(
+        "(e): plain channels to the three servers of (c), one call each in turn (bench/src/round_robin.rs): what three connections cost without a balancer, so (c)/(e) is the balancer's own cost over three",
+    );
     t.note(
         "(d): hyper's HTTP/2 sender on one connection to the server of (a), no tonic Channel (bench/src/h2sender.rs): the ceiling without the Channel's buffer task",
     );
