@@ -121,7 +121,7 @@ pub fn balancer(addrs: &[Addr]) -> Balancer {
     b
 }
 
-/// Interleaved rounds per concurrency level. Each round runs the four
+/// Interleaved rounds per concurrency level. Each round runs the five
 /// variants back to back, and a ratio is taken within a round, so a
 /// slow spell of this shared machine hits both sides of it; the median
 /// of the rounds' ratios is the figure, and their range is printed with
@@ -183,6 +183,14 @@ impl Merged {
     }
 }
 
+/// A plain tonic `Channel` to `addr`, connected now (TCP, no Nagle delay).
+async fn plain_channel(addr: &Addr) -> anyhow::Result<Channel> {
+    Ok(Channel::from_shared(addr.uri())?
+        .tcp_nodelay(true)
+        .connect()
+        .await?)
+}
+
 /// Runs the scenario.
 pub async fn run(secs: f64, levels: &[usize]) -> anyhow::Result<Table> {
     let servers = [
@@ -190,21 +198,13 @@ pub async fn run(secs: f64, levels: &[usize]) -> anyhow::Result<Table> {
         start_server().await?,
         start_server().await?,
     ];
-    let plain = Channel::from_shared(servers[0].uri())?
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
+    let plain = plain_channel(&servers[0]).await?;
     let sender = crate::h2sender::H2Sender::connect(&servers[0]).await?;
     let one = balancer(&servers[..1]);
     let three = balancer(&servers);
     let mut channels = Vec::new();
     for s in &servers {
-        channels.push(
-            Channel::from_shared(s.uri())?
-                .tcp_nodelay(true)
-                .connect()
-                .await?,
-        );
+        channels.push(plain_channel(s).await?);
     }
     let rr = RoundRobin::new(channels);
     for _ in 0..2 {
