@@ -10,7 +10,6 @@ use std::time::Duration;
 use clap::ValueEnum;
 use greet_proto::{GreetClient, GreetRequest};
 use registry::schema::Addr;
-use tonic::transport::Channel;
 
 /// Which client makes the calls (the variants of scenario 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -45,10 +44,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     match variant {
         Variant::Plain => {
-            let ch = Channel::from_shared(target.uri())?
-                .tcp_nodelay(true)
-                .connect()
-                .await?;
+            let ch = crate::overhead::plain_channel(target).await?;
             drive(GreetClient::new(ch), calls, concurrency, timeout).await
         }
         Variant::Balancer => {

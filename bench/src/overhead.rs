@@ -183,8 +183,9 @@ impl Merged {
     }
 }
 
-/// A plain tonic `Channel` to `addr`, connected now (TCP, no Nagle delay).
-async fn plain_channel(addr: &Addr) -> anyhow::Result<Channel> {
+/// A plain tonic `Channel` to `addr`, connected now (TCP, no Nagle delay):
+/// the baseline every balancer measure is taken against.
+pub async fn plain_channel(addr: &Addr) -> anyhow::Result<Channel> {
     Ok(Channel::from_shared(addr.uri())?
         .tcp_nodelay(true)
         .connect()
