@@ -140,11 +140,10 @@ client() {
 results=$work/results.jsonl
 # measure CLIENT SERVERS CONCURRENCY [failover]: one run, appended to $results.
 measure() {
-  local cl=$1 sv=$2 conc=$3 failover=${4:-false} service out cpid cpu idle steal
+  local cl=$1 sv=$2 conc=$3 failover=${4:-false} service out cpid cpu stat0 stat1 idle steal
   run=$((run + 1))
   service=bench_${cl}_${sv}_${run}
   start_servers "$sv" "$service"
-  local stat0 stat1
   stat0=$(cpu_stat)
   client "$cl" "$service" "$conc" >"$work/out.$service" &
   cpid=$!
@@ -334,19 +333,19 @@ print("| point | concurrency | ours | Go | ratio | target | verdict |")
 print("|---|---:|---:|---:|---:|---|---|")
 def verdict(ok):
     return "met" if ok else "**missed**"
+def point1(conc, ours, base, rps_row, cpu_row):
+    """Point 1's two rows: ours against the Go client over the same servers."""
+    x, y = ours["rps"] / base["rps"], ours["ccpu"] / base["ccpu"]
+    print(f"| {rps_row} | {conc} | {ours['rps']:.0f} calls/s | {base['rps']:.0f} calls/s | {x:.2f}x | >= 1.2x | {verdict(x >= 1.2)} |")
+    print(f"| {cpu_row} | {conc} | {ours['ccpu']:.1f} µs | {base['ccpu']:.1f} µs | {y:.2f}x | <= 1.00x | {verdict(y <= 1.0)} |")
 for conc in (16, 64):
     g, r = stats(sel("go", "go", conc)), stats(sel("rust", "rust", conc))
     if sel("go", "rust", conc):
         b = stats(sel("go", "rust", conc))
-        x = r["rps"] / b["rps"]
-        print(f"| 1: throughput, both clients over the same 3 greet-servers | {conc} | {r['rps']:.0f} calls/s | {b['rps']:.0f} calls/s | {x:.2f}x | >= 1.2x | {verdict(x >= 1.2)} |")
-        y = r["ccpu"] / b["ccpu"]
-        print(f"| 1: client CPU per call, same servers | {conc} | {r['ccpu']:.1f} µs | {b['ccpu']:.1f} µs | {y:.2f}x | <= 1.00x | {verdict(y <= 1.0)} |")
+        point1(conc, r, b, "1: throughput, both clients over the same 3 greet-servers", "1: client CPU per call, same servers")
         if sel("rustmt", "rust", conc):
-            o = stats(sel("rustmt", "rust", conc))
-            x1, y1 = o["rps"] / b["rps"], o["ccpu"] / b["ccpu"]
-            print(f"| 1, a worker per core: throughput, same servers | {conc} | {o['rps']:.0f} calls/s | {b['rps']:.0f} calls/s | {x1:.2f}x | >= 1.2x | {verdict(x1 >= 1.2)} |")
-            print(f"| 1, a worker per core: client CPU per call | {conc} | {o['ccpu']:.1f} µs | {b['ccpu']:.1f} µs | {y1:.2f}x | <= 1.00x | {verdict(y1 <= 1.0)} |")
+            point1(conc, stats(sel("rustmt", "rust", conc)), b,
+                   "1, a worker per core: throughput, same servers", "1, a worker per core: client CPU per call")
     else:
         print(f"| 1: both clients over the same servers | {conc} | | | | >= 1.2x | not run (CROSS=0) |")
     if sel("rust", "go", conc):
@@ -361,10 +360,9 @@ print("of the client and of the servers; cores the machine left idle over the ru
 print()
 for r in rows:
     if not r["failover"]:
-        secs = float(dur)
-        idle = f" idle={r['idle_cpu_s'] / secs:.2f} cores steal={r['steal_s']:.2f}s" if "idle_cpu_s" in r else ""
         print(f"- {r['client']:6}/{r['servers']:4} c={r['conc']:<3} {r['rps']:7.0f} {r['p50_ms']:7.3f} {r['p99_ms']:7.3f} errors={r['errors']}"
-              f" cpu={1e6 * r['client_cpu_s'] / max(r['calls'], 1):.1f}+{1e6 * r['servers_cpu_s'] / max(r['calls'], 1):.1f}{idle}")
+              f" cpu={1e6 * r['client_cpu_s'] / max(r['calls'], 1):.1f}+{1e6 * r['servers_cpu_s'] / max(r['calls'], 1):.1f}"
+              f" idle={r['idle_cpu_s'] / float(dur):.2f} cores steal={r['steal_s']:.2f}s")
 print()
 print(f"Failover (SIGKILL of 1 of 3 servers {at} s into a {dur} s run, concurrency 16)")
 print()
