@@ -294,11 +294,14 @@ def label(c, s):
 def sel(c, s, conc, fo=False):
     return [r for r in rows if r["client"] == c and r["servers"] == s and r["conc"] == conc and r["failover"] == fo]
 med = statistics.median
+def per_call(r, seconds):
+    """CPU µs per call of one run."""
+    return 1e6 * seconds / max(r["calls"], 1)
 def stats(rs):
     return dict(rps=med([r["rps"] for r in rs]), p50=med([r["p50_ms"] for r in rs]), p99=med([r["p99_ms"] for r in rs]),
-                cpu=med([1e6 * (r["client_cpu_s"] + r["servers_cpu_s"]) / max(r["calls"], 1) for r in rs]),
-                ccpu=med([1e6 * r["client_cpu_s"] / max(r["calls"], 1) for r in rs]),
-                scpu=med([1e6 * r["servers_cpu_s"] / max(r["calls"], 1) for r in rs]),
+                cpu=med([per_call(r, r["client_cpu_s"] + r["servers_cpu_s"]) for r in rs]),
+                ccpu=med([per_call(r, r["client_cpu_s"]) for r in rs]),
+                scpu=med([per_call(r, r["servers_cpu_s"]) for r in rs]),
                 errors=sum(r["errors"] for r in rs), n=len(rs))
 def line(name, conc, m):
     print(f"| {name} | {conc} | {m['n']} | {m['rps']:.0f} | {m['p50']:.3f} | {m['p99']:.3f} | {m['cpu']:.1f} ({m['ccpu']:.1f} + {m['scpu']:.1f}) | {m['errors']} |")
@@ -361,7 +364,7 @@ print()
 for r in rows:
     if not r["failover"]:
         print(f"- {r['client']:6}/{r['servers']:4} c={r['conc']:<3} {r['rps']:7.0f} {r['p50_ms']:7.3f} {r['p99_ms']:7.3f} errors={r['errors']}"
-              f" cpu={1e6 * r['client_cpu_s'] / max(r['calls'], 1):.1f}+{1e6 * r['servers_cpu_s'] / max(r['calls'], 1):.1f}"
+              f" cpu={per_call(r, r['client_cpu_s']):.1f}+{per_call(r, r['servers_cpu_s']):.1f}"
               f" idle={r['idle_cpu_s'] / float(dur):.2f} cores steal={r['steal_s']:.2f}s")
 print()
 print(f"Failover (SIGKILL of 1 of 3 servers {at} s into a {dur} s run, concurrency 16)")
