@@ -3,8 +3,11 @@
 # there. Idempotent. Two profiles:
 #
 #   scripts/setup.sh demo   what scripts/demo.sh runs: a real etcd (Debian's
-#                           etcd-server, plus etcdctl), protoc for
-#                           etcd-client's build script, curl.
+#                           etcd-server, plus etcdctl), protoc and the
+#                           protobuf well-known types for etcd-client's
+#                           build script (protobuf-compiler and
+#                           libprotobuf-dev: --no-install-recommends leaves
+#                           the second out), curl.
 #   scripts/setup.sh        (or `test`) all of that, plus what the tests use:
 #                           kubectl (`kubectl kustomize`), kubernetes-validate
 #                           (PyPI), buildah and musl-tools plus the
@@ -20,6 +23,12 @@
 #                           xDS tests; h2load (Debian's nghttp2-client),
 #                           the neutral load generator of bench-vs-go.sh.
 #
+# After installing, each tool the build needs is checked by doing its job
+# (protoc compiles a proto that imports google/protobuf/descriptor.proto);
+# a failed check names the package and exits 1. `setup.sh check` runs only
+# the checks (e2e/tests/clean_root.rs runs setup in a clean debootstrap
+# root and then this).
+#
 # SETUP_DRY_RUN=1 prints what would be installed (`apt: ...`, `pip: ...`)
 # and installs nothing (the profile test in e2e/tests/demo.rs uses it).
 set -euo pipefail
@@ -27,19 +36,54 @@ DRY="${SETUP_DRY_RUN:-}"
 
 PROFILE="${1:-test}"
 case "$PROFILE" in
-  demo | test) ;;
+  demo | test | check) ;;
   *)
-    echo "usage: $0 [demo|test]" >&2
+    echo "usage: $0 [demo|test|check]" >&2
     exit 2
     ;;
 esac
+
+# protoc_works: does protoc compile a proto that imports the well-known
+# types, as etcd-client's build script needs? Prints why not.
+protoc_works() {
+  command -v protoc >/dev/null || { echo "protoc not found (Debian package protobuf-compiler)"; return 1; }
+  local dir rc=0
+  dir="$(mktemp -d)"
+  printf 'syntax = "proto3";\nimport "google/protobuf/descriptor.proto";\nmessage Probe { google.protobuf.FileDescriptorProto d = 1; }\n' >"$dir/probe.proto"
+  protoc -I "$dir" --descriptor_set_out="$dir/out.pb" "$dir/probe.proto" 2>"$dir/err" ||
+    { echo "protoc cannot compile a proto importing google/protobuf/descriptor.proto (Debian package libprotobuf-dev): $(head -c 300 "$dir/err")"; rc=1; }
+  rm -rf "$dir"
+  return "$rc"
+}
+
+# check_build_tools: every tool the build and the demo need does its job.
+check_build_tools() {
+  local why failed=0
+  why="$(protoc_works)" || { echo "setup: check failed: $why" >&2; failed=1; }
+  command -v etcd >/dev/null || { echo "setup: check failed: etcd not found (Debian package etcd-server)" >&2; failed=1; }
+  command -v curl >/dev/null || { echo "setup: check failed: curl not found (Debian package curl)" >&2; failed=1; }
+  command -v cc >/dev/null || { echo "setup: check failed: no C compiler (cc; Debian package gcc) for ring's and mimalloc's build scripts" >&2; failed=1; }
+  return "$failed"
+}
+
+if [[ "$PROFILE" == check ]]; then
+  check_build_tools && echo "setup: build tools ok" >&2
+  exit $?
+fi
 
 need=()
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v etcdctl >/dev/null || need+=(etcd-client)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
+# etcd-client's protos import google/protobuf/*.proto, which Debian ships in
+# libprotobuf-dev (a Recommends of protobuf-compiler, so not installed here).
+[[ -f /usr/include/google/protobuf/descriptor.proto ]] || need+=(libprotobuf-dev)
 command -v curl >/dev/null || need+=(curl)
+# rustc links through cc, and ring's and mimalloc's build scripts compile C.
+command -v cc >/dev/null || need+=(gcc libc6-dev)
 if [[ "$PROFILE" == test ]]; then
+  # e2e/tests/clean_root.rs proves the demo profile in a clean minbase root.
+  command -v debootstrap >/dev/null || need+=(debootstrap)
   command -v ip >/dev/null || need+=(iproute2)
   # Test certificates for the TLS tests (testkit::Pki) are made at test time.
   command -v openssl >/dev/null || need+=(openssl)
@@ -82,6 +126,7 @@ elif ((${#need[@]})); then
 fi
 
 [[ -n "$DRY" ]] || command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust (rustup)" >&2; exit 1; }
+[[ -n "$DRY" ]] || check_build_tools || exit 1
 
 [[ "$PROFILE" == test ]] || exit 0
 

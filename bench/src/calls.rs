@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::ValueEnum;
 use greet_proto::{GreetClient, GreetRequest};
-use registry::schema::Addr;
+use etcd_lb_registry::schema::Addr;
 
 /// Which client makes the calls (the variants of scenario 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

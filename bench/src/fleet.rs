@@ -10,9 +10,9 @@ use etcd_lb::{Balancer, BalancerConfig, Discovery, DiscoveryConfig, RetryPolicy}
 use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest};
 use nix::sys::signal::Signal;
-use registry::etcd::EtcdConfig;
-use registry::schema::ServiceName;
-use testkit::{bin_path, free_port, Etcd, Proc};
+use etcd_lb_registry::etcd::EtcdConfig;
+use etcd_lb_registry::schema::ServiceName;
+use etcd_lb_testkit::{bin_path, free_port, Etcd, Proc};
 use tokio_util::sync::CancellationToken;
 
 use crate::overhead::drive;

@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use http::uri::{Authority, Scheme};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use registry::schema::Addr;
+use etcd_lb_registry::schema::Addr;
 
 /// A tower service over one HTTP/2 connection's sender.
 #[derive(Clone)]

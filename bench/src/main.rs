@@ -68,7 +68,7 @@ enum Scenario {
     Calls {
         /// The server (`serve` prints it).
         #[arg(long)]
-        target: registry::schema::Addr,
+        target: etcd_lb_registry::schema::Addr,
         /// Which client.
         #[arg(long, value_enum)]
         variant: calls::Variant,
@@ -87,7 +87,7 @@ enum Scenario {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    registry::logging::init(registry::logging::LogFormat::Text);
+    etcd_lb_registry::logging::init(etcd_lb_registry::logging::LogFormat::Text);
     match &args.scenario {
         Scenario::Serve => return calls::serve().await,
         Scenario::Calls {

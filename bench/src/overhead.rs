@@ -12,7 +12,7 @@ use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest, GreetServer};
 use greet_server::GreetService;
 use hdrhistogram::Histogram;
-use registry::schema::Addr;
+use etcd_lb_registry::schema::Addr;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Channel;
 

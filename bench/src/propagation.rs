@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use etcd_client::{Client, WatchOptions};
 use etcd_lb::{Balancer, BalancerConfig, Discovery, DiscoveryConfig};
-use registry::etcd::EtcdConfig;
-use registry::schema::ServiceName;
-use testkit::Etcd;
+use etcd_lb_registry::etcd::EtcdConfig;
+use etcd_lb_registry::schema::ServiceName;
+use etcd_lb_testkit::Etcd;
 use tokio_util::sync::CancellationToken;
 
 use crate::stats::{percentiles, rss_bytes, us, Percentiles, Table};
@@ -147,7 +147,7 @@ async fn register_many(client: &mut Client, service: &str, n: usize) -> Result<(
             value(&addr, 1 + (i as u32 % 300)),
         )
     });
-    testkit::put_in_txns(client, kvs, Some(lease)).await
+    etcd_lb_testkit::put_in_txns(client, kvs, Some(lease)).await
 }
 
 /// Scenario 5.

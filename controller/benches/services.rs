@@ -34,9 +34,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use registry::etcd::EtcdConfig;
+use etcd_lb_registry::etcd::EtcdConfig;
 use serde_json::Value;
-use testkit::Etcd;
+use etcd_lb_testkit::Etcd;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
@@ -49,11 +49,11 @@ fn main() -> Result<()> {
 }
 
 async fn bench() -> Result<()> {
-    let members = testkit::env_u64("BENCH_MEMBERS", 1000)? as usize;
-    let concurrency = testkit::env_u64("BENCH_CONCURRENCY", 64)? as usize;
-    let secs = testkit::env_u64("BENCH_SECS", 10)?;
-    let live = testkit::env_u64("BENCH_LIVE", 1)? != 0;
-    let page = testkit::env_u64("BENCH_PAGE", 0)? as usize;
+    let members = etcd_lb_testkit::env_u64("BENCH_MEMBERS", 1000)? as usize;
+    let concurrency = etcd_lb_testkit::env_u64("BENCH_CONCURRENCY", 64)? as usize;
+    let secs = etcd_lb_testkit::env_u64("BENCH_SECS", 10)?;
+    let live = etcd_lb_testkit::env_u64("BENCH_LIVE", 1)? != 0;
+    let page = etcd_lb_testkit::env_u64("BENCH_PAGE", 0)? as usize;
     let gzip = std::env::var("BENCH_GZIP").unwrap_or_else(|_| "decode".to_owned());
     anyhow::ensure!(
         ["decode", "raw", "off"].contains(&gzip.as_str()),
@@ -94,7 +94,7 @@ async fn bench() -> Result<()> {
             .serve_with_incoming_shutdown(incoming, stop_health.clone().cancelled_owned()),
     );
 
-    // In transactions (testkit::put_in_txns): one put per request made the
+    // In transactions (etcd_lb_testkit::put_in_txns): one put per request made the
     // set-up alone take over ten minutes at 100,000 members.
     let lease = client.lease_grant(3600, None).await?.id();
     let setup = Instant::now();
@@ -109,7 +109,7 @@ async fn bench() -> Result<()> {
             value.to_string(),
         )
     });
-    testkit::put_in_txns(&client, kvs, Some(lease)).await?;
+    etcd_lb_testkit::put_in_txns(&client, kvs, Some(lease)).await?;
     eprintln!("{members} keys put in {:.1?}", setup.elapsed());
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

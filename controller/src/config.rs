@@ -10,9 +10,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use registry::etcd::EtcdArgs;
-use registry::logging::LogFormat;
-use registry::schema::DEFAULT_ROOT;
+use etcd_lb_registry::etcd::EtcdArgs;
+use etcd_lb_registry::logging::LogFormat;
+use etcd_lb_registry::schema::DEFAULT_ROOT;
 
 /// The default election key: outside `/ns/`, so the election is never
 /// mistaken for a registration.
@@ -101,7 +101,7 @@ pub struct Args {
     #[command(flatten)]
     pub etcd: EtcdArgs,
     #[command(flatten)]
-    pub tls: registry::grpc_tls::ClientTlsArgs,
+    pub tls: etcd_lb_registry::grpc_tls::ClientTlsArgs,
 }
 
 /// What the binary can do besides running the controller.
@@ -254,7 +254,7 @@ impl Args {
     /// A bad prefix, an election key inside the prefix, or a probe timeout
     /// longer than the probe interval.
     pub fn config(&self) -> Result<Config, String> {
-        let root = registry::schema::normalize_root(&self.prefix).map_err(|e| e.to_string())?;
+        let root = etcd_lb_registry::schema::normalize_root(&self.prefix).map_err(|e| e.to_string())?;
         let election_key = self.election_key.trim().to_owned();
         if election_key.is_empty() {
             return Err("--election-key must not be empty".into());

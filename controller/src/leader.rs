@@ -38,10 +38,10 @@ use std::pin::pin;
 use std::time::Duration;
 
 use etcd_client::{LeaderKey, ResignOptions};
-use registry::backoff::Backoff;
-use registry::etcd::{EtcdConfig, EtcdError};
-use registry::lease::{LeaseKeeper, LeaseState};
-use registry::session::Session;
+use etcd_lb_registry::backoff::Backoff;
+use etcd_lb_registry::etcd::{EtcdConfig, EtcdError};
+use etcd_lb_registry::lease::{LeaseKeeper, LeaseState};
+use etcd_lb_registry::session::Session;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;

@@ -34,8 +34,8 @@ pub mod xds;
 
 use std::sync::Arc;
 
-use registry::etcd::EtcdConfig;
-use registry::watcher::{Watcher, WatcherConfig};
+use etcd_lb_registry::etcd::EtcdConfig;
+use etcd_lb_registry::watcher::{Watcher, WatcherConfig};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;

@@ -32,7 +32,7 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }
-    registry::logging::init(args.log_format);
+    etcd_lb_registry::logging::init(args.log_format);
     let cfg = match args.config() {
         Ok(cfg) => cfg,
         Err(msg) => {
@@ -45,7 +45,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
 
-    let shutdown = registry::shutdown::on_signals().context("installing signal handlers")?;
+    let shutdown = etcd_lb_registry::shutdown::on_signals().context("installing signal handlers")?;
 
     controller::run(cfg, etcd, listener, shutdown).await?;
     Ok(())

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use crate::leader::LeaderState;
 use crate::policy::Reason;
 use crate::store::Store;
-use registry::watcher::WatchState;
+use etcd_lb_registry::watcher::WatchState;
 
 /// Labels of per-service, per-state gauges.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use registry::schema::{Addr, ServiceName};
+use etcd_lb_registry::schema::{Addr, ServiceName};
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -239,8 +239,8 @@ mod tests {
     use std::collections::BTreeSet;
 
     use proptest::prelude::*;
-    use registry::schema::{self, DEFAULT_ROOT};
-    use registry::watcher::Entry;
+    use etcd_lb_registry::schema::{self, DEFAULT_ROOT};
+    use etcd_lb_registry::watcher::Entry;
 
     use super::*;
     use crate::probe::Outcome;

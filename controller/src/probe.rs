@@ -1,6 +1,6 @@
 //! The gRPC health probe of every registered endpoint: does the process
 //! behind an address answer? What counts as an answer is
-//! [`registry::health`]'s rule, shared with the client's balancer.
+//! [`etcd_lb_registry::health`]'s rule, shared with the client's balancer.
 //!
 //! Channels are cached per address and reconnect by themselves, so a pass
 //! over a thousand endpoints does not open a thousand connections every
@@ -10,10 +10,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use registry::schema::Addr;
+use etcd_lb_registry::schema::Addr;
 use tonic::transport::Channel;
 
-pub use registry::health::Outcome;
+pub use etcd_lb_registry::health::Outcome;
 
 /// Probes endpoints, reusing one lazily connected channel per address.
 #[derive(Debug)]
@@ -39,7 +39,7 @@ impl Prober {
         if let Some(ch) = channels.get(addr) {
             return Ok(ch.clone());
         }
-        let endpoint = registry::grpc_tls::endpoint(addr, self.tls.as_ref())
+        let endpoint = etcd_lb_registry::grpc_tls::endpoint(addr, self.tls.as_ref())
             .map_err(|e| format!("bad endpoint URI: {e}"))?
             .connect_timeout(self.timeout)
             .timeout(self.timeout)
@@ -57,7 +57,7 @@ impl Prober {
             Ok(ch) => ch,
             Err(e) => return Outcome::Failed(e),
         };
-        let outcome = registry::health::check(ch, self.timeout).await;
+        let outcome = etcd_lb_registry::health::check(ch, self.timeout).await;
         if !outcome.is_alive() {
             // A fresh connection next time: a cached channel to a process
             // that was replaced on the same port should not linger.

@@ -22,8 +22,8 @@ use std::time::{Duration, SystemTime};
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
 use futures::StreamExt;
-use registry::etcd::{EtcdConfig, EtcdError};
-use registry::session::Session;
+use etcd_lb_registry::etcd::{EtcdConfig, EtcdError};
+use etcd_lb_registry::session::Session;
 use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;

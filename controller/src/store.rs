@@ -17,8 +17,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
-use registry::schema::{Addr, ServiceName};
-use registry::watcher::{Entry, Event};
+use etcd_lb_registry::schema::{Addr, ServiceName};
+use etcd_lb_registry::watcher::{Entry, Event};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -392,7 +392,7 @@ mod tests {
     use super::*;
     use crate::config::Budget;
     use crate::policy::Reason;
-    use registry::schema::{self, DEFAULT_ROOT};
+    use etcd_lb_registry::schema::{self, DEFAULT_ROOT};
 
     fn entry(service: &str, addr: &str, value: &[u8], lease: i64, rev: i64) -> Arc<Entry> {
         let s = ServiceName::new(service).unwrap();

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
-use registry::schema::{ServiceName, ValueKind};
+use etcd_lb_registry::schema::{ServiceName, ValueKind};
 use serde::Serialize;
 use tokio::time::Instant;
 

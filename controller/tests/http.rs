@@ -11,8 +11,8 @@ use anyhow::{bail, ensure, Context, Result};
 use common::*;
 use etcd_client::GetOptions;
 use serde_json::Value;
-use testkit::metrics::promtool_check;
-use testkit::{eventually, free_port, Etcd, Proc};
+use etcd_lb_testkit::metrics::promtool_check;
+use etcd_lb_testkit::{eventually, free_port, Etcd, Proc};
 
 /// A fleet for the view: two greet-servers with different weights and
 /// versions, a legacy lease-less server without health service, an

@@ -13,8 +13,8 @@ use anyhow::{Context, Result};
 use common::*;
 use controller::leader::{self, LeaderState};
 use etcd_client::Client;
-use registry::etcd::EtcdConfig;
-use testkit::{eventually, free_port, Etcd};
+use etcd_lb_registry::etcd::EtcdConfig;
+use etcd_lb_testkit::{eventually, free_port, Etcd};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 

@@ -11,7 +11,7 @@ use anyhow::{ensure, Context, Result};
 use common::*;
 use etcd_client::{Txn, TxnOp};
 use serde_json::Value;
-use testkit::{eventually, Etcd};
+use etcd_lb_testkit::{eventually, Etcd};
 
 fn quiet() -> controller::Config {
     controller::Config {

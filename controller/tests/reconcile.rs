@@ -10,9 +10,9 @@ use common::*;
 use controller::leader::Leadership;
 use controller::reconcile::{delete_if_unchanged, DeleteOutcome};
 use nix::sys::signal::Signal;
-use registry::etcd::EtcdConfig;
-use registry::session::Session;
-use testkit::{free_port, Etcd};
+use etcd_lb_registry::etcd::EtcdConfig;
+use etcd_lb_registry::session::Session;
+use etcd_lb_testkit::{free_port, Etcd};
 
 /// Point 1: a lease-less key for an address where nothing listens goes
 /// within --dead-after + one probe interval; a live lease-less legacy entry
@@ -282,7 +282,7 @@ async fn safety_valve_holds_when_most_of_a_service_looks_dead() -> Result<()> {
 
     servers[0].signal(Signal::SIGCONT)?;
     servers[1].signal(Signal::SIGCONT)?;
-    testkit::eventually(Duration::from_secs(10), "the valve to close", || async {
+    etcd_lb_testkit::eventually(Duration::from_secs(10), "the valve to close", || async {
         let (_, svc) = ctl.get("/services/greet_service").await.ok()?;
         (svc["safety_valve"].is_null() && svc["counts"]["healthy"] == 3).then_some(())
     })
@@ -360,7 +360,7 @@ async fn an_invalid_value_is_reported_then_deleted_after_dead_after() -> Result<
 }
 
 async fn eventually_leader(ctl: &Ctl) -> Result<()> {
-    testkit::eventually(Duration::from_secs(10), "leadership", || async {
+    etcd_lb_testkit::eventually(Duration::from_secs(10), "leadership", || async {
         let (_, r) = ctl.get("/readyz").await.ok()?;
         (r["leader"] == true).then_some(())
     })
@@ -443,7 +443,7 @@ async fn the_global_valve_keeps_every_single_member_service_when_all_probes_fail
     }
     let ctl = Ctl::start(&etcd, fast_config()).await?;
     eventually_leader(&ctl).await?;
-    testkit::eventually(Duration::from_secs(15), "all 20 healthy", || async {
+    etcd_lb_testkit::eventually(Duration::from_secs(15), "all 20 healthy", || async {
         let (_, v) = ctl.get("/services").await.ok()?;
         let healthy = v["services"]
             .as_array()?
@@ -466,7 +466,7 @@ async fn the_global_valve_keeps_every_single_member_service_when_all_probes_fail
         }
     }
     // `/services` may answer with the render before the last change once.
-    let view = testkit::eventually(Duration::from_secs(5), "the valve in the view", || async {
+    let view = etcd_lb_testkit::eventually(Duration::from_secs(5), "the valve in the view", || async {
         let (_, v) = ctl.get("/services").await.ok()?;
         (!v["safety_valve"].is_null()).then_some(v)
     })
@@ -495,7 +495,7 @@ async fn the_global_valve_keeps_every_single_member_service_when_all_probes_fail
         "{metrics}"
     );
 
-    testkit::eventually(
+    etcd_lb_testkit::eventually(
         Duration::from_secs(15),
         "the global valve to close",
         || async {

@@ -10,7 +10,7 @@ use anyhow::{ensure, Context, Result};
 use common::*;
 use etcd_client::{Txn, TxnOp};
 use serde_json::Value;
-use testkit::Etcd;
+use etcd_lb_testkit::Etcd;
 
 const SERVICES: usize = 100;
 const PER_SERVICE: usize = 100;
@@ -70,7 +70,7 @@ async fn fifty_streams_over_ten_thousand_members_share_one_render_per_change() -
     }
     let ctl = Ctl::start(&etcd, quiet()).await?;
     let total = SERVICES * PER_SERVICE;
-    testkit::eventually(
+    etcd_lb_testkit::eventually(
         Duration::from_secs(30),
         "the whole store in the view",
         || async {
@@ -182,7 +182,7 @@ async fn streams_past_the_cap_are_refused_with_a_json_503() -> Result<()> {
     );
 
     drop(open.pop());
-    testkit::eventually(
+    etcd_lb_testkit::eventually(
         Duration::from_secs(10),
         "a place freed by a closed stream",
         || async {

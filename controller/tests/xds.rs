@@ -21,7 +21,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::google::rpc;
 use etcd_client::PutOptions;
 use prost::Message;
-use testkit::{eventually, free_port, Etcd, Proc};
+use etcd_lb_testkit::{eventually, free_port, Etcd, Proc};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -303,7 +303,7 @@ async fn ads_protocol_acks_nacks_nonces_absence_and_subscriptions() -> Result<()
     // What happened is in /metrics: pushes, ACKs, the NACK, the streams
     // ended for bad input, the stream still open; promtool accepts it.
     let text = ctl.metrics().await?;
-    testkit::metrics::promtool_check(&text)?;
+    etcd_lb_testkit::metrics::promtool_check(&text)?;
     let eds = r#"type="eds""#;
     let at_least = |name: &str, labels: &str, n: f64| -> Result<()> {
         let v = common::sample(&text, name, labels);
@@ -467,7 +467,7 @@ async fn services_view_and_xds_agree_on_members_weights_and_health() -> Result<(
 fn short_lease_server(etcd: &Etcd, port: u16, weight: u32) -> Result<Proc> {
     Proc::spawn(
         &format!("greet-server:{port}"),
-        testkit::bin_path("greet-server"),
+        etcd_lb_testkit::bin_path("greet-server"),
         &[
             "--listen".to_owned(),
             format!("127.0.0.1:{port}"),

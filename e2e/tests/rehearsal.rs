@@ -30,7 +30,7 @@ use anyhow::{bail, ensure, Context, Result};
 use nix::sys::signal::Signal;
 use serde_json::Value as Json;
 use serde_norway::Value;
-use testkit::{bin_path, eventually, Proc};
+use etcd_lb_testkit::{bin_path, eventually, Proc};
 
 fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

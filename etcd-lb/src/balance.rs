@@ -37,9 +37,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use registry::backoff::Backoff;
-use registry::grpc_status::{code_of, OnStatus, Report};
-use registry::schema::Addr;
+use etcd_lb_registry::backoff::Backoff;
+use etcd_lb_registry::grpc_status::{code_of, OnStatus, Report};
+use etcd_lb_registry::schema::Addr;
 use tokio::time::Instant;
 use tonic::body::Body;
 use tonic::transport::Endpoint;
@@ -471,7 +471,7 @@ impl Balancer {
     /// for a `Channel` and for the balancer's own connection.
     fn dialer(&self, addr: &Addr) -> Result<Dialer, tonic::transport::Error> {
         let cfg = &self.inner.cfg;
-        let endpoint: Endpoint = registry::grpc_tls::endpoint(addr, cfg.tls.as_ref())?
+        let endpoint: Endpoint = etcd_lb_registry::grpc_tls::endpoint(addr, cfg.tls.as_ref())?
             .connect_timeout(cfg.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
@@ -1005,13 +1005,13 @@ enum Outcome {
 }
 
 /// Proves a fresh connection reaches a gRPC server with
-/// [`registry::health`]'s rule: any gRPC-level answer to a health check
+/// [`etcd_lb_registry::health`]'s rule: any gRPC-level answer to a health check
 /// (even UNIMPLEMENTED from a server without the health service, as the
 /// original Go servers are) counts; a TCP connection alone, or an answer
 /// that is not gRPC, does not.
 async fn probe(conn: Conn, limit: Duration) -> Result<Conn, String> {
-    match registry::health::check(conn.clone(), limit).await {
-        registry::health::Outcome::Failed(why) => Err(format!("health check: {why}")),
+    match etcd_lb_registry::health::check(conn.clone(), limit).await {
+        etcd_lb_registry::health::Outcome::Failed(why) => Err(format!("health check: {why}")),
         _ => Ok(conn),
     }
 }
@@ -1067,7 +1067,7 @@ async fn watch<F: Future>(
         };
         // Boxed: rarely run, and large; inline, it made every retryable
         // call's future (and its copies) larger.
-        let probe = Box::pin(registry::health::check(channel, bound));
+        let probe = Box::pin(etcd_lb_registry::health::check(channel, bound));
         let at_deadline = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d).await,
@@ -1079,7 +1079,7 @@ async fn watch<F: Future>(
             out = &mut attempt => return Watched::Done(out),
             () = at_deadline => return Watched::DeadlineExceeded,
             outcome = probe => {
-                if let registry::health::Outcome::Failed(why) = outcome {
+                if let etcd_lb_registry::health::Outcome::Failed(why) = outcome {
                     return Watched::Silent(format!("a health check on its connection got none ({why})"));
                 }
                 debug!(bound = ?bound, "attempt past its per-try bound; the server answers health checks, still waiting");

@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, StreamBody};
-use registry::grpc_status::code_of;
+use etcd_lb_registry::grpc_status::code_of;
 use tonic::body::Body;
 use tonic::Code;
 

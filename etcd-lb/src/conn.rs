@@ -24,7 +24,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use http::uri::{Authority, Scheme};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use registry::schema::Addr;
+use etcd_lb_registry::schema::Addr;
 use tonic::body::Body;
 use tonic::transport::{Channel, Endpoint};
 use tower::ServiceExt;
@@ -120,7 +120,7 @@ impl H2 {
                 .timer(TokioTimer::new())
                 .keep_alive_interval(KEEPALIVE_INTERVAL)
                 .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-                .handshake::<_, Body>(TokioIo::new(registry::coalesce::Coalesce::new(tcp)))
+                .handshake::<_, Body>(TokioIo::new(etcd_lb_registry::coalesce::Coalesce::new(tcp)))
                 .await?;
             Ok::<_, BoxError>((send, conn))
         };

@@ -14,9 +14,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use registry::etcd::EtcdConfig;
-use registry::schema::ServiceName;
-use registry::watcher::{Event, WatchState, Watcher, WatcherConfig};
+use etcd_lb_registry::etcd::EtcdConfig;
+use etcd_lb_registry::schema::ServiceName;
+use etcd_lb_registry::watcher::{Event, WatchState, Watcher, WatcherConfig};
 use semver::{Version, VersionReq};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -42,7 +42,7 @@ impl DiscoveryConfig {
     /// Defaults: `/ns/`, no version filter, stale after 10 s.
     pub fn new(service: ServiceName) -> Self {
         Self {
-            root: registry::schema::DEFAULT_ROOT.to_owned(),
+            root: etcd_lb_registry::schema::DEFAULT_ROOT.to_owned(),
             service,
             version_req: None,
             stale_after: Duration::from_secs(10),

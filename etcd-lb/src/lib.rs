@@ -59,9 +59,9 @@ pub use outlier::OutlierConfig;
 pub use retry::RetryPolicy;
 
 /// The registry underneath: schema, registrar, reflector, etcd session.
-pub use registry;
-pub use registry::etcd::EtcdConfig;
-pub use registry::registrar::{Registrar, RegistrarConfig};
-pub use registry::schema::{Addr, ServiceName};
+pub use etcd_lb_registry as registry;
+pub use etcd_lb_registry::etcd::EtcdConfig;
+pub use etcd_lb_registry::registrar::{Registrar, RegistrarConfig};
+pub use etcd_lb_registry::schema::{Addr, ServiceName};
 /// Stops a [`Discovery`] (and anything else spawned with it) when cancelled.
 pub use tokio_util::sync::CancellationToken;

@@ -40,7 +40,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use registry::grpc_status::{code_name, Report};
+use etcd_lb_registry::grpc_status::{code_name, Report};
 use tonic::Code;
 
 /// Attempt latency buckets (seconds): Prometheus' defaults, as

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Weak;
 use std::time::Duration;
 
-use registry::schema::Addr;
+use etcd_lb_registry::schema::Addr;
 use tonic::Code;
 
 /// When an endpoint is ejected, and for how long.

@@ -11,8 +11,8 @@ use etcd_lb::{Balancer, BalancerConfig, RetryPolicy};
 use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest, GreetServer};
 use greet_server::GreetService;
-use registry::schema::Addr;
-use testkit::{eventually, Proxy};
+use etcd_lb_registry::schema::Addr;
+use etcd_lb_testkit::{eventually, Proxy};
 use tonic::transport::server::TcpIncoming;
 use tonic::Code;
 
@@ -266,7 +266,7 @@ fn a_batch_of_changes_is_applied_at_once() {
         ..BalancerConfig::new("batch")
     });
     let mut changes = b.changes();
-    let addrs: Vec<registry::schema::Addr> = (0..100)
+    let addrs: Vec<etcd_lb_registry::schema::Addr> = (0..100)
         .map(|i| format!("127.0.0.1:{}", 1000 + i).parse().unwrap())
         .collect();
     b.apply(addrs.iter().map(|addr| Change::Upsert {

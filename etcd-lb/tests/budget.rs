@@ -10,7 +10,7 @@ use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest, GreetServer};
 use greet_server::metrics::{MetricsLayer, ServerMetrics};
 use greet_server::{Fault, GreetService};
-use registry::schema::Addr;
+use etcd_lb_registry::schema::Addr;
 use tonic::transport::server::TcpIncoming;
 use tonic::Code;
 

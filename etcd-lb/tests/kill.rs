@@ -12,8 +12,8 @@ use etcd_lb::{Balancer, BalancerConfig, RetryPolicy};
 use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest};
 use nix::sys::signal::Signal;
-use registry::schema::Addr;
-use testkit::{bin_path, eventually, free_port, Etcd, Proc};
+use etcd_lb_registry::schema::Addr;
+use etcd_lb_testkit::{bin_path, eventually, free_port, Etcd, Proc};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 

@@ -9,7 +9,7 @@ use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest, GreetServer};
 use greet_server::{Fault, GreetService};
 use prometheus_client::registry::Registry;
-use registry::schema::Addr;
+use etcd_lb_registry::schema::Addr;
 use tonic::transport::server::TcpIncoming;
 use tonic::Code;
 

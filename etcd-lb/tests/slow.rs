@@ -11,8 +11,8 @@ use etcd_lb::{Balancer, BalancerConfig, RetryPolicy};
 use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest, GreetServer};
 use greet_server::GreetService;
-use registry::schema::Addr;
-use testkit::Proxy;
+use etcd_lb_registry::schema::Addr;
+use etcd_lb_testkit::Proxy;
 use tonic::transport::server::TcpIncoming;
 use tonic::Code;
 

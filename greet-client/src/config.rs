@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use etcd_lb::{OutlierConfig, RetryBudgetConfig};
-use registry::etcd::EtcdArgs;
-use registry::logging::LogFormat;
-use registry::schema::{ServiceName, DEFAULT_ROOT};
+use etcd_lb_registry::etcd::EtcdArgs;
+use etcd_lb_registry::logging::LogFormat;
+use etcd_lb_registry::schema::{ServiceName, DEFAULT_ROOT};
 use semver::VersionReq;
 
 /// Calls Greet on the servers registered in etcd, balanced by weight.
@@ -129,7 +129,7 @@ pub struct Common {
     #[command(flatten)]
     pub etcd: EtcdArgs,
     #[command(flatten)]
-    pub tls: registry::grpc_tls::ClientTlsArgs,
+    pub tls: etcd_lb_registry::grpc_tls::ClientTlsArgs,
 }
 
 /// Modes.

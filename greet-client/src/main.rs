@@ -27,9 +27,9 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let common = &args.common;
-    registry::logging::init(common.log_format);
+    etcd_lb_registry::logging::init(common.log_format);
     let etcd = common.etcd.resolve().context("etcd settings")?;
-    let root = match registry::schema::normalize_root(&common.prefix) {
+    let root = match etcd_lb_registry::schema::normalize_root(&common.prefix) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: --prefix: {e}");
@@ -63,7 +63,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         });
         let stop = cancel.clone();
         tokio::spawn(async move {
-            if let Err(e) = registry::metrics_http::serve(listener, render, stop).await {
+            if let Err(e) = etcd_lb_registry::metrics_http::serve(listener, render, stop).await {
                 tracing::warn!(error = %e, "metrics server failed");
             }
         });

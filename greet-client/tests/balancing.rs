@@ -8,7 +8,7 @@ use anyhow::{ensure, Context, Result};
 use etcd_client::{Client, GetOptions};
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use testkit::{bin_path, eventually, free_port, Etcd, Proc};
+use etcd_lb_testkit::{bin_path, eventually, free_port, Etcd, Proc};
 
 fn server(etcd: &Etcd, port: u16, weight: u32, extra: &[&str]) -> Result<Proc> {
     let mut args: Vec<String> = [

@@ -11,9 +11,9 @@ use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest, GreetServer};
 use greet_server::GreetService;
 use prometheus_client::registry::Registry;
-use registry::schema::Addr;
-use testkit::metrics::{promtool_check, sample};
-use testkit::{eventually, free_port, Etcd, Proc, Proxy};
+use etcd_lb_registry::schema::Addr;
+use etcd_lb_testkit::metrics::{promtool_check, sample};
+use etcd_lb_testkit::{eventually, free_port, Etcd, Proc, Proxy};
 use tonic::transport::server::TcpIncoming;
 
 async fn serve(name: &str) -> Result<std::net::SocketAddr> {
@@ -136,7 +136,7 @@ async fn the_binary_serves_metrics_that_promtool_accepts() -> Result<()> {
     let port = free_port();
     let _server = Proc::spawn(
         "greet-server",
-        testkit::bin_path("greet-server"),
+        etcd_lb_testkit::bin_path("greet-server"),
         &[
             "--listen".to_owned(),
             format!("127.0.0.1:{port}"),

@@ -4,9 +4,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use registry::etcd::EtcdArgs;
-use registry::logging::LogFormat;
-use registry::schema::{Addr, ServiceName, DEFAULT_ROOT, MAX_WEIGHT};
+use etcd_lb_registry::etcd::EtcdArgs;
+use etcd_lb_registry::logging::LogFormat;
+use etcd_lb_registry::schema::{Addr, ServiceName, DEFAULT_ROOT, MAX_WEIGHT};
 
 /// A Greet gRPC server that registers itself in etcd.
 ///
@@ -82,7 +82,7 @@ pub struct Args {
     #[command(flatten)]
     pub etcd: EtcdArgs,
     #[command(flatten)]
-    pub tls: registry::grpc_tls::ServerTlsArgs,
+    pub tls: etcd_lb_registry::grpc_tls::ServerTlsArgs,
 }
 
 fn parse_addr(s: &str) -> Result<Addr, String> {
@@ -182,7 +182,7 @@ impl Args {
                 self.listen
             ));
         }
-        let root = registry::schema::normalize_root(&self.prefix).map_err(|e| e.to_string())?;
+        let root = etcd_lb_registry::schema::normalize_root(&self.prefix).map_err(|e| e.to_string())?;
         Ok(Config {
             advertise: self.advertise.clone(),
             service: self.service.clone(),

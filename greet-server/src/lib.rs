@@ -21,9 +21,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use greet_proto::GreetServer;
-use registry::etcd::EtcdConfig;
-use registry::registrar::{Registrar, RegistrarConfig};
-use registry::schema::Addr;
+use etcd_lb_registry::etcd::EtcdConfig;
+use etcd_lb_registry::registrar::{Registrar, RegistrarConfig};
+use etcd_lb_registry::schema::Addr;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -42,7 +42,7 @@ pub enum Error {
     Io(#[from] std::io::Error),
     /// The registration could not be set up.
     #[error(transparent)]
-    Registrar(#[from] registry::registrar::RegistrarError),
+    Registrar(#[from] etcd_lb_registry::registrar::RegistrarError),
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -116,7 +116,7 @@ pub async fn run(
             };
             let stop = stop_metrics.clone();
             tokio::spawn(async move {
-                if let Err(e) = registry::metrics_http::serve(listener, render, stop).await {
+                if let Err(e) = etcd_lb_registry::metrics_http::serve(listener, render, stop).await {
                     warn!(error = %e, "metrics server failed");
                 }
             });
@@ -159,7 +159,7 @@ pub async fn run(
             // Below h2: clients that send an address list as :authority
             // (grpcio over `ipv4:a,b,c`) are answered too (see `authority`).
             let incoming = incoming
-                .map(|conn| conn.map(|c| authority::ListAuthority::new(registry::coalesce::Coalesce::new(c))));
+                .map(|conn| conn.map(|c| authority::ListAuthority::new(etcd_lb_registry::coalesce::Coalesce::new(c))));
             router
                 .clone()
                 .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())

@@ -13,7 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    registry::logging::init(args.log_format);
+    etcd_lb_registry::logging::init(args.log_format);
     let cfg = match args.config() {
         Ok(cfg) => cfg,
         Err(msg) => {
@@ -26,7 +26,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
 
-    let shutdown = registry::shutdown::on_signals().context("installing signal handlers")?;
+    let shutdown = etcd_lb_registry::shutdown::on_signals().context("installing signal handlers")?;
 
     greet_server::run(cfg, etcd, listener, shutdown).await?;
     Ok(())

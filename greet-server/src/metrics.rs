@@ -6,7 +6,7 @@
 //! Labels come from a fixed table of the methods this server serves: a
 //! client sending made-up paths cannot grow the label set (they are counted
 //! under `grpc_service="unknown"`). A call's code is read where gRPC puts
-//! it ([`registry::grpc_status`]); a call whose client went away before its
+//! it ([`etcd_lb_registry::grpc_status`]); a call whose client went away before its
 //! end counts as `Canceled`, as grpc-go's server reports it.
 //!
 //! Counter names are registered without `_total`: prometheus-client adds the
@@ -23,8 +23,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use registry::grpc_status::{code_name, OnStatus, Report};
-use registry::registrar::Status;
+use etcd_lb_registry::grpc_status::{code_name, OnStatus, Report};
+use etcd_lb_registry::registrar::Status;
 use tokio::sync::watch;
 
 /// Buckets of `grpc_server_handling_seconds`: Prometheus' default buckets,

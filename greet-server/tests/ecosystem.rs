@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use greet_proto::{GreetClient, GreetRequest};
-use testkit::metrics::{promtool_check, sample};
-use testkit::{eventually, free_port, Etcd, Proc};
+use etcd_lb_testkit::metrics::{promtool_check, sample};
+use etcd_lb_testkit::{eventually, free_port, Etcd, Proc};
 
 fn server(etcd: &Etcd, port: u16, extra: &[String]) -> Result<Proc> {
     let mut args = vec![

@@ -8,7 +8,7 @@ use etcd_client::Client;
 use greet_proto::{GreetClient, GreetRequest};
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use testkit::{eventually, free_port, Etcd, Proc};
+use etcd_lb_testkit::{eventually, free_port, Etcd, Proc};
 
 const TTL: u64 = 4;
 

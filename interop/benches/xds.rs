@@ -137,12 +137,12 @@ async fn subscriber(
 }
 
 async fn bench() -> Result<()> {
-    let subscribers = testkit::env_u64("BENCH_SUBSCRIBERS", 1000)? as usize;
-    let rounds = testkit::env_u64("BENCH_ROUNDS", 20)? as usize;
+    let subscribers = etcd_lb_testkit::env_u64("BENCH_SUBSCRIBERS", 1000)? as usize;
+    let rounds = etcd_lb_testkit::env_u64("BENCH_ROUNDS", 20)? as usize;
     let fleet = Fleet::start("300s").await?;
     let pid = fleet.ctl.proc.pid().as_raw();
     let target = fleet.addr(0).to_owned();
-    testkit::eventually(Duration::from_secs(15), "xds listening", || async {
+    etcd_lb_testkit::eventually(Duration::from_secs(15), "xds listening", || async {
         std::net::TcpStream::connect(&fleet.ctl.xds).ok().map(drop)
     })
     .await?;
@@ -225,7 +225,7 @@ async fn bench() -> Result<()> {
     }
 
     // --- grpcio: put -> picker changed -------------------------------------
-    let grpcio_rounds = testkit::env_u64("BENCH_CLIENT_ROUNDS", 20)? as usize;
+    let grpcio_rounds = etcd_lb_testkit::env_u64("BENCH_CLIENT_ROUNDS", 20)? as usize;
     match Grpcio::start(&format!("xds:///{SERVICE}"), &fleet.bootstrap) {
         Err(e) => println!("\ngrpcio: skipped ({e})"),
         Ok(mut client) => {

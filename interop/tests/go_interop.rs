@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use etcd_client::GetOptions;
-use testkit::{bin_path, eventually, free_port, Etcd, Proc};
+use etcd_lb_testkit::{bin_path, eventually, free_port, Etcd, Proc};
 
 const SERVICE: &str = "greet_service";
 

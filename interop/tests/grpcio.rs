@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use testkit::{bin_path, eventually, free_port, Etcd, Proc};
+use etcd_lb_testkit::{bin_path, eventually, free_port, Etcd, Proc};
 
 fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("grpcio/greet_calls.py")

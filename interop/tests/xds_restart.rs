@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use nix::sys::signal::Signal;
-use testkit::eventually;
+use etcd_lb_testkit::eventually;
 use xds_common::{envoy, envoy_with, Fleet, Grpcio, SERVICE};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -145,7 +145,7 @@ async fn clients_keep_calling_through_an_etcd_outage_longer_than_the_ttl() -> Re
 #[tokio::test(flavor = "multi_thread")]
 async fn envoy_fails_over_between_two_controller_replicas() -> Result<()> {
     let mut fleet = Fleet::start("300s").await?;
-    let b = xds_common::controller(&fleet.etcd, testkit::free_port())?;
+    let b = xds_common::controller(&fleet.etcd, etcd_lb_testkit::free_port())?;
     let a_port: u16 = fleet
         .ctl
         .xds

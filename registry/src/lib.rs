@@ -21,6 +21,7 @@ pub mod grpc_tls;
 pub mod health;
 pub mod lease;
 pub mod logging;
+#[cfg(feature = "metrics-http")]
 pub mod metrics_http;
 pub mod registrar;
 pub mod schema;

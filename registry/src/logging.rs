@@ -1,8 +1,6 @@
 //! Log set-up shared by every binary: human text by default, JSON for log
 //! pipelines, level from `RUST_LOG` (default `info`).
 
-use tracing_subscriber::EnvFilter;
-
 /// Log line format, chosen with `--log-format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
@@ -14,9 +12,11 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber. Calling it twice is harmless (the second
+/// Installs the global subscriber (feature `logging`). Calling it twice is harmless (the second
 /// call is ignored), so tests may call it freely.
+#[cfg(feature = "logging")]
 pub fn init(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

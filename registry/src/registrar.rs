@@ -120,9 +120,9 @@ pub enum Status {
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::time::Duration;
-/// use registry::etcd::EtcdConfig;
-/// use registry::registrar::{Registrar, RegistrarConfig};
-/// use registry::schema::{Addr, ServiceName};
+/// use etcd_lb_registry::etcd::EtcdConfig;
+/// use etcd_lb_registry::registrar::{Registrar, RegistrarConfig};
+/// use etcd_lb_registry::schema::{Addr, ServiceName};
 ///
 /// let etcd = EtcdConfig::plain(["127.0.0.1:2379"]);
 /// let addr: Addr = "10.0.0.7:50051".parse()?;

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use etcd_client::Client;
-use registry::etcd::EtcdConfig;
-use registry::registrar::{Registrar, RegistrarConfig, Status};
-use registry::schema::{Addr, ServiceName};
-use testkit::{eventually, Etcd, Proxy};
+use etcd_lb_registry::etcd::EtcdConfig;
+use etcd_lb_registry::registrar::{Registrar, RegistrarConfig, Status};
+use etcd_lb_registry::schema::{Addr, ServiceName};
+use etcd_lb_testkit::{eventually, Etcd, Proxy};
 
 fn cfg(port: u16, ttl: u64) -> Result<RegistrarConfig> {
     Ok(RegistrarConfig {
@@ -57,7 +57,7 @@ async fn a_weight_change_during_a_slow_claim_is_written() -> Result<()> {
     let etcd = Etcd::start().await?;
     let mut c = etcd.client().await?;
     let proxy = Proxy::start(format!("127.0.0.1:{}", etcd.client_port).parse()?).await?;
-    let port = testkit::free_port();
+    let port = etcd_lb_testkit::free_port();
     let reg = Registrar::spawn(EtcdConfig::plain([proxy.addr.to_string()]), cfg(port, 30)?)?;
     let mut status = reg.status();
     registered(&mut status).await?;
@@ -94,7 +94,7 @@ async fn a_weight_change_during_a_slow_claim_is_written() -> Result<()> {
 async fn dropping_the_handle_deregisters() -> Result<()> {
     let etcd = Etcd::start().await?;
     let mut c = etcd.client().await?;
-    let port = testkit::free_port();
+    let port = etcd_lb_testkit::free_port();
     let reg = Registrar::spawn(EtcdConfig::plain([etcd.endpoint()]), cfg(port, 30)?)?;
     let mut status = reg.status();
     let lease = registered(&mut status).await?;
@@ -128,7 +128,7 @@ async fn dropping_the_handle_deregisters() -> Result<()> {
 async fn leases_lost_at_once_are_granted_again_with_backoff() -> Result<()> {
     let etcd = Etcd::start().await?;
     let mut c = etcd.client().await?;
-    let port = testkit::free_port();
+    let port = etcd_lb_testkit::free_port();
     let reg = Registrar::spawn(EtcdConfig::plain([etcd.endpoint()]), cfg(port, 4)?)?;
     let mut status = reg.status();
     registered(&mut status).await?;
@@ -168,8 +168,8 @@ async fn leases_lost_at_once_are_granted_again_with_backoff() -> Result<()> {
 #[tokio::test]
 async fn a_deletion_is_noticed_while_the_own_key_watch_sits_on_an_isolated_member() -> Result<()> {
     const TTL: u64 = 6;
-    let mut cluster = testkit::Cluster::start_isolatable(3).await?;
-    let port = testkit::free_port();
+    let mut cluster = etcd_lb_testkit::Cluster::start_isolatable(3).await?;
+    let port = etcd_lb_testkit::free_port();
     // Streams land on members at random: respawn until the watch and the
     // keep-alive stream are on different members (bounded).
     let mut placed = None;
@@ -235,7 +235,7 @@ async fn the_lease_is_kept_alive_during_a_long_claim() -> Result<()> {
     let etcd = Etcd::start().await?;
     let c = etcd.client().await?;
     let proxy = Proxy::start(format!("127.0.0.1:{}", etcd.client_port).parse()?).await?;
-    let port = testkit::free_port();
+    let port = etcd_lb_testkit::free_port();
     let reg = Registrar::spawn(EtcdConfig::plain([proxy.addr.to_string()]), cfg(port, 4)?)?;
     let mut status = reg.status();
     let lease = registered(&mut status).await?;
@@ -282,7 +282,7 @@ async fn unanswered_keep_alives_are_noticed_while_the_lease_lives() -> Result<()
     let etcd = Etcd::start().await?;
     let mut c = etcd.client().await?;
     let proxy = Proxy::start(format!("127.0.0.1:{}", etcd.client_port).parse()?).await?;
-    let port = testkit::free_port();
+    let port = etcd_lb_testkit::free_port();
     let reg = Registrar::spawn(EtcdConfig::plain([proxy.addr.to_string()]), cfg(port, TTL)?)?;
     let mut status = reg.status();
     let lease = registered(&mut status).await?;

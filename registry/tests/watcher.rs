@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use etcd_client::{CompactionOptions, PutOptions};
-use registry::etcd::EtcdConfig;
-use registry::watcher::{Event, Watcher, WatcherConfig};
-use testkit::{Etcd, Proxy};
+use etcd_lb_registry::etcd::EtcdConfig;
+use etcd_lb_registry::watcher::{Event, Watcher, WatcherConfig};
+use etcd_lb_testkit::{Etcd, Proxy};
 
 /// Applies events to a map of key -> weight (None for invalid values), and
 /// of key -> lease.
@@ -288,7 +288,7 @@ async fn etcd_view(c: &mut etcd_client::Client) -> Result<BTreeMap<String, Optio
     for kv in resp.kvs() {
         let key = String::from_utf8_lossy(kv.key()).into_owned();
         let addr = key.rsplit('/').next().unwrap_or_default().to_owned();
-        let weight = registry::schema::parse_value(&addr.parse()?, kv.value())
+        let weight = etcd_lb_registry::schema::parse_value(&addr.parse()?, kv.value())
             .ok()
             .map(|m| m.weight);
         map.insert(key, weight);

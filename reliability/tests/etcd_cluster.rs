@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use common::{bench, calls_of, controller, key_set, keys, report, server, wait_keys, PREFIX};
-use testkit::{eventually, free_port, Cluster, Proc};
+use etcd_lb_testkit::{eventually, free_port, Cluster, Proc};
 
 const TTL: &str = "5s";
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use common::{controller, greeter, key_set, keys, server, wait_keys, PREFIX};
 use etcd_client::GetOptions;
-use testkit::{eventually, free_port, Etcd, Proc};
+use etcd_lb_testkit::{eventually, free_port, Etcd, Proc};
 use tokio::time::Instant;
 
 const TTL: Duration = Duration::from_secs(5);

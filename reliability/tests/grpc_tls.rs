@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use common::{args, bench, calls_of, http_get, key_set, report, server, wait_keys};
-use testkit::{bin_path, eventually, free_port, Etcd, Pki, Proc};
+use etcd_lb_testkit::{bin_path, eventually, free_port, Etcd, Pki, Proc};
 
 #[tokio::test]
 async fn servers_clients_and_probes_speak_tls() -> Result<()> {

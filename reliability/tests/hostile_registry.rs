@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use common::{bench, calls_of, controller, http_get, key_of, keys, report, server, PREFIX};
 use etcd_client::{Client, Txn, TxnOp};
-use testkit::{eventually, free_port, Etcd, Proc};
+use etcd_lb_testkit::{eventually, free_port, Etcd, Proc};
 
 /// etcd's default limit on operations per transaction is 128.
 const BATCH: usize = 100;
@@ -37,7 +37,7 @@ async fn put_all(c: &Client, kvs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
     Ok(())
 }
 
-/// Where the garbage keys' ports start: above [`testkit::PORTS`], where the
+/// Where the garbage keys' ports start: above [`etcd_lb_testkit::PORTS`], where the
 /// good servers listen. Inside it (20,000 once), a garbage put could land on
 /// a good server's own key, and the liar's port could land on a garbage key,
 /// so the count of keys written came out short (seen in CI).
@@ -160,7 +160,7 @@ async fn garbage_in_the_registry_does_not_hurt_the_good_entries() -> Result<()> 
     for k in written.iter().filter(|k| **k != format!("{PREFIX}{liar}")) {
         let port = k.rsplit(':').next().and_then(|p| p.parse::<u16>().ok());
         assert!(
-            !port.is_some_and(|p| testkit::PORTS.contains(&p)),
+            !port.is_some_and(|p| etcd_lb_testkit::PORTS.contains(&p)),
             "{k}: a garbage key on a port where a good server may listen"
         );
     }

@@ -21,7 +21,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use testkit::{bin_path, eventually, Proc};
+use etcd_lb_testkit::{bin_path, eventually, Proc};
 
 const SUBNET: &str = "10.244.7.0/24";
 

@@ -15,7 +15,7 @@ use common::{
     PREFIX,
 };
 use etcd_client::{Client, ConnectOptions, Permission};
-use testkit::{eventually, free_port, Etcd, Pki, Proc, SecureEtcd};
+use etcd_lb_testkit::{eventually, free_port, Etcd, Pki, Proc, SecureEtcd};
 
 async fn wait_exact_keys(
     c: &Client,

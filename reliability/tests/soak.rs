@@ -24,9 +24,9 @@ use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest};
 use nix::sys::signal::Signal;
 use rand::{Rng, SeedableRng};
-use registry::etcd::EtcdConfig;
-use registry::schema::ServiceName;
-use testkit::{eventually, free_port, Etcd, Proc};
+use etcd_lb_registry::etcd::EtcdConfig;
+use etcd_lb_registry::schema::ServiceName;
+use etcd_lb_testkit::{eventually, free_port, Etcd, Proc};
 use tokio_util::sync::CancellationToken;
 
 const TTL: &str = "4s";

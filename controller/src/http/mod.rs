@@ -35,8 +35,8 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use registry::schema::ServiceName;
-use registry::watcher::WatchState;
+use etcd_lb_registry::schema::ServiceName;
+use etcd_lb_registry::watcher::WatchState;
 use serde::Serialize;
 use serde_json::json;
 use tokio::sync::watch;
@@ -622,7 +622,7 @@ async fn metrics(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Respons
     let w = st.watch.borrow().clone();
     let leader = st.leader.borrow().clone();
     let text = st.metrics.render(&st.store, &w, &leader);
-    let (kind, body) = registry::metrics_http::negotiate(&headers, text);
+    let (kind, body) = etcd_lb_registry::metrics_http::negotiate(&headers, text);
     (
         [(header::CONTENT_TYPE, HeaderValue::from_static(kind))],
         body,

@@ -311,7 +311,7 @@ pub(super) async fn stream(State(st): State<Arc<AppState>>) -> Response {
 mod tests {
     use super::*;
     use crate::view::{Counts, MemberView};
-    use registry::schema::ServiceName;
+    use etcd_lb_registry::schema::ServiceName;
 
     fn member(addr: &str, weight: u32, ttl: i64) -> MemberView {
         MemberView {

@@ -525,7 +525,7 @@ mod tests {
     #[test]
     fn most_members_failing_at_once_is_not_passed_on() {
         use crate::view::{Counts, ServiceView};
-        use registry::schema::ServiceName;
+        use etcd_lb_registry::schema::ServiceName;
         let view = |failing: usize| ServicesView {
             revision: 1,
             safety_valve: None,

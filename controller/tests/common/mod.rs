@@ -11,9 +11,9 @@ use controller::Config;
 use etcd_client::{Client, PutOptions};
 use greet_proto::GreetServer;
 use greet_server::GreetService;
-use registry::etcd::EtcdConfig;
+use etcd_lb_registry::etcd::EtcdConfig;
 use serde_json::Value;
-use testkit::{eventually, Etcd, Proc};
+use etcd_lb_testkit::{eventually, Etcd, Proc};
 use tokio_util::sync::CancellationToken;
 
 /// Short timings so tests finish quickly.
@@ -62,7 +62,7 @@ impl Ctl {
     /// listeners that share an address: every one must be served before
     /// any request through it can be sure to be answered).
     pub fn spawn_on(etcd: &Etcd, cfg: Config, listener: tokio::net::TcpListener) -> Result<Self> {
-        registry::logging::init(registry::logging::LogFormat::Text);
+        etcd_lb_registry::logging::init(etcd_lb_registry::logging::LogFormat::Text);
         let base = format!("http://{}", listener.local_addr()?);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(controller::run(
@@ -193,7 +193,7 @@ pub fn greet_server(etcd: &Etcd, port: u16, extra: &[&str]) -> Result<Proc> {
     args.extend(extra.iter().map(|s| s.to_string()));
     Proc::spawn(
         &format!("greet-server:{port}"),
-        testkit::bin_path("greet-server"),
+        etcd_lb_testkit::bin_path("greet-server"),
         &args,
         &[("RUST_LOG", "info")],
     )
@@ -249,7 +249,7 @@ pub async fn legacy_server() -> Result<(String, CancellationToken)> {
 
 /// An address on loopback where nothing listens.
 pub fn dead_addr() -> String {
-    format!("127.0.0.1:{}", testkit::free_port())
+    format!("127.0.0.1:{}", etcd_lb_testkit::free_port())
 }
 
 /// One server-sent event: its name and its data.

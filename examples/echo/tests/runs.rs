@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use testkit::Etcd;
+use etcd_lb_testkit::Etcd;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_echo_example_registers_balances_streams_and_drains() -> anyhow::Result<()> {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use etcd_client::PutOptions;
-use testkit::{bin_path, eventually, free_port, Etcd, Proc};
+use etcd_lb_testkit::{bin_path, eventually, free_port, Etcd, Proc};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
