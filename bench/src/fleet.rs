@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use etcd_lb::{Balancer, BalancerConfig, Discovery, DiscoveryConfig, RetryPolicy};
-use greet_proto::paths::{MORNING, NIGHT};
-use greet_proto::{GreetClient, GreetRequest};
-use nix::sys::signal::Signal;
 use etcd_lb_registry::etcd::EtcdConfig;
 use etcd_lb_registry::schema::ServiceName;
 use etcd_lb_testkit::{bin_path, free_port, Etcd, Proc};
+use greet_proto::paths::{MORNING, NIGHT};
+use greet_proto::{GreetClient, GreetRequest};
+use nix::sys::signal::Signal;
 use tokio_util::sync::CancellationToken;
 
 use crate::overhead::drive;
@@ -57,7 +57,7 @@ pub async fn failover(secs: u64, concurrency: usize) -> Result<Table> {
         balancer.clone(),
         cancel.clone(),
     );
-    discovery.wait_synced(Duration::from_secs(10)).await;
+    discovery.wait_synced(Duration::from_secs(10)).await?;
     while balancer.len() < 3 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -98,10 +98,7 @@ pub async fn propagation(samples: usize) -> Result<Table> {
     let etcd = Etcd::start().await?;
     let mut client = etcd.client().await?;
     let (balancer, discovery, cancel) = resolver(&etcd, "prop").await?;
-    anyhow::ensure!(
-        discovery.wait_synced(Duration::from_secs(10)).await,
-        "no sync"
-    );
+    discovery.wait_synced(Duration::from_secs(10)).await?;
     // Warm-up.
     measure(&mut client, &balancer, "prop", 30, 20_000).await?;
     let (e, b) = measure(&mut client, &balancer, "prop", samples, 30_000).await?;
@@ -170,17 +167,14 @@ pub async fn scale(n: usize) -> Result<Table> {
             t0.elapsed()
         }
     });
-    anyhow::ensure!(
-        discovery.wait_synced(Duration::from_secs(60)).await,
-        "no sync"
-    );
+    discovery.wait_synced(Duration::from_secs(60)).await?;
     let sync = t0.elapsed();
     let listed = listed.await?;
     let rss_after = rss_bytes(None);
     anyhow::ensure!(big.len() == n, "synced {} of {n}", big.len());
     // Picks work at this size.
     let (small, d2, cancel2) = resolver(&etcd, "small").await?;
-    anyhow::ensure!(d2.wait_synced(Duration::from_secs(10)).await, "no sync");
+    d2.wait_synced(Duration::from_secs(10)).await?;
 
     let (_, at_big) = measure(&mut client, &big, "big", 300, 40_000).await?;
     let (_, at_small) = measure(&mut client, &small, "small", 300, 40_000).await?;

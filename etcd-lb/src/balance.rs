@@ -121,6 +121,15 @@ pub struct BalancerConfig {
     pub metrics: Option<Arc<ClientMetrics>>,
 }
 
+/// The defaults of [`BalancerConfig::new`] with no service name yet:
+/// [`crate::connect`] fills it in from the [`crate::DiscoveryConfig`], so a
+/// service is named once.
+impl Default for BalancerConfig {
+    fn default() -> Self {
+        Self::new("")
+    }
+}
+
 impl BalancerConfig {
     /// Defaults for a service: retry policy none, the default retry budget
     /// (10 % of calls plus 5/s), outlier detection (5 failures in a row,
@@ -198,6 +207,10 @@ struct Pool {
     /// them inline is one 47 MB allocation (doubled while it grows).
     endpoints: HashMap<Addr, Box<Ep>, Hasher>,
     next_generation: u64,
+    /// Why the pool is empty when it is, as discovery knows it (not synced
+    /// with etcd yet, every registered endpoint filtered out); `None`:
+    /// nothing registered.
+    empty_reason: Option<Arc<str>>,
 }
 
 struct Inner {
@@ -264,6 +277,7 @@ impl Balancer {
                         sched: Scheduler::new(),
                         endpoints: HashMap::default(),
                         next_generation: 0,
+                        empty_reason: None,
                     }),
                     changes: tokio::sync::watch::Sender::new(0),
                 }
@@ -289,6 +303,14 @@ impl Balancer {
     /// Removes an endpoint; calls running on it finish on their own.
     pub fn remove(&self, addr: &Addr) {
         self.apply([Change::Remove(addr)]);
+    }
+
+    /// Says why the balancer has no endpoints, for the error calls get
+    /// while it has none (discovery sets it: not synced with etcd yet,
+    /// every registered endpoint filtered out); `None` means none are
+    /// registered.
+    pub fn set_empty_reason(&self, reason: Option<String>) {
+        self.pool().empty_reason = reason.map(Arc::from);
     }
 
     /// Applies many changes under one lock, as discovery does with a list:
@@ -548,7 +570,9 @@ impl Balancer {
         }
         let total = pool.endpoints.len();
         let service = &self.inner.cfg.service;
-        let why = if total == 0 {
+        let why = if let (0, Some(reason)) = (total, &pool.empty_reason) {
+            format!("no endpoints for {service}: {reason}")
+        } else if total == 0 {
             format!("no endpoints registered for {service}")
         } else if pool.endpoints.values().all(|e| e.weight == 0) {
             format!("all {total} endpoints of {service} are draining (weight 0)")

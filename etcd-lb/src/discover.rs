@@ -4,13 +4,15 @@
 //! Schema rules come from the registry (legacy values count with weight
 //! 100, invalid values are skipped with a warning, the key suffix is the
 //! address). On top of them:
-//! - `--version-req`: only endpoints whose version matches a semver
-//!   requirement are used (canaries); a non-semver version never matches;
+//! - [`DiscoveryConfig::version_req`]: only endpoints whose version matches
+//!   a semver requirement are used (canaries); a non-semver version never
+//!   matches;
 //! - static stability: while etcd is unreachable the reflector emits
 //!   nothing, so the balancer keeps its last endpoints;
 //! - freshness: the age of the last event or progress notice is watched,
 //!   and a view older than `stale_after` is logged once, as is its recovery.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +24,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::balance::{Balancer, Change, LOUD_BATCH};
+use crate::balance::{Balancer, BalancerConfig, Change, LOUD_BATCH};
 use crate::metrics::ClientMetrics;
 
 /// What to discover.
@@ -50,6 +52,54 @@ impl DiscoveryConfig {
     }
 }
 
+/// Why [`Discovery::wait_synced`] gave up: etcd was never reached, or it
+/// was reached but the first list did not complete in time.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("discovery of {service} has no list from etcd after {waited:?}: {why}")]
+pub struct NotSynced {
+    /// The service being discovered.
+    pub service: String,
+    /// How long it waited.
+    pub waited: Duration,
+    /// What it knows: whether etcd answered at all.
+    pub why: &'static str,
+}
+
+/// Starts a client of one service: a [`Balancer`] (for a generated tonic
+/// client to wrap) fed by a [`Discovery`] of that service, the service
+/// named once (the balancer's [`BalancerConfig::service`] is set from
+/// `discovery`). Runs until `cancel`.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use etcd_lb::{BalancerConfig, CancellationToken, DiscoveryConfig, EtcdConfig, RetryPolicy, ServiceName};
+///
+/// let (balancer, discovery) = etcd_lb::connect(
+///     EtcdConfig::plain(["127.0.0.1:2379"]),
+///     DiscoveryConfig::new(ServiceName::new("echo")?),
+///     BalancerConfig { retry: RetryPolicy::idempotent(["/echo.Echo/Say"]), ..Default::default() },
+///     CancellationToken::new(),
+/// );
+/// discovery.wait_synced(Duration::from_secs(5)).await?;
+/// // let mut client = EchoClient::new(balancer);
+/// # Ok(()) }
+/// ```
+///
+/// # Panics
+/// Outside a Tokio runtime.
+pub fn connect(
+    etcd: EtcdConfig,
+    discovery: DiscoveryConfig,
+    mut balancer: BalancerConfig,
+    cancel: CancellationToken,
+) -> (Balancer, Discovery) {
+    balancer.service = discovery.service.to_string();
+    let balancer = Balancer::new(balancer);
+    let discovery = Discovery::spawn(etcd, discovery, balancer.clone(), cancel);
+    (balancer, discovery)
+}
+
 /// Whether `version` satisfies `req` (no requirement: everything does).
 pub fn version_matches(req: Option<&VersionReq>, version: &str) -> bool {
     match req {
@@ -61,6 +111,7 @@ pub fn version_matches(req: Option<&VersionReq>, version: &str) -> bool {
 /// A running discovery: its freshness and sync state.
 #[derive(Debug, Clone)]
 pub struct Discovery {
+    service: ServiceName,
     state: watch::Receiver<WatchState>,
     /// Set once the first full list has been applied to the balancer (not
     /// merely received), so callers that wait for it see the endpoints.
@@ -68,7 +119,11 @@ pub struct Discovery {
 }
 
 impl Discovery {
-    /// Starts watching and feeding `balancer` until `cancel`.
+    /// Starts watching and feeding `balancer` until `cancel`. Prefer
+    /// [`crate::connect`], which names the service once for both.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime.
     pub fn spawn(
         etcd: EtcdConfig,
         cfg: DiscoveryConfig,
@@ -81,8 +136,15 @@ impl Discovery {
         let req = cfg.version_req.clone();
         let metrics = balancer.metrics().map(|m| (m, cfg.service.to_string()));
         let (applied_tx, applied) = watch::channel(false);
+        balancer.set_empty_reason(Some(
+            "discovery has no list from etcd yet (etcd not reached, or still listing)".into(),
+        ));
+        let service = cfg.service.clone();
         tokio::spawn(
             async move {
+                // Registered endpoints the version requirement excludes, to
+                // say so when nothing else is left.
+                let mut excluded = HashSet::new();
                 // Whatever has queued up is applied as one batch (a list of
                 // 100,000 keys takes one lock and one summary line), in order,
                 // up to each `Synced`.
@@ -98,14 +160,22 @@ impl Discovery {
                     let mut from = 0;
                     for (i, event) in batch.iter().enumerate() {
                         if let Event::Synced { revision } = event {
-                            apply(&balancer, req.as_ref(), &batch[from..i]);
+                            apply(&balancer, req.as_ref(), &batch[from..i], &mut excluded);
                             from = i + 1;
                             info!(revision, endpoints = balancer.len(), "in sync with etcd");
                             applied_tx.send_replace(true);
                         }
                     }
-                    apply(&balancer, req.as_ref(), &batch[from..]);
+                    apply(&balancer, req.as_ref(), &batch[from..], &mut excluded);
                     batch.clear();
+                    if *applied_tx.borrow() {
+                        balancer.set_empty_reason(match (&req, excluded.len()) {
+                            (Some(req), n) if n > 0 => Some(format!(
+                                "all {n} registered endpoints are excluded by the version requirement {req}"
+                            )),
+                            _ => None,
+                        });
+                    }
                 }
             }
             .instrument(span.clone()),
@@ -113,7 +183,11 @@ impl Discovery {
         tokio::spawn(
             watch_freshness(state.clone(), cfg.stale_after, metrics, cancel).instrument(span),
         );
-        Self { state, applied }
+        Self {
+            service,
+            state,
+            applied,
+        }
     }
 
     /// Sync and freshness of the view.
@@ -121,13 +195,31 @@ impl Discovery {
         self.state.borrow().clone()
     }
 
-    /// Waits until the first full list has been applied, or `limit` passes.
-    /// Returns whether it synced.
-    pub async fn wait_synced(&self, limit: Duration) -> bool {
+    /// Waits until the first full list has been applied to the balancer,
+    /// or `limit` passes. Calls made before then fail with `UNAVAILABLE`
+    /// saying discovery has no list yet; after it, the balancer holds what
+    /// etcd held (possibly nothing).
+    ///
+    /// # Errors
+    /// [`NotSynced`], saying whether etcd was reached at all.
+    pub async fn wait_synced(&self, limit: Duration) -> Result<(), NotSynced> {
         let mut applied = self.applied.clone();
-        tokio::time::timeout(limit, applied.wait_for(|s| *s))
+        let synced = tokio::time::timeout(limit, applied.wait_for(|s| *s))
             .await
-            .is_ok_and(|r| r.is_ok())
+            .is_ok_and(|r| r.is_ok());
+        if synced {
+            return Ok(());
+        }
+        let state = self.state();
+        Err(NotSynced {
+            service: self.service.to_string(),
+            waited: limit,
+            why: if state.connected || state.last_contact.is_some() {
+                "etcd answered but the list did not complete"
+            } else {
+                "etcd not reached (check the endpoints, TLS and credentials; the watcher's warnings say what failed)"
+            },
+        })
     }
 }
 
@@ -135,7 +227,12 @@ impl Discovery {
 const BATCH: usize = 4096;
 
 /// Applies watch events (none of them `Synced`) to the balancer in one go.
-fn apply(balancer: &Balancer, req: Option<&VersionReq>, events: &[Event]) {
+fn apply(
+    balancer: &Balancer,
+    req: Option<&VersionReq>,
+    events: &[Event],
+    excluded: &mut HashSet<etcd_lb_registry::schema::Addr>,
+) {
     if events.is_empty() {
         return;
     }
@@ -145,6 +242,7 @@ fn apply(balancer: &Balancer, req: Option<&VersionReq>, events: &[Event]) {
         .filter_map(|event| match event {
             Event::Applied(entry) => {
                 let (_, addr) = entry.id.as_ref()?;
+                excluded.remove(addr);
                 Some(match &entry.member {
                     Ok(m) if version_matches(req, &m.version) => Change::Upsert {
                         addr,
@@ -152,6 +250,7 @@ fn apply(balancer: &Balancer, req: Option<&VersionReq>, events: &[Event]) {
                         version: &m.version,
                     },
                     Ok(m) => {
+                        excluded.insert(addr.clone());
                         if loud {
                             info!(%addr, version = %m.version, "version does not match --version-req; not used");
                         } else {
@@ -163,7 +262,10 @@ fn apply(balancer: &Balancer, req: Option<&VersionReq>, events: &[Event]) {
                     Err(_) => Change::Remove(addr),
                 })
             }
-            Event::Removed(entry) => entry.id.as_ref().map(|(_, addr)| Change::Remove(addr)),
+            Event::Removed(entry) => entry.id.as_ref().map(|(_, addr)| {
+                excluded.remove(addr);
+                Change::Remove(addr)
+            }),
             Event::Synced { .. } => None,
         })
         .collect();

@@ -6,39 +6,45 @@
 //! `{"addr","version","weight"}` (or a plain address, as the original Go
 //! tutorial's servers write) on a lease the server keeps alive.
 //!
-//! - [`Discovery`] lists and watches a service's prefix and feeds a
-//!   [`Balancer`] (static stability: while etcd is unreachable it keeps the
-//!   last endpoints);
+//! - [`connect`] starts a client: a [`Discovery`] that lists and watches a
+//!   service's prefix and feeds a [`Balancer`] (static stability: while
+//!   etcd is unreachable it keeps the last endpoints);
 //! - [`Balancer`] is the `tower::Service` a generated tonic client wraps:
 //!   smooth weighted round-robin ([`scheduler`], O(log n)), weight 0 as
 //!   draining, retries by [`RetryPolicy`] within a [`RetryBudgetConfig`],
 //!   [`outlier`] ejection, and unary and streaming calls alike;
-//! - [`Registrar`] registers a server and keeps it registered (re-registers
-//!   when the key vanishes, drains with [`Registrar::set_weight`]);
+//! - [`serve_registered`] runs a server registered for its lifetime:
+//!   register, and on shutdown drain (weight 0), stop, deregister; the
+//!   [`Registrar`] underneath is there for servers that need finer control;
 //! - [`metrics`]: Prometheus metrics in a registry the application owns.
+//!
+//! Both need a Tokio runtime (they spawn tasks; called outside one they
+//! panic). The library logs through `tracing` and installs no subscriber:
+//! install one (e.g. `tracing_subscriber::fmt::init()`) to see why a server
+//! was skipped or etcd was not reached.
 //!
 //! A client of some service `echo` registered in etcd:
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::time::Duration;
-//! use etcd_lb::{Balancer, BalancerConfig, CancellationToken, Discovery, DiscoveryConfig};
-//! use etcd_lb::{EtcdConfig, RetryPolicy, ServiceName};
+//! use etcd_lb::{BalancerConfig, CancellationToken, DiscoveryConfig, EtcdConfig, RetryPolicy, ServiceName};
 //!
-//! let balancer = Balancer::new(BalancerConfig {
-//!     retry: RetryPolicy::idempotent(["/echo.Echo/Say"]),
-//!     ..BalancerConfig::new("echo")
-//! });
-//! let etcd = EtcdConfig::plain(["127.0.0.1:2379"]);
-//! let cfg = DiscoveryConfig::new(ServiceName::new("echo")?);
-//! let discovery = Discovery::spawn(etcd, cfg, balancer.clone(), CancellationToken::new());
-//! discovery.wait_synced(Duration::from_secs(5)).await;
+//! let (balancer, discovery) = etcd_lb::connect(
+//!     EtcdConfig::plain(["127.0.0.1:2379"]),
+//!     DiscoveryConfig::new(ServiceName::new("echo")?),
+//!     BalancerConfig { retry: RetryPolicy::idempotent(["/echo.Echo/Say"]), ..Default::default() },
+//!     CancellationToken::new(),
+//! );
+//! discovery.wait_synced(Duration::from_secs(5)).await?; // says why not: etcd not reached, ...
 //! // let mut client = EchoClient::new(balancer);  // any generated tonic client
 //! # Ok(()) }
 //! ```
 //!
-//! `examples/echo.rs` runs both sides (servers that register, a client that
-//! balances unary and streaming calls over them) against a real etcd.
+//! `examples/echo/src/main.rs` (in the repository) runs both sides against
+//! a real etcd: servers that register, a client that balances unary and
+//! streaming calls over them, and a drain; `examples/echo/src/bin/`
+//! holds the README's two snippets as programs, run by its tests.
 
 #![forbid(unsafe_code)]
 
@@ -51,17 +57,21 @@ pub mod metrics;
 pub mod outlier;
 pub mod retry;
 pub mod scheduler;
+pub mod serve;
 
 pub use balance::{Balancer, BalancerConfig, EndpointInfo};
 pub use budget::RetryBudgetConfig;
-pub use discover::{Discovery, DiscoveryConfig};
+pub use discover::{connect, Discovery, DiscoveryConfig, NotSynced};
 pub use outlier::OutlierConfig;
 pub use retry::RetryPolicy;
+pub use serve::{serve_registered, shutdown_signal, ServeError, ServeOptions};
 
 /// The registry underneath: schema, registrar, reflector, etcd session.
 pub use etcd_lb_registry as registry;
 pub use etcd_lb_registry::etcd::EtcdConfig;
-pub use etcd_lb_registry::registrar::{Registrar, RegistrarConfig};
+pub use etcd_lb_registry::registrar::{
+    Registrar, RegistrarConfig, RegistrarError, RegistrationStatus,
+};
 pub use etcd_lb_registry::schema::{Addr, ServiceName};
 /// Stops a [`Discovery`] (and anything else spawned with it) when cancelled.
 pub use tokio_util::sync::CancellationToken;

@@ -5,11 +5,11 @@
 use anyhow::Result;
 use etcd_lb::metrics::ClientMetrics;
 use etcd_lb::{Balancer, BalancerConfig, RetryPolicy};
+use etcd_lb_registry::schema::Addr;
 use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest, GreetServer};
 use greet_server::{Fault, GreetService};
 use prometheus_client::registry::Registry;
-use etcd_lb_registry::schema::Addr;
 use tonic::transport::server::TcpIncoming;
 use tonic::Code;
 

@@ -90,8 +90,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         balancer.clone(),
         cancel.clone(),
     );
-    if !discovery.wait_synced(common.sync_timeout).await {
-        tracing::warn!(waited = ?common.sync_timeout, "no list from etcd yet; calling anyway (calls fail until endpoints appear)");
+    if let Err(e) = discovery.wait_synced(common.sync_timeout).await {
+        tracing::warn!(%e, "calling anyway (calls fail until endpoints appear)");
     }
 
     let result = match &args.command {

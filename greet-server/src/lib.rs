@@ -20,10 +20,10 @@ pub mod shards;
 use std::sync::Arc;
 use std::time::Duration;
 
-use greet_proto::GreetServer;
 use etcd_lb_registry::etcd::EtcdConfig;
 use etcd_lb_registry::registrar::{Registrar, RegistrarConfig};
 use etcd_lb_registry::schema::Addr;
+use greet_proto::GreetServer;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -189,7 +189,7 @@ pub async fn run(
         info!(drain = ?cfg.drain, "shutting down: draining");
         health.set_service_status("", ServingStatus::NotServing).await;
         health.set_not_serving::<GreetServer<GreetService>>().await;
-        if !registrar.set_weight(0, DRAIN_WRITE_TIMEOUT).await {
+        if !matches!(registrar.set_weight(0, DRAIN_WRITE_TIMEOUT).await, Ok(true)) {
             warn!("could not confirm weight 0 in etcd; draining anyway");
         }
         tokio::time::sleep(cfg.drain).await;

@@ -74,20 +74,32 @@ impl RegistrarConfig {
     }
 }
 
-/// Errors that stop a registrar from starting.
+/// Errors that stop a registrar from starting, or a change from being made.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistrarError {
     /// The configuration cannot produce a valid registration.
     #[error("registrar configuration: {0}")]
     Config(String),
+    /// The advertised address is one no client can dial.
+    #[error("cannot advertise {addr}: {reason}")]
+    Undialable {
+        /// The address given.
+        addr: Addr,
+        /// Why no client can dial it.
+        reason: &'static str,
+    },
+    /// A weight readers would reject (above [`schema::MAX_WEIGHT`]).
+    #[error("weight {0} is above the maximum of {max}", max = schema::MAX_WEIGHT)]
+    Weight(u32),
     /// The value would be rejected by readers.
     #[error(transparent)]
     Schema(#[from] SchemaError),
 }
 
 /// Where the registration stands; observable by the process and its tests.
+/// (Named apart from `tonic::Status`, which a server imports too.)
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Status {
+pub enum RegistrationStatus {
     /// Not (yet) confirmed in etcd: starting, or etcd unreachable.
     Connecting,
     /// The key is ours, on this lease.
@@ -140,7 +152,7 @@ pub enum Status {
 pub struct Registrar {
     desired: watch::Sender<(u64, Endpoint)>,
     applied: watch::Receiver<u64>,
-    status: watch::Receiver<Status>,
+    status: watch::Receiver<RegistrationStatus>,
     cancel: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
@@ -157,8 +169,23 @@ impl Registrar {
     /// etcd is unreachable (the loop keeps trying).
     ///
     /// # Errors
-    /// A TTL below [`MIN_TTL`] or a weight readers would reject.
+    /// A TTL below [`MIN_TTL`], a weight readers would reject
+    /// ([`RegistrarError::Weight`]), or an address no client can dial
+    /// ([`RegistrarError::Undialable`]: a wildcard such as `0.0.0.0:3000`,
+    /// as a listener bound to all interfaces reports, or port 0).
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime (it spawns its loop there).
     pub fn spawn(etcd: EtcdConfig, cfg: RegistrarConfig) -> Result<Self, RegistrarError> {
+        if let Err(reason) = cfg.addr.dialable() {
+            return Err(RegistrarError::Undialable {
+                addr: cfg.addr.clone(),
+                reason,
+            });
+        }
+        if cfg.weight > schema::MAX_WEIGHT {
+            return Err(RegistrarError::Weight(cfg.weight));
+        }
         if cfg.ttl < MIN_TTL {
             return Err(RegistrarError::Config(format!(
                 "ttl {:?} is below etcd's minimum of {MIN_TTL:?}",
@@ -169,7 +196,7 @@ impl Registrar {
         endpoint.to_json()?;
         let (desired, desired_rx) = watch::channel((0, endpoint));
         let (applied_tx, applied) = watch::channel(0);
-        let (status_tx, status) = watch::channel(Status::Connecting);
+        let (status_tx, status) = watch::channel(RegistrationStatus::Connecting);
         let cancel = CancellationToken::new();
         let span = info_span!("registrar", service = %cfg.service, addr = %cfg.addr);
         let worker = Worker {
@@ -194,24 +221,32 @@ impl Registrar {
     }
 
     /// Watches the registration status.
-    pub fn status(&self) -> watch::Receiver<Status> {
+    pub fn status(&self) -> watch::Receiver<RegistrationStatus> {
         self.status.clone()
     }
 
     /// Changes the advertised weight (0 = draining) and waits until etcd has
     /// it, or until `wait` passes. Returns whether it was written (or whether
     /// there was nothing to update because we are not registered).
-    pub async fn set_weight(&self, weight: u32, wait: Duration) -> bool {
+    ///
+    /// # Errors
+    /// [`RegistrarError::Weight`] for a weight above [`schema::MAX_WEIGHT`]
+    /// (readers would reject the value; it is not clamped), and nothing
+    /// changes.
+    pub async fn set_weight(&self, weight: u32, wait: Duration) -> Result<bool, RegistrarError> {
+        if weight > schema::MAX_WEIGHT {
+            return Err(RegistrarError::Weight(weight));
+        }
         let mut generation = 0;
         self.desired.send_modify(|(g, ep)| {
             *g += 1;
             generation = *g;
-            ep.weight = weight.min(schema::MAX_WEIGHT);
+            ep.weight = weight;
         });
         let mut applied = self.applied.clone();
-        timeout(wait, applied.wait_for(|g| *g >= generation))
+        Ok(timeout(wait, applied.wait_for(|g| *g >= generation))
             .await
-            .is_ok_and(|r| r.is_ok())
+            .is_ok_and(|r| r.is_ok()))
     }
 
     /// Stops the loop and revokes the lease (deleting the key), waiting at
@@ -304,7 +339,7 @@ struct Worker {
     keeper: Option<LeaseKeeper>,
     desired: watch::Receiver<(u64, Endpoint)>,
     applied: watch::Sender<u64>,
-    status: watch::Sender<Status>,
+    status: watch::Sender<RegistrationStatus>,
     cancel: CancellationToken,
     /// When the current lease was granted (None before the first grant).
     granted_at: Option<Instant>,
@@ -333,7 +368,7 @@ impl Worker {
                 Ok(()) => break,
                 Err(SessionError::LeaseLost(id)) => {
                     self.keeper = None;
-                    self.set_status(Status::Connecting);
+                    self.set_status(RegistrationStatus::Connecting);
                     let lived = self.granted_at.map(|t| t.elapsed());
                     if lived.is_none_or(|l| l >= self.ttl) {
                         // A lease that served its TTL: not a failure of
@@ -357,7 +392,7 @@ impl Worker {
                     }
                 }
                 Err(e) => {
-                    self.set_status(Status::Connecting);
+                    self.set_status(RegistrationStatus::Connecting);
                     // The backoff is reset by every successful registration,
                     // so attempt 0 is the first failure of a streak.
                     if backoff.attempts() == 0 {
@@ -401,22 +436,24 @@ impl Worker {
                 }
             }
         }
-        self.set_status(Status::Deregistered);
+        self.set_status(RegistrationStatus::Deregistered);
     }
 
-    fn set_status(&self, status: Status) {
+    fn set_status(&self, status: RegistrationStatus) {
         self.status.send_if_modified(|s| {
             if *s == status {
                 return false;
             }
             match &status {
-                Status::Registered { lease } => info!(lease, key = %self.key, "registered"),
-                Status::Conflict { owner_lease } => warn!(
+                RegistrationStatus::Registered { lease } => {
+                    info!(lease, key = %self.key, "registered")
+                }
+                RegistrationStatus::Conflict { owner_lease } => warn!(
                     owner_lease,
                     key = %self.key,
                     "address owned by another live lease; not overwriting, waiting for it to expire"
                 ),
-                Status::Connecting | Status::Deregistered => {}
+                RegistrationStatus::Connecting | RegistrationStatus::Deregistered => {}
             }
             *s = status;
             true
@@ -553,7 +590,7 @@ impl Worker {
                         }
                         Some(OwnKey::Foreign(owner_lease)) => {
                             registered = false;
-                            self.set_status(Status::Conflict { owner_lease });
+                            self.set_status(RegistrationStatus::Conflict { owner_lease });
                         }
                     }
                 }
@@ -592,7 +629,7 @@ impl Worker {
                 Some(kv) if kv.lease() == id => {
                     if kv.value() == value.as_bytes() {
                         self.mark_written(generation);
-                        self.set_status(Status::Registered { lease: id });
+                        self.set_status(RegistrationStatus::Registered { lease: id });
                         return Ok(true);
                     }
                     Compare::lease(key, CompareOp::Equal, id)
@@ -605,7 +642,7 @@ impl Worker {
                     Compare::mod_revision(key, CompareOp::Equal, kv.mod_revision())
                 }
                 Some(kv) => {
-                    self.set_status(Status::Conflict {
+                    self.set_status(RegistrationStatus::Conflict {
                         owner_lease: kv.lease(),
                     });
                     return Ok(false);
@@ -623,7 +660,7 @@ impl Worker {
                 .succeeded()
             {
                 self.mark_written(generation);
-                self.set_status(Status::Registered { lease: id });
+                self.set_status(RegistrationStatus::Registered { lease: id });
                 return Ok(true);
             }
         }
@@ -637,7 +674,7 @@ impl Worker {
             .kvs()
             .first()
             .map_or(0, |kv| kv.lease());
-        self.set_status(Status::Conflict { owner_lease: owner });
+        self.set_status(RegistrationStatus::Conflict { owner_lease: owner });
         Ok(false)
     }
 

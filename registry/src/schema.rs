@@ -166,8 +166,25 @@ impl Addr {
     }
 
     /// Builds an address from a socket address, bracketing IPv6.
+    ///
+    /// A listener's `local_addr()` may be a wildcard (`0.0.0.0:3000`), which
+    /// no client can dial: [`Addr::dialable`] says whether it is, and the
+    /// registrar refuses to advertise one that is not.
     pub fn from_socket(sa: SocketAddr) -> Self {
         Self(sa.to_string().into())
+    }
+
+    /// Why clients could not dial this address, if they could not: a
+    /// wildcard host (`0.0.0.0`, `[::]`) or port 0. Host names are taken
+    /// as given.
+    pub fn dialable(&self) -> std::result::Result<(), &'static str> {
+        match SocketAddr::from_str(&self.0) {
+            Ok(sa) if sa.ip().is_unspecified() => Err(
+                "a wildcard address (0.0.0.0 or [::]) names no host a client can dial; advertise the address clients reach (in Kubernetes, the pod IP)",
+            ),
+            Ok(sa) if sa.port() == 0 => Err("port 0 is not a port a client can dial; advertise the port the listener got"),
+            _ => Ok(()),
+        }
     }
 
     /// `http://<addr>`, the URI a gRPC channel dials.

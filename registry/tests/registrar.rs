@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use etcd_client::Client;
 use etcd_lb_registry::etcd::EtcdConfig;
-use etcd_lb_registry::registrar::{Registrar, RegistrarConfig, Status};
+use etcd_lb_registry::registrar::{Registrar, RegistrarConfig, RegistrationStatus as Status};
 use etcd_lb_registry::schema::{Addr, ServiceName};
 use etcd_lb_testkit::{eventually, Etcd, Proxy};
 
@@ -69,7 +69,7 @@ async fn a_weight_change_during_a_slow_claim_is_written() -> Result<()> {
     proxy.set_delay(Duration::from_secs(1));
     c.delete(key(port), None).await?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let acked = reg.set_weight(0, Duration::from_secs(10)).await;
+    let acked = reg.set_weight(0, Duration::from_secs(10)).await?;
     proxy.set_delay(Duration::ZERO);
 
     let in_etcd = eventually(Duration::from_secs(8), "weight 0 in etcd", || {

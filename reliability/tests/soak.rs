@@ -20,13 +20,13 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use common::{controller, http_get, key_of, keys, server, PREFIX};
 use etcd_lb::{Balancer, BalancerConfig, Discovery, DiscoveryConfig, RetryPolicy};
+use etcd_lb_registry::etcd::EtcdConfig;
+use etcd_lb_registry::schema::ServiceName;
+use etcd_lb_testkit::{eventually, free_port, Etcd, Proc};
 use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest};
 use nix::sys::signal::Signal;
 use rand::{Rng, SeedableRng};
-use etcd_lb_registry::etcd::EtcdConfig;
-use etcd_lb_registry::schema::ServiceName;
-use etcd_lb_testkit::{eventually, free_port, Etcd, Proc};
 use tokio_util::sync::CancellationToken;
 
 const TTL: &str = "4s";
@@ -52,7 +52,7 @@ async fn random_faults_then_etcd_controller_and_client_agree() -> Result<()> {
         balancer.clone(),
         cancel.clone(),
     );
-    discovery.wait_synced(Duration::from_secs(10)).await;
+    discovery.wait_synced(Duration::from_secs(10)).await?;
     let want: BTreeSet<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     eventually(
         Duration::from_secs(20),

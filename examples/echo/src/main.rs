@@ -19,10 +19,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use etcd_lb::registry::registrar::Status;
 use etcd_lb::{
     Addr, Balancer, BalancerConfig, CancellationToken, Discovery, DiscoveryConfig, EtcdConfig,
-    Registrar, RegistrarConfig, RetryPolicy, ServiceName,
+    Registrar, RegistrarConfig, RegistrationStatus, RetryPolicy, ServiceName,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -108,7 +107,7 @@ async fn serve(
     let mut status = registrar.status();
     tokio::time::timeout(
         Duration::from_secs(10),
-        status.wait_for(|s| matches!(s, Status::Registered { .. })),
+        status.wait_for(|s| matches!(s, RegistrationStatus::Registered { .. })),
     )
     .await
     .context("not registered within 10 s: is etcd up?")??;
@@ -173,10 +172,7 @@ async fn main() -> Result<()> {
     });
     let cfg = DiscoveryConfig::new(ServiceName::new(SERVICE)?);
     let discovery = Discovery::spawn(etcd.clone(), cfg, balancer.clone(), stop.clone());
-    ensure!(
-        discovery.wait_synced(Duration::from_secs(10)).await,
-        "discovery did not sync within 10 s"
-    );
+    discovery.wait_synced(Duration::from_secs(10)).await?;
     ensure!(
         balancer.len() == WEIGHTS.len(),
         "sees {} servers",
@@ -191,7 +187,7 @@ async fn main() -> Result<()> {
     let (drained, _, heaviest) = servers.last().context("no servers")?;
     let drained = drained.clone();
     ensure!(
-        heaviest.set_weight(0, Duration::from_secs(5)).await,
+        heaviest.set_weight(0, Duration::from_secs(5)).await?,
         "weight 0 not written"
     );
     let mut changes = balancer.changes();
