@@ -22,5 +22,7 @@ echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo doc (warnings are errors)" >&2
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+echo "== cargo package (the library crates a user adds, verified)" >&2
+cargo package -p etcd-lb-registry -p etcd-lb --locked --allow-dirty --quiet
 echo "== cargo test" >&2
 cargo test --workspace --locked --no-fail-fast "$@"

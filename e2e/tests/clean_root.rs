@@ -16,7 +16,9 @@ use std::process::Command;
 #[test]
 fn setup_demo_leaves_what_the_build_needs_in_a_clean_bookworm_root() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clean-root.sh");
-    let out = Command::new(script).output().expect("run e2e/clean-root.sh");
+    let out = Command::new(script)
+        .output()
+        .expect("run e2e/clean-root.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -31,6 +33,9 @@ fn setup_demo_leaves_what_the_build_needs_in_a_clean_bookworm_root() {
         "check without libprotobuf-dev failed as it should, naming it",
         "clean-root: ok",
     ] {
-        assert!(stdout.contains(step), "missing step {step:?}:\n{stdout}\n{stderr}");
+        assert!(
+            stdout.contains(step),
+            "missing step {step:?}:\n{stdout}\n{stderr}"
+        );
     }
 }

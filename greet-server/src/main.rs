@@ -6,7 +6,7 @@ use greet_server::Args;
 
 /// mimalloc instead of glibc malloc: a call allocates and frees a few dozen
 /// small blocks across h2, hyper and tonic, and the allocator was about 14 %
-/// of the server's instructions per call (docs/benchmarks-earlier.md).
+/// of the server's instructions per call (`git show bfe6b6d:docs/benchmarks-earlier.md`).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

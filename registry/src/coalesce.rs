@@ -17,7 +17,7 @@
 //! 0.24 for grpc-go's client), and over 3 Go servers at concurrency 16
 //! they spent 54.7-55.3 µs of CPU per call for it (44.8-47.1 with this
 //! layer; 37.5-39.8 for grpc-go's client). Measured by alternating the two
-//! builds (docs/interop-earlier.md).
+//! builds (`git show bfe6b6d:docs/interop-earlier.md`).
 //!
 //! [`Coalesce`] keeps what h2 writes in a buffer, and on the first flush of
 //! a batch wakes its own task and returns pending: the task goes to the
