@@ -49,6 +49,18 @@ pub struct Args {
     /// replica serves it, leader or not.
     #[arg(long, env = "CONTROLLER_XDS_LISTEN")]
     pub xds_listen: Option<SocketAddr>,
+    /// Most xDS (ADS) streams open at once over all connections; past it
+    /// a new stream is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CONTROLLER_XDS_MAX_STREAMS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub xds_max_streams: u32,
+    /// Most xDS streams on one HTTP/2 connection (its
+    /// SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, env = "CONTROLLER_XDS_MAX_STREAMS_PER_CONNECTION", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub xds_max_streams_per_connection: u32,
+    /// An xDS client that takes no response for this long while one waits
+    /// is disconnected (a stuck subscriber costs bounded memory meanwhile).
+    #[arg(long, env = "CONTROLLER_XDS_WRITE_TIMEOUT", default_value = "30s", value_parser = parse_positive)]
+    pub xds_write_timeout: Duration,
     /// Key root watched in etcd (every service under it).
     #[arg(long, env = "CONTROLLER_PREFIX", default_value = DEFAULT_ROOT)]
     pub prefix: String,
@@ -223,6 +235,8 @@ pub struct Config {
     pub name: Option<String>,
     /// Where xDS is served; `None`: not at all.
     pub xds_listen: Option<SocketAddr>,
+    /// The xDS server's stream caps and write timeout.
+    pub xds_limits: crate::xds::Limits,
 }
 
 impl Config {
@@ -243,6 +257,7 @@ impl Config {
             tls: None,
             name: None,
             xds_listen: None,
+            xds_limits: crate::xds::Limits::default(),
         }
     }
 }
@@ -286,6 +301,11 @@ impl Args {
             tls: self.tls.resolve()?,
             name: self.replica_name.clone(),
             xds_listen: self.xds_listen,
+            xds_limits: crate::xds::Limits {
+                max_streams: self.xds_max_streams as usize,
+                max_streams_per_connection: self.xds_max_streams_per_connection,
+                write_timeout: self.xds_write_timeout,
+            },
         })
     }
 }

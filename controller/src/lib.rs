@@ -146,6 +146,7 @@ pub async fn run(
                 snapshots,
                 id.clone(),
                 metrics.xds.clone(),
+                cfg.xds_limits,
                 shutdown.clone(),
             ));
             (builder, server)

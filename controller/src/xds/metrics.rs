@@ -31,6 +31,16 @@ pub struct XdsMetrics {
     pub nacks: Family<TypeName, Counter>,
     /// Streams ended for a request this server cannot read.
     pub bad_requests: Counter,
+    /// Streams that ended because the client went away or closed its side
+    /// (reset, connection closed, end of stream).
+    pub disconnects: Counter,
+    /// Streams ended because the client took no response for the write
+    /// timeout.
+    pub slow_disconnects: Counter,
+    /// Streams refused because the server was at its stream cap.
+    pub refused_streams: Counter,
+    /// Requests for a resource type this server does not serve.
+    pub unknown_types: Counter,
     /// Snapshots published (one per change of what clients would be sent).
     pub snapshots: Counter,
 }
@@ -80,6 +90,26 @@ impl XdsMetrics {
             "controller_xds_nacks",
             "xDS responses clients rejected (they keep their last accepted version), by resource type",
             self.nacks.clone(),
+        );
+        r.register(
+            "controller_xds_disconnects",
+            "ADS streams ended by the client going away (not counted as bad requests)",
+            self.disconnects.clone(),
+        );
+        r.register(
+            "controller_xds_slow_disconnects",
+            "ADS streams ended because the client took no response for --xds-write-timeout",
+            self.slow_disconnects.clone(),
+        );
+        r.register(
+            "controller_xds_refused_streams",
+            "ADS streams refused at --xds-max-streams",
+            self.refused_streams.clone(),
+        );
+        r.register(
+            "controller_xds_unknown_type_requests",
+            "xDS requests for a resource type this server does not serve (ignored)",
+            self.unknown_types.clone(),
         );
         r.register(
             "controller_xds_bad_requests",

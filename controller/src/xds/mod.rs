@@ -39,6 +39,7 @@ use crate::store::Store;
 use crate::view::ServicesView;
 pub use metrics::XdsMetrics;
 pub use resources::Snapshot;
+pub use server::Limits;
 
 /// The one place this module reads the store: the whole view once it has
 /// synced, `None` before. (The same view `/services` renders.)
@@ -101,14 +102,17 @@ pub async fn serve(
     snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     control_plane: String,
     metrics: Arc<XdsMetrics>,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     match listener.local_addr() {
         Ok(addr) => info!(listen = %addr, "serving xDS (ADS, state of the world)"),
         Err(e) => info!(error = %e, "serving xDS (ADS, state of the world)"),
     }
-    let ads = server::Ads::new(snapshots, control_plane, shutdown.clone(), metrics);
+    let ads =
+        server::Ads::new(snapshots, control_plane, shutdown.clone(), metrics).with_limits(limits);
     tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_streams_per_connection)
         // Dead clients are noticed even when no update flows.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))

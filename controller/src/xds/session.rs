@@ -81,8 +81,10 @@ pub struct Session {
     node: Option<String>,
     subs: BTreeMap<Kind, Subscription>,
     nonce: u64,
-    /// Unknown type URLs already warned about.
-    unknown: BTreeSet<String>,
+    /// Whether an unknown type URL was warned about on this stream (once:
+    /// a client sending a thousand junk types costs one line, and the URLs
+    /// are not kept).
+    warned_unknown: bool,
     /// Shared with every stream of the server.
     metrics: Arc<XdsMetrics>,
 }
@@ -95,7 +97,7 @@ impl Session {
             node: None,
             subs: BTreeMap::new(),
             nonce: 0,
-            unknown: BTreeSet::new(),
+            warned_unknown: false,
             metrics: Arc::default(),
         }
     }
@@ -138,11 +140,14 @@ impl Session {
             ));
         }
         let Some(kind) = Kind::from_type_url(&req.type_url) else {
-            if self.unknown.insert(req.type_url.clone()) {
+            self.metrics.unknown_types.inc();
+            if !self.warned_unknown {
+                self.warned_unknown = true;
                 warn!(
                     node = self.node.as_deref().unwrap_or(""),
-                    type_url = %req.type_url,
-                    "xds request for a resource type this server does not serve (it serves Listener, Cluster and ClusterLoadAssignment); ignored"
+                    type_url = %req.type_url.chars().take(120).collect::<String>(),
+                    len = req.type_url.len(),
+                    "xds request for a resource type this server does not serve (it serves Listener, Cluster and ClusterLoadAssignment); ignored, and later ones on this stream only counted"
                 );
             }
             return Ok(None);
