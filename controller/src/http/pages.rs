@@ -7,11 +7,21 @@
 //!   store's generation has not moved. Each page says `continue` (the
 //!   token of the next page, `null` on the last) and `remaining` (members
 //!   after this page).
-//! - A token names its snapshot, the offset of its page and the `healthy`
-//!   filter it was issued for. A snapshot is kept while walks use it, at
-//!   most [`SNAPSHOTS`] of them and none unused for [`SNAPSHOT_IDLE`]; a
-//!   token whose snapshot is gone gets 410 Gone (list again from the
-//!   start), a malformed token 400.
+//! - A token names the process that issued it (a random instance id, so a
+//!   token that lands on another replica behind a Service, or on a
+//!   restarted controller, is refused with a 410 that says so instead of
+//!   being answered from a different view), its snapshot, the offset of
+//!   its page and the `healthy` filter it was issued for.
+//! - A new walk starts from the store's current view, unless every kept
+//!   snapshot is in use by a walk (a page cut from it within
+//!   [`IN_USE`]): then it shares the newest snapshot rather than evict a
+//!   walk in progress, and may be as old as that snapshot. Under churn
+//!   walks therefore complete instead of ending in 410.
+//! - At most [`SNAPSHOTS`] snapshots are kept, the least recently used
+//!   evicted first (a walk in progress touches its snapshot with every
+//!   page, so it keeps it), and none unused for [`SNAPSHOT_IDLE`]; a token
+//!   whose snapshot is gone gets 410 Gone (list again from the start), a
+//!   malformed token 400.
 //! - Members are paged in the view's order (services by name, members by
 //!   address); a service cut by a page boundary appears on both pages with
 //!   the members of each, and its `counts` are always of all its members.
@@ -42,11 +52,26 @@ pub(super) const MAX_LIMIT: usize = 10_000;
 pub const SNAPSHOTS: usize = 8;
 /// A snapshot no page was cut from for this long is dropped.
 pub const SNAPSHOT_IDLE: Duration = Duration::from_secs(60);
+/// A snapshot a page was cut from this recently belongs to a walk in
+/// progress: a new walk does not evict it (it shares the newest instead).
+/// Readers page every few hundred milliseconds; 10 s leaves room for a
+/// slow one.
+pub const IN_USE: Duration = Duration::from_secs(10);
 
 /// The snapshots walks are bound to, newest last.
-#[derive(Default)]
 pub(super) struct Pages {
     snapshots: Mutex<VecDeque<Snapshot>>,
+    /// This process's tokens carry it; another's are refused.
+    instance: u64,
+}
+
+impl Default for Pages {
+    fn default() -> Self {
+        Self {
+            snapshots: Mutex::default(),
+            instance: rand::random::<u64>() >> 16,
+        }
+    }
 }
 
 struct Snapshot {
@@ -66,6 +91,7 @@ pub(super) struct PageQuery {
 /// What a token says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Token {
+    instance: u64,
     generation: u64,
     offset: usize,
     healthy: Option<bool>,
@@ -78,13 +104,22 @@ impl Token {
             Some(true) => 't',
             Some(false) => 'f',
         };
-        format!("v1.{:x}.{:x}.{h}", self.generation, self.offset)
+        format!(
+            "v2.{:x}.{:x}.{:x}.{h}",
+            self.instance, self.generation, self.offset
+        )
     }
 
     fn decode(text: &str) -> Option<Self> {
         let mut parts = text.split('.');
-        let (v, g, o, h) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        if v != "v1" || parts.next().is_some() {
+        let (v, i, g, o, h) = (
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+        );
+        if v != "v2" || parts.next().is_some() {
             return None;
         }
         let healthy = match h {
@@ -94,6 +129,7 @@ impl Token {
             _ => return None,
         };
         Some(Self {
+            instance: u64::from_str_radix(i, 16).ok()?,
             generation: u64::from_str_radix(g, 16).ok()?,
             offset: usize::from_str_radix(o, 16).ok()?,
             healthy,
@@ -112,7 +148,14 @@ impl Pages {
     ) -> (u64, Arc<ServicesView>) {
         let mut snaps = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
         snaps.retain(|s| now.saturating_duration_since(s.used) < SNAPSHOT_IDLE);
-        if let Some(s) = snaps.back_mut().filter(|s| s.generation >= generation) {
+        let all_in_use = snaps.len() >= SNAPSHOTS
+            && snaps
+                .iter()
+                .all(|s| now.saturating_duration_since(s.used) < IN_USE);
+        if let Some(s) = snaps
+            .back_mut()
+            .filter(|s| s.generation >= generation || all_in_use)
+        {
             s.used = now;
             return (s.generation, s.view.clone());
         }
@@ -122,7 +165,13 @@ impl Pages {
             used: now,
         });
         while snaps.len() > SNAPSHOTS {
-            snaps.pop_front();
+            // Least recently used first; the one just added is the most.
+            let lru = snaps
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, s)| s.used)
+                .map_or(0, |(i, _)| i);
+            snaps.remove(lru);
         }
         (generation, view.clone())
     }
@@ -160,6 +209,7 @@ fn cut(
     offset: usize,
     limit: usize,
     generation: u64,
+    instance: u64,
 ) -> Option<Bytes> {
     let passes = |m: &MemberView| healthy.is_none_or(|h| m.healthy == Some(h));
     let mut services = Vec::new();
@@ -190,6 +240,7 @@ fn cut(
     let end = offset.saturating_add(taken);
     let next = (end < total).then(|| {
         Token {
+            instance,
             generation,
             offset: end,
             healthy,
@@ -222,6 +273,12 @@ pub(super) async fn page(
                     format!("continue={text:?} is not a token this controller issued"),
                 )
             })?;
+            if t.instance != st.pages.instance {
+                return Err(ApiError::new(
+                    StatusCode::GONE,
+                    "this continue token was issued by another controller replica, or by an earlier run of this one: list again from the start (no continue)",
+                ));
+            }
             if t.healthy != healthy {
                 return Err(ApiError::new(
                     StatusCode::BAD_REQUEST,
@@ -243,7 +300,8 @@ pub(super) async fn page(
         }
     };
     let limit = q.limit;
-    tokio::task::spawn_blocking(move || cut(&view, healthy, offset, limit, generation))
+    let instance = st.pages.instance;
+    tokio::task::spawn_blocking(move || cut(&view, healthy, offset, limit, generation, instance))
         .await
         .ok()
         .flatten()
@@ -263,6 +321,7 @@ mod tests {
     fn tokens_round_trip_and_junk_is_refused() {
         for healthy in [None, Some(true), Some(false)] {
             let t = Token {
+                instance: 0xbeef,
                 generation: 0xdead,
                 offset: 1500,
                 healthy,
@@ -271,12 +330,13 @@ mod tests {
         }
         for junk in [
             "",
-            "v1",
-            "v2.1.2.a",
-            "v1.1.2.x",
-            "v1.zz.2.a",
-            "v1.1.2.a.extra",
-            "v1.-1.2.a",
+            "v2",
+            "v1.1.2.a",
+            "v3.1.1.2.a",
+            "v2.1.1.2.x",
+            "v2.1.zz.2.a",
+            "v2.1.1.2.a.extra",
+            "v2.1.-1.2.a",
         ] {
             assert_eq!(Token::decode(junk), None, "{junk:?}");
         }
