@@ -49,6 +49,11 @@ pub struct Args {
     /// replica serves it, leader or not.
     #[arg(long, env = "CONTROLLER_XDS_LISTEN")]
     pub xds_listen: Option<SocketAddr>,
+    /// An HTTP client (a `/services/stream` reader above all) whose
+    /// connection takes no bytes for this long while a write waits is
+    /// disconnected, freeing what was queued for it.
+    #[arg(long, env = "CONTROLLER_HTTP_WRITE_TIMEOUT", default_value = "30s", value_parser = parse_positive)]
+    pub http_write_timeout: Duration,
     /// Most xDS (ADS) streams open at once over all connections; past it
     /// a new stream is refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "CONTROLLER_XDS_MAX_STREAMS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
@@ -237,6 +242,8 @@ pub struct Config {
     pub xds_listen: Option<SocketAddr>,
     /// The xDS server's stream caps and write timeout.
     pub xds_limits: crate::xds::Limits,
+    /// See `--http-write-timeout`.
+    pub http_write_timeout: Duration,
 }
 
 impl Config {
@@ -258,6 +265,7 @@ impl Config {
             name: None,
             xds_listen: None,
             xds_limits: crate::xds::Limits::default(),
+            http_write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -306,6 +314,7 @@ impl Args {
                 max_streams_per_connection: self.xds_max_streams_per_connection,
                 write_timeout: self.xds_write_timeout,
             },
+            http_write_timeout: self.http_write_timeout,
         })
     }
 }

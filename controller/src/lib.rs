@@ -163,6 +163,7 @@ pub async fn run(
         .with_max_streams(cfg.max_streams));
         let app = http::router(state);
         info!(listen = %local, "serving the HTTP view");
+        let listener = http::io::WriteTimeoutListener::new(listener, cfg.http_write_timeout);
         let server = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let mut server = tokio::spawn(async move { server.await });

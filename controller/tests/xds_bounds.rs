@@ -9,11 +9,11 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use common::sample;
+use common::{fill, CtlProc as Controller};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-use etcd_lb_testkit::{eventually, free_port, put_in_txns, Etcd, Proc};
+use etcd_lb_testkit::{eventually, Etcd};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -22,79 +22,6 @@ use tonic::Streaming;
 const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 const SVC: &str = "big";
 const MIB: f64 = 1024.0 * 1024.0;
-
-struct Controller {
-    proc: Proc,
-    http: String,
-    xds: String,
-}
-
-impl Controller {
-    fn spawn(etcd: &Etcd, extra: &[&str]) -> Result<Self> {
-        let (http, xds) = (free_port(), free_port());
-        let mut args: Vec<String> = [
-            "--listen",
-            &format!("127.0.0.1:{http}"),
-            "--xds-listen",
-            &format!("127.0.0.1:{xds}"),
-            "--etcd-endpoints",
-            &etcd.endpoint(),
-            // Probes of a thousand closed ports are not what is measured.
-            "--probe-interval",
-            "10s",
-            "--probe-timeout",
-            "100ms",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let proc = Proc::spawn(
-            &format!("controller:{http}"),
-            env!("CARGO_BIN_EXE_controller"),
-            &args,
-            &[("RUST_LOG", "info")],
-        )?;
-        Ok(Self {
-            proc,
-            http: format!("http://127.0.0.1:{http}"),
-            xds: format!("http://127.0.0.1:{xds}"),
-        })
-    }
-
-    fn rss_mib(&self) -> Result<f64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.pid()))?;
-        let kb: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .context("no VmRSS")?
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()?;
-        Ok(kb / 1024.0)
-    }
-
-    async fn metric(&self, name: &str) -> Result<f64> {
-        let text = reqwest::get(format!("{}/metrics", self.http))
-            .await?
-            .text()
-            .await?;
-        Ok(sample(&text, name, "").unwrap_or(0.0))
-    }
-
-    async fn wait_ready(&self) -> Result<()> {
-        eventually(Duration::from_secs(20), "controller ready", || async {
-            reqwest::get(format!("{}/readyz", self.http))
-                .await
-                .ok()
-                .filter(|r| r.status().is_success())
-        })
-        .await
-        .map(|_| ())
-        .with_context(|| self.proc.log())
-    }
-}
 
 /// One connection with small flow-control windows: a stream that is
 /// never read stops the server's writes after 64 KiB.
@@ -130,22 +57,6 @@ fn request(type_url: &str, names: &[&str]) -> DiscoveryRequest {
     }
 }
 
-/// `n` lease-less members of `SVC` on closed loopback ports.
-async fn fill(etcd: &Etcd, n: u16, weight: u32) -> Result<()> {
-    let c = etcd.client().await?;
-    let kvs: Vec<(String, String)> = (0..n)
-        .map(|i| {
-            let addr = format!("127.0.0.{}:{}", 2 + i / 1000, 20_000 + i % 1000);
-            (
-                format!("/ns/{SVC}/{addr}"),
-                format!(r#"{{"addr":"{addr}","version":"1.0.0","weight":{weight}}}"#),
-            )
-        })
-        .collect();
-    put_in_txns(&c, kvs, None).await?;
-    Ok(())
-}
-
 /// 100 EDS subscribers on one connection that never read, over 1,000
 /// endpoints, while 25 weights change: the controller keeps at most one
 /// pending response per subscriber and type, so its memory grows by less
@@ -153,7 +64,7 @@ async fn fill(etcd: &Etcd, n: u16, weight: u32) -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn stuck_eds_subscribers_cost_bounded_memory() -> Result<()> {
     let etcd = Etcd::start().await?;
-    fill(&etcd, 1000, 100).await?;
+    fill(&etcd, SVC, 1000, 100).await?;
     let ctl = Controller::spawn(&etcd, &[])?;
     ctl.wait_ready().await?;
     let before = ctl.rss_mib()?;
@@ -257,7 +168,7 @@ async fn junk_type_urls_are_counted_not_kept_or_logged_whole() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn disconnects_are_not_bad_requests_and_streams_are_capped() -> Result<()> {
     let etcd = Etcd::start().await?;
-    fill(&etcd, 3, 100).await?;
+    fill(&etcd, SVC, 3, 100).await?;
     let ctl = Controller::spawn(&etcd, &["--xds-max-streams", "5"])?;
     ctl.wait_ready().await?;
 
@@ -331,7 +242,7 @@ async fn disconnects_are_not_bad_requests_and_streams_are_capped() -> Result<()>
 #[tokio::test(flavor = "multi_thread")]
 async fn a_subscriber_that_stops_reading_is_disconnected_after_the_write_timeout() -> Result<()> {
     let etcd = Etcd::start().await?;
-    fill(&etcd, 1000, 100).await?;
+    fill(&etcd, SVC, 1000, 100).await?;
     let ctl = Controller::spawn(&etcd, &["--xds-write-timeout", "2s"])?;
     ctl.wait_ready().await?;
     let (tx, mut rx) = open(tight_channel(&ctl.xds).await?).await?;

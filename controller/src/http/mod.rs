@@ -49,6 +49,7 @@ use crate::policy::Valve;
 use crate::store::Store;
 use crate::view::{Counts, InvalidKeyView, MemberView, ServiceView, ServicesView};
 
+pub mod io;
 mod pages;
 mod stream;
 

@@ -19,17 +19,27 @@
 //! - **A cap on subscribers** (`--max-streams`): past it, 503 with the
 //!   usual JSON error.
 //! - The broadcaster renders nothing while nobody subscribes.
+//! - **A stalled reader costs a reference, not a copy.** Events are
+//!   written as byte chunks around the frame's shared JSON (`Bytes`), so
+//!   a subscriber that stops reading holds a reference to a render the
+//!   others share; the connection's write timeout (`--http-write-timeout`,
+//!   see [`super::io`]) then closes it. A stream lasts at most
+//!   [`STREAM_MAX_AGE`] (browsers' `EventSource` reconnects by itself), so
+//!   a reader that reads nothing at all cannot keep a place for ever; a
+//!   comment every [`KEEP_ALIVE`] keeps proxies from closing quiet ones.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::header;
 use axum::http::StatusCode;
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, warn};
@@ -40,6 +50,12 @@ use crate::view::{InvalidKeyView, ServiceView, ServicesView};
 
 /// At most one change event per this interval.
 pub(super) const STREAM_THROTTLE: Duration = Duration::from_millis(250);
+/// A stream ends after this long; `EventSource` reconnects by itself (and
+/// gets the whole view again), so a reader that reads nothing holds a
+/// place for at most this long.
+pub const STREAM_MAX_AGE: Duration = Duration::from_secs(600);
+/// A comment line is sent after this long without an event.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// What every stream of one controller shares.
 pub(super) struct Broadcast {
@@ -219,10 +235,14 @@ async fn broadcast(st: Arc<AppState>) {
     }
 }
 
-fn event(name: &str, body: &Bytes) -> Event {
-    Event::default()
-        .event(name)
-        .data(String::from_utf8_lossy(body))
+/// One server-sent event as byte chunks around `body` (compact JSON, one
+/// line): the body is a reference to the shared render, not a copy.
+fn event(name: &'static str, body: &Bytes) -> Vec<Bytes> {
+    vec![
+        Bytes::from(format!("event: {name}\ndata: ")),
+        body.clone(),
+        Bytes::from_static(b"\n\n"),
+    ]
 }
 
 /// What one subscriber's stream holds between events.
@@ -231,12 +251,25 @@ struct Subscriber {
     frames: watch::Receiver<Option<Arc<Frame>>>,
     /// The frame this subscriber's picture matches, once it has one.
     mine: Option<u64>,
+    /// When the stream ends (see [`STREAM_MAX_AGE`]).
+    ends: tokio::time::Instant,
     _place: Place,
 }
 
 impl Subscriber {
-    /// The next event to send, or `None` at shutdown.
-    async fn next(&mut self) -> Option<Event> {
+    /// The next chunks to send (an event or a keep-alive comment), or
+    /// `None` at shutdown or at the stream's end of life.
+    async fn next(&mut self) -> Option<Vec<Bytes>> {
+        let ends = self.ends;
+        tokio::select! {
+            () = tokio::time::sleep_until(ends) => None,
+            () = tokio::time::sleep(KEEP_ALIVE) => Some(vec![Bytes::from_static(b": keep-alive\n\n")]),
+            ev = self.next_event() => ev,
+        }
+    }
+
+    /// The next event, or `None` at shutdown.
+    async fn next_event(&mut self) -> Option<Vec<Bytes>> {
         loop {
             let frame = match self.mine {
                 None => {
@@ -296,14 +329,22 @@ pub(super) async fn stream(State(st): State<Arc<AppState>>) -> Response {
         frames: st.broadcast.frames.subscribe(),
         st,
         mine: None,
+        ends: tokio::time::Instant::now() + STREAM_MAX_AGE,
         _place: place,
     };
-    let events = futures::stream::unfold(sub, |mut sub| async move {
-        let ev = sub.next().await?;
-        Some((Ok::<_, Infallible>(ev), sub))
-    });
-    Sse::new(events)
-        .keep_alive(KeepAlive::default())
+    let chunks = futures::stream::unfold(sub, |mut sub| async move {
+        let chunks = sub.next().await?;
+        Some((futures::stream::iter(chunks), sub))
+    })
+    .flatten()
+    .map(Ok::<_, Infallible>);
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(chunks),
+    )
         .into_response()
 }
 

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use controller::Config;
 use etcd_client::{Client, PutOptions};
 use etcd_lb_registry::etcd::EtcdConfig;
-use etcd_lb_testkit::{eventually, Etcd, Proc};
+use etcd_lb_testkit::{eventually, free_port, put_in_txns, Etcd, Proc};
 use greet_proto::GreetServer;
 use greet_server::GreetService;
 use serde_json::Value;
@@ -288,4 +288,94 @@ pub async fn next_event(
             .context("stream ended")?;
         buf.extend_from_slice(&chunk);
     }
+}
+
+/// The controller binary on free ports, HTTP and xDS.
+pub struct CtlProc {
+    pub proc: Proc,
+    pub http: String,
+    pub xds: String,
+}
+
+impl CtlProc {
+    pub fn spawn(etcd: &Etcd, extra: &[&str]) -> Result<Self> {
+        let (http, xds) = (free_port(), free_port());
+        let mut args: Vec<String> = [
+            "--listen",
+            &format!("127.0.0.1:{http}"),
+            "--xds-listen",
+            &format!("127.0.0.1:{xds}"),
+            "--etcd-endpoints",
+            &etcd.endpoint(),
+            // Probes of a thousand closed ports are not what is measured.
+            "--probe-interval",
+            "10s",
+            "--probe-timeout",
+            "100ms",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let proc = Proc::spawn(
+            &format!("controller:{http}"),
+            env!("CARGO_BIN_EXE_controller"),
+            &args,
+            &[("RUST_LOG", "info")],
+        )?;
+        Ok(Self {
+            proc,
+            http: format!("http://127.0.0.1:{http}"),
+            xds: format!("http://127.0.0.1:{xds}"),
+        })
+    }
+
+    pub fn rss_mib(&self) -> Result<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.pid()))?;
+        let kb: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .context("no VmRSS")?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()?;
+        Ok(kb / 1024.0)
+    }
+
+    pub async fn metric(&self, name: &str) -> Result<f64> {
+        let text = reqwest::get(format!("{}/metrics", self.http))
+            .await?
+            .text()
+            .await?;
+        Ok(sample(&text, name, "").unwrap_or(0.0))
+    }
+
+    pub async fn wait_ready(&self) -> Result<()> {
+        eventually(Duration::from_secs(20), "controller ready", || async {
+            reqwest::get(format!("{}/readyz", self.http))
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+        })
+        .await
+        .map(|_| ())
+        .with_context(|| self.proc.log())
+    }
+}
+
+/// `n` lease-less members of `service` on closed loopback ports.
+pub async fn fill(etcd: &Etcd, service: &str, n: u16, weight: u32) -> Result<()> {
+    let c = etcd.client().await?;
+    let kvs: Vec<(String, String)> = (0..n)
+        .map(|i| {
+            let addr = format!("127.0.0.{}:{}", 2 + i / 1000, 20_000 + i % 1000);
+            (
+                format!("/ns/{service}/{addr}"),
+                format!(r#"{{"addr":"{addr}","version":"1.0.0","weight":{weight}}}"#),
+            )
+        })
+        .collect();
+    put_in_txns(&c, kvs, None).await?;
+    Ok(())
 }
