@@ -17,6 +17,8 @@ use etcd_lb_registry::schema::DEFAULT_ROOT;
 /// The default election key: outside `/ns/`, so the election is never
 /// mistaken for a registration.
 pub const DEFAULT_ELECTION_KEY: &str = "/greet-etcd/controller/leader";
+/// Open `/services/stream` subscribers at most, unless configured.
+pub const DEFAULT_MAX_STREAMS: usize = 100;
 
 /// Keeps the registry in etcd honest and shows it over HTTP.
 ///
@@ -259,7 +261,7 @@ impl Config {
             election_key: DEFAULT_ELECTION_KEY.to_owned(),
             election_ttl: Duration::from_secs(10),
             probe_concurrency: 64,
-            max_streams: crate::http::DEFAULT_MAX_STREAMS,
+            max_streams: DEFAULT_MAX_STREAMS,
             shutdown_timeout: Duration::from_secs(5),
             tls: None,
             name: None,

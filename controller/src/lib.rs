@@ -24,6 +24,7 @@
 pub mod config;
 pub(crate) mod http;
 pub mod leader;
+pub(crate) mod member;
 pub(crate) mod metrics;
 pub(crate) mod policy;
 pub(crate) mod probe;

@@ -16,8 +16,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::config::Budget;
-use crate::store::{Members, Tracked};
-use crate::view::ser_time;
+use crate::member::{ser_time, Members, Tracked};
 
 /// Failed probes in a row after which a lease-less key is stale: two, so a
 /// single lost probe (a blip, a busy host) never deletes a live endpoint

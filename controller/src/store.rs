@@ -14,50 +14,18 @@
 //!   rendered JSON and to wake `/services/stream`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::sync::RwLock;
 use std::time::SystemTime;
 
 use etcd_lb_registry::schema::{Addr, ServiceName};
-use etcd_lb_registry::watcher::{Entry, Event};
+use etcd_lb_registry::watcher::Event;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+pub use crate::member::{Members, ProbeState, Tracked};
 use crate::policy::{self, Plan, Policy, Valve, Valves};
 use crate::probe::Outcome;
 use crate::view::{self, Counts, ServicesView};
-
-/// Every tracked entry: service -> address -> entry, both sorted.
-pub type Members = BTreeMap<ServiceName, BTreeMap<Addr, Tracked>>;
-
-/// Probe history of one entry.
-#[derive(Debug, Clone, Default)]
-pub struct ProbeState {
-    /// The latest outcome, `None` before the first probe.
-    pub last: Option<Outcome>,
-    /// Wall-clock time of the latest probe (for people).
-    pub last_at: Option<SystemTime>,
-    /// Failed probes in a row.
-    pub consecutive_failures: u32,
-    /// Start of the current run of failures.
-    pub failing_since: Option<Instant>,
-    /// The key's mod revision when it was last probed: a deletion compares
-    /// against it, so a value written after the probe is never removed.
-    pub probed_mod_revision: i64,
-}
-
-/// One registered key with a valid `<service>/<addr>`.
-#[derive(Debug, Clone)]
-pub struct Tracked {
-    /// What etcd holds (shared with the reflector's copy).
-    pub entry: Arc<Entry>,
-    /// Since when the value has been invalid (continuously).
-    pub invalid_since: Option<Instant>,
-    /// What probes saw.
-    pub probe: ProbeState,
-    /// Seconds left on the lease when it was last looked up (-1: etcd does
-    /// not know the lease), and when.
-    pub lease_ttl: Option<(i64, Instant)>,
-}
 
 /// What a probe pass looks at: one key, as it was when the pass started.
 #[derive(Debug, Clone)]
@@ -387,12 +355,14 @@ fn counts_of(services: &Members) -> BTreeMap<ServiceName, Counts> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
     use std::time::Duration;
 
     use super::*;
     use crate::config::Budget;
     use crate::policy::Reason;
     use etcd_lb_registry::schema::{self, DEFAULT_ROOT};
+    use etcd_lb_registry::watcher::Entry;
 
     fn entry(service: &str, addr: &str, value: &[u8], lease: i64, rev: i64) -> Arc<Entry> {
         let s = ServiceName::new(service).unwrap();

@@ -3,15 +3,14 @@
 //! the view and by the metrics, so the two never disagree).
 
 use std::collections::BTreeMap;
-use std::time::SystemTime;
 
 use etcd_lb_registry::schema::{ServiceName, ValueKind};
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::member::{Members, Tracked};
 use crate::policy::{Valve, Valves};
 use crate::probe::Outcome;
-use crate::store::{Members, Tracked};
 
 /// Counts of a service's members by state, for metrics and the view.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -145,10 +144,6 @@ fn member_view(t: &Tracked, now: Instant) -> MemberView {
         mod_revision: e.mod_revision,
         problems,
     }
-}
-
-pub(crate) fn ser_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&humantime::format_rfc3339_millis(*t))
 }
 
 /// `GET /services`: every service, sorted by name.

@@ -53,8 +53,7 @@ pub mod io;
 mod pages;
 mod stream;
 
-/// Open `/services/stream` subscribers at most, unless configured.
-pub const DEFAULT_MAX_STREAMS: usize = 100;
+pub use crate::config::DEFAULT_MAX_STREAMS;
 
 /// The membership page: one static file, no build step.
 const INDEX_HTML: &str = include_str!("../../static/index.html");
