@@ -41,6 +41,8 @@ pub struct XdsMetrics {
     pub refused_streams: Counter,
     /// Requests for a resource type this server does not serve.
     pub unknown_types: Counter,
+    /// Assignments larger than gRPC clients' default 4 MiB receive limit.
+    pub oversized: Gauge,
     /// Snapshots published (one per change of what clients would be sent).
     pub snapshots: Counter,
 }
@@ -110,6 +112,11 @@ impl XdsMetrics {
             "controller_xds_unknown_type_requests",
             "xDS requests for a resource type this server does not serve (ignored)",
             self.unknown_types.clone(),
+        );
+        r.register(
+            "controller_xds_oversized_assignments",
+            "ClusterLoadAssignments larger than gRPC clients' default 4 MiB receive limit (see docs/xds.md)",
+            self.oversized.clone(),
         );
         r.register(
             "controller_xds_bad_requests",

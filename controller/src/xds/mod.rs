@@ -33,7 +33,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::store::Store;
 use crate::view::ServicesView;
@@ -64,6 +64,9 @@ pub fn spawn_snapshots(
     let (tx, rx) = watch::channel(None::<Arc<Snapshot>>);
     let task = tokio::spawn(async move {
         let mut generation = store.subscribe();
+        // Services warned about as oversized (once each, again if one
+        // shrinks and grows past the limit again).
+        let mut warned = std::collections::BTreeSet::new();
         loop {
             generation.mark_unchanged();
             if let Some(view) = read_view(&store) {
@@ -78,6 +81,15 @@ pub fn spawn_snapshots(
                         eds = %snap.of(resources::Kind::Endpoint).version,
                         "xds snapshot"
                     );
+                    let big = snap.oversized(resources::GRPC_DEFAULT_MAX_RECV);
+                    metrics.oversized.set(big.len() as i64);
+                    for (service, bytes) in &big {
+                        if !warned.contains(*service) {
+                            warn!(%service, bytes, limit = resources::GRPC_DEFAULT_MAX_RECV,
+                                  "xds assignment larger than gRPC clients' default receive limit: clients with the default refuse it and reconnect; raise their limit or split the service (docs/xds.md)");
+                        }
+                    }
+                    warned = big.iter().map(|(s, _)| s.to_string()).collect();
                     tx.send_replace(Some(Arc::new(snap)));
                     metrics.snapshots.inc();
                 }

@@ -116,6 +116,14 @@ pub struct Resources {
     pub hashes: BTreeMap<String, u64>,
 }
 
+/// gRPC clients' default limit on one received message: 4 MiB, less a
+/// little for the response around the assignment. At about 120 bytes per
+/// endpoint an assignment reaches it near 35,000 endpoints in one
+/// service; past it raise the clients' limit (grpc-go
+/// `grpc.MaxCallRecvMsgSize`, grpc-java `maxInboundMessageSize`, grpcio
+/// `grpc.max_receive_message_length`) or split the service.
+pub const GRPC_DEFAULT_MAX_RECV: usize = 4 * 1024 * 1024 - 1024;
+
 /// Every resource of one view.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
@@ -129,6 +137,19 @@ impl Snapshot {
     /// The resources of `kind`.
     pub fn of(&self, kind: Kind) -> &Resources {
         &self.kinds[kind as usize]
+    }
+
+    /// Services whose assignment is larger than `limit` bytes encoded,
+    /// with its size: a gRPC client with that receive limit (grpc-go,
+    /// grpc-java and grpc-core default to [`GRPC_DEFAULT_MAX_RECV`]) would
+    /// refuse the response and reconnect in a loop.
+    pub fn oversized(&self, limit: usize) -> Vec<(&str, usize)> {
+        self.of(Kind::Endpoint)
+            .by_name
+            .iter()
+            .filter(|(_, any)| any.value.len() > limit)
+            .map(|(name, any)| (name.as_str(), any.value.len()))
+            .collect()
     }
 
     /// Whether every kind has the same versions as `other`.
@@ -564,6 +585,52 @@ mod tests {
             health(3),
             0,
             "3 of 4 failing: the controller is likely cut off"
+        );
+    }
+
+    /// A service whose assignment passes gRPC's default 4 MiB receive
+    /// limit is named, with its size; at about 120 bytes per endpoint that
+    /// is near 35,000 endpoints (issue 33, point 9).
+    #[test]
+    fn assignments_past_the_clients_receive_limit_are_named() {
+        let big: Vec<MemberView> = (0..40_000u32)
+            .map(|i| {
+                member(
+                    &format!("10.{}.{}.{}:50051", i >> 16, (i >> 8) & 255, i & 255),
+                    Some(100),
+                    Some(true),
+                    "serving",
+                )
+            })
+            .collect();
+        let view = ServicesView {
+            revision: 1,
+            safety_valve: None,
+            services: vec![
+                crate::view::ServiceView {
+                    name: etcd_lb_registry::schema::ServiceName::new("big").unwrap(),
+                    members: big,
+                    counts: Default::default(),
+                    safety_valve: None,
+                },
+                crate::view::ServiceView {
+                    name: etcd_lb_registry::schema::ServiceName::new("small").unwrap(),
+                    members: vec![member("127.0.0.1:1", Some(1), Some(true), "serving")],
+                    counts: Default::default(),
+                    safety_valve: None,
+                },
+            ],
+            invalid_keys: vec![],
+        };
+        let snap = Snapshot::build(&view, 0.5);
+        let over = snap.oversized(GRPC_DEFAULT_MAX_RECV);
+        assert_eq!(over.len(), 1, "{over:?}");
+        assert_eq!(over[0].0, "big");
+        assert!(over[0].1 > GRPC_DEFAULT_MAX_RECV);
+        let per_endpoint = over[0].1 / 40_000;
+        assert!(
+            (80..200).contains(&per_endpoint),
+            "{per_endpoint} bytes per endpoint"
         );
     }
 
