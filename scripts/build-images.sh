@@ -85,7 +85,7 @@ if ((FROM_HOST)); then
     rustup target add "$target" || die "cannot add $target (rustup); install it, or build with docker"
   fi
   command -v musl-gcc >/dev/null || die "musl-gcc not found (ring builds C): apt-get install musl-tools"
-  command -v protoc >/dev/null || die "protoc not found: ./scripts/setup.sh installs it"
+  "$ROOT/scripts/setup.sh" check || die "the build's tools are missing: ./scripts/setup.sh installs them"
   say "building static binaries for $target (release)"
   cargo build --release --locked --target "$target" -p greet-server -p greet-client -p controller
   bin="${CARGO_TARGET_DIR:-$ROOT/target}/$target/release"

@@ -122,8 +122,8 @@ fi
 # --- binaries -------------------------------------------------------------
 if [[ -z "$BIN_DIR" ]]; then
   command -v cargo >/dev/null || die "cargo not found; install Rust (rustup) or pass --bin-dir"
-  if ! command -v protoc >/dev/null; then
-    say "protoc is missing; installing what the build needs (scripts/setup.sh)"
+  if ! "$ROOT/scripts/setup.sh" check >/dev/null 2>&1; then
+    say "the build's tools are missing (protoc with the well-known types, a C compiler); installing them (scripts/setup.sh demo)"
     "$ROOT/scripts/setup.sh" demo
   fi
   target="${CARGO_TARGET_DIR:-$ROOT/target}"

@@ -77,7 +77,7 @@ command -v etcdctl >/dev/null || need+=(etcd-client)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 # etcd-client's protos import google/protobuf/*.proto, which Debian ships in
 # libprotobuf-dev (a Recommends of protobuf-compiler, so not installed here).
-[[ -f /usr/include/google/protobuf/descriptor.proto ]] || need+=(libprotobuf-dev)
+protoc_works >/dev/null || need+=(libprotobuf-dev)
 command -v curl >/dev/null || need+=(curl)
 # rustc links through cc, and ring's and mimalloc's build scripts compile C.
 command -v cc >/dev/null || need+=(gcc libc6-dev)

@@ -394,7 +394,16 @@ fn setup_plan(profile: &str) -> Result<String> {
 #[test]
 fn the_demo_installs_only_what_it_runs() -> Result<()> {
     let demo = setup_plan("demo")?;
-    for pkg in ["etcd-server", "etcd-client", "protobuf-compiler", "curl"] {
+    // libprotobuf-dev: the well-known types etcd-client's build needs, which
+    // protobuf-compiler alone (without Recommends) leaves out (issue 32).
+    for pkg in [
+        "etcd-server",
+        "etcd-client",
+        "protobuf-compiler",
+        "libprotobuf-dev",
+        "curl",
+        "gcc",
+    ] {
         ensure!(demo.contains(pkg), "demo profile lacks {pkg}: {demo}");
     }
     for pkg in [
