@@ -5,6 +5,7 @@
 //! - [`session`]: the one etcd session (lazy connect, bounded calls,
 //!   re-login after a refused token) every loop uses;
 //! - [`lease`]: the one lease keeper (registrar and election);
+//! - [`overrides`]: operators' drains and weights beside the registry;
 //! - [`registrar`]: keeping one endpoint registered on a lease;
 //! - [`watcher`]: the list+watch reflector of a prefix, as events;
 //! - [`health`]: whether an address answers gRPC (balancer and controller);
@@ -21,6 +22,7 @@ pub mod grpc_tls;
 pub mod health;
 pub mod lease;
 pub mod logging;
+pub mod overrides;
 #[cfg(feature = "metrics-http")]
 pub mod metrics_http;
 pub mod registrar;
