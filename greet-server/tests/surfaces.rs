@@ -138,7 +138,7 @@ fn header_frames(stream: u32, end_stream: bool, block: &[u8]) -> Vec<u8> {
 /// Sends `bytes` on a fresh connection after the preface and an empty
 /// SETTINGS, then reads whatever comes back until the server closes or 3 s
 /// pass. Write errors (the server closed early) are fine.
-fn send_raw(port: u16, bytes: &[u8]) -> Result<()> {
+fn send_raw(port: u16, bytes: &[u8]) -> Result<Vec<u8>> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
     let mut all = PREFACE.to_vec();
@@ -146,15 +146,29 @@ fn send_raw(port: u16, bytes: &[u8]) -> Result<()> {
     all.extend_from_slice(bytes);
     let _ = s.write_all(&all);
     let _ = s.shutdown(Shutdown::Write);
+    let mut got = Vec::new();
     let mut sink = [0u8; 4096];
     let until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < until {
         match s.read(&mut sink) {
             Ok(0) | Err(_) => break,
-            Ok(_) => {}
+            Ok(n) => got.extend_from_slice(&sink[..n]),
         }
     }
-    Ok(())
+    Ok(got)
+}
+
+/// The error code of the first GOAWAY among the frames a server sent.
+fn goaway(mut bytes: &[u8]) -> Option<u32> {
+    while bytes.len() >= 9 {
+        let len = (usize::from(bytes[0]) << 16) | (usize::from(bytes[1]) << 8) | usize::from(bytes[2]);
+        let payload = bytes.get(9..9 + len)?;
+        if bytes[3] == 0x7 && len >= 8 {
+            return Some(u32::from_be_bytes(payload[4..8].try_into().ok()?));
+        }
+        bytes = &bytes[9 + len..];
+    }
+    None
 }
 
 /// A block of pseudo-headers, one big entry in the dynamic table, and
@@ -174,15 +188,16 @@ fn reference_bomb(authority: &[u8], size_update: Option<usize>, entry: usize, re
 /// Fires `bomb` (a list of byte strings, each sent on its own connection)
 /// at a fresh server; the server must survive, answer the next call, and
 /// its peak memory must grow by less than 64 MiB.
-async fn survives(name: &str, bombs: &[Vec<u8>]) -> Result<()> {
+async fn survives(name: &str, bombs: &[Vec<u8>]) -> Result<Vec<Vec<u8>>> {
     let etcd = Etcd::start().await?;
     let port = free_port();
     let mut srv = server(&etcd, port, &[])?;
     serving(&srv, port).await?;
     let before = peak_rss(&srv)?;
+    let mut answers = Vec::new();
     for bomb in bombs {
         let bomb = bomb.clone();
-        tokio::task::spawn_blocking(move || send_raw(port, &bomb)).await??;
+        answers.push(tokio::task::spawn_blocking(move || send_raw(port, &bomb)).await??);
     }
     ensure!(srv.is_running(), "{name}: the server died:\n{}", srv.log());
     morning(port)
@@ -197,7 +212,7 @@ async fn survives(name: &str, bombs: &[Vec<u8>]) -> Result<()> {
         grown >> 20
     );
     srv.signal(Signal::SIGKILL)?;
-    Ok(())
+    Ok(answers)
 }
 
 /// The first bomb: 24 KB of one-byte references to a 4 KB entry
@@ -205,7 +220,8 @@ async fn survives(name: &str, bombs: &[Vec<u8>]) -> Result<()> {
 #[tokio::test]
 async fn hpack_bomb_of_indexed_references_is_refused() -> Result<()> {
     let block = reference_bomb(b"127.0.0.1:1", None, 4000, 24_000);
-    survives("24 KB of references", &[header_frames(1, true, &block)]).await
+    survives("24 KB of references", &[header_frames(1, true, &block)]).await?;
+    Ok(())
 }
 
 /// The same within one frame (16 KiB, so no size limit on the compressed
@@ -221,7 +237,12 @@ async fn hpack_bomb_after_an_address_list_is_refused() -> Result<()> {
     let block = reference_bomb(b"127.0.0.1:1,127.0.0.1:2", None, 4000, 16_000);
     bytes.extend(header_frames(3, true, &block));
     // Many connections at once would multiply it: ten in a row.
-    survives("16 KB of references after an address list", &vec![bytes; 10]).await
+    let answers = survives("16 KB of references after an address list", &vec![bytes; 10]).await?;
+    // The connection is closed with an HTTP/2 error, not left hanging.
+    for a in answers {
+        ensure!(goaway(&a).is_some_and(|code| code != 0), "no GOAWAY with an error: {a:?}");
+    }
+    Ok(())
 }
 
 /// The second bomb: a table-size update to 1,000,000 (HTTP/2
@@ -229,7 +250,8 @@ async fn hpack_bomb_after_an_address_list_is_refused() -> Result<()> {
 #[tokio::test]
 async fn hpack_table_size_update_above_4096_is_refused() -> Result<()> {
     let block = reference_bomb(b"127.0.0.1:1", Some(1_000_000), 100_000, 2_000);
-    survives("table size 1,000,000", &[header_frames(1, true, &block)]).await
+    survives("table size 1,000,000", &[header_frames(1, true, &block)]).await?;
+    Ok(())
 }
 
 /// The third bomb: about 1 MB of HEADERS + CONTINUATION frames of
@@ -237,7 +259,8 @@ async fn hpack_table_size_update_above_4096_is_refused() -> Result<()> {
 #[tokio::test]
 async fn hpack_megabyte_of_continuations_is_refused() -> Result<()> {
     let block = reference_bomb(b"127.0.0.1:1,127.0.0.1:2", None, 4000, 1_000_000);
-    survives("1 MB of continuations", &[header_frames(1, true, &block)]).await
+    survives("1 MB of continuations", &[header_frames(1, true, &block)]).await?;
+    Ok(())
 }
 
 /// Point 6: once the server has logged that it stops accepting, a client
