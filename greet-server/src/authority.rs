@@ -338,6 +338,15 @@ mod tests {
         assert_eq!(rw.mode(), Mode::Pass);
         assert_eq!(out, input);
         assert_eq!(rw.buffered(), 0);
+
+        // A flood of empty CONTINUATIONs is not held either.
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, 0, 1, &request(&mut enc, b"a:1,b:2")));
+        for _ in 0..10_000 {
+            input.extend(frame(CONTINUATION, 0, 1, &[]));
+        }
+        let (rw, out) = rewrite(&input);
+        assert_eq!((rw.mode(), out), (Mode::Pass, input));
     }
 
     #[test]

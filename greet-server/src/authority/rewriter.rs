@@ -6,8 +6,8 @@
 //! runs h2 with its defaults, through tonic and hyper):
 //! - a header frame's payload is at most [`MAX_FRAME`] (h2's
 //!   SETTINGS_MAX_FRAME_SIZE), and a header block (HEADERS plus
-//!   CONTINUATIONs, compressed) at most [`MAX_HEADER_LIST`]: one frame and
-//!   one block are held at a time;
+//!   CONTINUATIONs, compressed) at most [`MAX_HEADER_LIST`] in up to 16
+//!   frames: one frame and one block are held at a time;
 //! - the HPACK dynamic table is at most [`TABLE_SIZE`] (the
 //!   SETTINGS_HEADER_TABLE_SIZE h2 advertises): a table-size update above it
 //!   is an error, as in h2;
@@ -51,6 +51,9 @@ pub const MAX_HEADER_LIST: usize = 16 << 10;
 pub const TABLE_SIZE: usize = 4096;
 
 const FRAME_HEADER: usize = 9;
+/// The most a header block may take on the wire, frame headers included:
+/// [`MAX_HEADER_LIST`] in up to 16 frames.
+const MAX_BLOCK_WIRE: usize = MAX_HEADER_LIST + 16 * FRAME_HEADER;
 const HEADERS: u8 = 0x1;
 const CONTINUATION: u8 = 0x9;
 const END_STREAM: u8 = 0x1;
@@ -80,6 +83,9 @@ struct Block {
     stream_id: u32,
     end_stream: bool,
     fragment: Vec<u8>,
+    /// Bytes of its frames so far, frame headers included (a flood of
+    /// empty CONTINUATIONs counts).
+    wire: usize,
     /// The frames as received, forwarded unchanged if the block is not
     /// rewritten.
     raw: Vec<u8>,
@@ -90,8 +96,8 @@ struct Decoded {
     headers: Vec<(Vec<u8>, Vec<u8>)>,
     /// The decoded list reached the limit: `headers` is incomplete.
     over: bool,
-    /// Index in `headers` of an `:authority` h2 would refuse.
-    bad_authority: Option<usize>,
+    /// It holds an `:authority` h2 would refuse.
+    bad_authority: bool,
 }
 
 /// See the module docs.
@@ -256,8 +262,8 @@ impl Rewriter {
                 self.cannot_handle("a header frame over the frame size limit");
                 continue;
             }
-            let held = self.block.as_ref().map_or(0, |b| b.fragment.len());
-            if held + len > MAX_HEADER_LIST {
+            let held = self.block.as_ref().map_or(0, |b| b.wire);
+            if held + FRAME_HEADER + len > MAX_BLOCK_WIRE {
                 self.cannot_handle("a header block over the header list limit");
                 continue;
             }
@@ -348,6 +354,7 @@ impl Rewriter {
             return self.malformed(frame, "a CONTINUATION of another stream");
         }
         block.fragment.extend_from_slice(payload);
+        block.wire += frame.len();
         if self.mode == Mode::Sniff {
             block.raw.extend_from_slice(frame);
         }
@@ -375,7 +382,7 @@ impl Rewriter {
         let mut d = Decoded {
             headers: Vec::new(),
             over: false,
-            bad_authority: None,
+            bad_authority: false,
         };
         let mut size = 0usize;
         self.decoder.decode_with_cb(fragment, |name, value| {
@@ -388,11 +395,8 @@ impl Rewriter {
                 d.headers = Vec::new();
                 return;
             }
-            if &name[..] == b":authority"
-                && d.bad_authority.is_none()
-                && http::uri::Authority::try_from(&value[..]).is_err()
-            {
-                d.bad_authority = Some(d.headers.len());
+            if &name[..] == b":authority" && !is_valid(&value) {
+                d.bad_authority = true;
             }
             d.headers.push((name.into_owned(), value.into_owned()));
         })?;
@@ -407,7 +411,7 @@ impl Rewriter {
                 self.mode = Mode::Pass;
                 return;
             }
-            (Mode::Sniff, Ok(d)) if d.over || d.bad_authority.is_none() => {
+            (Mode::Sniff, Ok(d)) if d.over || !d.bad_authority => {
                 self.out.extend_from_slice(&block.raw);
                 self.mode = Mode::Pass;
                 return;
@@ -420,13 +424,20 @@ impl Rewriter {
             tracing::debug!("client sends an address list as :authority; rewriting its requests");
             self.mode = Mode::Rewrite;
         }
-        if let Some(i) = decoded.bad_authority {
-            match first_valid(&decoded.headers[i].1) {
-                Some(first) => decoded.headers[i].1 = first,
-                None => {
-                    decoded.headers.remove(i);
+        if decoded.bad_authority {
+            // Every invalid one (a repeated :authority is h2's to refuse).
+            decoded.headers.retain_mut(|(name, value)| {
+                if &name[..] != b":authority" || is_valid(value) {
+                    return true;
                 }
-            }
+                match first_valid(value) {
+                    Some(first) => {
+                        *value = first;
+                        true
+                    }
+                    None => false,
+                }
+            });
         }
         self.scratch.clear();
         if self
@@ -478,6 +489,11 @@ fn frame_header(len: usize, kind: u8, flags: u8, stream_id: u32) -> [u8; FRAME_H
         id[2],
         id[3],
     ]
+}
+
+/// Whether h2 accepts `value` as an `:authority`.
+fn is_valid(value: &[u8]) -> bool {
+    http::uri::Authority::try_from(value).is_ok()
 }
 
 /// The first comma-separated element of an address list, when it is a
