@@ -362,7 +362,12 @@ mod tests {
         // After an address list: the connection closes.
         let mut enc = Encoder::new();
         let mut input = PREFACE.to_vec();
-        input.extend(frame(HEADERS, END_HEADERS, 1, &request(&mut enc, b"a:1,b:2")));
+        input.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            1,
+            &request(&mut enc, b"a:1,b:2"),
+        ));
         let mut block = vec![0x3f, 0xa1, 0x84, 0x3d];
         block.extend(request(&mut enc, b"a:1,b:2"));
         input.extend(frame(HEADERS, END_HEADERS, 3, &block));
@@ -378,7 +383,12 @@ mod tests {
     fn a_bomb_after_an_address_list_closes_the_connection() {
         let mut enc = Encoder::new();
         let mut input = PREFACE.to_vec();
-        input.extend(frame(HEADERS, END_HEADERS, 1, &request(&mut enc, b"a:1,b:2")));
+        input.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            1,
+            &request(&mut enc, b"a:1,b:2"),
+        ));
         let block = reference_bomb(&mut enc, b"a:1,b:2", 12_000);
         input.extend(frame(HEADERS, END_HEADERS, 3, &block));
         let (rw, out) = rewrite(&input);
@@ -402,7 +412,12 @@ mod tests {
         assert_eq!((rw.mode(), out), (Mode::Pass, input.clone()));
         // Rewriting: closed.
         let mut input = PREFACE.to_vec();
-        input.extend(frame(HEADERS, END_HEADERS, 1, &request(&mut enc, b"a:1,b:2")));
+        input.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            1,
+            &request(&mut enc, b"a:1,b:2"),
+        ));
         let block = request(&mut enc, b"a:1,b:2");
         let (a, b) = block.split_at(4);
         input.extend(frame(HEADERS, 0, 3, a));
@@ -417,7 +432,12 @@ mod tests {
     async fn a_closed_connection_reads_as_ended() {
         let mut enc = Encoder::new();
         let mut input = PREFACE.to_vec();
-        input.extend(frame(HEADERS, END_HEADERS, 1, &request(&mut enc, b"a:1,b:2")));
+        input.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            1,
+            &request(&mut enc, b"a:1,b:2"),
+        ));
         input.extend(frame(HEADERS, END_HEADERS, 3, &[0x80 | 70]));
         input.extend(frame(0x0, 0, 3, b"never seen"));
         let out = frames(&through(input).await);

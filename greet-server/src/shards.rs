@@ -398,7 +398,8 @@ mod tests {
         );
         let late = TcpStream::connect(addr).await;
         assert!(
-            late.as_ref().is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused),
+            late.as_ref()
+                .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused),
             "the listener closes when accepting stops, while shards still run: {late:?}"
         );
         abandon.cancel();

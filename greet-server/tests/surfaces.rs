@@ -46,9 +46,11 @@ async fn morning(port: u16) -> Result<String> {
 }
 
 async fn serving(srv: &Proc, port: u16) -> Result<()> {
-    eventually(Duration::from_secs(10), "the server answers", || async move {
-        morning(port).await.ok()
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the server answers",
+        || async move { morning(port).await.ok() },
+    )
     .await
     .with_context(|| srv.log())?;
     Ok(())
@@ -161,7 +163,8 @@ fn send_raw(port: u16, bytes: &[u8]) -> Result<Vec<u8>> {
 /// The error code of the first GOAWAY among the frames a server sent.
 fn goaway(mut bytes: &[u8]) -> Option<u32> {
     while bytes.len() >= 9 {
-        let len = (usize::from(bytes[0]) << 16) | (usize::from(bytes[1]) << 8) | usize::from(bytes[2]);
+        let len =
+            (usize::from(bytes[0]) << 16) | (usize::from(bytes[1]) << 8) | usize::from(bytes[2]);
         let payload = bytes.get(9..9 + len)?;
         if bytes[3] == 0x7 && len >= 8 {
             return Some(u32::from_be_bytes(payload[4..8].try_into().ok()?));
@@ -173,7 +176,12 @@ fn goaway(mut bytes: &[u8]) -> Option<u32> {
 
 /// A block of pseudo-headers, one big entry in the dynamic table, and
 /// `refs` one-byte references to it: each decodes to the whole entry.
-fn reference_bomb(authority: &[u8], size_update: Option<usize>, entry: usize, refs: usize) -> Vec<u8> {
+fn reference_bomb(
+    authority: &[u8],
+    size_update: Option<usize>,
+    entry: usize,
+    refs: usize,
+) -> Vec<u8> {
     let mut block = Vec::new();
     if let Some(size) = size_update {
         int(0x20, 5, size, &mut block);
@@ -237,10 +245,17 @@ async fn hpack_bomb_after_an_address_list_is_refused() -> Result<()> {
     let block = reference_bomb(b"127.0.0.1:1,127.0.0.1:2", None, 4000, 16_000);
     bytes.extend(header_frames(3, true, &block));
     // Many connections at once would multiply it: ten in a row.
-    let answers = survives("16 KB of references after an address list", &vec![bytes; 10]).await?;
+    let answers = survives(
+        "16 KB of references after an address list",
+        &vec![bytes; 10],
+    )
+    .await?;
     // The connection is closed with an HTTP/2 error, not left hanging.
     for a in answers {
-        ensure!(goaway(&a).is_some_and(|code| code != 0), "no GOAWAY with an error: {a:?}");
+        ensure!(
+            goaway(&a).is_some_and(|code| code != 0),
+            "no GOAWAY with an error: {a:?}"
+        );
     }
     Ok(())
 }
@@ -271,11 +286,15 @@ async fn a_late_client_during_drain_is_refused_or_answered_at_once() -> Result<(
     let etcd = Etcd::start().await?;
     let port = free_port();
     let mut srv = server(&etcd, port, &["--latency", "3s", "--drain", "300ms"])?;
-    eventually(Duration::from_secs(10), "the server listens", || async move {
-        GreetClient::connect(format!("http://127.0.0.1:{port}"))
-            .await
-            .ok()
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the server listens",
+        || async move {
+            GreetClient::connect(format!("http://127.0.0.1:{port}"))
+                .await
+                .ok()
+        },
+    )
     .await
     .with_context(|| srv.log())?;
     let slow = tokio::spawn(morning(port));

@@ -37,8 +37,7 @@ async fn a_healthy_etcd_never_raises_the_silence_alarm() -> Result<()> {
         .filter(|s| !matches!(s, LeaseState::Valid { .. }))
         .count();
     assert_eq!(
-        alarms,
-        0,
+        alarms, 0,
         "{alarms} silence alarms on a healthy etcd in 16 s; states: {seen:?}"
     );
     assert!(

@@ -116,7 +116,9 @@ pub struct Rewriter {
 
 impl std::fmt::Debug for Rewriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Rewriter").field("mode", &self.mode).finish()
+        f.debug_struct("Rewriter")
+            .field("mode", &self.mode)
+            .finish()
     }
 }
 
@@ -163,7 +165,11 @@ impl Rewriter {
     /// Bytes waiting in the input buffer; at most one frame's worth plus
     /// what the caller fed at once.
     pub fn buffered(&self) -> usize {
-        self.inbuf.len() + self.block.as_ref().map_or(0, |b| b.raw.len() + b.fragment.len())
+        self.inbuf.len()
+            + self
+                .block
+                .as_ref()
+                .map_or(0, |b| b.raw.len() + b.fragment.len())
     }
 
     /// What h2 should read next; the caller takes from the front.
@@ -302,7 +308,10 @@ impl Rewriter {
     /// update over its limit), answers GOAWAY and closes; nothing else
     /// follows.
     fn close(&mut self, why: &'static str) {
-        tracing::debug!(why, "closing a connection whose header blocks are rewritten");
+        tracing::debug!(
+            why,
+            "closing a connection whose header blocks are rewritten"
+        );
         let stream_id = self.block.take().map_or(1, |b| b.stream_id.max(1));
         self.out.extend_from_slice(&frame_header(
             SIZE_UPDATE_OVER_LIMIT.len(),

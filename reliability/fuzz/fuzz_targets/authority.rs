@@ -150,7 +150,10 @@ fn check(input: &[u8], out: &[u8], mode: Mode) {
         let f = &ins[i];
         if f.kind != HEADERS && f.kind != CONTINUATION {
             let g = outs.get(o).expect("a frame the client sent is missing");
-            assert_eq!(g.wire, f.wire, "frames other than headers go out as they came");
+            assert_eq!(
+                g.wire, f.wire,
+                "frames other than headers go out as they came"
+            );
             i += 1;
             o += 1;
             continue;
@@ -165,7 +168,11 @@ fn check(input: &[u8], out: &[u8], mode: Mode) {
         while k < ins.len() {
             let g = &ins[k];
             let first = k == i;
-            let fits = if first { g.kind == HEADERS } else { g.kind == CONTINUATION && g.stream == stream };
+            let fits = if first {
+                g.kind == HEADERS
+            } else {
+                g.kind == CONTINUATION && g.stream == stream
+            };
             if !fits {
                 break;
             }
@@ -186,18 +193,27 @@ fn check(input: &[u8], out: &[u8], mode: Mode) {
             // Stepped aside: everything from here as it came.
             return;
         }
-        if outs.get(o).is_some_and(|g| g.kind == HEADERS && g.payload == CLOSE) {
+        if outs
+            .get(o)
+            .is_some_and(|g| g.kind == HEADERS && g.payload == CLOSE)
+        {
             assert_eq!(o + 1, outs.len(), "nothing after the closing block");
             assert!(out_tail.is_empty());
             assert_eq!(mode, Mode::Closed);
-            assert!(rewriting, "closed only once rewriting; deciding, it steps aside");
+            assert!(
+                rewriting,
+                "closed only once rewriting; deciding, it steps aside"
+            );
             return;
         }
         if !block.whole || block.frames.is_empty() {
             // Rewriting, a block that never ends properly: dropped at the
             // end of input (only then may output stop here).
             assert!(rewriting, "deciding, an unfinished block goes as it came");
-            assert!(o == outs.len() && out_tail.is_empty(), "a partial block was rewritten");
+            assert!(
+                o == outs.len() && out_tail.is_empty(),
+                "a partial block was rewritten"
+            );
             return;
         }
         let mut fragment_in = Vec::new();
@@ -238,7 +254,10 @@ fn check(input: &[u8], out: &[u8], mode: Mode) {
         );
         let (a_in, a_out) = (authorities(&client), authorities(&forwarded));
         if !rewriting {
-            assert!(a_in.iter().any(|a| !valid(a)), "rewriting starts on an invalid :authority");
+            assert!(
+                a_in.iter().any(|a| !valid(a)),
+                "rewriting starts on an invalid :authority"
+            );
         }
         // Each valid one kept, each invalid one replaced by its first
         // comma-separated element when that is valid, else dropped.
