@@ -213,7 +213,8 @@ async fn survives(name: &str, bombs: &[Vec<u8>]) -> Result<Vec<Vec<u8>>> {
         .with_context(|| format!("{name}: the next call after the bomb\n{}", srv.log()))?;
     let after = peak_rss(&srv)?;
     let grown = after.saturating_sub(before);
-    eprintln!("{name}: peak RSS {before} -> {after} bytes");
+    let codes: Vec<Option<u32>> = answers.iter().map(|a| goaway(a)).collect();
+    eprintln!("{name}: peak RSS {before} -> {after} bytes; GOAWAY codes {codes:?}");
     ensure!(
         grown < 64 << 20,
         "{name}: peak memory grew by {} MiB ({before} -> {after} bytes)",

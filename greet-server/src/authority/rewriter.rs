@@ -162,8 +162,8 @@ impl Rewriter {
         self.mode == Mode::Pass && self.inbuf.is_empty()
     }
 
-    /// Bytes waiting in the input buffer; at most one frame's worth plus
-    /// what the caller fed at once.
+    /// Bytes held: the input not yet decided on (at most a frame plus what
+    /// the caller fed at once) and the header block being assembled.
     pub fn buffered(&self) -> usize {
         self.inbuf.len()
             + self

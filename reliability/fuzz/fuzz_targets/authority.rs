@@ -20,6 +20,7 @@
 #![no_main]
 
 #[path = "../../../greet-server/src/authority/rewriter.rs"]
+#[allow(dead_code)]
 mod rewriter;
 
 use httlib_hpack::Decoder;
