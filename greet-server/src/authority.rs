@@ -428,6 +428,35 @@ mod tests {
         assert!(is_close(&frames(&out)[1]));
     }
 
+    #[test]
+    fn a_push_promise_is_left_to_h2_or_closes() {
+        // h2 decodes its header block (then refuses it from a client).
+        let mut enc = Encoder::new();
+        let promise = frame(0x5, END_HEADERS, 1, &[0, 0, 0, 2, 0x40, 1, b'x', 1, b'y']);
+        let mut input = PREFACE.to_vec();
+        input.extend(&promise);
+        input.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            1,
+            &request(&mut enc, b"a:1,b:2"),
+        ));
+        let (rw, out) = rewrite(&input);
+        assert_eq!((rw.mode(), out), (Mode::Pass, input));
+
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            1,
+            &request(&mut enc, b"a:1,b:2"),
+        ));
+        input.extend(&promise);
+        let (rw, out) = rewrite(&input);
+        assert_eq!(rw.mode(), Mode::Closed);
+        assert!(is_close(&frames(&out)[1]));
+    }
+
     #[tokio::test]
     async fn a_closed_connection_reads_as_ended() {
         let mut enc = Encoder::new();

@@ -56,6 +56,7 @@ const FRAME_HEADER: usize = 9;
 const MAX_BLOCK_WIRE: usize = MAX_HEADER_LIST + 16 * FRAME_HEADER;
 const HEADERS: u8 = 0x1;
 const CONTINUATION: u8 = 0x9;
+const PUSH_PROMISE: u8 = 0x5;
 const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
@@ -252,6 +253,12 @@ impl Rewriter {
                 | (usize::from(self.inbuf[1]) << 8)
                 | usize::from(self.inbuf[2]);
             let kind = self.inbuf[3];
+            if kind == PUSH_PROMISE {
+                // It carries a header block h2 decodes (before refusing it
+                // from a client): h2's table would move apart from ours.
+                self.cannot_handle("a PUSH_PROMISE from a client");
+                continue;
+            }
             let is_header = kind == HEADERS || kind == CONTINUATION;
             if !is_header {
                 if self.block.is_some() {

@@ -3,7 +3,9 @@
 //! is), fed in chunks of a fuzzed size. A differential oracle, with an
 //! independent HPACK decoder (httlib-hpack) for both sides:
 //!
-//! - frames other than header blocks go out byte for byte, in order;
+//! - frames other than header blocks go out byte for byte, in order (a
+//!   PUSH_PROMISE, which carries a header block h2 decodes, only before
+//!   any rewrite);
 //! - each header block goes out either rewritten (its frames at most
 //!   16384 bytes, same stream and END_STREAM, decoding to exactly the
 //!   client's header list, `:authority` aside: the output's is valid or
@@ -29,6 +31,7 @@ use rewriter::{Mode, Rewriter, MAX_FRAME, MAX_HEADER_LIST, PREFACE, TABLE_SIZE};
 
 const HEADERS: u8 = 0x1;
 const CONTINUATION: u8 = 0x9;
+const PUSH_PROMISE: u8 = 0x5;
 const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
@@ -149,6 +152,28 @@ fn check(input: &[u8], out: &[u8], mode: Mode) {
     let offset = |fs: &[Frame<'_>], k: usize| fs[..k].iter().map(|f| f.wire.len()).sum::<usize>();
     while i < ins.len() {
         let f = &ins[i];
+        let out_at = &rest[offset(&outs, o)..];
+        let in_at = &body[offset(&ins, i)..];
+        if !rewriting && out_at == in_at {
+            // Stepped aside: everything from here as it came.
+            return;
+        }
+        if outs
+            .get(o)
+            .is_some_and(|g| g.kind == HEADERS && g.payload == CLOSE)
+        {
+            assert_eq!(o + 1, outs.len(), "nothing after the closing block");
+            assert!(out_tail.is_empty());
+            assert_eq!(mode, Mode::Closed);
+            assert!(
+                rewriting,
+                "closed only once rewriting; deciding, it steps aside"
+            );
+            return;
+        }
+        if f.kind == PUSH_PROMISE {
+            panic!("a PUSH_PROMISE went on after a rewrite");
+        }
         if f.kind != HEADERS && f.kind != CONTINUATION {
             let g = outs.get(o).expect("a frame the client sent is missing");
             assert_eq!(
@@ -186,26 +211,6 @@ fn check(input: &[u8], out: &[u8], mode: Mode) {
                 block.whole = true;
                 break;
             }
-        }
-        // What the output holds here.
-        let out_at = &rest[offset(&outs, o)..];
-        let in_at = &body[offset(&ins, i)..];
-        if !rewriting && out_at == in_at {
-            // Stepped aside: everything from here as it came.
-            return;
-        }
-        if outs
-            .get(o)
-            .is_some_and(|g| g.kind == HEADERS && g.payload == CLOSE)
-        {
-            assert_eq!(o + 1, outs.len(), "nothing after the closing block");
-            assert!(out_tail.is_empty());
-            assert_eq!(mode, Mode::Closed);
-            assert!(
-                rewriting,
-                "closed only once rewriting; deciding, it steps aside"
-            );
-            return;
         }
         if !block.whole || block.frames.is_empty() {
             // Rewriting, a block that never ends properly: dropped at the
