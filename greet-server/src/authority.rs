@@ -20,73 +20,36 @@
 //!   comma-separated element when that is a valid authority, else dropped
 //!   (an HTTP/2 request may omit it).
 //!
-//! Anything that is not plaintext HTTP/2 from its first byte (TLS, say)
-//! passes through untouched, as does a header block it cannot decode (h2
-//! then reports the error itself).
+//! The client is untrusted and this layer runs before h2's own checks, so
+//! it holds and produces no more than h2 would accept (frame size, header
+//! list size, HPACK table size), steps aside on anything odd before it has
+//! rewritten anything, and closes the connection on anything odd after: see
+//! [`rewriter`] for the rules and their limits. Anything that is not
+//! plaintext HTTP/2 from its first byte (TLS, say) passes through untouched.
+//! `reliability/fuzz` checks it against h2's own decoder.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, BytesMut};
-use loona_hpack::{Decoder, Encoder};
+use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const FRAME_HEADER: usize = 9;
-const HEADERS: u8 = 0x1;
-const CONTINUATION: u8 = 0x9;
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const PADDED: u8 = 0x8;
-const PRIORITY: u8 = 0x20;
-/// h2's default SETTINGS_MAX_FRAME_SIZE, which the re-encoded frames obey.
-const MAX_FRAME: usize = 16_384;
-/// A header block larger than this is not assembled here (h2's own header
-/// list limit is far below it): the connection passes through as it is.
-const MAX_BLOCK: usize = 1 << 20;
+pub mod rewriter;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// Before the first request's headers: deciding.
-    Sniff,
-    /// This client sends invalid authorities: re-encode every header block.
-    Rewrite,
-    /// Step aside.
-    Pass,
-}
-
-/// The header block being assembled (HEADERS plus CONTINUATIONs).
-#[derive(Debug, Default)]
-struct Block {
-    stream_id: u32,
-    end_stream: bool,
-    fragment: Vec<u8>,
-    /// The frames as received, forwarded unchanged if the block is not
-    /// rewritten.
-    raw: Vec<u8>,
-}
+use rewriter::Rewriter;
 
 /// A connection whose requests' `:authority` is made acceptable to h2; see
 /// the module docs.
 pub struct ListAuthority<IO> {
     io: IO,
-    mode: Mode,
-    preface_left: usize,
-    /// Payload bytes of the current non-header frame still to forward.
-    passthrough: usize,
-    inbuf: BytesMut,
-    out: BytesMut,
-    block: Option<Block>,
-    decoder: Decoder<'static>,
-    encoder: Encoder<'static>,
-    scratch: Vec<u8>,
+    rewriter: Rewriter,
 }
 
 impl<IO> std::fmt::Debug for ListAuthority<IO> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ListAuthority")
-            .field("mode", &self.mode)
+            .field("rewriter", &self.rewriter)
             .finish()
     }
 }
@@ -96,15 +59,7 @@ impl<IO> ListAuthority<IO> {
     pub fn new(io: IO) -> Self {
         Self {
             io,
-            mode: Mode::Sniff,
-            preface_left: PREFACE.len(),
-            passthrough: 0,
-            inbuf: BytesMut::new(),
-            out: BytesMut::new(),
-            block: None,
-            decoder: Decoder::new(),
-            encoder: Encoder::new(),
-            scratch: Vec::new(),
+            rewriter: Rewriter::new(),
         }
     }
 
@@ -112,205 +67,6 @@ impl<IO> ListAuthority<IO> {
     pub fn get_ref(&self) -> &IO {
         &self.io
     }
-
-    /// Moves what can be decided from `inbuf` to `out`.
-    fn process(&mut self) {
-        loop {
-            if self.mode == Mode::Pass {
-                let rest = self.inbuf.split();
-                self.out.extend_from_slice(&rest);
-                return;
-            }
-            if self.preface_left > 0 {
-                let done = PREFACE.len() - self.preface_left;
-                let n = self.preface_left.min(self.inbuf.len());
-                if n == 0 {
-                    return;
-                }
-                if self.inbuf[..n] != PREFACE[done..done + n] {
-                    // Not plaintext HTTP/2 (TLS, HTTP/1): not ours to touch.
-                    self.mode = Mode::Pass;
-                    continue;
-                }
-                let taken = self.inbuf.split_to(n);
-                self.out.extend_from_slice(&taken);
-                self.preface_left -= n;
-                continue;
-            }
-            if self.passthrough > 0 {
-                let n = self.passthrough.min(self.inbuf.len());
-                if n == 0 {
-                    return;
-                }
-                let taken = self.inbuf.split_to(n);
-                self.out.extend_from_slice(&taken);
-                self.passthrough -= n;
-                continue;
-            }
-            if self.inbuf.len() < FRAME_HEADER {
-                return;
-            }
-            let len = (usize::from(self.inbuf[0]) << 16)
-                | (usize::from(self.inbuf[1]) << 8)
-                | usize::from(self.inbuf[2]);
-            let kind = self.inbuf[3];
-            if kind != HEADERS && kind != CONTINUATION {
-                let header = self.inbuf.split_to(FRAME_HEADER);
-                self.out.extend_from_slice(&header);
-                self.passthrough = len;
-                continue;
-            }
-            let assembled = self.block.as_ref().map_or(0, |b| b.raw.len());
-            if assembled + FRAME_HEADER + len > MAX_BLOCK {
-                self.give_up();
-                continue;
-            }
-            if self.inbuf.len() < FRAME_HEADER + len {
-                return;
-            }
-            let frame = self.inbuf.split_to(FRAME_HEADER + len);
-            self.header_frame(&frame);
-        }
-    }
-
-    /// Forwards what was held back and steps aside for good.
-    fn give_up(&mut self) {
-        if let Some(block) = self.block.take() {
-            self.out.extend_from_slice(&block.raw);
-        }
-        self.mode = Mode::Pass;
-    }
-
-    fn header_frame(&mut self, frame: &[u8]) {
-        let (kind, flags) = (frame[3], frame[4]);
-        let stream_id = u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) & 0x7fff_ffff;
-        let mut payload = &frame[FRAME_HEADER..];
-        if kind == HEADERS {
-            if flags & PADDED != 0 {
-                let Some((&pad, rest)) = payload.split_first() else {
-                    return self.malformed(frame);
-                };
-                let Some(body) = rest.len().checked_sub(usize::from(pad)) else {
-                    return self.malformed(frame);
-                };
-                payload = &rest[..body];
-            }
-            if flags & PRIORITY != 0 {
-                // Stream priority is deprecated (RFC 9113) and h2 ignores
-                // it: the re-encoded frame goes without.
-                let Some(rest) = payload.get(5..) else {
-                    return self.malformed(frame);
-                };
-                payload = rest;
-            }
-            if self.block.is_some() {
-                return self.malformed(frame);
-            }
-            self.block = Some(Block {
-                stream_id,
-                end_stream: flags & END_STREAM != 0,
-                ..Block::default()
-            });
-        }
-        let Some(block) = self.block.as_mut() else {
-            return self.malformed(frame);
-        };
-        block.fragment.extend_from_slice(payload);
-        block.raw.extend_from_slice(frame);
-        if flags & END_HEADERS != 0 {
-            if let Some(block) = self.block.take() {
-                self.finish(block);
-            }
-        }
-    }
-
-    /// A frame h2 will reject anyway: forward it as it came and step aside.
-    fn malformed(&mut self, frame: &[u8]) {
-        self.give_up();
-        self.out.extend_from_slice(frame);
-    }
-
-    fn finish(&mut self, block: Block) {
-        let mut headers: Vec<(Vec<u8>, Vec<u8>)> = match self.decoder.decode(&block.fragment) {
-            Ok(h) => h,
-            Err(_) => {
-                self.out.extend_from_slice(&block.raw);
-                self.mode = Mode::Pass;
-                return;
-            }
-        };
-        let bad = headers.iter().position(|(n, v)| {
-            n == b":authority" && http::uri::Authority::try_from(&v[..]).is_err()
-        });
-        match (self.mode, bad) {
-            (Mode::Sniff, None) => {
-                self.out.extend_from_slice(&block.raw);
-                self.mode = Mode::Pass;
-                return;
-            }
-            (Mode::Sniff, Some(_)) => {
-                tracing::debug!(
-                    "client sends an address list as :authority; rewriting its requests"
-                );
-                self.mode = Mode::Rewrite;
-            }
-            _ => {}
-        }
-        if let Some(i) = bad {
-            match first_valid(&headers[i].1) {
-                Some(first) => headers[i].1 = first,
-                None => {
-                    headers.remove(i);
-                }
-            }
-        }
-        self.scratch.clear();
-        let encoded = &mut self.scratch;
-        if self
-            .encoder
-            .encode_into(headers.iter().map(|(n, v)| (&n[..], &v[..])), encoded)
-            .is_err()
-        {
-            self.out.extend_from_slice(&block.raw);
-            self.mode = Mode::Pass;
-            return;
-        }
-        let chunks: Vec<&[u8]> = if encoded.is_empty() {
-            vec![&[][..]]
-        } else {
-            encoded.chunks(MAX_FRAME).collect()
-        };
-        let last = chunks.len() - 1;
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            let (kind, mut flags) = if i == 0 {
-                (HEADERS, if block.end_stream { END_STREAM } else { 0 })
-            } else {
-                (CONTINUATION, 0)
-            };
-            if i == last {
-                flags |= END_HEADERS;
-            }
-            let len = chunk.len();
-            self.out.extend_from_slice(&[
-                (len >> 16) as u8,
-                (len >> 8) as u8,
-                len as u8,
-                kind,
-                flags,
-            ]);
-            self.out.extend_from_slice(&block.stream_id.to_be_bytes());
-            self.out.extend_from_slice(chunk);
-        }
-    }
-}
-
-/// The first comma-separated element of an address list, when it is a
-/// valid authority.
-fn first_valid(list: &[u8]) -> Option<Vec<u8>> {
-    let first = list.split(|b| *b == b',').next()?;
-    http::uri::Authority::try_from(first)
-        .ok()
-        .map(|a| a.as_str().as_bytes().to_vec())
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for ListAuthority<IO> {
@@ -321,33 +77,31 @@ impl<IO: AsyncRead + Unpin> AsyncRead for ListAuthority<IO> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            if !this.out.is_empty() {
-                let n = buf.remaining().min(this.out.len());
-                buf.put_slice(&this.out[..n]);
-                this.out.advance(n);
+            let out = this.rewriter.output();
+            if !out.is_empty() {
+                let n = buf.remaining().min(out.len());
+                buf.put_slice(&out[..n]);
+                out.advance(n);
                 return Poll::Ready(Ok(()));
             }
-            if this.mode == Mode::Pass && this.inbuf.is_empty() {
-                return Pin::new(&mut this.io).poll_read(cx, buf);
+            if !this.rewriter.wants_input() {
+                // Closed: h2 has read the block it refuses; end of input.
+                return Poll::Ready(Ok(()));
             }
-            this.process();
-            if !this.out.is_empty() {
-                continue;
+            if this.rewriter.is_transparent() {
+                return Pin::new(&mut this.io).poll_read(cx, buf);
             }
             let mut chunk = [0u8; 8192];
             let mut rb = ReadBuf::new(&mut chunk);
             ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;
             if rb.filled().is_empty() {
-                // End of input: whatever is held back goes as it is.
-                this.give_up();
-                let rest = this.inbuf.split();
-                this.out.extend_from_slice(&rest);
-                if this.out.is_empty() {
+                this.rewriter.end();
+                if this.rewriter.output().is_empty() {
                     return Poll::Ready(Ok(()));
                 }
                 continue;
             }
-            this.inbuf.extend_from_slice(rb.filled());
+            this.rewriter.feed(rb.filled());
         }
     }
 }
@@ -394,9 +148,18 @@ impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connecte
 
 #[cfg(test)]
 mod tests {
+    use loona_hpack::{Decoder, Encoder};
     use tokio::io::AsyncReadExt;
 
+    use super::rewriter::{Mode, MAX_FRAME, PREFACE};
     use super::*;
+
+    const HEADERS: u8 = 0x1;
+    const CONTINUATION: u8 = 0x9;
+    const END_STREAM: u8 = 0x1;
+    const END_HEADERS: u8 = 0x4;
+    const PADDED: u8 = 0x8;
+    const PRIORITY: u8 = 0x20;
 
     fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let len = payload.len();
@@ -520,5 +283,194 @@ mod tests {
     async fn not_http2_passes_through() {
         let input = b"\x16\x03\x01\x02\x00 a TLS hello, say".to_vec();
         assert_eq!(through(input.clone()).await, input);
+    }
+
+    /// A block of `refs` one-byte references to a fresh 4000-byte entry.
+    fn reference_bomb(enc: &mut Encoder<'_>, authority: &[u8], refs: usize) -> Vec<u8> {
+        let mut block = request(enc, authority);
+        block.push(0x40);
+        block.push(6);
+        block.extend_from_slice(b"x-bomb");
+        block.extend_from_slice(&[0x7f, 0xa1, 0x1e]); // length 4000
+        block.extend(std::iter::repeat_n(b'a', 4000));
+        block.extend(std::iter::repeat_n(0x80 | 62, refs));
+        block
+    }
+
+    /// Runs bytes through a rewriter in one go; returns it and its output.
+    fn rewrite(input: &[u8]) -> (Rewriter, Vec<u8>) {
+        let mut rw = Rewriter::new();
+        rw.feed(input);
+        let out = rw.output().split().to_vec();
+        (rw, out)
+    }
+
+    /// The closing block: HEADERS with a table-size update h2 refuses.
+    fn is_close(f: &(u8, u8, Vec<u8>)) -> bool {
+        f.0 == HEADERS && f.2 == [0x3f, 0xe2, 0x1f]
+    }
+
+    #[test]
+    fn a_first_block_over_the_limits_is_left_to_h2_untouched() {
+        // One frame of references (decodes to ~48 MB): over the header list
+        // limit, so h2 answers it; the bytes go as they came.
+        let mut enc = Encoder::new();
+        let mut input = PREFACE.to_vec();
+        let block = reference_bomb(&mut enc, b"a:1,b:2", 12_000);
+        input.extend(frame(HEADERS, END_HEADERS, 1, &block));
+        let (rw, out) = rewrite(&input);
+        assert_eq!(rw.mode(), Mode::Pass);
+        assert_eq!(out, input);
+
+        // A frame over the frame size and a block over the list size are
+        // not waited for: stepped aside at their first frame header.
+        for len in [MAX_FRAME + 1, 1 << 20] {
+            let mut input = PREFACE.to_vec();
+            input.extend(&frame(HEADERS, 0, 1, &vec![0x80 | 62; len])[..100]);
+            let (rw, out) = rewrite(&input);
+            assert_eq!(rw.mode(), Mode::Pass, "{len}");
+            assert_eq!(out, input);
+        }
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, 0, 1, &vec![0x80 | 2; 16_000]));
+        input.extend(&frame(CONTINUATION, 0, 1, &vec![0x80 | 2; 1000])[..20]);
+        let (rw, out) = rewrite(&input);
+        assert_eq!(rw.mode(), Mode::Pass);
+        assert_eq!(out, input);
+        assert_eq!(rw.buffered(), 0);
+
+        // A flood of empty CONTINUATIONs is not held either.
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, 0, 1, &request(&mut enc, b"a:1,b:2")));
+        for _ in 0..10_000 {
+            input.extend(frame(CONTINUATION, 0, 1, &[]));
+        }
+        let (rw, out) = rewrite(&input);
+        assert_eq!((rw.mode(), out), (Mode::Pass, input));
+    }
+
+    #[test]
+    fn a_table_size_update_above_4096_is_left_to_h2_then_closes_once_rewriting() {
+        let mut input = PREFACE.to_vec();
+        // Size update to 1,000,000 on the first block: h2's to refuse.
+        let mut block = vec![0x3f, 0xa1, 0x84, 0x3d];
+        block.extend(request(&mut Encoder::new(), b"a:1,b:2"));
+        input.extend(frame(HEADERS, END_HEADERS, 1, &block));
+        let (rw, out) = rewrite(&input);
+        assert_eq!((rw.mode(), out), (Mode::Pass, input));
+
+        // After an address list: the connection closes.
+        let mut enc = Encoder::new();
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            1,
+            &request(&mut enc, b"a:1,b:2"),
+        ));
+        let mut block = vec![0x3f, 0xa1, 0x84, 0x3d];
+        block.extend(request(&mut enc, b"a:1,b:2"));
+        input.extend(frame(HEADERS, END_HEADERS, 3, &block));
+        input.extend(frame(0x0, END_STREAM, 3, b"after"));
+        let (rw, out) = rewrite(&input);
+        assert_eq!(rw.mode(), Mode::Closed);
+        let out = frames(&out);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(is_close(&out[1]), "{out:?}");
+    }
+
+    #[test]
+    fn a_bomb_after_an_address_list_closes_the_connection() {
+        let mut enc = Encoder::new();
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            1,
+            &request(&mut enc, b"a:1,b:2"),
+        ));
+        let block = reference_bomb(&mut enc, b"a:1,b:2", 12_000);
+        input.extend(frame(HEADERS, END_HEADERS, 3, &block));
+        let (rw, out) = rewrite(&input);
+        assert_eq!(rw.mode(), Mode::Closed);
+        let out = frames(&out);
+        assert_eq!(authorities(&out[..1]), [Some("a:1".into())]);
+        assert!(is_close(&out[1]), "{out:?}");
+    }
+
+    #[test]
+    fn a_frame_inside_a_header_block_is_never_reordered() {
+        let mut enc = Encoder::new();
+        let block = request(&mut enc, b"a:1,b:2");
+        let (a, b) = block.split_at(4);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, 0, 1, a));
+        input.extend(frame(0x0, 0, 1, b"data"));
+        input.extend(frame(CONTINUATION, END_HEADERS, 1, b));
+        // Deciding: the client's bytes, in the client's order.
+        let (rw, out) = rewrite(&input);
+        assert_eq!((rw.mode(), out), (Mode::Pass, input.clone()));
+        // Rewriting: closed.
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            1,
+            &request(&mut enc, b"a:1,b:2"),
+        ));
+        let block = request(&mut enc, b"a:1,b:2");
+        let (a, b) = block.split_at(4);
+        input.extend(frame(HEADERS, 0, 3, a));
+        input.extend(frame(0x0, 0, 3, b"data"));
+        input.extend(frame(CONTINUATION, END_HEADERS, 3, b));
+        let (rw, out) = rewrite(&input);
+        assert_eq!(rw.mode(), Mode::Closed);
+        assert!(is_close(&frames(&out)[1]));
+    }
+
+    #[test]
+    fn a_push_promise_is_left_to_h2_or_closes() {
+        // h2 decodes its header block (then refuses it from a client).
+        let mut enc = Encoder::new();
+        let promise = frame(0x5, END_HEADERS, 1, &[0, 0, 0, 2, 0x40, 1, b'x', 1, b'y']);
+        let mut input = PREFACE.to_vec();
+        input.extend(&promise);
+        input.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            1,
+            &request(&mut enc, b"a:1,b:2"),
+        ));
+        let (rw, out) = rewrite(&input);
+        assert_eq!((rw.mode(), out), (Mode::Pass, input));
+
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            1,
+            &request(&mut enc, b"a:1,b:2"),
+        ));
+        input.extend(&promise);
+        let (rw, out) = rewrite(&input);
+        assert_eq!(rw.mode(), Mode::Closed);
+        assert!(is_close(&frames(&out)[1]));
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_reads_as_ended() {
+        let mut enc = Encoder::new();
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            1,
+            &request(&mut enc, b"a:1,b:2"),
+        ));
+        input.extend(frame(HEADERS, END_HEADERS, 3, &[0x80 | 70]));
+        input.extend(frame(0x0, 0, 3, b"never seen"));
+        let out = frames(&through(input).await);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(is_close(&out[1]));
     }
 }

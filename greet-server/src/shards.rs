@@ -14,8 +14,10 @@
 //! One acceptor (on the caller's runtime) hands each connection to the
 //! shard with the fewest open connections, so a client that reconnects
 //! never piles its connections on one thread. Shutdown: `stop` ends
-//! accepting and lets each shard finish its connections gracefully (tonic
-//! sends GOAWAY and waits); `abandon` drops whatever is still running.
+//! accepting, drops the incoming stream (closing the listening socket, so
+//! new clients are refused) and lets each shard finish its connections
+//! gracefully (tonic sends GOAWAY and waits); `abandon` drops whatever is
+//! still running.
 
 use std::io;
 use std::pin::Pin;
@@ -111,7 +113,7 @@ where
         done.push(result_rx);
     }
 
-    let mut incoming = std::pin::pin!(incoming);
+    let mut incoming = Box::pin(incoming);
     loop {
         let conn = tokio::select! {
             () = stop.cancelled() => break,
@@ -145,6 +147,10 @@ where
             }
         }
     }
+    // Accepting has stopped: close the listening socket now, not at exit,
+    // so a late client (its view of the registry lags) is refused at once
+    // instead of waiting on a connection nobody will ever answer.
+    drop(incoming);
     // Closing the channels ends each shard's incoming stream.
     drop(shards);
 
@@ -371,6 +377,7 @@ mod tests {
     #[tokio::test]
     async fn abandon_ends_shards_that_would_not_stop() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
         let (stop, abandon) = (CancellationToken::new(), CancellationToken::new());
         // A shard server that ignores the stop signal.
         let stubborn = |_incoming: ShardIncoming, _stop: CancellationToken| {
@@ -388,6 +395,12 @@ mod tests {
         assert!(
             !server.is_finished(),
             "a stubborn shard keeps serve waiting"
+        );
+        let late = TcpStream::connect(addr).await;
+        assert!(
+            late.as_ref()
+                .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused),
+            "the listener closes when accepting stops, while shards still run: {late:?}"
         );
         abandon.cancel();
         ends_within_5s(server, "abandon ends it").await;

@@ -230,12 +230,25 @@ async fn run(
     }
 }
 
-/// Resolves when the current validity has passed (never while not valid).
+/// Resolves when the lease's validity has passed without a newer answer
+/// (never while not valid). Follows the state: each answered ping moves the
+/// deadline, so on a healthy etcd this never resolves. (Armed once, it
+/// fired two thirds of the TTL after every grant: issue 33.)
 async fn until_invalid(tx: &watch::Sender<LeaseState>) {
-    let state = *tx.borrow();
-    match state {
-        LeaseState::Valid { until } => tokio::time::sleep_until(until).await,
-        _ => std::future::pending().await,
+    let mut rx = tx.subscribe();
+    loop {
+        let state = *rx.borrow_and_update();
+        let changed = match state {
+            LeaseState::Valid { until } => tokio::select! {
+                () = tokio::time::sleep_until(until) => return,
+                r = rx.changed() => r,
+            },
+            _ => rx.changed().await,
+        };
+        if changed.is_err() {
+            // The sender is borrowed for as long as this runs; cannot happen.
+            std::future::pending::<()>().await;
+        }
     }
 }
 
