@@ -24,5 +24,7 @@ echo "== cargo doc (warnings are errors)" >&2
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 echo "== cargo package (the library crates a user adds, verified)" >&2
 cargo package -p etcd-lb-registry -p etcd-lb --locked --allow-dirty --quiet
+echo "== fuzz: greet-server's authority layer against an independent HPACK decoder (bounded)" >&2
+./reliability/fuzz/run.sh "${FUZZ_SECONDS:-60}" authority
 echo "== cargo test" >&2
 cargo test --workspace --locked --no-fail-fast "$@"

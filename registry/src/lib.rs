@@ -22,9 +22,9 @@ pub mod grpc_tls;
 pub mod health;
 pub mod lease;
 pub mod logging;
-pub mod overrides;
 #[cfg(feature = "metrics-http")]
 pub mod metrics_http;
+pub mod overrides;
 pub mod registrar;
 pub mod schema;
 pub mod session;

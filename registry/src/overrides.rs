@@ -110,9 +110,9 @@ impl EndpointOverride {
     /// Whether `expires` has passed (an unreadable expiry counts as passed:
     /// an override nobody can reason about must not hold traffic back).
     pub fn expired(&self, now: SystemTime) -> bool {
-        self.expires.as_deref().is_some_and(|e| {
-            humantime::parse_rfc3339_weak(e).map_or(true, |t| t <= now)
-        })
+        self.expires
+            .as_deref()
+            .is_some_and(|e| humantime::parse_rfc3339_weak(e).map_or(true, |t| t <= now))
     }
 
     /// The weight it sets.
@@ -141,8 +141,8 @@ pub fn parse_value(bytes: &[u8]) -> Result<EndpointOverride, SchemaError> {
             bytes.len()
         )));
     }
-    let o: EndpointOverride = serde_json::from_slice(bytes)
-        .map_err(|e| SchemaError::Value(format!("override: {e}")))?;
+    let o: EndpointOverride =
+        serde_json::from_slice(bytes).map_err(|e| SchemaError::Value(format!("override: {e}")))?;
     if let Some(w) = o.weight.filter(|w| *w > MAX_WEIGHT) {
         return Err(SchemaError::Value(format!(
             "override weight {w} above {MAX_WEIGHT}"
@@ -169,7 +169,9 @@ pub fn endpoint_key(root: &str, service: &ServiceName, addr: &Addr) -> String {
 pub fn parse_key(root: &str, key: &[u8]) -> Result<(ServiceName, Addr), SchemaError> {
     let bad = |why: &str| SchemaError::Value(format!("override key: {why}"));
     let key = std::str::from_utf8(key).map_err(|_| bad("not UTF-8"))?;
-    let rest = key.strip_prefix(root).ok_or_else(|| bad("outside the root"))?;
+    let rest = key
+        .strip_prefix(root)
+        .ok_or_else(|| bad("outside the root"))?;
     let (service, addr) = rest
         .split_once("/endpoints/")
         .ok_or_else(|| bad("not <service>/endpoints/<addr>"))?;
@@ -247,7 +249,10 @@ mod tests {
         let bare = entry(0, 7);
         let o = drain(Some(Incarnation::of(&bare)), None);
         assert_eq!(o.applies(Some(&entry(0, 7)), now), Applies::Yes);
-        assert_eq!(o.applies(Some(&entry(0, 8)), now), Applies::OtherIncarnation);
+        assert_eq!(
+            o.applies(Some(&entry(0, 8)), now),
+            Applies::OtherIncarnation
+        );
     }
 
     #[test]
@@ -256,9 +261,18 @@ mod tests {
         let past = humantime::format_rfc3339_seconds(now - Duration::from_secs(5)).to_string();
         let future = humantime::format_rfc3339_seconds(now + Duration::from_secs(60)).to_string();
         let e = entry(1, 1);
-        assert_eq!(drain(None, Some(past)).applies(Some(&e), now), Applies::Expired);
-        assert_eq!(drain(None, Some(future)).applies(Some(&e), now), Applies::Yes);
-        assert_eq!(drain(None, Some("soon".into())).applies(Some(&e), now), Applies::Expired);
+        assert_eq!(
+            drain(None, Some(past)).applies(Some(&e), now),
+            Applies::Expired
+        );
+        assert_eq!(
+            drain(None, Some(future)).applies(Some(&e), now),
+            Applies::Yes
+        );
+        assert_eq!(
+            drain(None, Some("soon".into())).applies(Some(&e), now),
+            Applies::Expired
+        );
         let o = drain(Some(Incarnation::Lease(3)), None);
         assert_eq!(parse_value(o.to_json().as_bytes()).unwrap(), o);
         assert!(parse_value(b"{").is_err());
@@ -269,7 +283,10 @@ mod tests {
         let k = endpoint_key(DEFAULT_ROOT, &s, &a);
         assert_eq!(k, "/lb-overrides/greet_service/endpoints/10.0.0.7:3000");
         assert_eq!(parse_key(DEFAULT_ROOT, k.as_bytes()).unwrap(), (s, a));
-        assert!(!k.starts_with(schema::DEFAULT_ROOT), "never inside the registry");
+        assert!(
+            !k.starts_with(schema::DEFAULT_ROOT),
+            "never inside the registry"
+        );
         assert!(parse_key(DEFAULT_ROOT, b"/lb-overrides/s/split").is_err());
     }
 }
