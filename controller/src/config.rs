@@ -46,6 +46,9 @@ pub struct Args {
     /// Address the HTTP view listens on.
     #[arg(long, env = "CONTROLLER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Where operator overrides live (outside the registry prefix).
+    #[arg(long, global = true, env = "CONTROLLER_OVERRIDES_PREFIX", default_value = etcd_lb_registry::overrides::DEFAULT_ROOT)]
+    pub overrides_prefix: String,
     /// Serve xDS (the v3 Aggregated Discovery Service, state of the world)
     /// on this address, e.g. `0.0.0.0:18000`; off when not given. Every
     /// replica serves it, leader or not.
@@ -142,6 +145,66 @@ pub enum Command {
         #[arg(long, env = "XDS_NODE_CLUSTER", default_value = "greet-etcd")]
         node_cluster: String,
     },
+    /// Take an endpoint out of rotation without touching its server: no
+    /// new calls (client library, xDS clients, Envoy), running calls
+    /// finish. Applies to the registration there now unless --sticky.
+    Drain {
+        /// The service, e.g. `greet_service`.
+        service: String,
+        /// The endpoint, `host:port` as registered.
+        addr: String,
+        #[command(flatten)]
+        how: OverrideArgs,
+    },
+    /// Remove an endpoint's override (drain or weight): the registered
+    /// weight applies again.
+    Undrain {
+        /// The service.
+        service: String,
+        /// The endpoint.
+        addr: String,
+    },
+    /// Give an endpoint another weight than it registered (0..=10000).
+    Weight {
+        /// The service.
+        service: String,
+        /// The endpoint.
+        addr: String,
+        /// The weight readers use instead of the registered one.
+        weight: u32,
+        #[command(flatten)]
+        how: OverrideArgs,
+    },
+    /// List the overrides (of one service, or all) with the registered and
+    /// effective weights and whether each applies.
+    Overrides {
+        /// Only this service.
+        service: Option<String>,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How an override is made (drain, weight).
+#[derive(Debug, Clone, clap::Args)]
+pub struct OverrideArgs {
+    /// Why, shown with the override.
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    /// Who; default the etcd user, else $USER.
+    #[arg(long)]
+    pub by: Option<String>,
+    /// Lapses after this long (`30m`, `2h`); default: until removed.
+    #[arg(long = "for", value_parser = parse_positive)]
+    pub for_: Option<Duration>,
+    /// Apply to any registration at the address (a host in maintenance
+    /// stays drained across restarts), not only the one there now.
+    #[arg(long)]
+    pub sticky: bool,
+    /// Write it even when nothing is registered there (pre-staged; sticky).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// The per-pass deletion budget of one service.

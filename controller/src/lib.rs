@@ -26,6 +26,7 @@ pub(crate) mod http;
 pub mod leader;
 pub(crate) mod member;
 pub(crate) mod metrics;
+pub mod operator;
 pub(crate) mod policy;
 pub(crate) mod probe;
 pub mod reconcile;

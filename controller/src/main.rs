@@ -32,6 +32,9 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }
+    if let Some(cmd) = &args.command {
+        return operate(&args, cmd).await;
+    }
     etcd_lb_registry::logging::init(args.log_format);
     let cfg = match args.config() {
         Ok(cfg) => cfg,
@@ -50,4 +53,86 @@ async fn main() -> anyhow::Result<()> {
 
     controller::run(cfg, etcd, listener, shutdown).await?;
     Ok(())
+}
+
+/// The operator's subcommands (drain, undrain, weight, overrides); errors
+/// exit 1 with the reason, bad arguments 2.
+async fn operate(args: &Args, cmd: &Command) -> anyhow::Result<()> {
+    use controller::operator::{self, Change, OperatorError};
+    let root = etcd_lb_registry::schema::normalize_root(&args.prefix)
+        .map_err(|e| anyhow::anyhow!("--prefix: {e}"))?;
+    let overrides_root = etcd_lb_registry::schema::normalize_root(&args.overrides_prefix)
+        .map_err(|e| anyhow::anyhow!("--overrides-prefix: {e}"))?;
+    if overrides_root.starts_with(&root) || root.starts_with(&overrides_root) {
+        eprintln!("error: --overrides-prefix {overrides_root:?} overlaps --prefix {root:?}: overrides must live outside the registry");
+        std::process::exit(2);
+    }
+    let etcd = args.etcd.resolve().context("etcd settings")?;
+    let change = |weight, how: &controller::config::OverrideArgs| Change {
+        weight,
+        reason: how.reason.clone(),
+        by: how.by.clone(),
+        for_: how.for_,
+        sticky: how.sticky,
+        force: how.force,
+    };
+    let result = match cmd {
+        Command::Drain { service, addr, how } => {
+            operator::set(
+                &etcd,
+                &root,
+                &overrides_root,
+                service,
+                addr,
+                change(None, how),
+            )
+            .await
+        }
+        Command::Weight {
+            service,
+            addr,
+            weight,
+            how,
+        } => {
+            operator::set(
+                &etcd,
+                &root,
+                &overrides_root,
+                service,
+                addr,
+                change(Some(*weight), how),
+            )
+            .await
+        }
+        Command::Undrain { service, addr } => {
+            operator::clear(&etcd, &overrides_root, service, addr).await
+        }
+        Command::Overrides { service, json } => {
+            operator::list(&etcd, &root, &overrides_root, service.as_deref())
+                .await
+                .map(|rows| {
+                    if *json {
+                        serde_json::to_string_pretty(&rows).unwrap_or_default()
+                    } else {
+                        operator::table(&rows)
+                    }
+                })
+        }
+        // Answered before anything else in main.
+        Command::XdsBootstrap { .. } => Ok(String::new()),
+    };
+    match result {
+        Ok(out) => {
+            println!("{}", out.trim_end());
+            Ok(())
+        }
+        Err(e @ OperatorError::Usage(_)) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    }
 }

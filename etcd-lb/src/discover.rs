@@ -10,15 +10,20 @@
 //! - static stability: while etcd is unreachable the reflector emits
 //!   nothing, so the balancer keeps its last endpoints;
 //! - freshness: the age of the last event or progress notice is watched,
-//!   and a view older than `stale_after` is logged once, as is its recovery.
+//!   and a view older than `stale_after` is logged once, as is its recovery;
+//! - operator overrides ([`crate::overrides`]): an endpoint's weight is the
+//!   override's while one applies to its registration (drain: 0), else the
+//!   registered one; a change of an override, or its expiry, re-weighs
+//!   only the endpoints it names.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use etcd_lb_registry::etcd::EtcdConfig;
-use etcd_lb_registry::schema::ServiceName;
-use etcd_lb_registry::watcher::{Event, WatchState, Watcher, WatcherConfig};
+use etcd_lb_registry::overrides::effective_weight;
+use etcd_lb_registry::schema::{Addr, ServiceName};
+use etcd_lb_registry::watcher::{Entry, Event, WatchState, Watcher, WatcherConfig};
 use semver::{Version, VersionReq};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -38,6 +43,9 @@ pub struct DiscoveryConfig {
     pub version_req: Option<VersionReq>,
     /// Log the view as stale when etcd has been silent this long.
     pub stale_after: Duration,
+    /// Where operators' overrides live ([`etcd_lb_registry::overrides`]);
+    /// `None`: ignore overrides.
+    pub overrides_root: Option<String>,
 }
 
 impl DiscoveryConfig {
@@ -48,6 +56,7 @@ impl DiscoveryConfig {
             service,
             version_req: None,
             stale_after: Duration::from_secs(10),
+            overrides_root: Some(etcd_lb_registry::overrides::DEFAULT_ROOT.to_owned()),
         }
     }
 }
@@ -130,6 +139,9 @@ impl Discovery {
         balancer: Balancer,
         cancel: CancellationToken,
     ) -> Self {
+        let overrides = cfg.overrides_root.clone().map(|root| {
+            crate::overrides::spawn(etcd.clone(), root, cfg.service.clone(), cancel.clone())
+        });
         let watcher = Watcher::new(etcd, WatcherConfig::service(&cfg.root, &cfg.service));
         let (mut events, state, _task) = watcher.spawn(cancel.clone());
         let span = tracing::info_span!("discovery", service = %cfg.service);
@@ -142,15 +154,52 @@ impl Discovery {
         let service = cfg.service.clone();
         tokio::spawn(
             async move {
-                // Registered endpoints the version requirement excludes, to
-                // say so when nothing else is left.
-                let mut excluded = HashSet::new();
+                let mut view = View {
+                    req,
+                    excluded: HashSet::new(),
+                    known: HashMap::new(),
+                    overrides: Arc::default(),
+                };
+                let mut overrides = overrides;
                 // Whatever has queued up is applied as one batch (a list of
                 // 100,000 keys takes one lock and one summary line), in order,
                 // up to each `Synced`.
                 let mut batch = Vec::new();
-                while let Some(event) = events.recv().await {
-                    batch.push(event);
+                loop {
+                    let expiry = view.next_expiry();
+                    tokio::select! {
+                        event = events.recv() => {
+                            let Some(event) = event else { break };
+                            batch.push(event);
+                        }
+                        changed = async {
+                            match overrides.as_mut() {
+                                Some(rx) => rx.changed().await,
+                                None => std::future::pending().await,
+                            }
+                        } => {
+                            let Some(rx) = overrides.as_mut().filter(|_| changed.is_ok()) else {
+                                overrides = None;
+                                continue;
+                            };
+                            let new = rx.borrow_and_update().clone();
+                            let old = std::mem::replace(&mut view.overrides, new);
+                            let affected: HashSet<Addr> =
+                                old.keys().chain(view.overrides.keys()).cloned().collect();
+                            view.reweigh(&balancer, affected.iter());
+                            continue;
+                        }
+                        () = async {
+                            match expiry {
+                                Some(at) => tokio::time::sleep_until(at).await,
+                                None => std::future::pending().await,
+                            }
+                        } => {
+                            let names: Vec<Addr> = view.overrides.keys().cloned().collect();
+                            view.reweigh(&balancer, names.iter());
+                            continue;
+                        }
+                    }
                     while batch.len() < BATCH {
                         match events.try_recv() {
                             Ok(event) => batch.push(event),
@@ -160,16 +209,16 @@ impl Discovery {
                     let mut from = 0;
                     for (i, event) in batch.iter().enumerate() {
                         if let Event::Synced { revision } = event {
-                            apply(&balancer, req.as_ref(), &batch[from..i], &mut excluded);
+                            view.apply(&balancer, &batch[from..i]);
                             from = i + 1;
                             info!(revision, endpoints = balancer.len(), "in sync with etcd");
                             applied_tx.send_replace(true);
                         }
                     }
-                    apply(&balancer, req.as_ref(), &batch[from..], &mut excluded);
+                    view.apply(&balancer, &batch[from..]);
                     batch.clear();
                     if *applied_tx.borrow() {
-                        balancer.set_empty_reason(match (&req, excluded.len()) {
+                        balancer.set_empty_reason(match (&view.req, view.excluded.len()) {
                             (Some(req), n) if n > 0 => Some(format!(
                                 "all {n} registered endpoints are excluded by the version requirement {req}"
                             )),
@@ -226,50 +275,122 @@ impl Discovery {
 /// Most events applied under one lock.
 const BATCH: usize = 4096;
 
-/// Applies watch events (none of them `Synced`) to the balancer in one go.
-fn apply(
-    balancer: &Balancer,
-    req: Option<&VersionReq>,
-    events: &[Event],
-    excluded: &mut HashSet<etcd_lb_registry::schema::Addr>,
-) {
-    if events.is_empty() {
-        return;
+/// What discovery keeps to compute effective weights: the registered
+/// endpoints in use, the ones the version requirement excludes, and the
+/// operators' overrides.
+struct View {
+    req: Option<VersionReq>,
+    excluded: HashSet<Addr>,
+    /// Endpoints in use, with the entry their weight and incarnation come
+    /// from.
+    known: HashMap<Addr, Arc<Entry>>,
+    overrides: Arc<crate::overrides::Overrides>,
+}
+
+impl View {
+    /// The weight the balancer uses for `entry` (registered `weight`).
+    fn weight(&self, addr: &Addr, entry: &Entry, weight: u32) -> u32 {
+        effective_weight(
+            weight,
+            Some(entry),
+            self.overrides.get(addr),
+            SystemTime::now(),
+        )
     }
-    let loud = events.len() <= LOUD_BATCH;
-    let changes: Vec<Change<'_>> = events
-        .iter()
-        .filter_map(|event| match event {
-            Event::Applied(entry) => {
-                let (_, addr) = entry.id.as_ref()?;
-                excluded.remove(addr);
-                Some(match &entry.member {
-                    Ok(m) if version_matches(req, &m.version) => Change::Upsert {
-                        addr,
-                        weight: m.weight,
-                        version: &m.version,
-                    },
-                    Ok(m) => {
-                        excluded.insert(addr.clone());
-                        if loud {
-                            info!(%addr, version = %m.version, "version does not match --version-req; not used");
-                        } else {
-                            debug!(%addr, version = %m.version, "version does not match --version-req; not used");
-                        }
-                        Change::Remove(addr)
-                    }
-                    // The reflector already warned, once per key and revision.
-                    Err(_) => Change::Remove(addr),
+
+    /// When the next override with an expiry lapses, as a timer instant.
+    fn next_expiry(&self) -> Option<tokio::time::Instant> {
+        let now = SystemTime::now();
+        self.overrides
+            .values()
+            .filter_map(|o| o.expires.as_deref())
+            .filter_map(|e| humantime::parse_rfc3339_weak(e).ok())
+            .filter(|t| *t > now)
+            .min()
+            .map(|t| {
+                tokio::time::Instant::now()
+                    + t.duration_since(now).unwrap_or_default()
+                    + Duration::from_millis(1)
+            })
+    }
+
+    /// Upserts `addrs` (those in use) with their effective weights.
+    fn reweigh<'a>(&self, balancer: &Balancer, addrs: impl Iterator<Item = &'a Addr>) {
+        let changes: Vec<Change<'_>> = addrs
+            .filter_map(|addr| {
+                let entry = self.known.get(addr)?;
+                let m = entry.member.as_ref().ok()?;
+                let weight = self.weight(addr, entry, m.weight);
+                Some(Change::Upsert {
+                    addr,
+                    weight,
+                    version: &m.version,
                 })
+            })
+            .collect();
+        if !changes.is_empty() {
+            debug!(endpoints = changes.len(), "overrides changed; re-weighing");
+            balancer.apply(changes);
+        }
+    }
+
+    /// Applies watch events (none of them `Synced`) to the balancer in one
+    /// go.
+    fn apply(&mut self, balancer: &Balancer, events: &[Event]) {
+        if events.is_empty() {
+            return;
+        }
+        let loud = events.len() <= LOUD_BATCH;
+        let mut changes: Vec<(Addr, Option<(u32, String)>)> = Vec::with_capacity(events.len());
+        for event in events {
+            match event {
+                Event::Applied(entry) => {
+                    let Some((_, addr)) = entry.id.as_ref() else {
+                        continue;
+                    };
+                    self.excluded.remove(addr);
+                    match &entry.member {
+                        Ok(m) if version_matches(self.req.as_ref(), &m.version) => {
+                            self.known.insert(addr.clone(), entry.clone());
+                            let weight = self.weight(addr, entry, m.weight);
+                            changes.push((addr.clone(), Some((weight, m.version.clone()))));
+                        }
+                        Ok(m) => {
+                            self.excluded.insert(addr.clone());
+                            self.known.remove(addr);
+                            if loud {
+                                info!(%addr, version = %m.version, "version does not match --version-req; not used");
+                            } else {
+                                debug!(%addr, version = %m.version, "version does not match --version-req; not used");
+                            }
+                            changes.push((addr.clone(), None));
+                        }
+                        // The reflector already warned, once per key and revision.
+                        Err(_) => {
+                            self.known.remove(addr);
+                            changes.push((addr.clone(), None));
+                        }
+                    }
+                }
+                Event::Removed(entry) => {
+                    if let Some((_, addr)) = entry.id.as_ref() {
+                        self.excluded.remove(addr);
+                        self.known.remove(addr);
+                        changes.push((addr.clone(), None));
+                    }
+                }
+                Event::Synced { .. } => {}
             }
-            Event::Removed(entry) => entry.id.as_ref().map(|(_, addr)| {
-                excluded.remove(addr);
-                Change::Remove(addr)
-            }),
-            Event::Synced { .. } => None,
-        })
-        .collect();
-    balancer.apply(changes);
+        }
+        balancer.apply(changes.iter().map(|(addr, up)| match up {
+            Some((weight, version)) => Change::Upsert {
+                addr,
+                weight: *weight,
+                version,
+            },
+            None => Change::Remove(addr),
+        }));
+    }
 }
 
 /// Logs staleness and its recovery; keeps the view's age and revision in

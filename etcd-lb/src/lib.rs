@@ -55,6 +55,7 @@ pub mod conn;
 pub mod discover;
 pub mod metrics;
 pub mod outlier;
+pub mod overrides;
 pub mod retry;
 pub mod scheduler;
 pub mod serve;

@@ -195,6 +195,11 @@ impl EtcdConfig {
         }
     }
 
+    /// The etcd user these settings log in as, if any.
+    pub fn user(&self) -> Option<&str> {
+        self.auth.as_ref().map(|(u, _)| u.as_str())
+    }
+
     /// The same settings with etcd's require-leader option: requests (and
     /// watches) fail on a member cut off from the leader instead of serving
     /// stale data, so the caller can fail over to another member.
