@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use clap::ValueEnum;
-use greet_proto::{GreetClient, GreetRequest};
 use etcd_lb_registry::schema::Addr;
+use greet_proto::{GreetClient, GreetRequest};
 
 /// Which client makes the calls (the variants of scenario 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

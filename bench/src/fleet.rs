@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use etcd_lb::{Balancer, BalancerConfig, Discovery, DiscoveryConfig, RetryPolicy};
-use greet_proto::paths::{MORNING, NIGHT};
-use greet_proto::{GreetClient, GreetRequest};
-use nix::sys::signal::Signal;
 use etcd_lb_registry::etcd::EtcdConfig;
 use etcd_lb_registry::schema::ServiceName;
 use etcd_lb_testkit::{bin_path, free_port, Etcd, Proc};
+use greet_proto::paths::{MORNING, NIGHT};
+use greet_proto::{GreetClient, GreetRequest};
+use nix::sys::signal::Signal;
 use tokio_util::sync::CancellationToken;
 
 use crate::overhead::drive;

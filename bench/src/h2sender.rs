@@ -9,10 +9,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use etcd_lb_registry::schema::Addr;
 use http::uri::{Authority, Scheme};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use etcd_lb_registry::schema::Addr;
 
 /// A tower service over one HTTP/2 connection's sender.
 #[derive(Clone)]

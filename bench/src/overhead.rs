@@ -8,11 +8,11 @@
 use std::time::{Duration, Instant};
 
 use etcd_lb::{Balancer, BalancerConfig, RetryPolicy};
+use etcd_lb_registry::schema::Addr;
 use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest, GreetServer};
 use greet_server::GreetService;
 use hdrhistogram::Histogram;
-use etcd_lb_registry::schema::Addr;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Channel;
 

@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use etcd_lb_registry::etcd::EtcdConfig;
-use serde_json::Value;
 use etcd_lb_testkit::Etcd;
+use serde_json::Value;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 

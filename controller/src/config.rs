@@ -254,7 +254,8 @@ impl Args {
     /// A bad prefix, an election key inside the prefix, or a probe timeout
     /// longer than the probe interval.
     pub fn config(&self) -> Result<Config, String> {
-        let root = etcd_lb_registry::schema::normalize_root(&self.prefix).map_err(|e| e.to_string())?;
+        let root =
+            etcd_lb_registry::schema::normalize_root(&self.prefix).map_err(|e| e.to_string())?;
         let election_key = self.election_key.trim().to_owned();
         if election_key.is_empty() {
             return Err("--election-key must not be empty".into());

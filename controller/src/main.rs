@@ -45,7 +45,8 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
 
-    let shutdown = etcd_lb_registry::shutdown::on_signals().context("installing signal handlers")?;
+    let shutdown =
+        etcd_lb_registry::shutdown::on_signals().context("installing signal handlers")?;
 
     controller::run(cfg, etcd, listener, shutdown).await?;
     Ok(())

@@ -238,9 +238,9 @@ pub fn plan(
 mod tests {
     use std::collections::BTreeSet;
 
-    use proptest::prelude::*;
     use etcd_lb_registry::schema::{self, DEFAULT_ROOT};
     use etcd_lb_registry::watcher::Entry;
+    use proptest::prelude::*;
 
     use super::*;
     use crate::probe::Outcome;

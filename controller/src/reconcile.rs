@@ -21,9 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
-use futures::StreamExt;
 use etcd_lb_registry::etcd::{EtcdConfig, EtcdError};
 use etcd_lb_registry::session::Session;
+use futures::StreamExt;
 use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use common::*;
+use etcd_lb_testkit::{eventually, free_port, Etcd, Proc};
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use etcd_lb_testkit::{eventually, free_port, Etcd, Proc};
 
 const ELECTION_TTL: Duration = Duration::from_secs(3);
 

@@ -10,9 +10,9 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use common::*;
 use etcd_client::GetOptions;
-use serde_json::Value;
 use etcd_lb_testkit::metrics::promtool_check;
 use etcd_lb_testkit::{eventually, free_port, Etcd, Proc};
+use serde_json::Value;
 
 /// A fleet for the view: two greet-servers with different weights and
 /// versions, a legacy lease-less server without health service, an

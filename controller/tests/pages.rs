@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use common::*;
 use etcd_client::{Txn, TxnOp};
-use serde_json::Value;
 use etcd_lb_testkit::{eventually, Etcd};
+use serde_json::Value;
 
 fn quiet() -> controller::Config {
     controller::Config {

@@ -9,10 +9,10 @@ use anyhow::{ensure, Context, Result};
 use common::*;
 use controller::leader::Leadership;
 use controller::reconcile::{delete_if_unchanged, DeleteOutcome};
-use nix::sys::signal::Signal;
 use etcd_lb_registry::etcd::EtcdConfig;
 use etcd_lb_registry::session::Session;
 use etcd_lb_testkit::{free_port, Etcd};
+use nix::sys::signal::Signal;
 
 /// Point 1: a lease-less key for an address where nothing listens goes
 /// within --dead-after + one probe interval; a live lease-less legacy entry
@@ -466,11 +466,12 @@ async fn the_global_valve_keeps_every_single_member_service_when_all_probes_fail
         }
     }
     // `/services` may answer with the render before the last change once.
-    let view = etcd_lb_testkit::eventually(Duration::from_secs(5), "the valve in the view", || async {
-        let (_, v) = ctl.get("/services").await.ok()?;
-        (!v["safety_valve"].is_null()).then_some(v)
-    })
-    .await;
+    let view =
+        etcd_lb_testkit::eventually(Duration::from_secs(5), "the valve in the view", || async {
+            let (_, v) = ctl.get("/services").await.ok()?;
+            (!v["safety_valve"].is_null()).then_some(v)
+        })
+        .await;
     let metrics = ctl.metrics().await?;
     for s in &servers {
         s.signal(Signal::SIGCONT)?;

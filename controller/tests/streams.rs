@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use common::*;
 use etcd_client::{Txn, TxnOp};
-use serde_json::Value;
 use etcd_lb_testkit::Etcd;
+use serde_json::Value;
 
 const SERVICES: usize = 100;
 const PER_SERVICE: usize = 100;

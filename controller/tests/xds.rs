@@ -20,8 +20,8 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use envoy_types::pb::google::rpc;
 use etcd_client::PutOptions;
-use prost::Message;
 use etcd_lb_testkit::{eventually, free_port, Etcd, Proc};
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;

@@ -14,9 +14,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use etcd_lb_testkit::{bin_path, eventually, Etcd};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use etcd_lb_testkit::{bin_path, eventually, Etcd};
 
 fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -27,10 +27,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use etcd_lb_testkit::{bin_path, eventually, Proc};
 use nix::sys::signal::Signal;
 use serde_json::Value as Json;
 use serde_norway::Value;
-use etcd_lb_testkit::{bin_path, eventually, Proc};
 
 fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -27,8 +27,13 @@
 //!   (to its deadline); only a check with no answer (a silent connection)
 //!   marks the endpoint down and sends the call elsewhere. The caller's own
 //!   deadline passing is `DEADLINE_EXCEEDED` and never marks anything down.
+//! - Outlier ejection never empties a service: its cap counts endpoints in
+//!   rotation only (up, weight > 0), the last of them is never ejected, and
+//!   while fewer than the healthy share (50 %) are not ejected, ejection is
+//!   ignored (Envoy's panic mode).
 //! - With nothing usable, calls fail at once with `UNAVAILABLE` and a
-//!   message that says why (none registered, all draining, all unreachable).
+//!   message that says why (none registered, all draining, all unreachable,
+//!   all ejected, or how many of each).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -177,9 +182,39 @@ struct Ep {
 }
 
 impl Ep {
-    /// Whether the scheduler should hold it (weight aside).
-    fn in_rotation(&self) -> bool {
-        self.up && self.ejected_until.is_none()
+    /// Whether it is in rotation: up and not draining (ejected or not).
+    /// The ejection cap and the panic threshold count these only.
+    fn member(&self) -> bool {
+        self.up && self.weight > 0
+    }
+
+    /// What it adds to [`Rotation`]: (member, ejected member).
+    fn class(&self) -> (bool, bool) {
+        let member = self.member();
+        (member, member && self.ejected_until.is_some())
+    }
+
+    /// Whether the scheduler should hold it (weight aside): up, and not
+    /// ejected unless the balancer panics.
+    fn schedulable(&self, panic: bool) -> bool {
+        self.up && (panic || self.ejected_until.is_none())
+    }
+}
+
+/// The endpoints in rotation (up, weight > 0) and how many of them are
+/// ejected: what the ejection cap and the panic threshold are shares of.
+/// Kept up to date on every change, so neither costs a walk of the table.
+#[derive(Debug, Default, Clone, Copy)]
+struct Rotation {
+    members: usize,
+    ejected: usize,
+}
+
+impl Rotation {
+    /// Replaces an endpoint's old [`Ep::class`] with its new one.
+    fn update(&mut self, before: (bool, bool), after: (bool, bool)) {
+        self.members = self.members + usize::from(after.0) - usize::from(before.0);
+        self.ejected = self.ejected + usize::from(after.1) - usize::from(before.1);
     }
 }
 
@@ -194,6 +229,11 @@ struct Picked {
 
 struct Pool {
     sched: Scheduler<Addr>,
+    /// Members of the rotation, and ejected ones among them.
+    rotation: Rotation,
+    /// Whether too few members are healthy (Envoy's panic mode): ejected
+    /// members are scheduled again until enough are.
+    panic: bool,
     /// Boxed: an `Ep` is a few hundred bytes, and a table of 100,000 of
     /// them inline is one 47 MB allocation (doubled while it grows).
     endpoints: HashMap<Addr, Box<Ep>, Hasher>,
@@ -262,6 +302,8 @@ impl Balancer {
                     cfg,
                     pool: Mutex::new(Pool {
                         sched: Scheduler::new(),
+                        rotation: Rotation::default(),
+                        panic: false,
                         endpoints: HashMap::default(),
                         next_generation: 0,
                     }),
@@ -341,13 +383,16 @@ impl Balancer {
                 }
                 done.reweighted += 1;
             }
+            let before = ep.class();
             ep.weight = weight;
             if ep.version != version {
                 ep.version = version.to_owned();
             }
-            if ep.in_rotation() {
+            pool.rotation.update(before, ep.class());
+            if ep.schedulable(pool.panic) {
                 pool.sched.set(addr.clone(), weight);
             }
+            self.settle(pool);
             done.updated += 1;
             return;
         }
@@ -387,7 +432,9 @@ impl Balancer {
                 in_service_since: Instant::now(),
             }),
         );
+        pool.rotation.update((false, false), (weight > 0, false));
         pool.sched.set(addr.clone(), weight);
+        self.settle(pool);
         done.added += 1;
         if loud {
             info!(%addr, weight, version, "endpoint added");
@@ -414,7 +461,9 @@ impl Balancer {
                 }
                 all.forget(m);
             }
+            pool.rotation.update(ep.class(), (false, false));
             pool.sched.remove(addr);
+            self.settle(pool);
             done.removed += 1;
             if loud {
                 info!(%addr, "endpoint removed");
@@ -546,16 +595,10 @@ impl Balancer {
                 });
             }
         }
-        let total = pool.endpoints.len();
-        let service = &self.inner.cfg.service;
-        let why = if total == 0 {
-            format!("no endpoints registered for {service}")
-        } else if pool.endpoints.values().all(|e| e.weight == 0) {
-            format!("all {total} endpoints of {service} are draining (weight 0)")
-        } else {
-            format!("all {total} endpoints of {service} are unreachable")
-        };
-        Err(Status::unavailable(why))
+        Err(Status::unavailable(why_none(
+            &self.inner.cfg.service,
+            pool.endpoints.values().map(|e| e.as_ref()),
+        )))
     }
 
     /// Whether the retry budget allows one more retry (always, without a
@@ -575,29 +618,26 @@ impl Balancer {
 
     /// Takes an endpoint out of rotation for a while after a failure
     /// streak, unless that would eject more than the allowed share of the
-    /// service's endpoints. Its connection stays.
+    /// endpoints in rotation (up, weight > 0) or the last one of them. Its
+    /// connection stays.
     fn eject(&self, addr: &Addr, generation: u64) {
         let Some(cfg) = self.inner.cfg.outlier else {
             return;
         };
         let mut pool = self.pool();
         let pool = &mut *pool;
-        let total = pool.endpoints.len();
-        let ejected = pool
-            .endpoints
-            .values()
-            .filter(|e| e.ejected_until.is_some())
-            .count();
+        let Rotation { members, ejected } = pool.rotation;
         let Some(ep) = pool.endpoints.get_mut(addr) else {
             return;
         };
-        if ep.generation != generation || ep.ejected_until.is_some() {
+        if ep.generation != generation || ep.ejected_until.is_some() || !ep.member() {
             return;
         }
-        if !cfg.may_eject(ejected, total) {
-            debug!(%addr, ejected, total, "failing endpoint not ejected: the most allowed are");
+        if !cfg.may_eject(ejected, members) {
+            debug!(%addr, ejected, members, "failing endpoint not ejected: the most allowed are");
             return;
         }
+        let before = ep.class();
         let now = Instant::now();
         let base = cfg.base_ejection_time.max(Duration::from_millis(1));
         let decay = (now.duration_since(ep.in_service_since).as_secs_f64() / base.as_secs_f64())
@@ -605,11 +645,15 @@ impl Balancer {
         ep.ejections = ep.ejections.saturating_sub(decay).saturating_add(1);
         let time = cfg.ejection_time(ep.ejections);
         ep.ejected_until = Some(now + time);
-        pool.sched.remove(addr);
+        pool.rotation.update(before, ep.class());
+        if !ep.schedulable(pool.panic) {
+            pool.sched.remove(addr);
+        }
         if let Some(m) = &ep.metrics {
             m.ejected();
         }
         warn!(%addr, ejections = ep.ejections, for_ = ?time, "endpoint fails every call; ejected");
+        self.settle(pool);
         let weak = Arc::downgrade(&self.inner);
         let addr = addr.clone();
         tokio::spawn(async move {
@@ -630,7 +674,9 @@ impl Balancer {
         if ep.generation != generation || ep.ejected_until.is_none() {
             return;
         }
+        let before = ep.class();
         ep.ejected_until = None;
+        pool.rotation.update(before, ep.class());
         ep.in_service_since = Instant::now();
         if let Some(t) = &ep.tracker {
             t.reset();
@@ -638,10 +684,49 @@ impl Balancer {
         if let Some(m) = &ep.metrics {
             m.reinstated();
         }
-        if ep.in_rotation() {
+        if ep.schedulable(pool.panic) {
             pool.sched.set(addr.clone(), ep.weight);
         }
+        self.settle(pool);
         info!(%addr, "ejection over; endpoint back in rotation");
+    }
+
+    /// Enters or leaves panic mode after a change to the rotation: while
+    /// fewer than the outlier config's healthy share of the members are
+    /// not ejected, ejection is ignored and calls spread over all members
+    /// (Envoy's panic threshold). Walks the table only when the mode flips.
+    fn settle(&self, pool: &mut Pool) {
+        let threshold = self
+            .inner
+            .cfg
+            .outlier
+            .map_or(0, |o| usize::from(o.panic_threshold_percent.min(100)));
+        let Rotation { members, ejected } = pool.rotation;
+        let panic = ejected > 0 && (members - ejected) * 100 < threshold * members;
+        if panic == pool.panic {
+            return;
+        }
+        pool.panic = panic;
+        if panic {
+            warn!(
+                members,
+                ejected, "too few endpoints healthy; ignoring ejection (panic mode)"
+            );
+        } else {
+            info!(
+                members,
+                ejected, "enough endpoints healthy again; panic mode over"
+            );
+        }
+        for (addr, ep) in &pool.endpoints {
+            if ep.ejected_until.is_some() && ep.up {
+                if panic {
+                    pool.sched.set(addr.clone(), ep.weight);
+                } else {
+                    pool.sched.remove(addr);
+                }
+            }
+        }
     }
 
     /// Counts an endpoint that just went from up to down.
@@ -664,9 +749,15 @@ impl Balancer {
             if ep.generation != generation || !ep.up {
                 return;
             }
+            let before = ep.class();
             ep.up = false;
+            pool.rotation.update(before, ep.class());
             self.note_down(ep);
             pool.sched.remove(addr);
+            self.settle(pool);
+            let Some(ep) = pool.endpoints.get_mut(addr) else {
+                return;
+            };
             if ep.recovering {
                 return;
             }
@@ -737,24 +828,30 @@ impl Balancer {
                     if let Some(m) = &self.inner.cfg.metrics {
                         m.transition(&self.inner.cfg.service, Some(ep.up), Some(true));
                     }
+                    let before = ep.class();
                     ep.up = true;
+                    pool.rotation.update(before, ep.class());
                     ep.since = Instant::now();
-                    if ep.in_rotation() {
+                    if ep.schedulable(pool.panic) {
                         pool.sched.set(addr.clone(), ep.weight);
                     }
                     info!(%addr, "endpoint reachable again");
                 }
                 ep.recovering = false;
+                self.settle(pool);
                 true
             }
             Err(e) if !recover && ep.up => {
                 // First connection failed: skip it like any other
                 // unreachable endpoint until it answers.
+                let before = ep.class();
                 ep.up = false;
+                pool.rotation.update(before, ep.class());
                 self.note_down(ep);
                 ep.recovering = true;
                 pool.sched.remove(addr);
                 warn!(%addr, error = %e, "cannot connect to new endpoint; skipping it until it answers");
+                self.settle(pool);
                 false
             }
             Err(e) => {
@@ -991,6 +1088,34 @@ impl Balancer {
                 }
             }
         }
+    }
+}
+
+/// Why no endpoint can take a call, naming the cause: none registered,
+/// all draining, all unreachable, all ejected, or the mix.
+fn why_none<'a>(service: &str, endpoints: impl Iterator<Item = &'a Ep>) -> String {
+    let (mut total, mut draining, mut down, mut ejected) = (0, 0, 0, 0);
+    for e in endpoints {
+        total += 1;
+        if e.weight == 0 {
+            draining += 1;
+        } else if !e.up {
+            down += 1;
+        } else if e.ejected_until.is_some() {
+            ejected += 1;
+        }
+    }
+    match total {
+        0 => format!("no endpoints registered for {service}"),
+        n if draining == n => format!("all {n} endpoints of {service} are draining (weight 0)"),
+        n if down == n => format!("all {n} endpoints of {service} are unreachable"),
+        n if ejected == n => {
+            format!("all {n} endpoints of {service} are ejected (they failed calls in a row)")
+        }
+        n => format!(
+            "none of the {n} endpoints of {service} can take a call: \
+             {draining} draining (weight 0), {down} unreachable, {ejected} ejected"
+        ),
     }
 }
 

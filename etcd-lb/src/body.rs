@@ -6,10 +6,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
+use etcd_lb_registry::grpc_status::code_of;
 use http::HeaderMap;
 use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, StreamBody};
-use etcd_lb_registry::grpc_status::code_of;
 use tonic::body::Body;
 use tonic::Code;
 

@@ -20,11 +20,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use etcd_lb_registry::schema::Addr;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use http::uri::{Authority, Scheme};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use etcd_lb_registry::schema::Addr;
 use tonic::body::Body;
 use tonic::transport::{Channel, Endpoint};
 use tower::ServiceExt;

@@ -34,13 +34,13 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
+use etcd_lb_registry::grpc_status::{code_name, Report};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use etcd_lb_registry::grpc_status::{code_name, Report};
 use tonic::Code;
 
 /// Attempt latency buckets (seconds): Prometheus' defaults, as

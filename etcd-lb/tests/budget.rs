@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use etcd_lb::{Balancer, BalancerConfig, RetryBudgetConfig, RetryPolicy};
+use etcd_lb_registry::schema::Addr;
 use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest, GreetServer};
 use greet_server::metrics::{MetricsLayer, ServerMetrics};
 use greet_server::{Fault, GreetService};
-use etcd_lb_registry::schema::Addr;
 use tonic::transport::server::TcpIncoming;
 use tonic::Code;
 

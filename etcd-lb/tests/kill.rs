@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use anyhow::Result;
 use etcd_lb::{Balancer, BalancerConfig, RetryPolicy};
+use etcd_lb_registry::schema::Addr;
+use etcd_lb_testkit::{bin_path, eventually, free_port, Etcd, Proc};
 use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest};
 use nix::sys::signal::Signal;
-use etcd_lb_registry::schema::Addr;
-use etcd_lb_testkit::{bin_path, eventually, free_port, Etcd, Proc};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use anyhow::Result;
 use etcd_lb::{Balancer, BalancerConfig, RetryPolicy};
+use etcd_lb_registry::schema::Addr;
+use etcd_lb_testkit::Proxy;
 use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest, GreetServer};
 use greet_server::GreetService;
-use etcd_lb_registry::schema::Addr;
-use etcd_lb_testkit::Proxy;
 use tonic::transport::server::TcpIncoming;
 use tonic::Code;
 

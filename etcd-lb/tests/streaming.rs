@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use etcd_lb::{Balancer, BalancerConfig, RetryPolicy};
-use greet_proto::paths::{MORNING, NIGHT};
 use etcd_lb_registry::schema::Addr;
+use greet_proto::paths::{MORNING, NIGHT};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::body::Body;
 use tonic::transport::server::TcpIncoming;

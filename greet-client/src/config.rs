@@ -183,6 +183,7 @@ impl Common {
             base_ejection_time: self.outlier_ejection,
             max_ejection_time: self.outlier_ejection.saturating_mul(10),
             max_ejection_percent: self.outlier_max_percent,
+            ..OutlierConfig::default()
         })
     }
 }

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use etcd_client::{Client, GetOptions};
+use etcd_lb_testkit::{bin_path, eventually, free_port, Etcd, Proc};
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use etcd_lb_testkit::{bin_path, eventually, free_port, Etcd, Proc};
 
 fn server(etcd: &Etcd, port: u16, weight: u32, extra: &[&str]) -> Result<Proc> {
     let mut args: Vec<String> = [

@@ -7,13 +7,13 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use etcd_lb::metrics::ClientMetrics;
 use etcd_lb::{Balancer, BalancerConfig, RetryPolicy};
+use etcd_lb_registry::schema::Addr;
+use etcd_lb_testkit::metrics::{promtool_check, sample};
+use etcd_lb_testkit::{eventually, free_port, Etcd, Proc, Proxy};
 use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest, GreetServer};
 use greet_server::GreetService;
 use prometheus_client::registry::Registry;
-use etcd_lb_registry::schema::Addr;
-use etcd_lb_testkit::metrics::{promtool_check, sample};
-use etcd_lb_testkit::{eventually, free_port, Etcd, Proc, Proxy};
 use tonic::transport::server::TcpIncoming;
 
 async fn serve(name: &str) -> Result<std::net::SocketAddr> {

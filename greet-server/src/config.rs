@@ -182,7 +182,8 @@ impl Args {
                 self.listen
             ));
         }
-        let root = etcd_lb_registry::schema::normalize_root(&self.prefix).map_err(|e| e.to_string())?;
+        let root =
+            etcd_lb_registry::schema::normalize_root(&self.prefix).map_err(|e| e.to_string())?;
         Ok(Config {
             advertise: self.advertise.clone(),
             service: self.service.clone(),

@@ -20,10 +20,10 @@ pub mod shards;
 use std::sync::Arc;
 use std::time::Duration;
 
-use greet_proto::GreetServer;
 use etcd_lb_registry::etcd::EtcdConfig;
 use etcd_lb_registry::registrar::{Registrar, RegistrarConfig};
 use etcd_lb_registry::schema::Addr;
+use greet_proto::GreetServer;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;

@@ -26,7 +26,8 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
 
-    let shutdown = etcd_lb_registry::shutdown::on_signals().context("installing signal handlers")?;
+    let shutdown =
+        etcd_lb_registry::shutdown::on_signals().context("installing signal handlers")?;
 
     greet_server::run(cfg, etcd, listener, shutdown).await?;
     Ok(())

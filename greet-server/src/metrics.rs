@@ -17,14 +17,14 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use etcd_lb_registry::grpc_status::{code_name, OnStatus, Report};
+use etcd_lb_registry::registrar::Status;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use etcd_lb_registry::grpc_status::{code_name, OnStatus, Report};
-use etcd_lb_registry::registrar::Status;
 use tokio::sync::watch;
 
 /// Buckets of `grpc_server_handling_seconds`: Prometheus' default buckets,

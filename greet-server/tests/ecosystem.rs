@@ -7,9 +7,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use greet_proto::{GreetClient, GreetRequest};
 use etcd_lb_testkit::metrics::{promtool_check, sample};
 use etcd_lb_testkit::{eventually, free_port, Etcd, Proc};
+use greet_proto::{GreetClient, GreetRequest};
 
 fn server(etcd: &Etcd, port: u16, extra: &[String]) -> Result<Proc> {
     let mut args = vec![

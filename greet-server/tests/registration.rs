@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use etcd_client::Client;
+use etcd_lb_testkit::{eventually, free_port, Etcd, Proc};
 use greet_proto::{GreetClient, GreetRequest};
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use etcd_lb_testkit::{eventually, free_port, Etcd, Proc};
 
 const TTL: u64 = 4;
 

@@ -10,8 +10,8 @@ mod xds_common;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use nix::sys::signal::Signal;
 use etcd_lb_testkit::eventually;
+use nix::sys::signal::Signal;
 use xds_common::{envoy, envoy_with, Fleet, Grpcio, SERVICE};
 
 #[tokio::test(flavor = "multi_thread")]

@@ -15,12 +15,12 @@ use std::time::Duration;
 
 use clap::Parser;
 use common::{controller, http_get};
+use etcd_lb_registry::schema::{self, Addr, ValueKind, DEFAULT_ROOT, MAX_WEIGHT};
+use etcd_lb_testkit::{eventually, free_port, Etcd};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config as PropConfig, TestRunner};
-use etcd_lb_registry::schema::{self, Addr, ValueKind, DEFAULT_ROOT, MAX_WEIGHT};
 use serde_json::{json, Map, Value};
-use etcd_lb_testkit::{eventually, free_port, Etcd};
 
 fn arb_json() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![

@@ -11,8 +11,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use common::{bench, calls_of, key_of, key_set, report, server, wait_keys};
 use etcd_client::Client;
-use nix::sys::signal::Signal;
 use etcd_lb_testkit::{eventually, free_port, Etcd, Proc};
+use nix::sys::signal::Signal;
 use tokio::time::Instant;
 
 const TTL: Duration = Duration::from_secs(3);

@@ -20,13 +20,13 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use common::{controller, http_get, key_of, keys, server, PREFIX};
 use etcd_lb::{Balancer, BalancerConfig, Discovery, DiscoveryConfig, RetryPolicy};
+use etcd_lb_registry::etcd::EtcdConfig;
+use etcd_lb_registry::schema::ServiceName;
+use etcd_lb_testkit::{eventually, free_port, Etcd, Proc};
 use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest};
 use nix::sys::signal::Signal;
 use rand::{Rng, SeedableRng};
-use etcd_lb_registry::etcd::EtcdConfig;
-use etcd_lb_registry::schema::ServiceName;
-use etcd_lb_testkit::{eventually, free_port, Etcd, Proc};
 use tokio_util::sync::CancellationToken;
 
 const TTL: &str = "4s";

@@ -9,11 +9,11 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use controller::Config;
 use etcd_client::{Client, PutOptions};
+use etcd_lb_registry::etcd::EtcdConfig;
+use etcd_lb_testkit::{eventually, Etcd, Proc};
 use greet_proto::GreetServer;
 use greet_server::GreetService;
-use etcd_lb_registry::etcd::EtcdConfig;
 use serde_json::Value;
-use etcd_lb_testkit::{eventually, Etcd, Proc};
 use tokio_util::sync::CancellationToken;
 
 /// Short timings so tests finish quickly.

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use etcd_client::{Client, GetOptions};
-use serde_json::Value;
 use etcd_lb_testkit::{bin_path, eventually, Proc};
+use serde_json::Value;
 
 /// The registry prefix every test here uses (the default service).
 pub const PREFIX: &str = "/ns/greet_service/";
