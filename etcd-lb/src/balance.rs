@@ -27,6 +27,10 @@
 //!   (to its deadline); only a check with no answer (a silent connection)
 //!   marks the endpoint down and sends the call elsewhere. The caller's own
 //!   deadline passing is `DEADLINE_EXCEEDED` and never marks anything down.
+//! - Drains never cut a call: a connection the server sent GOAWAY on is
+//!   draining. Its calls run to their own deadline (its keepalive still
+//!   ends them if the peer dies), nothing new is sent on it, and a health
+//!   check it refuses is not taken as proof of death.
 //! - Outlier ejection never empties a service: its cap counts endpoints in
 //!   rotation only (up, weight > 0), the last of them is never ejected, and
 //!   while fewer than the healthy share (50 %) are not ejected, ejection is
@@ -982,6 +986,9 @@ impl Balancer {
         let sent_at = (metrics.is_some() || per_try.is_some()).then(Instant::now);
         let took = || sent_at.map_or(Duration::ZERO, |t| t.elapsed());
         let enforced = conn.enforces_deadline();
+        // The watch probes the attempt's own connection (the pool's may
+        // have been replaced, or the endpoint removed, meanwhile).
+        let watched = per_try.map(|_| conn.clone());
         let attempt = async {
             let resp = conn.send(req).await.map_err(Lost::Send)?;
             if retryable {
@@ -990,15 +997,8 @@ impl Balancer {
                 Ok((resp, None))
             }
         };
-        let sent = match (per_try, deadline) {
-            // The probe takes the endpoint's connection from the pool when
-            // it needs it: a clone per attempt showed in the overhead figure.
-            (Some(bound), _) => {
-                let conn = || {
-                    let pool = self.pool();
-                    let ep = pool.endpoints.get(&addr)?;
-                    (ep.generation == generation && ep.up).then(|| ep.conn.clone())?
-                };
+        let sent = match (per_try.zip(watched), deadline) {
+            (Some((bound, conn)), _) => {
                 let started = sent_at.unwrap_or_else(Instant::now);
                 watch(attempt, conn, started, bound, deadline).await
             }
@@ -1153,18 +1153,24 @@ enum Watched<T> {
     Silent(String),
 }
 
-/// Waits for `attempt`; each time it passes `bound`, probes the channel
-/// `channel` gives (the attempt's own connection) with a health check while still waiting for
+/// Waits for `attempt`; each time it passes `bound`, probes `conn` (the
+/// attempt's own connection) with a health check while still waiting for
 /// the attempt. Gives up only when the probe gets no answer, or at the
 /// call's deadline. A slow server answers its health checks, so a call
 /// that merely takes long is never abandoned, and its endpoint is never
 /// marked down for it.
 ///
+/// A connection the server sent GOAWAY on is draining: it takes no new
+/// stream, so a probe there is refused whatever the server's health, and
+/// that proves nothing. Its calls run to their own deadline; a peer that
+/// really died still ends them, through the connection's keepalive (an
+/// unanswered PING closes it, and the attempt fails as lost).
+///
 /// `started` is when the attempt was sent: its first bound counts from
 /// there (the clock is not read again for it).
 async fn watch<F: Future>(
     attempt: F,
-    channel: impl Fn() -> Option<Conn>,
+    conn: Conn,
     started: Instant,
     bound: Duration,
     deadline: Option<Instant>,
@@ -1185,32 +1191,56 @@ async fn watch<F: Future>(
         if deadline.is_some_and(|d| d <= Instant::now()) {
             return Watched::DeadlineExceeded;
         }
-        // Gone from the pool (removed, or replaced after a mark-down):
-        // nothing to wait for there.
-        let Some(channel) = channel() else {
-            return Watched::Silent("the endpoint left the pool".to_owned());
-        };
-        // Boxed: rarely run, and large; inline, it made every retryable
-        // call's future (and its copies) larger.
-        let probe = Box::pin(etcd_lb_registry::health::check(channel, bound));
         let at_deadline = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d).await,
                 None => std::future::pending().await,
             }
         };
+        if conn.draining() {
+            return draining(attempt, at_deadline).await;
+        }
+        // Boxed: rarely run, and large; inline, it made every retryable
+        // call's future (and its copies) larger.
+        let probe = Box::pin(etcd_lb_registry::health::check(conn.clone(), bound));
+        let at_deadline = std::pin::pin!(at_deadline);
         tokio::select! {
             biased;
             out = &mut attempt => return Watched::Done(out),
             () = at_deadline => return Watched::DeadlineExceeded,
             outcome = probe => {
                 if let etcd_lb_registry::health::Outcome::Failed(why) = outcome {
+                    // Refused because the server is draining the
+                    // connection (GOAWAY came meanwhile): not evidence.
+                    if conn.draining() {
+                        return draining(attempt, async {
+                            match deadline {
+                                Some(d) => tokio::time::sleep_until(d).await,
+                                None => std::future::pending().await,
+                            }
+                        })
+                        .await;
+                    }
                     return Watched::Silent(format!("a health check on its connection got none ({why})"));
                 }
                 debug!(bound = ?bound, "attempt past its per-try bound; the server answers health checks, still waiting");
             }
         }
         since = Instant::now();
+    }
+}
+
+/// Waits for an attempt on a draining connection: to its end, or the
+/// call's deadline.
+async fn draining<F: Future>(
+    attempt: std::pin::Pin<&mut F>,
+    at_deadline: impl Future<Output = ()>,
+) -> Watched<F::Output> {
+    debug!("attempt on a draining connection (GOAWAY); waiting for it to its deadline");
+    tokio::select! {
+        biased;
+        out = attempt => Watched::Done(out),
+        () = at_deadline => Watched::DeadlineExceeded,
     }
 }
 
