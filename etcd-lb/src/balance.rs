@@ -3,7 +3,10 @@
 //! [`crate::conn`]), that a generated client (`EchoClient::new(balancer)`,
 //! any tonic client) wraps.
 //!
-//! - Picks with the [`Scheduler`] (smooth weighted round-robin, O(log n)).
+//! - Picks with the [`crate::picker`]: the [`Scheduler`]'s smooth weighted
+//!   round-robin (O(log n)), passed over for a far less loaded endpoint
+//!   when one is (latency and calls in flight, [`crate::load`]); or, with
+//!   [`Picker::RoundRobin`], the scheduler alone.
 //! - Updates touch only the endpoints that changed: an unchanged endpoint
 //!   keeps its channel and its established connection.
 //! - Weight 0 (draining) takes an endpoint out of the schedule but keeps its
@@ -58,8 +61,10 @@ use tracing::{debug, info, warn};
 use crate::body::{read_whole, replayable, Replay};
 use crate::budget::{RetryBudget, RetryBudgetConfig};
 use crate::conn::{Conn, Dialer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
+use crate::load::Load;
 use crate::metrics::{ClientMetrics, EndpointMetrics, RetryReason};
-use crate::outlier::{Ejector, OutlierConfig, Tracker};
+use crate::outlier::{verdict, Ejector, OutlierConfig, Tracker, Verdict};
+use crate::picker::Picker;
 use crate::retry::{grpc_timeout, not_sent, timed_out, Decision, Failed, RetryPolicy, Tries};
 use crate::scheduler::Scheduler;
 
@@ -119,6 +124,9 @@ pub struct BalancerConfig {
     pub outlier: Option<OutlierConfig>,
     /// Ramp a new endpoint's weight from 10 % to 100 % over this window.
     pub slow_start: Option<Duration>,
+    /// How endpoints are picked: load-aware (default) or plain smooth
+    /// weighted round-robin.
+    pub picker: Picker,
     /// TCP connect timeout per endpoint.
     pub connect_timeout: Duration,
     /// Connect to new endpoints at once (true) or on their first call.
@@ -141,6 +149,7 @@ impl BalancerConfig {
             retry_budget: Some(RetryBudgetConfig::default()),
             outlier: Some(OutlierConfig::default()),
             slow_start: None,
+            picker: Picker::default(),
             connect_timeout: Duration::from_secs(1),
             eager_connect: true,
             tls: None,
@@ -162,6 +171,10 @@ pub struct EndpointInfo {
     pub up: bool,
     /// Whether outlier detection has taken it out of rotation for now.
     pub ejected: bool,
+    /// Its calls in flight (load-aware picker only; else 0).
+    pub in_flight: u32,
+    /// Its latency estimate (load-aware picker only).
+    pub latency: Option<Duration>,
 }
 
 struct Ep {
@@ -183,6 +196,8 @@ struct Ep {
     ejections: u32,
     /// When it last came back into service (or was added).
     in_service_since: Instant,
+    /// Latency and calls in flight, for the load-aware picker.
+    load: Option<Arc<Load>>,
 }
 
 impl Ep {
@@ -229,6 +244,7 @@ struct Picked {
     generation: u64,
     metrics: Option<EndpointMetrics>,
     tracker: Option<Arc<Tracker>>,
+    load: Option<Arc<Load>>,
 }
 
 struct Pool {
@@ -254,6 +270,8 @@ struct Inner {
     /// Bumped on every applied change: lets callers (tests, the propagation
     /// benchmark) observe the moment an update takes effect.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Attempts in flight on all endpoints (load-aware picker only).
+    in_flight: std::sync::atomic::AtomicU32,
 }
 
 /// A cheap-to-clone handle; every clone balances over the same pool.
@@ -312,6 +330,7 @@ impl Balancer {
                         next_generation: 0,
                     }),
                     changes: tokio::sync::watch::Sender::new(0),
+                    in_flight: std::sync::atomic::AtomicU32::new(0),
                 }
             }),
         }
@@ -434,6 +453,12 @@ impl Balancer {
                 ejected_until: None,
                 ejections: 0,
                 in_service_since: Instant::now(),
+                load: self
+                    .inner
+                    .cfg
+                    .picker
+                    .load()
+                    .map(|_| Arc::new(Load::new(Instant::now()))),
             }),
         );
         pool.rotation.update((false, false), (weight > 0, false));
@@ -504,6 +529,8 @@ impl Balancer {
 
     /// The endpoints, sorted by address.
     pub fn endpoints(&self) -> Vec<EndpointInfo> {
+        let now = Instant::now();
+        let load_cfg = self.inner.cfg.picker.load().copied();
         let pool = self.pool();
         let mut v: Vec<_> = pool
             .endpoints
@@ -514,6 +541,12 @@ impl Balancer {
                 version: ep.version.clone(),
                 up: ep.up,
                 ejected: ep.ejected_until.is_some(),
+                in_flight: ep.load.as_ref().map_or(0, |l| l.in_flight()),
+                latency: ep
+                    .load
+                    .as_ref()
+                    .zip(load_cfg.as_ref())
+                    .map(|(l, cfg)| l.estimate(now, cfg)),
             })
             .collect();
         v.sort_by(|a, b| a.addr.cmp(&b.addr));
@@ -568,7 +601,18 @@ impl Balancer {
             // failed endpoint back every time).
             let picked = match avoid {
                 Some(failed) if pool.sched.active() > 1 => pool.sched.pick_except(failed, weight),
-                _ => pool.sched.pick(weight),
+                _ => crate::picker::pick(
+                    &self.inner.cfg.picker,
+                    &mut pool.sched,
+                    weight,
+                    self.inner
+                        .in_flight
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    |k| {
+                        let ep = endpoints.get(k)?;
+                        Some((ep.load.as_deref()?, ep.weight))
+                    },
+                ),
             };
             let Some(addr) = picked else { break };
             if let Some(ep) = pool.endpoints.get_mut(&addr) {
@@ -596,6 +640,7 @@ impl Balancer {
                     generation: ep.generation,
                     metrics: ep.metrics.clone(),
                     tracker: ep.tracker.clone(),
+                    load: ep.load.clone(),
                 });
             }
         }
@@ -975,16 +1020,33 @@ impl Balancer {
             generation,
             metrics,
             tracker,
+            load,
         } = picked;
         let policy = &self.inner.cfg.retry;
         let per_try = policy.per_try_timeout.filter(|_| retryable);
         if let Some(m) = &metrics {
             m.attempt();
         }
-        // The clock is read only for what needs it: latency metrics and
-        // the per-try bound.
-        let sent_at = (metrics.is_some() || per_try.is_some()).then(Instant::now);
+        // The clock is read only for what needs it: latency metrics, the
+        // load-aware picker and the per-try bound.
+        let sent_at = (metrics.is_some() || per_try.is_some() || load.is_some()).then(Instant::now);
         let took = || sent_at.map_or(Duration::ZERO, |t| t.elapsed());
+        // Counted in flight until this attempt ends (for a streamed answer:
+        // at its headers), then its latency is recorded; a failure costs
+        // the failure penalty.
+        let _in_flight = load.as_deref().map(|l| l.start(&self.inner.in_flight));
+        // A call that waits for its endpoint's first connection measures
+        // the dial too: not the server's latency.
+        let dialing = matches!(conn, Conn::Dialing(_));
+        let observe = |failed: bool| {
+            if dialing && !failed {
+                return;
+            }
+            if let (Some(l), Some(cfg), Some(at)) = (&load, self.inner.cfg.picker.load(), sent_at) {
+                let now = Instant::now();
+                l.observe(now.saturating_duration_since(at), failed, now, cfg);
+            }
+        };
         let enforced = conn.enforces_deadline();
         // The watch probes the attempt's own connection (the pool's may
         // have been replaced, or the endpoint removed, meanwhile).
@@ -1012,6 +1074,7 @@ impl Balancer {
         let deadline_exceeded = || {
             // The caller's deadline, not evidence against the server: the
             // endpoint stays up and keeps its connection.
+            observe(false);
             if let Some(m) = &metrics {
                 m.answered(took(), Some(Code::DeadlineExceeded));
             }
@@ -1023,6 +1086,7 @@ impl Balancer {
             Watched::Done(sent) => sent,
             Watched::DeadlineExceeded => return deadline_exceeded(),
             Watched::Silent(why) => {
+                observe(true);
                 if let Some(m) = &metrics {
                     m.answered(took(), Some(Code::Unavailable));
                 }
@@ -1040,6 +1104,7 @@ impl Balancer {
             // caller's deadline, not a broken connection.
             Err(Lost::Send(e) | Lost::Body(e)) if timed_out(&*e) => deadline_exceeded(),
             Err(Lost::Send(e)) => {
+                observe(true);
                 if let Some(m) = &metrics {
                     m.answered(took(), Some(Code::Unavailable));
                 }
@@ -1054,6 +1119,7 @@ impl Balancer {
             // Sent, and the server died before the response ended (SIGKILL
             // after the headers): the call is lost, not failed.
             Err(Lost::Body(e)) => {
+                observe(true);
                 if let Some(m) = &metrics {
                     m.answered(took(), Some(Code::Unavailable));
                 }
@@ -1065,6 +1131,7 @@ impl Balancer {
             // trailers.
             Ok((resp, trailer_code)) => {
                 let code = code_of(resp.headers()).or(trailer_code);
+                observe(code.is_some_and(|c| verdict(c) == Verdict::Failure));
                 if let Some(m) = &metrics {
                     m.answered(took(), code);
                 }

@@ -47,15 +47,19 @@ mod body;
 pub mod budget;
 pub mod conn;
 pub mod discover;
+pub mod load;
 pub mod metrics;
 pub mod outlier;
+pub mod picker;
 pub mod retry;
 pub mod scheduler;
 
 pub use balance::{Balancer, BalancerConfig, EndpointInfo};
 pub use budget::RetryBudgetConfig;
 pub use discover::{Discovery, DiscoveryConfig};
+pub use load::LoadConfig;
 pub use outlier::OutlierConfig;
+pub use picker::Picker;
 pub use retry::RetryPolicy;
 
 /// The registry underneath: schema, registrar, reflector, etcd session.
