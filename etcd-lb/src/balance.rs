@@ -14,16 +14,22 @@
 //! - An endpoint whose connection fails is marked down and skipped; a
 //!   background task reconnects it with backoff and puts it back when the
 //!   connection is up again (readiness, not a fixed timeout).
-//! - A call that was never sent is retried on another endpoint, always; a
-//!   call lost after sending is retried when its method is retryable, within
-//!   its `grpc-timeout`. A request body that is complete at once and
-//!   within 64 KiB (unary and server-streaming calls) is kept so it can be
-//!   replayed; an open request stream (client- and bidi-streaming) or a
-//!   larger body is sent once as it comes, never buffered, never retried. A retryable call's response is read
-//!   to its end before it is handed on, so a server that dies mid-response
-//!   costs a retry too (gRPC itself commits at the headers); other responses
-//!   stream through untouched. A server's refusal (`UNAVAILABLE`, in the
-//!   headers or the trailers) is retried too.
+//! - A call that was never sent is retried on another endpoint whatever
+//!   its method, without asking the retry budget (it put no load on any
+//!   server; [`RetryPolicy::decide`] bounds it at 8 + endpoints tries,
+//!   within its deadline). A call lost after sending is retried when its
+//!   method is retryable, within its `grpc-timeout` and the retry budget.
+//!   A request body that is complete at once and within 64 KiB (unary and
+//!   server-streaming calls) is kept so it can be replayed; an open request
+//!   stream (client- and bidi-streaming) or a larger body is sent once as
+//!   it comes, never buffered, never retried. A retryable call's response
+//!   of one message within 4 MiB is read to its end before it is handed on,
+//!   so a server that dies mid-response costs a retry too (gRPC itself
+//!   commits at the headers); at a second message or past 4 MiB it streams
+//!   through and is committed; other responses stream through untouched.
+//!   A server's refusal (`UNAVAILABLE`, in the headers or the trailers) is
+//!   retried too. List as retryable (idempotent) the unary methods that are
+//!   safe to run twice.
 //! - Slow is not dead: an attempt past its per-try bound is not given up
 //!   but checked: a health check on the same connection that gets an
 //!   answer means the server is alive and slow, so the call keeps waiting
@@ -58,7 +64,7 @@ use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 use tracing::{debug, info, warn};
 
-use crate::body::{read_whole, replayable, Replay};
+use crate::body::{read_whole, replayable, Read, Replay, RESPONSE_CAP};
 use crate::budget::{RetryBudget, RetryBudgetConfig};
 use crate::conn::{Conn, Dialer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 use crate::load::Load;
@@ -976,8 +982,10 @@ impl Balancer {
                 deadline,
                 crate::retry::random(),
             );
+            // An unsent call put no load on any server: the budget is not
+            // asked (the policy bounds its tries, the deadline its time).
             let pause = match decision {
-                Decision::Retry(pause) if self.may_retry() => pause,
+                Decision::Retry(pause) if failed == Failed::Unsent || self.may_retry() => pause,
                 Decision::Retry(_) | Decision::Return => return Err(status.into()),
                 Decision::DeadlineExceeded => {
                     return Err(Status::deadline_exceeded(status.message().to_owned()).into())
@@ -1054,9 +1062,9 @@ impl Balancer {
         let attempt = async {
             let resp = conn.send(req).await.map_err(Lost::Send)?;
             if retryable {
-                read_whole(resp).await.map_err(Lost::Body)
+                read_whole(resp, RESPONSE_CAP).await.map_err(Lost::Body)
             } else {
-                Ok((resp, None))
+                Ok(Read::Streaming(resp))
             }
         };
         let sent = match (per_try.zip(watched), deadline) {
@@ -1129,7 +1137,13 @@ impl Balancer {
             // The status is in the headers (trailers-only: how a server
             // refuses a call) or, for a response read whole, in the
             // trailers.
-            Ok((resp, trailer_code)) => {
+            Ok(read) => {
+                // A response streaming through (not read whole) is
+                // committed: whatever its code, it is not retried.
+                let (resp, trailer_code, whole) = match read {
+                    Read::Whole(resp, code) => (resp, code, true),
+                    Read::Streaming(resp) => (resp, None, false),
+                };
                 let code = code_of(resp.headers()).or(trailer_code);
                 observe(code.is_some_and(|c| verdict(c) == Verdict::Failure));
                 if let Some(m) = &metrics {
@@ -1139,7 +1153,7 @@ impl Balancer {
                     t.observe(code);
                 }
                 match code {
-                    Some(code) if retryable && policy.retryable_codes.contains(&code) => {
+                    Some(code) if retryable && whole && policy.retryable_codes.contains(&code) => {
                         Outcome::Failed(
                             Failed::Refused,
                             Status::new(code, format!("{addr} answered {code:?}")),
