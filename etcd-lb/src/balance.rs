@@ -1043,6 +1043,10 @@ impl Balancer {
         // at its headers), then its latency is recorded; a failure costs
         // the failure penalty.
         let _in_flight = load.as_deref().map(|l| l.start(&self.inner.in_flight));
+        let _gauge = metrics
+            .as_ref()
+            .filter(|_| load.is_some())
+            .map(EndpointMetrics::in_flight);
         // A call that waits for its endpoint's first connection measures
         // the dial too: not the server's latency.
         let dialing = matches!(conn, Conn::Dialing(_));
@@ -1053,6 +1057,9 @@ impl Balancer {
             if let (Some(l), Some(cfg), Some(at)) = (&load, self.inner.cfg.picker.load(), sent_at) {
                 let now = Instant::now();
                 l.observe(now.saturating_duration_since(at), failed, now, cfg);
+                if let Some(m) = &metrics {
+                    m.estimate(l.estimate(now, cfg));
+                }
             }
         };
         let enforced = conn.enforces_deadline();

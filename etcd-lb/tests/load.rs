@@ -106,3 +106,39 @@ async fn the_round_robin_picker_keeps_sending_the_slow_one_a_third() -> Result<(
     );
     Ok(())
 }
+
+/// The picker's view is in the metrics: each endpoint's latency estimate
+/// (the slow one's above 250 ms) and attempts in flight (none once the
+/// calls are over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_is_in_the_metrics() -> Result<()> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = etcd_lb::metrics::ClientMetrics::register(&mut registry);
+    let bal = Balancer::new(BalancerConfig {
+        retry: RetryPolicy::idempotent([MORNING, NIGHT]),
+        metrics: Some(metrics),
+        ..BalancerConfig::new("greet_service")
+    });
+    let slow = serve("slow").await?;
+    let fast = serve("fast").await?;
+    slow.set_delay(Duration::from_millis(250));
+    for p in [&slow, &fast] {
+        bal.upsert(&Addr::from_socket(p.addr), 100, "");
+    }
+    drive(&bal, 1.0).await?;
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry)?;
+    let value = |name: &str, addr: std::net::SocketAddr| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name) && l.contains(&addr.to_string()))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let est = "lb_endpoint_latency_estimate_seconds{";
+    assert!(value(est, slow.addr) > 0.25, "{text}");
+    assert!(value(est, fast.addr) < 0.25, "{text}");
+    for p in [&slow, &fast] {
+        assert_eq!(value("lb_endpoint_in_flight{", p.addr), 0.0, "{text}");
+    }
+    Ok(())
+}
