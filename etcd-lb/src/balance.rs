@@ -36,6 +36,10 @@
 //!   (to its deadline); only a check with no answer (a silent connection)
 //!   marks the endpoint down and sends the call elsewhere. The caller's own
 //!   deadline passing is `DEADLINE_EXCEEDED` and never marks anything down.
+//! - Hedging ([`crate::hedge`], off by default): the first attempt of a
+//!   retryable call that has not answered within the 95th percentile of
+//!   recent latency gets a second attempt on another endpoint, charged to
+//!   the retry budget; the first answer wins, the other is cancelled.
 //! - Drains never cut a call: a connection the server sent GOAWAY on is
 //!   draining. Its calls run to their own deadline (its keepalive still
 //!   ends them if the peer dies), nothing new is sent on it, and a health
@@ -67,6 +71,7 @@ use tracing::{debug, info, warn};
 use crate::body::{read_whole, replayable, Read, Replay, RESPONSE_CAP};
 use crate::budget::{RetryBudget, RetryBudgetConfig};
 use crate::conn::{Conn, Dialer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
+use crate::hedge::{Hedger, HedgingConfig};
 use crate::load::Load;
 use crate::metrics::{ClientMetrics, EndpointMetrics, RetryReason};
 use crate::outlier::{verdict, Ejector, OutlierConfig, Tracker, Verdict};
@@ -133,6 +138,8 @@ pub struct BalancerConfig {
     /// How endpoints are picked: load-aware (default) or plain smooth
     /// weighted round-robin.
     pub picker: Picker,
+    /// Hedge retryable calls (see [`crate::hedge`]); `None`: never.
+    pub hedging: Option<HedgingConfig>,
     /// TCP connect timeout per endpoint.
     pub connect_timeout: Duration,
     /// Connect to new endpoints at once (true) or on their first call.
@@ -156,6 +163,7 @@ impl BalancerConfig {
             outlier: Some(OutlierConfig::default()),
             slow_start: None,
             picker: Picker::default(),
+            hedging: None,
             connect_timeout: Duration::from_secs(1),
             eager_connect: true,
             tls: None,
@@ -278,6 +286,8 @@ struct Inner {
     changes: tokio::sync::watch::Sender<u64>,
     /// Attempts in flight on all endpoints (load-aware picker only).
     in_flight: std::sync::atomic::AtomicU32,
+    /// Recent latency and the hedging delay, when hedging.
+    hedger: Option<Hedger>,
 }
 
 /// A cheap-to-clone handle; every clone balances over the same pool.
@@ -322,6 +332,7 @@ impl Balancer {
                 let me = me.clone();
                 Inner {
                     budget: cfg.retry_budget.as_ref().map(RetryBudget::new),
+                    hedger: cfg.hedging.map(Hedger::new),
                     ejector: Arc::new(move |addr: &Addr, generation: u64| {
                         if let Some(inner) = me.upgrade() {
                             Balancer { inner }.eject(addr, generation);
@@ -958,16 +969,27 @@ impl Balancer {
         let mut avoid: Option<Addr> = None;
         loop {
             let picked = self.pick(avoid.as_ref())?;
-            let mut req = http::Request::new(Body::new(Replay(Some(bytes.clone()))));
-            *req.method_mut() = parts.method.clone();
-            *req.uri_mut() = parts.uri.clone();
-            *req.version_mut() = parts.version;
-            *req.headers_mut() = parts.headers.clone();
+            let make = || {
+                let mut req = http::Request::new(Body::new(Replay(Some(bytes.clone()))));
+                *req.method_mut() = parts.method.clone();
+                *req.uri_mut() = parts.uri.clone();
+                *req.version_mut() = parts.version;
+                *req.headers_mut() = parts.headers.clone();
+                req
+            };
+            let mut req = make();
             if let Some(ext) = extensions.take() {
                 *req.extensions_mut() = ext;
             }
-            let addr = picked.addr.clone();
-            let (failed, status) = match self.attempt(picked, req, retryable, deadline).await {
+            let first = avoid.is_none() && tries == Tries::default();
+            let (addr, outcome) = match &self.inner.hedger {
+                Some(h) if retryable && first => self.hedged(h, picked, req, make, deadline).await,
+                _ => {
+                    let addr = picked.addr.clone();
+                    (addr, self.attempt(picked, req, retryable, deadline).await)
+                }
+            };
+            let (failed, status) = match outcome {
                 Outcome::Answered(resp) => return Ok(resp),
                 Outcome::DeadlineExceeded(status) => return Err(status.into()),
                 Outcome::Failed(failed, status) => (failed, status),
@@ -1005,6 +1027,69 @@ impl Balancer {
         }
     }
 
+    /// The first attempt of a retryable call, hedged: past the hedging
+    /// delay, and when the retry budget allows, a second attempt goes to
+    /// another endpoint; the first answer wins, the other attempt is
+    /// dropped (its stream reset: cancelled at the server). A failed one
+    /// leaves the field to the other. Returns the address whose outcome it
+    /// is.
+    async fn hedged(
+        &self,
+        hedger: &Hedger,
+        picked: Picked,
+        req: http::Request<Body>,
+        make: impl Fn() -> http::Request<Body>,
+        deadline: Option<Instant>,
+    ) -> (Addr, Outcome) {
+        let first_addr = picked.addr.clone();
+        let first = self.attempt(picked, req, true, deadline);
+        let Some(delay) = hedger.delay() else {
+            return (first_addr, first.await);
+        };
+        let mut first = std::pin::pin!(first);
+        tokio::select! {
+            biased;
+            out = &mut first => return (first_addr, out),
+            () = tokio::time::sleep(delay) => {}
+        }
+        let second = match self.pick(Some(&first_addr)) {
+            Ok(p) if p.addr != first_addr && self.may_retry() => p,
+            _ => return (first_addr, first.await),
+        };
+        self.count_hedge(false);
+        let second_addr = second.addr.clone();
+        debug!(first = %first_addr, second = %second_addr, ?delay, "hedging");
+        let mut second = std::pin::pin!(self.attempt(second, make(), true, deadline));
+        let settled = |o: &Outcome| !matches!(o, Outcome::Failed(..));
+        tokio::select! {
+            out = &mut first => {
+                if settled(&out) {
+                    (first_addr, out)
+                } else {
+                    let other = second.await;
+                    if settled(&other) {
+                        self.count_hedge(true);
+                    }
+                    (second_addr, other)
+                }
+            }
+            out = &mut second => {
+                if settled(&out) {
+                    self.count_hedge(true);
+                    (second_addr, out)
+                } else {
+                    (first_addr, first.await)
+                }
+            }
+        }
+    }
+
+    fn count_hedge(&self, won: bool) {
+        if let Some(m) = &self.inner.cfg.metrics {
+            m.hedge(&self.inner.cfg.service, won);
+        }
+    }
+
     /// Sends one attempt to the picked endpoint and says what happened.
     /// Marks the endpoint down on connection-level evidence only, and feeds
     /// its metrics and failure streak.
@@ -1037,7 +1122,10 @@ impl Balancer {
         }
         // The clock is read only for what needs it: latency metrics, the
         // load-aware picker and the per-try bound.
-        let sent_at = (metrics.is_some() || per_try.is_some() || load.is_some()).then(Instant::now);
+        let hedger = self.inner.hedger.as_ref().filter(|_| retryable);
+        let sent_at =
+            (metrics.is_some() || per_try.is_some() || load.is_some() || hedger.is_some())
+                .then(Instant::now);
         let took = || sent_at.map_or(Duration::ZERO, |t| t.elapsed());
         // Counted in flight until this attempt ends (for a streamed answer:
         // at its headers), then its latency is recorded; a failure costs
@@ -1152,7 +1240,11 @@ impl Balancer {
                     Read::Streaming(resp) => (resp, None, false),
                 };
                 let code = code_of(resp.headers()).or(trailer_code);
-                observe(code.is_some_and(|c| verdict(c) == Verdict::Failure));
+                let failed = code.is_some_and(|c| verdict(c) == Verdict::Failure);
+                observe(failed);
+                if let (Some(h), false) = (hedger, failed) {
+                    h.record(took());
+                }
                 if let Some(m) = &metrics {
                     m.answered(took(), code);
                 }

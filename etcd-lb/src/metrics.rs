@@ -120,6 +120,8 @@ pub struct ClientMetrics {
     view_revision: Family<ServiceLabel, Gauge>,
     in_flight: Family<EndpointLabels, Gauge>,
     estimate: Family<EndpointLabels, Gauge<f64, AtomicU64>>,
+    hedges: Family<ServiceLabel, Counter>,
+    hedges_won: Family<ServiceLabel, Counter>,
 }
 
 /// Why a call went to another attempt (the `reason` label of
@@ -167,6 +169,8 @@ impl ClientMetrics {
             view_revision: Family::default(),
             in_flight: Family::default(),
             estimate: Family::default(),
+            hedges: Family::default(),
+            hedges_won: Family::default(),
         };
         registry.register(
             "lb_attempts",
@@ -217,6 +221,16 @@ impl ClientMetrics {
             "lb_endpoint_latency_estimate_seconds",
             "An endpoint's latency estimate as the load-aware picker weighs it (peak-sensitive moving average, failures counted as a penalty), at its last answer",
             m.estimate.clone(),
+        );
+        registry.register(
+            "lb_hedges",
+            "Hedged attempts sent (a second attempt of a slow idempotent call, to another endpoint)",
+            m.hedges.clone(),
+        );
+        registry.register(
+            "lb_hedges_won",
+            "Hedged attempts whose answer was the one used",
+            m.hedges_won.clone(),
         );
         registry.register(
             "lb_view_age_seconds",
@@ -271,6 +285,18 @@ impl ClientMetrics {
                 reason: reason.label(),
             })
             .inc();
+    }
+
+    /// A hedge was sent (`won`: false), or won (true).
+    pub(crate) fn hedge(&self, service: &str, won: bool) {
+        let label = ServiceLabel {
+            service: service.to_owned(),
+        };
+        if won {
+            self.hedges_won.get_or_create(&label).inc();
+        } else {
+            self.hedges.get_or_create(&label).inc();
+        }
     }
 
     /// Moves one endpoint between states (`None`: not known).

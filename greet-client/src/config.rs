@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
-use etcd_lb::{OutlierConfig, Picker, RetryBudgetConfig};
+use etcd_lb::{HedgingConfig, OutlierConfig, Picker, RetryBudgetConfig};
 use etcd_lb_registry::etcd::EtcdArgs;
 use etcd_lb_registry::logging::LogFormat;
 use etcd_lb_registry::schema::{ServiceName, DEFAULT_ROOT};
@@ -122,6 +122,12 @@ pub struct Common {
     /// registered weights on a uniform fleet.
     #[arg(long, global = true, env = "GREET_PICKER", value_enum, default_value_t = PickerFlag::Ewma)]
     pub picker: PickerFlag,
+    /// Hedging of Greet's (idempotent) calls: `on` sends a second attempt
+    /// to another endpoint when the first has not answered within the
+    /// 95th percentile of recent latency; the first answer wins, the other
+    /// is cancelled; hedges are charged to the retry budget.
+    #[arg(long, global = true, env = "GREET_HEDGING", value_enum, default_value_t = OnOff::Off)]
+    pub hedging: OnOff,
     /// How long to wait for the first list from etcd before calling anyway.
     #[arg(long, global = true, env = "GREET_SYNC_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub sync_timeout: Duration,
@@ -146,6 +152,15 @@ pub enum PickerFlag {
     Ewma,
     /// Smooth weighted round-robin only.
     Wrr,
+}
+
+/// A switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    /// On.
+    On,
+    /// Off.
+    Off,
 }
 
 /// Modes.
@@ -200,6 +215,11 @@ impl Common {
         }
     }
 
+    /// The hedging the flags ask for; `None` when off.
+    pub fn hedging(&self) -> Option<HedgingConfig> {
+        (self.hedging == OnOff::On).then(HedgingConfig::default)
+    }
+
     /// The outlier detection the flags ask for; `None` when turned off.
     pub fn outlier(&self) -> Option<OutlierConfig> {
         (self.outlier_failures > 0).then(|| OutlierConfig {
@@ -244,6 +264,10 @@ mod tests {
         let wrr = parse(&["--picker", "wrr"]).unwrap();
         assert_eq!(wrr.common.picker(), Picker::RoundRobin);
         assert!(parse(&["--picker", "p2c"]).is_err());
+        assert_eq!(a.common.hedging(), None);
+        let on = parse(&["--hedging", "on"]).unwrap();
+        assert_eq!(on.common.hedging(), Some(HedgingConfig::default()));
+        assert!(parse(&["--hedging", "maybe"]).is_err());
     }
 
     #[test]

@@ -77,6 +77,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         outlier: common.outlier(),
         slow_start: common.slow_start,
         picker: common.picker(),
+        hedging: common.hedging(),
         tls,
         metrics: common.metrics_listen.map(|_| metrics),
         ..BalancerConfig::new(common.service.as_str())
