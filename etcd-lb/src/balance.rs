@@ -78,6 +78,7 @@ use crate::outlier::{verdict, Ejector, OutlierConfig, Tracker, Verdict};
 use crate::picker::Picker;
 use crate::retry::{grpc_timeout, not_sent, timed_out, Decision, Failed, RetryPolicy, Tries};
 use crate::scheduler::Scheduler;
+use crate::watch::{watch, Watched};
 
 /// Batches of at most this many changes log each endpoint at info; larger
 /// ones log each at debug and one summary at info.
@@ -252,8 +253,8 @@ impl Rotation {
 }
 
 /// What [`Balancer::pick`] hands an attempt.
-struct Picked {
-    addr: Addr,
+pub(crate) struct Picked {
+    pub(crate) addr: Addr,
     conn: Conn,
     generation: u64,
     metrics: Option<EndpointMetrics>,
@@ -519,6 +520,11 @@ impl Balancer {
         }
     }
 
+    /// The service's name, as configured.
+    pub(crate) fn service(&self) -> &str {
+        &self.inner.cfg.service
+    }
+
     /// The metrics this balancer records into, if any.
     pub(crate) fn metrics(&self) -> Option<Arc<ClientMetrics>> {
         self.inner.cfg.metrics.clone()
@@ -588,7 +594,7 @@ impl Balancer {
     }
 
     /// Picks an endpoint, or says why none can take a call.
-    fn pick(&self, avoid: Option<&Addr>) -> Result<Picked, Status> {
+    pub(crate) fn pick(&self, avoid: Option<&Addr>) -> Result<Picked, Status> {
         let mut pool = self.pool();
         let pool = &mut *pool;
         let slow_start = self.inner.cfg.slow_start.filter(|w| !w.is_zero());
@@ -669,7 +675,7 @@ impl Balancer {
 
     /// Whether the retry budget allows one more retry (always, without a
     /// budget).
-    fn may_retry(&self) -> bool {
+    pub(crate) fn may_retry(&self) -> bool {
         self.inner
             .budget
             .as_ref()
@@ -1027,69 +1033,6 @@ impl Balancer {
         }
     }
 
-    /// The first attempt of a retryable call, hedged: past the hedging
-    /// delay, and when the retry budget allows, a second attempt goes to
-    /// another endpoint; the first answer wins, the other attempt is
-    /// dropped (its stream reset: cancelled at the server). A failed one
-    /// leaves the field to the other. Returns the address whose outcome it
-    /// is.
-    async fn hedged(
-        &self,
-        hedger: &Hedger,
-        picked: Picked,
-        req: http::Request<Body>,
-        make: impl Fn() -> http::Request<Body>,
-        deadline: Option<Instant>,
-    ) -> (Addr, Outcome) {
-        let first_addr = picked.addr.clone();
-        let first = self.attempt(picked, req, true, deadline);
-        let Some(delay) = hedger.delay() else {
-            return (first_addr, first.await);
-        };
-        let mut first = std::pin::pin!(first);
-        tokio::select! {
-            biased;
-            out = &mut first => return (first_addr, out),
-            () = tokio::time::sleep(delay) => {}
-        }
-        let second = match self.pick(Some(&first_addr)) {
-            Ok(p) if p.addr != first_addr && self.may_retry() => p,
-            _ => return (first_addr, first.await),
-        };
-        self.count_hedge(false);
-        let second_addr = second.addr.clone();
-        debug!(first = %first_addr, second = %second_addr, ?delay, "hedging");
-        let mut second = std::pin::pin!(self.attempt(second, make(), true, deadline));
-        let settled = |o: &Outcome| !matches!(o, Outcome::Failed(..));
-        tokio::select! {
-            out = &mut first => {
-                if settled(&out) {
-                    (first_addr, out)
-                } else {
-                    let other = second.await;
-                    if settled(&other) {
-                        self.count_hedge(true);
-                    }
-                    (second_addr, other)
-                }
-            }
-            out = &mut second => {
-                if settled(&out) {
-                    self.count_hedge(true);
-                    (second_addr, out)
-                } else {
-                    (first_addr, first.await)
-                }
-            }
-        }
-    }
-
-    fn count_hedge(&self, won: bool) {
-        if let Some(m) = &self.inner.cfg.metrics {
-            m.hedge(&self.inner.cfg.service, won);
-        }
-    }
-
     /// Sends one attempt to the picked endpoint and says what happened.
     /// Marks the endpoint down on connection-level evidence only, and feeds
     /// its metrics and failure streak.
@@ -1100,7 +1043,7 @@ impl Balancer {
     /// deadline); one that does not is behind a silent connection (a
     /// partition drops packets, no reset comes) and costs one bounded
     /// attempt, not the whole deadline.
-    async fn attempt(
+    pub(crate) async fn attempt(
         &self,
         picked: Picked,
         req: http::Request<Body>,
@@ -1300,7 +1243,7 @@ fn why_none<'a>(service: &str, endpoints: impl Iterator<Item = &'a Ep>) -> Strin
 }
 
 /// What one attempt came to.
-enum Outcome {
+pub(crate) enum Outcome {
     /// A response to hand back (success, or an answer not retried).
     Answered(http::Response<Body>),
     /// Failed in a way the retry decision weighs.
@@ -1318,109 +1261,6 @@ async fn probe(conn: Conn, limit: Duration) -> Result<Conn, String> {
     match etcd_lb_registry::health::check(conn.clone(), limit).await {
         etcd_lb_registry::health::Outcome::Failed(why) => Err(format!("health check: {why}")),
         _ => Ok(conn),
-    }
-}
-
-/// How a watched attempt ended.
-enum Watched<T> {
-    /// It finished (well or not) on its own.
-    Done(T),
-    /// The call's deadline passed first; nothing is known against the
-    /// endpoint.
-    DeadlineExceeded,
-    /// It passed its per-try bound and a health check on the same
-    /// connection got no answer: the connection is silent.
-    Silent(String),
-}
-
-/// Waits for `attempt`; each time it passes `bound`, probes `conn` (the
-/// attempt's own connection) with a health check while still waiting for
-/// the attempt. Gives up only when the probe gets no answer, or at the
-/// call's deadline. A slow server answers its health checks, so a call
-/// that merely takes long is never abandoned, and its endpoint is never
-/// marked down for it.
-///
-/// A connection the server sent GOAWAY on is draining: it takes no new
-/// stream, so a probe there is refused whatever the server's health, and
-/// that proves nothing. Its calls run to their own deadline; a peer that
-/// really died still ends them, through the connection's keepalive (an
-/// unanswered PING closes it, and the attempt fails as lost).
-///
-/// `started` is when the attempt was sent: its first bound counts from
-/// there (the clock is not read again for it).
-async fn watch<F: Future>(
-    attempt: F,
-    conn: Conn,
-    started: Instant,
-    bound: Duration,
-    deadline: Option<Instant>,
-) -> Watched<F::Output> {
-    let mut attempt = std::pin::pin!(attempt);
-    let mut since = started;
-    loop {
-        // One timer while waiting: the per-try bound or the deadline,
-        // whichever comes first, not one for each (every call of a
-        // client that sets a timeout would register both).
-        let bound_at = since + bound;
-        let wake = deadline.map_or(bound_at, |d| d.min(bound_at));
-        tokio::select! {
-            biased;
-            out = &mut attempt => return Watched::Done(out),
-            () = tokio::time::sleep_until(wake) => {}
-        }
-        if deadline.is_some_and(|d| d <= Instant::now()) {
-            return Watched::DeadlineExceeded;
-        }
-        let at_deadline = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        if conn.draining() {
-            return draining(attempt, at_deadline).await;
-        }
-        // Boxed: rarely run, and large; inline, it made every retryable
-        // call's future (and its copies) larger.
-        let probe = Box::pin(etcd_lb_registry::health::check(conn.clone(), bound));
-        let at_deadline = std::pin::pin!(at_deadline);
-        tokio::select! {
-            biased;
-            out = &mut attempt => return Watched::Done(out),
-            () = at_deadline => return Watched::DeadlineExceeded,
-            outcome = probe => {
-                if let etcd_lb_registry::health::Outcome::Failed(why) = outcome {
-                    // Refused because the server is draining the
-                    // connection (GOAWAY came meanwhile): not evidence.
-                    if conn.draining() {
-                        return draining(attempt, async {
-                            match deadline {
-                                Some(d) => tokio::time::sleep_until(d).await,
-                                None => std::future::pending().await,
-                            }
-                        })
-                        .await;
-                    }
-                    return Watched::Silent(format!("a health check on its connection got none ({why})"));
-                }
-                debug!(bound = ?bound, "attempt past its per-try bound; the server answers health checks, still waiting");
-            }
-        }
-        since = Instant::now();
-    }
-}
-
-/// Waits for an attempt on a draining connection: to its end, or the
-/// call's deadline.
-async fn draining<F: Future>(
-    attempt: std::pin::Pin<&mut F>,
-    at_deadline: impl Future<Output = ()>,
-) -> Watched<F::Output> {
-    debug!("attempt on a draining connection (GOAWAY); waiting for it to its deadline");
-    tokio::select! {
-        biased;
-        out = attempt => Watched::Done(out),
-        () = at_deadline => Watched::DeadlineExceeded,
     }
 }
 

@@ -20,6 +20,13 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
+use etcd_lb_registry::schema::Addr;
+use tokio::time::Instant;
+use tonic::body::Body;
+use tracing::debug;
+
+use crate::balance::{Balancer, Outcome, Picked};
+
 /// When to hedge.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HedgingConfig {
@@ -83,13 +90,13 @@ impl Hedger {
     pub(crate) fn record(&self, latency: Duration) {
         self.buckets[bucket(latency)].fetch_add(1, Ordering::Relaxed);
         let n = self.recorded.fetch_add(1, Ordering::Relaxed) + 1;
-        if n % HALVE == 0 {
+        if n.is_multiple_of(HALVE) {
             for b in &self.buckets {
                 let v = b.load(Ordering::Relaxed);
                 b.store(v / 2, Ordering::Relaxed);
             }
         }
-        if n == WARM || n % RECOMPUTE == 0 {
+        if n == WARM || n.is_multiple_of(RECOMPUTE) {
             self.recompute();
         }
     }
@@ -125,6 +132,71 @@ impl Hedger {
         match self.delay_ns.load(Ordering::Relaxed) {
             0 => None,
             ns => Some(Duration::from_nanos(ns)),
+        }
+    }
+}
+
+impl Balancer {
+    /// The first attempt of a retryable call, hedged: past the hedging
+    /// delay, and when the retry budget allows, a second attempt goes to
+    /// another endpoint; the first answer wins, the other attempt is
+    /// dropped (its stream reset: cancelled at the server). A failed one
+    /// leaves the field to the other. Returns the address whose outcome it
+    /// is.
+    pub(crate) async fn hedged(
+        &self,
+        hedger: &Hedger,
+        picked: Picked,
+        req: http::Request<Body>,
+        make: impl Fn() -> http::Request<Body>,
+        deadline: Option<Instant>,
+    ) -> (Addr, Outcome) {
+        let first_addr = picked.addr.clone();
+        let first = self.attempt(picked, req, true, deadline);
+        let Some(delay) = hedger.delay() else {
+            return (first_addr, first.await);
+        };
+        let mut first = std::pin::pin!(first);
+        tokio::select! {
+            biased;
+            out = &mut first => return (first_addr, out),
+            () = tokio::time::sleep(delay) => {}
+        }
+        let second = match self.pick(Some(&first_addr)) {
+            Ok(p) if p.addr != first_addr && self.may_retry() => p,
+            _ => return (first_addr, first.await),
+        };
+        self.count_hedge(false);
+        let second_addr = second.addr.clone();
+        debug!(first = %first_addr, second = %second_addr, ?delay, "hedging");
+        let mut second = std::pin::pin!(self.attempt(second, make(), true, deadline));
+        let settled = |o: &Outcome| !matches!(o, Outcome::Failed(..));
+        tokio::select! {
+            out = &mut first => {
+                if settled(&out) {
+                    (first_addr, out)
+                } else {
+                    let other = second.await;
+                    if settled(&other) {
+                        self.count_hedge(true);
+                    }
+                    (second_addr, other)
+                }
+            }
+            out = &mut second => {
+                if settled(&out) {
+                    self.count_hedge(true);
+                    (second_addr, out)
+                } else {
+                    (first_addr, first.await)
+                }
+            }
+        }
+    }
+
+    fn count_hedge(&self, won: bool) {
+        if let Some(m) = self.metrics() {
+            m.hedge(self.service(), won);
         }
     }
 }

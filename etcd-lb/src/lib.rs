@@ -54,6 +54,7 @@ pub mod outlier;
 pub mod picker;
 pub mod retry;
 pub mod scheduler;
+mod watch;
 
 pub use balance::{Balancer, BalancerConfig, EndpointInfo};
 pub use budget::RetryBudgetConfig;
