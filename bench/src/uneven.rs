@@ -47,6 +47,23 @@ pub fn server(etcd: &Etcd, port: u16, latency: &str, extra: &[&str]) -> Result<P
     )
 }
 
+/// The load-aware picker's settings: the defaults, or for tuning runs
+/// `BENCH_DECAY_MS`, `BENCH_DEVIATION`, `BENCH_FLOOR_US` (printed).
+fn load_config() -> etcd_lb::LoadConfig {
+    let mut c = etcd_lb::LoadConfig::default();
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<f64>().ok());
+    if let Some(ms) = env("BENCH_DECAY_MS") {
+        c.decay = Duration::from_secs_f64(ms / 1e3);
+    }
+    if let Some(k) = env("BENCH_DEVIATION") {
+        c.deviation = k;
+    }
+    if let Some(us) = env("BENCH_FLOOR_US") {
+        c.floor = Duration::from_secs_f64(us / 1e6);
+    }
+    c
+}
+
 /// One run of one client on one fleet.
 struct Run {
     rps: f64,
@@ -205,7 +222,7 @@ pub async fn run(secs: f64, rounds: usize) -> Result<Table> {
                         let picker = if name.contains("WRR") {
                             Picker::RoundRobin
                         } else {
-                            Picker::default()
+                            Picker::LoadAware(load_config())
                         };
                         let c = GreetClient::new(ours(fleet, picker));
                         drive(c.clone(), CONCURRENCY, 0.5, &slow).await;
@@ -235,6 +252,7 @@ pub async fn run(secs: f64, rounds: usize) -> Result<Table> {
         "{rounds} rounds of F then H per client, {secs} s each after 0.5 s of warm-up; calls/s \
          are means over rounds, p50/p99 the worst round's; greet-servers with --io-threads 1"
     ));
+    t.note(format!("load-aware picker: {:?}", load_config()));
     t.note("target (issue 34): H/F >= 0.85, H p99 <= 10 ms, 0 errors, no worse than tower's P2C");
     Ok(t)
 }

@@ -74,9 +74,13 @@ impl Costs<'_> {
         load.cost(self.now, self.cfg, share, self.in_flight)
     }
 
-    /// Whether `other` should take `next`'s turn.
+    /// Whether `other` should take `next`'s turn: its latency estimate or
+    /// its cost is `deviation` times lower.
     pub(crate) fn prefer(&self, next: (&Load, u32), other: (&Load, u32)) -> bool {
-        self.of(next.0, next.1) > self.cfg.deviation * self.of(other.0, other.1)
+        let k = self.cfg.deviation;
+        let floor = self.cfg.floor;
+        let est = |l: &Load| l.estimate(self.now, self.cfg).max(floor).as_secs_f64();
+        est(next.0) > k * est(other.0) || self.of(next.0, next.1) > k * self.of(other.0, other.1)
     }
 }
 

@@ -52,6 +52,10 @@ struct State<K> {
     pos: usize,
 }
 
+/// How many of its periods a drawn endpoint may be ahead of the clock and
+/// still take a passed-over endpoint's turn.
+const AHEAD: f64 = 2.0;
+
 /// An EDF scheduler over keys `K` (endpoint addresses).
 #[derive(Debug, Clone)]
 pub struct Scheduler<K> {
@@ -210,9 +214,9 @@ impl<K: Clone + Eq + Hash> Scheduler<K> {
 
     /// The load-aware pick: the next endpoint (as [`Scheduler::pick`]),
     /// or one drawn at random from the others when `prefer(next, drawn)`
-    /// says the drawn
-    /// one should take the next one's turn (it is far less loaded). The
-    /// next one's turn is used up either way (it moves one period later),
+    /// says the drawn one should take the next one's turn (it is far less
+    /// loaded) and the drawn one is not already ahead of its schedule
+    /// (at most two periods). The next one's turn is used up either way (it moves one period later),
     /// and the drawn one is charged a period as if picked in turn, so what
     /// a passed-over endpoint loses goes to the others in proportion to
     /// their weights, and nothing is owed to it later: when `prefer` never
@@ -242,10 +246,15 @@ impl<K: Clone + Eq + Hash> Scheduler<K> {
         let Some(other) = self.states.get_mut(&seq) else {
             return Some(next);
         };
-        if !prefer(&next, &other.key) {
+        // The drawn one may take a turn only while it is at most `AHEAD`
+        // of its own periods ahead of the clock: what it takes early it
+        // does not get again in turn, so no endpoint gets more than its
+        // weight's share of the picks made (only passed-over ones get
+        // less), whatever `prefer` says.
+        let w = effective_weight(&other.key, other.weight).max(1e-6);
+        if (other.deadline - self.now) * w > AHEAD || !prefer(&next, &other.key) {
             return Some(next);
         }
-        let w = effective_weight(&other.key, other.weight).max(1e-6);
         other.deadline = other.deadline.max(self.now) + 1.0 / w;
         other.generation += 1;
         self.heap.push(Reverse(Slot {

@@ -98,6 +98,7 @@ async fn shares_follow_weights_over_30000_calls() -> Result<()> {
     assert_eq!(report["calls"], 30000);
     for (port, expected) in ports.iter().zip([1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0]) {
         let share = calls_of(&report, &format!("127.0.0.1:{port}")) as f64 / 30000.0;
+        eprintln!("weight share {expected:.4}: {share:.4}");
         assert!(
             (share - expected).abs() <= 0.01,
             "127.0.0.1:{port}: share {share:.4}, expected {expected:.4}\n{report:#}"
@@ -129,6 +130,7 @@ async fn skewed_shares_follow_weights_over_30000_calls() -> Result<()> {
     assert_eq!(report["errors"], 0, "{report:#}");
     for (port, expected) in ports.iter().zip([0.99, 0.005, 0.005]) {
         let share = calls_of(&report, &format!("127.0.0.1:{port}")) as f64 / 30000.0;
+        eprintln!("weight share {expected:.4}: {share:.4}");
         assert!(
             (share - expected).abs() <= 0.005,
             "127.0.0.1:{port}: share {share:.4}, expected {expected:.4}\n{report:#}"
