@@ -30,6 +30,19 @@ fn total(registry: &Registry, name: &str) -> f64 {
         .sum()
 }
 
+/// The hedging settings: the defaults, or `BENCH_HEDGE_QUANTILE` for
+/// tuning runs (printed).
+fn hedging_config() -> HedgingConfig {
+    let mut c = HedgingConfig::default();
+    if let Some(q) = std::env::var("BENCH_HEDGE_QUANTILE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        c.quantile = q;
+    }
+    c
+}
+
 struct Run {
     calls: u64,
     rps: f64,
@@ -44,7 +57,7 @@ async fn run_one(fleet: &[Addr], hedging: bool, secs: f64) -> Result<Run> {
     let mut registry = Registry::default();
     let bal = Balancer::new(BalancerConfig {
         retry: RetryPolicy::idempotent([MORNING, NIGHT]),
-        hedging: hedging.then(HedgingConfig::default),
+        hedging: hedging.then(hedging_config),
         metrics: Some(ClientMetrics::register(&mut registry)),
         ..BalancerConfig::new("greet_service")
     });
@@ -189,6 +202,7 @@ pub async fn run(secs: f64, rounds: usize) -> Result<Table> {
         "{rounds} rounds of off then on, {secs} s each after 200 sequential warm-up calls; \
          attempts counted by the client (lb_attempts_total), each one a call a server ran"
     ));
+    t.note(format!("hedging: {:?}", hedging_config()));
     t.note("target (issue 34): p99.9 at least 10x lower with hedging, at most 5 % extra attempts");
     Ok(t)
 }
