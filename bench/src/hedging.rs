@@ -2,8 +2,10 @@
 //! stalling 1 % of its calls (at random) for 100 ms (`--stall-ratio 0.01
 //! --stall 100ms`); our balancer with hedging off and on, alternated, at
 //! concurrency 16. Prints calls/s, p50, p99, p99.9, attempts per call
-//! (the client's `lb_attempts_total` over its calls: hedges and retries
-//! included, each one an attempt a server saw) and hedges sent and won.
+//! counted at the servers (their `grpc_server_started_total` for Morning,
+//! scraped from `--metrics-listen`: hedges and retries included, the
+//! cancelled losers too) and by the client (`lb_attempts_total`), and
+//! hedges sent and won.
 
 use std::time::{Duration, Instant};
 
@@ -43,7 +45,27 @@ fn hedging_config() -> HedgingConfig {
     c
 }
 
+/// Morning calls the servers started, from their `/metrics`.
+async fn started_at_servers(metrics: &[std::net::SocketAddr]) -> Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sum = 0.0;
+    for addr in metrics {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await?;
+        sum += text
+            .lines()
+            .filter(|l| l.starts_with("grpc_server_started_total{") && l.contains("Morning"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    Ok(sum)
+}
+
 struct Run {
+    server_attempts: f64,
     calls: u64,
     rps: f64,
     errors: u64,
@@ -53,7 +75,12 @@ struct Run {
     won: f64,
 }
 
-async fn run_one(fleet: &[Addr], hedging: bool, secs: f64) -> Result<Run> {
+async fn run_one(
+    fleet: &[Addr],
+    metrics: &[std::net::SocketAddr],
+    hedging: bool,
+    secs: f64,
+) -> Result<Run> {
     let mut registry = Registry::default();
     let bal = Balancer::new(BalancerConfig {
         retry: RetryPolicy::idempotent([MORNING, NIGHT]),
@@ -77,6 +104,7 @@ async fn run_one(fleet: &[Addr], hedging: bool, secs: f64) -> Result<Run> {
     for _ in 0..200 {
         let _ = call(&mut c).await;
     }
+    let s0 = started_at_servers(metrics).await?;
     let (a0, h0, w0) = (
         total(&registry, "lb_attempts_total{"),
         total(&registry, "lb_hedges_total{"),
@@ -109,6 +137,7 @@ async fn run_one(fleet: &[Addr], hedging: bool, secs: f64) -> Result<Run> {
         })
         .collect();
     let mut run = Run {
+        server_attempts: 0.0,
         calls: 0,
         rps: 0.0,
         errors: 0,
@@ -124,6 +153,9 @@ async fn run_one(fleet: &[Addr], hedging: bool, secs: f64) -> Result<Run> {
         run.hist.add(&h)?;
     }
     run.rps = run.calls as f64 / start.elapsed().as_secs_f64();
+    // The losers' cancellations reach the servers a moment later.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    run.server_attempts = started_at_servers(metrics).await? - s0;
     run.attempts = total(&registry, "lb_attempts_total{") - a0;
     run.hedges = total(&registry, "lb_hedges_total{") - h0;
     run.won = total(&registry, "lb_hedges_won_total{") - w0;
@@ -134,14 +166,26 @@ async fn run_one(fleet: &[Addr], hedging: bool, secs: f64) -> Result<Run> {
 pub async fn run(secs: f64, rounds: usize) -> Result<Table> {
     let etcd = Etcd::start().await?;
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let metrics: Vec<std::net::SocketAddr> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()).parse())
+        .collect::<Result<_, _>>()?;
     let _servers: Vec<Proc> = ports
         .iter()
-        .map(|p| {
+        .zip(&metrics)
+        .map(|(p, m)| {
+            let m = m.to_string();
             server(
                 &etcd,
                 *p,
                 "1ms",
-                &["--stall-ratio", "0.01", "--stall", "100ms"],
+                &[
+                    "--stall-ratio",
+                    "0.01",
+                    "--stall",
+                    "100ms",
+                    "--metrics-listen",
+                    &m,
+                ],
             )
         })
         .collect::<Result<_>>()?;
@@ -158,7 +202,8 @@ pub async fn run(secs: f64, rounds: usize) -> Result<Table> {
             "p50",
             "p99",
             "p99.9",
-            "attempts/call",
+            "attempts/call (servers)",
+            "attempts/call (client)",
             "hedges sent",
             "hedges won",
             "errors",
@@ -167,7 +212,7 @@ pub async fn run(secs: f64, rounds: usize) -> Result<Table> {
     let mut merged: Vec<Option<Run>> = vec![None, None];
     for _ in 0..rounds {
         for (i, hedging) in [false, true].into_iter().enumerate() {
-            let r = run_one(&addrs, hedging, secs).await?;
+            let r = run_one(&addrs, &metrics, hedging, secs).await?;
             match &mut merged[i] {
                 None => merged[i] = Some(r),
                 Some(m) => {
@@ -177,6 +222,7 @@ pub async fn run(secs: f64, rounds: usize) -> Result<Table> {
                     m.errors += r.errors;
                     m.hist.add(&r.hist)?;
                     m.attempts += r.attempts;
+                    m.server_attempts += r.server_attempts;
                     m.hedges += r.hedges;
                     m.won += r.won;
                 }
@@ -192,6 +238,7 @@ pub async fn run(secs: f64, rounds: usize) -> Result<Table> {
             ms(m.hist.value_at_quantile(0.5)),
             ms(m.hist.value_at_quantile(0.99)),
             ms(m.hist.value_at_quantile(0.999)),
+            format!("{:.4}", m.server_attempts / m.calls.max(1) as f64),
             format!("{:.4}", m.attempts / m.calls.max(1) as f64),
             format!("{:.0}", m.hedges),
             format!("{:.0}", m.won),
@@ -200,7 +247,7 @@ pub async fn run(secs: f64, rounds: usize) -> Result<Table> {
     }
     t.note(format!(
         "{rounds} rounds of off then on, {secs} s each after 200 sequential warm-up calls; \
-         attempts counted by the client (lb_attempts_total), each one a call a server ran"
+         attempts counted at the servers (grpc_server_started_total) and by the client (lb_attempts_total)"
     ));
     t.note(format!("hedging: {:?}", hedging_config()));
     t.note("target (issue 34): p99.9 at least 10x lower with hedging, at most 5 % extra attempts");
