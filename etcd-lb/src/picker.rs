@@ -10,18 +10,27 @@
 //! only overrides it when the difference is large:
 //!
 //! 1. the scheduler's next endpoint `a` (its turn is used up either way);
-//! 2. one endpoint `b` drawn at random from those in rotation;
-//! 3. `b` takes the call when `cost(a) > deviation x cost(b)` (default 4x),
-//!    with the cost of [`crate::load`]: latency estimate (PeakEWMA) x
-//!    calls in flight against the endpoint's fair share of them.
+//! 2. one endpoint `b` drawn at random from the others in rotation;
+//! 3. `b` takes the call when its latency estimate (PeakEWMA, at least
+//!    the 1 ms noise floor) or its cost (estimate x calls in flight
+//!    against its fair share of them, [`crate::load`]) is `deviation`
+//!    (default 4x) lower than `a`'s, and `b` is at most two of its own
+//!    periods ahead of the scheduler's clock.
 //!
-//! On a uniform fleet costs stay within the deviation of each other, so
-//! the picks are the scheduler's, exactly. A server 50x slower than the
-//! rest, or one that fails fast (a failure counts as 250 ms), or one
-//! piling up calls is passed over; what it loses goes to the others by
-//! their weights. Its estimate decays while it gets no answers, so it is
-//! tried again within about a second and wins its share back when it
-//! answers fast. O(log n) per pick, as the scheduler.
+//! The last rule is what keeps weights: what `b` takes early it does not
+//! get again in turn, so no endpoint ever gets more than its weight's
+//! share of the picks made; only passed-over endpoints get less, and what
+//! they lose goes to the others by their weights. On a uniform fleet
+//! estimates and costs stay within the deviation of each other, so the
+//! picks are the scheduler's (measured through the real binaries:
+//! 100/200/300 -> 0.171/0.337/0.492 over 30,000 calls at concurrency 16,
+//! 9900:50:50 -> 0.9900/0.0050/0.0050). A server 50x slower than the
+//! rest, or one that fails fast (failures count as 250 ms), or one piling
+//! up calls is passed over (`greet-bench uneven`: a 50 ms server among
+//! three keeps 0.2-0.3 % of the calls; the fleet 0.86-0.96 of the all-fast
+//! one's calls/s, p99 under 7 ms). Its estimate decays while it gets no
+//! answers, so it is tried again within about a second and wins its share
+//! back when it answers fast. O(log n) per pick, as the scheduler.
 
 use tokio::time::Instant;
 
