@@ -10,9 +10,12 @@
 //!   [`Balancer`] (static stability: while etcd is unreachable it keeps the
 //!   last endpoints);
 //! - [`Balancer`] is the `tower::Service` a generated tonic client wraps:
-//!   smooth weighted round-robin ([`scheduler`], O(log n)), weight 0 as
-//!   draining, retries by [`RetryPolicy`] within a [`RetryBudgetConfig`],
-//!   [`outlier`] ejection, and unary and streaming calls alike;
+//!   smooth weighted round-robin ([`scheduler`], O(log n)) that passes over
+//!   a far more loaded endpoint ([`picker`], [`load`]; or [`Picker::RoundRobin`]),
+//!   weight 0 as draining, retries by [`RetryPolicy`] within a
+//!   [`RetryBudgetConfig`], optional [`hedge`]s for idempotent calls,
+//!   [`outlier`] ejection with a panic threshold, and unary and streaming
+//!   calls alike;
 //! - [`Registrar`] registers a server and keeps it registered (re-registers
 //!   when the key vanishes, drains with [`Registrar::set_weight`]);
 //! - [`metrics`]: Prometheus metrics in a registry the application owns.
