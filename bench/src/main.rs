@@ -9,10 +9,12 @@ mod calls;
 mod controller_view;
 mod fleet;
 mod h2sender;
+mod hedging;
 mod overhead;
 mod propagation;
 mod round_robin;
 mod stats;
+mod uneven;
 mod weights;
 
 use clap::{Parser, Subcommand};
@@ -59,6 +61,18 @@ enum Scenario {
     Controller,
     /// 7: one server's throughput, idle CPU, memory.
     Server,
+    /// 8: one 50 ms server among three: our pickers and tower's P2C.
+    Uneven {
+        /// F/H pairs per client.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+    },
+    /// 9: 1 % of calls stall 100 ms: hedging off and on.
+    Hedging {
+        /// Off/on pairs.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+    },
     /// Everything above.
     All,
     /// Serves Greet on a loopback port, printing its address (for `calls`).
@@ -132,6 +146,15 @@ async fn main() -> anyhow::Result<()> {
     }
     if want(Scenario::Server) {
         emit(fleet::server_side(args.secs).await?);
+    }
+    match args.scenario {
+        Scenario::Uneven { rounds } => emit(uneven::run(args.secs, rounds).await?),
+        Scenario::Hedging { rounds } => emit(hedging::run(args.secs, rounds).await?),
+        Scenario::All => {
+            emit(uneven::run(args.secs, 2).await?);
+            emit(hedging::run(args.secs, 2).await?);
+        }
+        _ => {}
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&tables)?);

@@ -3,7 +3,10 @@
 //! [`crate::conn`]), that a generated client (`EchoClient::new(balancer)`,
 //! any tonic client) wraps.
 //!
-//! - Picks with the [`Scheduler`] (smooth weighted round-robin, O(log n)).
+//! - Picks with the [`crate::picker`]: the [`Scheduler`]'s smooth weighted
+//!   round-robin (O(log n)), passed over for a far less loaded endpoint
+//!   when one is (latency and calls in flight, [`crate::load`]); or, with
+//!   [`Picker::RoundRobin`], the scheduler alone.
 //! - Updates touch only the endpoints that changed: an unchanged endpoint
 //!   keeps its channel and its established connection.
 //! - Weight 0 (draining) takes an endpoint out of the schedule but keeps its
@@ -11,24 +14,43 @@
 //! - An endpoint whose connection fails is marked down and skipped; a
 //!   background task reconnects it with backoff and puts it back when the
 //!   connection is up again (readiness, not a fixed timeout).
-//! - A call that was never sent is retried on another endpoint, always; a
-//!   call lost after sending is retried when its method is retryable, within
-//!   its `grpc-timeout`. A request body that is complete at once and
-//!   within 64 KiB (unary and server-streaming calls) is kept so it can be
-//!   replayed; an open request stream (client- and bidi-streaming) or a
-//!   larger body is sent once as it comes, never buffered, never retried. A retryable call's response is read
-//!   to its end before it is handed on, so a server that dies mid-response
-//!   costs a retry too (gRPC itself commits at the headers); other responses
-//!   stream through untouched. A server's refusal (`UNAVAILABLE`, in the
-//!   headers or the trailers) is retried too.
+//! - A call that was never sent is retried on another endpoint whatever
+//!   its method, without asking the retry budget (it put no load on any
+//!   server; [`RetryPolicy::decide`] bounds it at 8 + endpoints tries,
+//!   within its deadline). A call lost after sending is retried when its
+//!   method is retryable, within its `grpc-timeout` and the retry budget.
+//!   A request body that is complete at once and within 64 KiB (unary and
+//!   server-streaming calls) is kept so it can be replayed; an open request
+//!   stream (client- and bidi-streaming) or a larger body is sent once as
+//!   it comes, never buffered, never retried. A retryable call's response
+//!   of one message within 4 MiB is read to its end before it is handed on,
+//!   so a server that dies mid-response costs a retry too (gRPC itself
+//!   commits at the headers); at a second message or past 4 MiB it streams
+//!   through and is committed; other responses stream through untouched.
+//!   A server's refusal (`UNAVAILABLE`, in the headers or the trailers) is
+//!   retried too. List as retryable (idempotent) the unary methods that are
+//!   safe to run twice.
 //! - Slow is not dead: an attempt past its per-try bound is not given up
 //!   but checked: a health check on the same connection that gets an
 //!   answer means the server is alive and slow, so the call keeps waiting
 //!   (to its deadline); only a check with no answer (a silent connection)
 //!   marks the endpoint down and sends the call elsewhere. The caller's own
 //!   deadline passing is `DEADLINE_EXCEEDED` and never marks anything down.
+//! - Hedging ([`crate::hedge`], off by default): the first attempt of a
+//!   retryable call that has not answered within the 95th percentile of
+//!   recent latency gets a second attempt on another endpoint, charged to
+//!   the retry budget; the first answer wins, the other is cancelled.
+//! - Drains never cut a call: a connection the server sent GOAWAY on is
+//!   draining. Its calls run to their own deadline (its keepalive still
+//!   ends them if the peer dies), nothing new is sent on it, and a health
+//!   check it refuses is not taken as proof of death.
+//! - Outlier ejection never empties a service: its cap counts endpoints in
+//!   rotation only (up, weight > 0), the last of them is never ejected, and
+//!   while fewer than the healthy share (50 %) are not ejected, ejection is
+//!   ignored (Envoy's panic mode).
 //! - With nothing usable, calls fail at once with `UNAVAILABLE` and a
-//!   message that says why (none registered, all draining, all unreachable).
+//!   message that says why (none registered, all draining, all unreachable,
+//!   all ejected, or how many of each).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -46,13 +68,17 @@ use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 use tracing::{debug, info, warn};
 
-use crate::body::{read_whole, replayable, Replay};
+use crate::body::{read_whole, replayable, Read, Replay, RESPONSE_CAP};
 use crate::budget::{RetryBudget, RetryBudgetConfig};
 use crate::conn::{Conn, Dialer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
+use crate::hedge::{Hedger, HedgingConfig};
+use crate::load::Load;
 use crate::metrics::{ClientMetrics, EndpointMetrics, RetryReason};
-use crate::outlier::{Ejector, OutlierConfig, Tracker};
+use crate::outlier::{verdict, Ejector, OutlierConfig, Tracker, Verdict};
+use crate::picker::Picker;
 use crate::retry::{grpc_timeout, not_sent, timed_out, Decision, Failed, RetryPolicy, Tries};
 use crate::scheduler::Scheduler;
+use crate::watch::{watch, Watched};
 
 /// Batches of at most this many changes log each endpoint at info; larger
 /// ones log each at debug and one summary at info.
@@ -110,6 +136,11 @@ pub struct BalancerConfig {
     pub outlier: Option<OutlierConfig>,
     /// Ramp a new endpoint's weight from 10 % to 100 % over this window.
     pub slow_start: Option<Duration>,
+    /// How endpoints are picked: load-aware (default) or plain smooth
+    /// weighted round-robin.
+    pub picker: Picker,
+    /// Hedge retryable calls (see [`crate::hedge`]); `None`: never.
+    pub hedging: Option<HedgingConfig>,
     /// TCP connect timeout per endpoint.
     pub connect_timeout: Duration,
     /// Connect to new endpoints at once (true) or on their first call.
@@ -141,6 +172,8 @@ impl BalancerConfig {
             retry_budget: Some(RetryBudgetConfig::default()),
             outlier: Some(OutlierConfig::default()),
             slow_start: None,
+            picker: Picker::default(),
+            hedging: None,
             connect_timeout: Duration::from_secs(1),
             eager_connect: true,
             tls: None,
@@ -162,6 +195,10 @@ pub struct EndpointInfo {
     pub up: bool,
     /// Whether outlier detection has taken it out of rotation for now.
     pub ejected: bool,
+    /// Its calls in flight (load-aware picker only; else 0).
+    pub in_flight: u32,
+    /// Its latency estimate (load-aware picker only).
+    pub latency: Option<Duration>,
 }
 
 struct Ep {
@@ -183,26 +220,64 @@ struct Ep {
     ejections: u32,
     /// When it last came back into service (or was added).
     in_service_since: Instant,
+    /// Latency and calls in flight, for the load-aware picker.
+    load: Option<Arc<Load>>,
 }
 
 impl Ep {
-    /// Whether the scheduler should hold it (weight aside).
-    fn in_rotation(&self) -> bool {
-        self.up && self.ejected_until.is_none()
+    /// Whether it is in rotation: up and not draining (ejected or not).
+    /// The ejection cap and the panic threshold count these only.
+    fn member(&self) -> bool {
+        self.up && self.weight > 0
+    }
+
+    /// What it adds to [`Rotation`]: (member, ejected member).
+    fn class(&self) -> (bool, bool) {
+        let member = self.member();
+        (member, member && self.ejected_until.is_some())
+    }
+
+    /// Whether the scheduler should hold it (weight aside): up, and not
+    /// ejected unless the balancer panics.
+    fn schedulable(&self, panic: bool) -> bool {
+        self.up && (panic || self.ejected_until.is_none())
+    }
+}
+
+/// The endpoints in rotation (up, weight > 0) and how many of them are
+/// ejected: what the ejection cap and the panic threshold are shares of.
+/// Kept up to date on every change, so neither costs a walk of the table.
+#[derive(Debug, Default, Clone, Copy)]
+struct Rotation {
+    members: usize,
+    ejected: usize,
+}
+
+impl Rotation {
+    /// Replaces an endpoint's old [`Ep::class`] with its new one.
+    fn update(&mut self, before: (bool, bool), after: (bool, bool)) {
+        self.members = self.members + usize::from(after.0) - usize::from(before.0);
+        self.ejected = self.ejected + usize::from(after.1) - usize::from(before.1);
     }
 }
 
 /// What [`Balancer::pick`] hands an attempt.
-struct Picked {
-    addr: Addr,
+pub(crate) struct Picked {
+    pub(crate) addr: Addr,
     conn: Conn,
     generation: u64,
     metrics: Option<EndpointMetrics>,
     tracker: Option<Arc<Tracker>>,
+    load: Option<Arc<Load>>,
 }
 
 struct Pool {
     sched: Scheduler<Addr>,
+    /// Members of the rotation, and ejected ones among them.
+    rotation: Rotation,
+    /// Whether too few members are healthy (Envoy's panic mode): ejected
+    /// members are scheduled again until enough are.
+    panic: bool,
     /// Boxed: an `Ep` is a few hundred bytes, and a table of 100,000 of
     /// them inline is one 47 MB allocation (doubled while it grows).
     endpoints: HashMap<Addr, Box<Ep>, Hasher>,
@@ -223,6 +298,10 @@ struct Inner {
     /// Bumped on every applied change: lets callers (tests, the propagation
     /// benchmark) observe the moment an update takes effect.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Attempts in flight on all endpoints (load-aware picker only).
+    in_flight: std::sync::atomic::AtomicU32,
+    /// Recent latency and the hedging delay, when hedging.
+    hedger: Option<Hedger>,
 }
 
 /// A cheap-to-clone handle; every clone balances over the same pool.
@@ -267,6 +346,7 @@ impl Balancer {
                 let me = me.clone();
                 Inner {
                     budget: cfg.retry_budget.as_ref().map(RetryBudget::new),
+                    hedger: cfg.hedging.map(Hedger::new),
                     ejector: Arc::new(move |addr: &Addr, generation: u64| {
                         if let Some(inner) = me.upgrade() {
                             Balancer { inner }.eject(addr, generation);
@@ -275,11 +355,14 @@ impl Balancer {
                     cfg,
                     pool: Mutex::new(Pool {
                         sched: Scheduler::new(),
+                        rotation: Rotation::default(),
+                        panic: false,
                         endpoints: HashMap::default(),
                         next_generation: 0,
                         empty_reason: None,
                     }),
                     changes: tokio::sync::watch::Sender::new(0),
+                    in_flight: std::sync::atomic::AtomicU32::new(0),
                 }
             }),
         }
@@ -363,13 +446,16 @@ impl Balancer {
                 }
                 done.reweighted += 1;
             }
+            let before = ep.class();
             ep.weight = weight;
             if ep.version != version {
                 ep.version = version.to_owned();
             }
-            if ep.in_rotation() {
+            pool.rotation.update(before, ep.class());
+            if ep.schedulable(pool.panic) {
                 pool.sched.set(addr.clone(), weight);
             }
+            self.settle(pool);
             done.updated += 1;
             return;
         }
@@ -407,9 +493,17 @@ impl Balancer {
                 ejected_until: None,
                 ejections: 0,
                 in_service_since: Instant::now(),
+                load: self
+                    .inner
+                    .cfg
+                    .picker
+                    .load()
+                    .map(|_| Arc::new(Load::new(Instant::now()))),
             }),
         );
+        pool.rotation.update((false, false), (weight > 0, false));
         pool.sched.set(addr.clone(), weight);
+        self.settle(pool);
         done.added += 1;
         if loud {
             info!(%addr, weight, version, "endpoint added");
@@ -436,7 +530,9 @@ impl Balancer {
                 }
                 all.forget(m);
             }
+            pool.rotation.update(ep.class(), (false, false));
             pool.sched.remove(addr);
+            self.settle(pool);
             done.removed += 1;
             if loud {
                 info!(%addr, "endpoint removed");
@@ -444,6 +540,11 @@ impl Balancer {
                 debug!(%addr, "endpoint removed");
             }
         }
+    }
+
+    /// The service's name, as configured.
+    pub(crate) fn service(&self) -> &str {
+        &self.inner.cfg.service
     }
 
     /// The metrics this balancer records into, if any.
@@ -473,6 +574,8 @@ impl Balancer {
 
     /// The endpoints, sorted by address.
     pub fn endpoints(&self) -> Vec<EndpointInfo> {
+        let now = Instant::now();
+        let load_cfg = self.inner.cfg.picker.load().copied();
         let pool = self.pool();
         let mut v: Vec<_> = pool
             .endpoints
@@ -483,6 +586,12 @@ impl Balancer {
                 version: ep.version.clone(),
                 up: ep.up,
                 ejected: ep.ejected_until.is_some(),
+                in_flight: ep.load.as_ref().map_or(0, |l| l.in_flight()),
+                latency: ep
+                    .load
+                    .as_ref()
+                    .zip(load_cfg.as_ref())
+                    .map(|(l, cfg)| l.estimate(now, cfg)),
             })
             .collect();
         v.sort_by(|a, b| a.addr.cmp(&b.addr));
@@ -507,7 +616,7 @@ impl Balancer {
     }
 
     /// Picks an endpoint, or says why none can take a call.
-    fn pick(&self, avoid: Option<&Addr>) -> Result<Picked, Status> {
+    pub(crate) fn pick(&self, avoid: Option<&Addr>) -> Result<Picked, Status> {
         let mut pool = self.pool();
         let pool = &mut *pool;
         let slow_start = self.inner.cfg.slow_start.filter(|w| !w.is_zero());
@@ -537,7 +646,18 @@ impl Balancer {
             // failed endpoint back every time).
             let picked = match avoid {
                 Some(failed) if pool.sched.active() > 1 => pool.sched.pick_except(failed, weight),
-                _ => pool.sched.pick(weight),
+                _ => crate::picker::pick(
+                    &self.inner.cfg.picker,
+                    &mut pool.sched,
+                    weight,
+                    self.inner
+                        .in_flight
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    |k| {
+                        let ep = endpoints.get(k)?;
+                        Some((ep.load.as_deref()?, ep.weight))
+                    },
+                ),
             };
             let Some(addr) = picked else { break };
             if let Some(ep) = pool.endpoints.get_mut(&addr) {
@@ -565,26 +685,25 @@ impl Balancer {
                     generation: ep.generation,
                     metrics: ep.metrics.clone(),
                     tracker: ep.tracker.clone(),
+                    load: ep.load.clone(),
                 });
             }
         }
-        let total = pool.endpoints.len();
-        let service = &self.inner.cfg.service;
-        let why = if let (0, Some(reason)) = (total, &pool.empty_reason) {
-            format!("no endpoints for {service}: {reason}")
-        } else if total == 0 {
-            format!("no endpoints registered for {service}")
-        } else if pool.endpoints.values().all(|e| e.weight == 0) {
-            format!("all {total} endpoints of {service} are draining (weight 0)")
-        } else {
-            format!("all {total} endpoints of {service} are unreachable")
-        };
-        Err(Status::unavailable(why))
+        if let (true, Some(reason)) = (pool.endpoints.is_empty(), &pool.empty_reason) {
+            return Err(Status::unavailable(format!(
+                "no endpoints for {}: {reason}",
+                self.inner.cfg.service
+            )));
+        }
+        Err(Status::unavailable(why_none(
+            &self.inner.cfg.service,
+            pool.endpoints.values().map(|e| e.as_ref()),
+        )))
     }
 
     /// Whether the retry budget allows one more retry (always, without a
     /// budget).
-    fn may_retry(&self) -> bool {
+    pub(crate) fn may_retry(&self) -> bool {
         self.inner
             .budget
             .as_ref()
@@ -599,29 +718,26 @@ impl Balancer {
 
     /// Takes an endpoint out of rotation for a while after a failure
     /// streak, unless that would eject more than the allowed share of the
-    /// service's endpoints. Its connection stays.
+    /// endpoints in rotation (up, weight > 0) or the last one of them. Its
+    /// connection stays.
     fn eject(&self, addr: &Addr, generation: u64) {
         let Some(cfg) = self.inner.cfg.outlier else {
             return;
         };
         let mut pool = self.pool();
         let pool = &mut *pool;
-        let total = pool.endpoints.len();
-        let ejected = pool
-            .endpoints
-            .values()
-            .filter(|e| e.ejected_until.is_some())
-            .count();
+        let Rotation { members, ejected } = pool.rotation;
         let Some(ep) = pool.endpoints.get_mut(addr) else {
             return;
         };
-        if ep.generation != generation || ep.ejected_until.is_some() {
+        if ep.generation != generation || ep.ejected_until.is_some() || !ep.member() {
             return;
         }
-        if !cfg.may_eject(ejected, total) {
-            debug!(%addr, ejected, total, "failing endpoint not ejected: the most allowed are");
+        if !cfg.may_eject(ejected, members) {
+            debug!(%addr, ejected, members, "failing endpoint not ejected: the most allowed are");
             return;
         }
+        let before = ep.class();
         let now = Instant::now();
         let base = cfg.base_ejection_time.max(Duration::from_millis(1));
         let decay = (now.duration_since(ep.in_service_since).as_secs_f64() / base.as_secs_f64())
@@ -629,11 +745,15 @@ impl Balancer {
         ep.ejections = ep.ejections.saturating_sub(decay).saturating_add(1);
         let time = cfg.ejection_time(ep.ejections);
         ep.ejected_until = Some(now + time);
-        pool.sched.remove(addr);
+        pool.rotation.update(before, ep.class());
+        if !ep.schedulable(pool.panic) {
+            pool.sched.remove(addr);
+        }
         if let Some(m) = &ep.metrics {
             m.ejected();
         }
         warn!(%addr, ejections = ep.ejections, for_ = ?time, "endpoint fails every call; ejected");
+        self.settle(pool);
         let weak = Arc::downgrade(&self.inner);
         let addr = addr.clone();
         tokio::spawn(async move {
@@ -654,7 +774,9 @@ impl Balancer {
         if ep.generation != generation || ep.ejected_until.is_none() {
             return;
         }
+        let before = ep.class();
         ep.ejected_until = None;
+        pool.rotation.update(before, ep.class());
         ep.in_service_since = Instant::now();
         if let Some(t) = &ep.tracker {
             t.reset();
@@ -662,10 +784,49 @@ impl Balancer {
         if let Some(m) = &ep.metrics {
             m.reinstated();
         }
-        if ep.in_rotation() {
+        if ep.schedulable(pool.panic) {
             pool.sched.set(addr.clone(), ep.weight);
         }
+        self.settle(pool);
         info!(%addr, "ejection over; endpoint back in rotation");
+    }
+
+    /// Enters or leaves panic mode after a change to the rotation: while
+    /// fewer than the outlier config's healthy share of the members are
+    /// not ejected, ejection is ignored and calls spread over all members
+    /// (Envoy's panic threshold). Walks the table only when the mode flips.
+    fn settle(&self, pool: &mut Pool) {
+        let threshold = self
+            .inner
+            .cfg
+            .outlier
+            .map_or(0, |o| usize::from(o.panic_threshold_percent.min(100)));
+        let Rotation { members, ejected } = pool.rotation;
+        let panic = ejected > 0 && (members - ejected) * 100 < threshold * members;
+        if panic == pool.panic {
+            return;
+        }
+        pool.panic = panic;
+        if panic {
+            warn!(
+                members,
+                ejected, "too few endpoints healthy; ignoring ejection (panic mode)"
+            );
+        } else {
+            info!(
+                members,
+                ejected, "enough endpoints healthy again; panic mode over"
+            );
+        }
+        for (addr, ep) in &pool.endpoints {
+            if ep.ejected_until.is_some() && ep.up {
+                if panic {
+                    pool.sched.set(addr.clone(), ep.weight);
+                } else {
+                    pool.sched.remove(addr);
+                }
+            }
+        }
     }
 
     /// Counts an endpoint that just went from up to down.
@@ -688,9 +849,15 @@ impl Balancer {
             if ep.generation != generation || !ep.up {
                 return;
             }
+            let before = ep.class();
             ep.up = false;
+            pool.rotation.update(before, ep.class());
             self.note_down(ep);
             pool.sched.remove(addr);
+            self.settle(pool);
+            let Some(ep) = pool.endpoints.get_mut(addr) else {
+                return;
+            };
             if ep.recovering {
                 return;
             }
@@ -761,24 +928,30 @@ impl Balancer {
                     if let Some(m) = &self.inner.cfg.metrics {
                         m.transition(&self.inner.cfg.service, Some(ep.up), Some(true));
                     }
+                    let before = ep.class();
                     ep.up = true;
+                    pool.rotation.update(before, ep.class());
                     ep.since = Instant::now();
-                    if ep.in_rotation() {
+                    if ep.schedulable(pool.panic) {
                         pool.sched.set(addr.clone(), ep.weight);
                     }
                     info!(%addr, "endpoint reachable again");
                 }
                 ep.recovering = false;
+                self.settle(pool);
                 true
             }
             Err(e) if !recover && ep.up => {
                 // First connection failed: skip it like any other
                 // unreachable endpoint until it answers.
+                let before = ep.class();
                 ep.up = false;
+                pool.rotation.update(before, ep.class());
                 self.note_down(ep);
                 ep.recovering = true;
                 pool.sched.remove(addr);
                 warn!(%addr, error = %e, "cannot connect to new endpoint; skipping it until it answers");
+                self.settle(pool);
                 false
             }
             Err(e) => {
@@ -830,16 +1003,27 @@ impl Balancer {
         let mut avoid: Option<Addr> = None;
         loop {
             let picked = self.pick(avoid.as_ref())?;
-            let mut req = http::Request::new(Body::new(Replay(Some(bytes.clone()))));
-            *req.method_mut() = parts.method.clone();
-            *req.uri_mut() = parts.uri.clone();
-            *req.version_mut() = parts.version;
-            *req.headers_mut() = parts.headers.clone();
+            let make = || {
+                let mut req = http::Request::new(Body::new(Replay(Some(bytes.clone()))));
+                *req.method_mut() = parts.method.clone();
+                *req.uri_mut() = parts.uri.clone();
+                *req.version_mut() = parts.version;
+                *req.headers_mut() = parts.headers.clone();
+                req
+            };
+            let mut req = make();
             if let Some(ext) = extensions.take() {
                 *req.extensions_mut() = ext;
             }
-            let addr = picked.addr.clone();
-            let (failed, status) = match self.attempt(picked, req, retryable, deadline).await {
+            let first = avoid.is_none() && tries == Tries::default();
+            let (addr, outcome) = match &self.inner.hedger {
+                Some(h) if retryable && first => self.hedged(h, picked, req, make, deadline).await,
+                _ => {
+                    let addr = picked.addr.clone();
+                    (addr, self.attempt(picked, req, retryable, deadline).await)
+                }
+            };
+            let (failed, status) = match outcome {
                 Outcome::Answered(resp) => return Ok(resp),
                 Outcome::DeadlineExceeded(status) => return Err(status.into()),
                 Outcome::Failed(failed, status) => (failed, status),
@@ -854,8 +1038,10 @@ impl Balancer {
                 deadline,
                 crate::retry::random(),
             );
+            // An unsent call put no load on any server: the budget is not
+            // asked (the policy bounds its tries, the deadline its time).
             let pause = match decision {
-                Decision::Retry(pause) if self.may_retry() => pause,
+                Decision::Retry(pause) if failed == Failed::Unsent || self.may_retry() => pause,
                 Decision::Retry(_) | Decision::Return => return Err(status.into()),
                 Decision::DeadlineExceeded => {
                     return Err(Status::deadline_exceeded(status.message().to_owned()).into())
@@ -885,7 +1071,7 @@ impl Balancer {
     /// deadline); one that does not is behind a silent connection (a
     /// partition drops packets, no reset comes) and costs one bounded
     /// attempt, not the whole deadline.
-    async fn attempt(
+    pub(crate) async fn attempt(
         &self,
         picked: Picked,
         req: http::Request<Body>,
@@ -898,34 +1084,57 @@ impl Balancer {
             generation,
             metrics,
             tracker,
+            load,
         } = picked;
         let policy = &self.inner.cfg.retry;
         let per_try = policy.per_try_timeout.filter(|_| retryable);
         if let Some(m) = &metrics {
             m.attempt();
         }
-        // The clock is read only for what needs it: latency metrics and
-        // the per-try bound.
-        let sent_at = (metrics.is_some() || per_try.is_some()).then(Instant::now);
+        // The clock is read only for what needs it: latency metrics, the
+        // load-aware picker and the per-try bound.
+        let hedger = self.inner.hedger.as_ref().filter(|_| retryable);
+        let sent_at =
+            (metrics.is_some() || per_try.is_some() || load.is_some() || hedger.is_some())
+                .then(Instant::now);
         let took = || sent_at.map_or(Duration::ZERO, |t| t.elapsed());
+        // Counted in flight until this attempt ends (for a streamed answer:
+        // at its headers), then its latency is recorded; a failure costs
+        // the failure penalty.
+        let _in_flight = load.as_deref().map(|l| l.start(&self.inner.in_flight));
+        let _gauge = metrics
+            .as_ref()
+            .filter(|_| load.is_some())
+            .map(EndpointMetrics::in_flight);
+        // A call that waits for its endpoint's first connection measures
+        // the dial too: not the server's latency.
+        let dialing = matches!(conn, Conn::Dialing(_));
+        let observe = |failed: bool| {
+            if dialing && !failed {
+                return;
+            }
+            if let (Some(l), Some(cfg), Some(at)) = (&load, self.inner.cfg.picker.load(), sent_at) {
+                let now = Instant::now();
+                l.observe(now.saturating_duration_since(at), failed, now, cfg);
+                if let Some(m) = &metrics {
+                    m.estimate(l.estimate(now, cfg));
+                }
+            }
+        };
         let enforced = conn.enforces_deadline();
+        // The watch probes the attempt's own connection (the pool's may
+        // have been replaced, or the endpoint removed, meanwhile).
+        let watched = per_try.map(|_| conn.clone());
         let attempt = async {
             let resp = conn.send(req).await.map_err(Lost::Send)?;
             if retryable {
-                read_whole(resp).await.map_err(Lost::Body)
+                read_whole(resp, RESPONSE_CAP).await.map_err(Lost::Body)
             } else {
-                Ok((resp, None))
+                Ok(Read::Streaming(resp))
             }
         };
-        let sent = match (per_try, deadline) {
-            // The probe takes the endpoint's connection from the pool when
-            // it needs it: a clone per attempt showed in the overhead figure.
-            (Some(bound), _) => {
-                let conn = || {
-                    let pool = self.pool();
-                    let ep = pool.endpoints.get(&addr)?;
-                    (ep.generation == generation && ep.up).then(|| ep.conn.clone())?
-                };
+        let sent = match (per_try.zip(watched), deadline) {
+            (Some((bound, conn)), _) => {
                 let started = sent_at.unwrap_or_else(Instant::now);
                 watch(attempt, conn, started, bound, deadline).await
             }
@@ -939,6 +1148,7 @@ impl Balancer {
         let deadline_exceeded = || {
             // The caller's deadline, not evidence against the server: the
             // endpoint stays up and keeps its connection.
+            observe(false);
             if let Some(m) = &metrics {
                 m.answered(took(), Some(Code::DeadlineExceeded));
             }
@@ -950,6 +1160,7 @@ impl Balancer {
             Watched::Done(sent) => sent,
             Watched::DeadlineExceeded => return deadline_exceeded(),
             Watched::Silent(why) => {
+                observe(true);
                 if let Some(m) = &metrics {
                     m.answered(took(), Some(Code::Unavailable));
                 }
@@ -967,6 +1178,7 @@ impl Balancer {
             // caller's deadline, not a broken connection.
             Err(Lost::Send(e) | Lost::Body(e)) if timed_out(&*e) => deadline_exceeded(),
             Err(Lost::Send(e)) => {
+                observe(true);
                 if let Some(m) = &metrics {
                     m.answered(took(), Some(Code::Unavailable));
                 }
@@ -981,6 +1193,7 @@ impl Balancer {
             // Sent, and the server died before the response ended (SIGKILL
             // after the headers): the call is lost, not failed.
             Err(Lost::Body(e)) => {
+                observe(true);
                 if let Some(m) = &metrics {
                     m.answered(took(), Some(Code::Unavailable));
                 }
@@ -990,8 +1203,19 @@ impl Balancer {
             // The status is in the headers (trailers-only: how a server
             // refuses a call) or, for a response read whole, in the
             // trailers.
-            Ok((resp, trailer_code)) => {
+            Ok(read) => {
+                // A response streaming through (not read whole) is
+                // committed: whatever its code, it is not retried.
+                let (resp, trailer_code, whole) = match read {
+                    Read::Whole(resp, code) => (resp, code, true),
+                    Read::Streaming(resp) => (resp, None, false),
+                };
                 let code = code_of(resp.headers()).or(trailer_code);
+                let failed = code.is_some_and(|c| verdict(c) == Verdict::Failure);
+                observe(failed);
+                if let (Some(h), false) = (hedger, failed) {
+                    h.record(took());
+                }
                 if let Some(m) = &metrics {
                     m.answered(took(), code);
                 }
@@ -999,7 +1223,7 @@ impl Balancer {
                     t.observe(code);
                 }
                 match code {
-                    Some(code) if retryable && policy.retryable_codes.contains(&code) => {
+                    Some(code) if retryable && whole && policy.retryable_codes.contains(&code) => {
                         Outcome::Failed(
                             Failed::Refused,
                             Status::new(code, format!("{addr} answered {code:?}")),
@@ -1018,8 +1242,36 @@ impl Balancer {
     }
 }
 
+/// Why no endpoint can take a call, naming the cause: none registered,
+/// all draining, all unreachable, all ejected, or the mix.
+fn why_none<'a>(service: &str, endpoints: impl Iterator<Item = &'a Ep>) -> String {
+    let (mut total, mut draining, mut down, mut ejected) = (0, 0, 0, 0);
+    for e in endpoints {
+        total += 1;
+        if e.weight == 0 {
+            draining += 1;
+        } else if !e.up {
+            down += 1;
+        } else if e.ejected_until.is_some() {
+            ejected += 1;
+        }
+    }
+    match total {
+        0 => format!("no endpoints registered for {service}"),
+        n if draining == n => format!("all {n} endpoints of {service} are draining (weight 0)"),
+        n if down == n => format!("all {n} endpoints of {service} are unreachable"),
+        n if ejected == n => {
+            format!("all {n} endpoints of {service} are ejected (they failed calls in a row)")
+        }
+        n => format!(
+            "none of the {n} endpoints of {service} can take a call: \
+             {draining} draining (weight 0), {down} unreachable, {ejected} ejected"
+        ),
+    }
+}
+
 /// What one attempt came to.
-enum Outcome {
+pub(crate) enum Outcome {
     /// A response to hand back (success, or an answer not retried).
     Answered(http::Response<Body>),
     /// Failed in a way the retry decision weighs.
@@ -1037,79 +1289,6 @@ async fn probe(conn: Conn, limit: Duration) -> Result<Conn, String> {
     match etcd_lb_registry::health::check(conn.clone(), limit).await {
         etcd_lb_registry::health::Outcome::Failed(why) => Err(format!("health check: {why}")),
         _ => Ok(conn),
-    }
-}
-
-/// How a watched attempt ended.
-enum Watched<T> {
-    /// It finished (well or not) on its own.
-    Done(T),
-    /// The call's deadline passed first; nothing is known against the
-    /// endpoint.
-    DeadlineExceeded,
-    /// It passed its per-try bound and a health check on the same
-    /// connection got no answer: the connection is silent.
-    Silent(String),
-}
-
-/// Waits for `attempt`; each time it passes `bound`, probes the channel
-/// `channel` gives (the attempt's own connection) with a health check while still waiting for
-/// the attempt. Gives up only when the probe gets no answer, or at the
-/// call's deadline. A slow server answers its health checks, so a call
-/// that merely takes long is never abandoned, and its endpoint is never
-/// marked down for it.
-///
-/// `started` is when the attempt was sent: its first bound counts from
-/// there (the clock is not read again for it).
-async fn watch<F: Future>(
-    attempt: F,
-    channel: impl Fn() -> Option<Conn>,
-    started: Instant,
-    bound: Duration,
-    deadline: Option<Instant>,
-) -> Watched<F::Output> {
-    let mut attempt = std::pin::pin!(attempt);
-    let mut since = started;
-    loop {
-        // One timer while waiting: the per-try bound or the deadline,
-        // whichever comes first, not one for each (every call of a
-        // client that sets a timeout would register both).
-        let bound_at = since + bound;
-        let wake = deadline.map_or(bound_at, |d| d.min(bound_at));
-        tokio::select! {
-            biased;
-            out = &mut attempt => return Watched::Done(out),
-            () = tokio::time::sleep_until(wake) => {}
-        }
-        if deadline.is_some_and(|d| d <= Instant::now()) {
-            return Watched::DeadlineExceeded;
-        }
-        // Gone from the pool (removed, or replaced after a mark-down):
-        // nothing to wait for there.
-        let Some(channel) = channel() else {
-            return Watched::Silent("the endpoint left the pool".to_owned());
-        };
-        // Boxed: rarely run, and large; inline, it made every retryable
-        // call's future (and its copies) larger.
-        let probe = Box::pin(etcd_lb_registry::health::check(channel, bound));
-        let at_deadline = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            biased;
-            out = &mut attempt => return Watched::Done(out),
-            () = at_deadline => return Watched::DeadlineExceeded,
-            outcome = probe => {
-                if let etcd_lb_registry::health::Outcome::Failed(why) = outcome {
-                    return Watched::Silent(format!("a health check on its connection got none ({why})"));
-                }
-                debug!(bound = ?bound, "attempt past its per-try bound; the server answers health checks, still waiting");
-            }
-        }
-        since = Instant::now();
     }
 }
 

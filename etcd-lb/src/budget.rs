@@ -3,11 +3,17 @@
 //! much more, never a multiple of its load.
 //!
 //! This is linkerd's and Finagle's budget (tower's [`TpsBudget`]): every
-//! call deposits, every retry (lost, silent or unsent alike) withdraws
-//! `1 / ratio` deposits, over a sliding window of `ttl`, plus a floor of
-//! `min_per_sec` retries per second so a client with little traffic can
-//! still retry. When the budget is empty the call returns its own error
-//! at once.
+//! call deposits, every retry of an attempt that may have reached a server
+//! (lost, silent, refused) withdraws `1 / ratio` deposits, over a sliding
+//! window of `ttl`, plus a floor of `min_per_sec` retries per second so a
+//! client with little traffic can still retry. When the budget is empty
+//! the call returns its own error at once.
+//!
+//! A call that was never sent (its connection refused or closed before
+//! it left this process) is retried on another endpoint without a
+//! withdrawal: it put no load on any server. It is bounded per call
+//! instead (8 + endpoints tries, within its deadline), and an endpoint
+//! that refuses is marked down and no longer picked.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;

@@ -98,6 +98,17 @@ impl Conn {
         }
     }
 
+    /// Whether the server is draining this connection (it sent GOAWAY, or
+    /// the connection closed): it takes no new stream, while streams
+    /// already open on it may still finish. Not known for a `Channel`
+    /// (it reconnects by itself): false.
+    pub(crate) fn draining(&self) -> bool {
+        match self {
+            Conn::H2(h2) => h2.send.is_closed(),
+            Conn::Channel(_) | Conn::Dialing(_) => false,
+        }
+    }
+
     /// The connection itself, once dialled.
     pub(crate) async fn ready(self) -> Result<Conn, String> {
         match self {

@@ -10,12 +10,17 @@
 //!   service's prefix and feeds a [`Balancer`] (static stability: while
 //!   etcd is unreachable it keeps the last endpoints);
 //! - [`Balancer`] is the `tower::Service` a generated tonic client wraps:
-//!   smooth weighted round-robin ([`scheduler`], O(log n)), weight 0 as
-//!   draining, retries by [`RetryPolicy`] within a [`RetryBudgetConfig`],
-//!   [`outlier`] ejection, and unary and streaming calls alike;
+//!   smooth weighted round-robin ([`scheduler`], O(log n)) that passes over
+//!   a far more loaded endpoint ([`picker`], [`load`]; or [`Picker::RoundRobin`]),
+//!   weight 0 as draining, retries by [`RetryPolicy`] within a
+//!   [`RetryBudgetConfig`], optional [`hedge`]s for idempotent calls,
+//!   [`outlier`] ejection with a panic threshold, and unary and streaming
+//!   calls alike;
 //! - [`serve_registered`] runs a server registered for its lifetime:
 //!   register, and on shutdown drain (weight 0), stop, deregister; the
 //!   [`Registrar`] underneath is there for servers that need finer control;
+//! - [`overrides`]: operators' drains and weights (`controller drain`),
+//!   applied by discovery;
 //! - [`metrics`]: Prometheus metrics in a registry the application owns.
 //!
 //! Both need a Tokio runtime (they spawn tasks; called outside one they
@@ -53,17 +58,24 @@ mod body;
 pub mod budget;
 pub mod conn;
 pub mod discover;
+pub mod hedge;
+pub mod load;
 pub mod metrics;
 pub mod outlier;
 pub mod overrides;
+pub mod picker;
 pub mod retry;
 pub mod scheduler;
 pub mod serve;
+mod watch;
 
 pub use balance::{Balancer, BalancerConfig, EndpointInfo};
 pub use budget::RetryBudgetConfig;
 pub use discover::{connect, Discovery, DiscoveryConfig, NotSynced};
+pub use hedge::HedgingConfig;
+pub use load::LoadConfig;
 pub use outlier::OutlierConfig;
+pub use picker::Picker;
 pub use retry::RetryPolicy;
 pub use serve::{serve_registered, shutdown_signal, ServeError, ServeOptions};
 

@@ -4,7 +4,9 @@
 //!
 //! Per endpoint: attempts, attempts that ended in an error by gRPC code
 //! (server-sent, or made up here for a connection that failed), attempt
-//! latency, and how often the endpoint was taken out of rotation. Per
+//! latency, and how often the endpoint was taken out of rotation; with the
+//! load-aware picker also its attempts in flight and its latency estimate
+//! (the PeakEWMA the picker weighs, decayed to the last answer). Per
 //! service: retries by reason, endpoints up and down, and the view's age and
 //! revision. Series of an endpoint that left the registry are removed with
 //! it, so a fleet that rolls does not grow the exposition forever.
@@ -116,6 +118,10 @@ pub struct ClientMetrics {
     endpoints: Family<StateLabels, Gauge>,
     view_age: Family<ServiceLabel, Gauge<f64, AtomicU64>>,
     view_revision: Family<ServiceLabel, Gauge>,
+    in_flight: Family<EndpointLabels, Gauge>,
+    estimate: Family<EndpointLabels, Gauge<f64, AtomicU64>>,
+    hedges: Family<ServiceLabel, Counter>,
+    hedges_won: Family<ServiceLabel, Counter>,
 }
 
 /// Why a call went to another attempt (the `reason` label of
@@ -161,6 +167,10 @@ impl ClientMetrics {
             endpoints: Family::default(),
             view_age: Family::default(),
             view_revision: Family::default(),
+            in_flight: Family::default(),
+            estimate: Family::default(),
+            hedges: Family::default(),
+            hedges_won: Family::default(),
         };
         registry.register(
             "lb_attempts",
@@ -203,6 +213,26 @@ impl ClientMetrics {
             m.endpoints.clone(),
         );
         registry.register(
+            "lb_endpoint_in_flight",
+            "Attempts in flight on an endpoint (load-aware picker only)",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "lb_endpoint_latency_estimate_seconds",
+            "An endpoint's latency estimate as the load-aware picker weighs it (peak-sensitive moving average, failures counted as a penalty), at its last answer",
+            m.estimate.clone(),
+        );
+        registry.register(
+            "lb_hedges",
+            "Hedged attempts sent (a second attempt of a slow idempotent call, to another endpoint)",
+            m.hedges.clone(),
+        );
+        registry.register(
+            "lb_hedges_won",
+            "Hedged attempts whose answer was the one used",
+            m.hedges_won.clone(),
+        );
+        registry.register(
             "lb_view_age_seconds",
             "Seconds since etcd last confirmed the view (an event or a progress notice)",
             m.view_age.clone(),
@@ -224,6 +254,8 @@ impl ClientMetrics {
         EndpointMetrics {
             attempts: self.attempts.get_or_create(&labels).clone(),
             latency: self.latency.get_or_create(&labels).clone(),
+            in_flight: self.in_flight.get_or_create(&labels).clone(),
+            estimate: self.estimate.get_or_create(&labels).clone(),
             labels,
             all: self.clone(),
         }
@@ -235,6 +267,8 @@ impl ClientMetrics {
         self.latency.remove(&ep.labels);
         self.marked_down.remove(&ep.labels);
         self.ejections.remove(&ep.labels);
+        self.in_flight.remove(&ep.labels);
+        self.estimate.remove(&ep.labels);
         for code in ALL_CODES {
             self.errors.remove(&ErrorLabels {
                 service: ep.labels.service.clone(),
@@ -251,6 +285,18 @@ impl ClientMetrics {
                 reason: reason.label(),
             })
             .inc();
+    }
+
+    /// A hedge was sent (`won`: false), or won (true).
+    pub(crate) fn hedge(&self, service: &str, won: bool) {
+        let label = ServiceLabel {
+            service: service.to_owned(),
+        };
+        if won {
+            self.hedges_won.get_or_create(&label).inc();
+        } else {
+            self.hedges.get_or_create(&label).inc();
+        }
     }
 
     /// Moves one endpoint between states (`None`: not known).
@@ -290,6 +336,8 @@ impl ClientMetrics {
 pub(crate) struct EndpointMetrics {
     attempts: Counter,
     latency: Histogram,
+    in_flight: Gauge,
+    estimate: Gauge<f64, AtomicU64>,
     labels: EndpointLabels,
     all: Arc<ClientMetrics>,
 }
@@ -322,6 +370,17 @@ impl EndpointMetrics {
         }
     }
 
+    /// Counts an attempt in flight until the guard is dropped.
+    pub(crate) fn in_flight(&self) -> InFlightGauge {
+        self.in_flight.inc();
+        InFlightGauge(self.in_flight.clone())
+    }
+
+    /// The load-aware picker's latency estimate after an answer.
+    pub(crate) fn estimate(&self, estimate: Duration) {
+        self.estimate.set(estimate.as_secs_f64());
+    }
+
     /// The endpoint was taken out of rotation.
     pub(crate) fn marked_down(&self) {
         self.all.marked_down.get_or_create(&self.labels).inc();
@@ -345,6 +404,16 @@ impl EndpointMetrics {
                 service: self.labels.service.clone(),
             })
             .clone()
+    }
+}
+
+/// An attempt counted in `lb_endpoint_in_flight`.
+#[derive(Debug)]
+pub(crate) struct InFlightGauge(Gauge);
+
+impl Drop for InFlightGauge {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

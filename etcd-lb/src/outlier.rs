@@ -29,8 +29,13 @@ pub struct OutlierConfig {
     /// Longest ejection (never less than the base time).
     pub max_ejection_time: Duration,
     /// Most endpoints of the service ejected at once, in percent of them
-    /// (0..=100). An ejection that would pass it does not happen.
+    /// (0..=100) of those in rotation (up, weight > 0). An ejection that
+    /// would pass it, or eject the last one in rotation, does not happen.
     pub max_ejection_percent: u8,
+    /// Envoy's panic threshold, in percent (0..=100): while fewer than this
+    /// share of the endpoints in rotation are not ejected, the balancer
+    /// ignores ejection and spreads calls over all of them. 0: never.
+    pub panic_threshold_percent: u8,
 }
 
 impl Default for OutlierConfig {
@@ -43,6 +48,7 @@ impl Default for OutlierConfig {
             base_ejection_time: Duration::from_secs(30),
             max_ejection_time: Duration::from_secs(300),
             max_ejection_percent: 50,
+            panic_threshold_percent: 50,
         }
     }
 }
@@ -55,11 +61,12 @@ impl OutlierConfig {
             .min(self.max_ejection_time.max(self.base_ejection_time))
     }
 
-    /// Whether one more endpoint may be ejected when `ejected` of `total`
-    /// already are.
+    /// Whether one more endpoint may be ejected when `ejected` of the
+    /// `total` in rotation already are: within the share, and never the
+    /// last one not ejected.
     pub fn may_eject(&self, ejected: usize, total: usize) -> bool {
         let pct = usize::from(self.max_ejection_percent.min(100));
-        (ejected + 1).saturating_mul(100) <= pct.saturating_mul(total)
+        ejected + 1 < total && (ejected + 1).saturating_mul(100) <= pct.saturating_mul(total)
     }
 }
 
@@ -204,7 +211,8 @@ mod tests {
             max_ejection_percent: 255,
             ..c
         };
-        assert!(all.may_eject(2, 3) && !all.may_eject(3, 3));
+        assert!(all.may_eject(1, 3), "two of three, one left");
+        assert!(!all.may_eject(2, 3), "never the last one");
     }
 
     #[test]

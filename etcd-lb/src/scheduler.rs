@@ -46,7 +46,15 @@ struct State<K> {
     weight: u32,
     generation: u64,
     scheduled: bool,
+    /// Its live slot's deadline.
+    deadline: f64,
+    /// Its place in `members` while scheduled.
+    pos: usize,
 }
+
+/// How many of its periods a drawn endpoint may be ahead of the clock and
+/// still take a passed-over endpoint's turn.
+const AHEAD: f64 = 2.0;
 
 /// An EDF scheduler over keys `K` (endpoint addresses).
 #[derive(Debug, Clone)]
@@ -58,6 +66,12 @@ pub struct Scheduler<K> {
     next_seq: u64,
     now: f64,
     active: usize,
+    /// The scheduled endpoints' seqs, for drawing one at random in O(1).
+    members: Vec<u64>,
+    /// Sum of the scheduled weights.
+    total_weight: u64,
+    /// xorshift state for [`Scheduler::pick_or_other`].
+    rng: u64,
 }
 
 impl<K: Clone + Eq + Hash> Default for Scheduler<K> {
@@ -76,7 +90,15 @@ impl<K: Clone + Eq + Hash> Scheduler<K> {
             next_seq: 0,
             now: 0.0,
             active: 0,
+            members: Vec::new(),
+            total_weight: 0,
+            rng: 0x9E37_79B9_7F4A_7C15,
         }
+    }
+
+    /// Sum of the weights of the endpoints that can be picked.
+    pub fn total_weight(&self) -> u64 {
+        self.total_weight
     }
 
     /// Number of endpoints that can be picked (weight > 0).
@@ -113,18 +135,26 @@ impl<K: Clone + Eq + Hash> Scheduler<K> {
             weight,
             generation: 0,
             scheduled: false,
+            deadline: 0.0,
+            pos: 0,
         });
         if state.scheduled && state.weight == weight {
             return;
         }
-        if !state.scheduled {
+        if state.scheduled {
+            self.total_weight -= u64::from(state.weight);
+        } else {
             self.active += 1;
+            state.pos = self.members.len();
+            self.members.push(seq);
         }
+        self.total_weight += u64::from(weight);
         state.weight = weight;
         state.generation += 1;
         state.scheduled = true;
+        state.deadline = self.now + 1.0 / f64::from(weight);
         let slot = Slot {
-            deadline: self.now + 1.0 / f64::from(weight),
+            deadline: state.deadline,
             seq,
             generation: state.generation,
         };
@@ -138,6 +168,13 @@ impl<K: Clone + Eq + Hash> Scheduler<K> {
             if let Some(state) = self.states.remove(&seq) {
                 if state.scheduled {
                     self.active -= 1;
+                    self.total_weight -= u64::from(state.weight);
+                    self.members.swap_remove(state.pos);
+                    if let Some(moved) = self.members.get(state.pos) {
+                        if let Some(m) = self.states.get_mut(moved) {
+                            m.pos = state.pos;
+                        }
+                    }
                 }
             }
         }
@@ -149,7 +186,13 @@ impl<K: Clone + Eq + Hash> Scheduler<K> {
     // `pick_except` repeats this loop on purpose: one loop for both (an
     // `Option` of the key to avoid) made every pick 13 ns slower, 52 -> 65
     // ns at 3 endpoints (greet-bench weights, scenario 2b, 2026-12-03).
-    pub fn pick(&mut self, mut effective_weight: impl FnMut(&K, u32) -> f64) -> Option<K> {
+    pub fn pick(&mut self, effective_weight: impl FnMut(&K, u32) -> f64) -> Option<K> {
+        let seq = self.pick_seq(effective_weight)?;
+        self.states.get(&seq).map(|s| s.key.clone())
+    }
+
+    /// [`Scheduler::pick`], saying which by its seq.
+    fn pick_seq(&mut self, mut effective_weight: impl FnMut(&K, u32) -> f64) -> Option<u64> {
         loop {
             let Reverse(slot) = self.heap.pop()?;
             let Some(state) = self.states.get_mut(&slot.seq) else {
@@ -160,12 +203,68 @@ impl<K: Clone + Eq + Hash> Scheduler<K> {
             }
             self.now = slot.deadline;
             let w = effective_weight(&state.key, state.weight).max(1e-6);
+            state.deadline = slot.deadline + 1.0 / w;
             self.heap.push(Reverse(Slot {
-                deadline: slot.deadline + 1.0 / w,
+                deadline: state.deadline,
                 ..slot
             }));
-            return Some(state.key.clone());
+            return Some(slot.seq);
         }
+    }
+
+    /// The load-aware pick: the next endpoint (as [`Scheduler::pick`]),
+    /// or one drawn at random from the others when `prefer(next, drawn)`
+    /// says the drawn one should take the next one's turn (it is far less
+    /// loaded) and the drawn one is not already ahead of its schedule
+    /// (at most two periods). The next one's turn is used up either way (it moves one period later),
+    /// and the drawn one is charged a period as if picked in turn, so what
+    /// a passed-over endpoint loses goes to the others in proportion to
+    /// their weights, and nothing is owed to it later: when `prefer` never
+    /// says yes, the picks are exactly [`Scheduler::pick`]'s. O(log n).
+    pub fn pick_or_other(
+        &mut self,
+        mut effective_weight: impl FnMut(&K, u32) -> f64,
+        mut prefer: impl FnMut(&K, &K) -> bool,
+    ) -> Option<K> {
+        let next_seq = self.pick_seq(&mut effective_weight)?;
+        let next = self.states.get(&next_seq)?;
+        let n = self.members.len();
+        if n < 2 {
+            return Some(next.key.clone());
+        }
+        // xorshift64: enough to spread the draws, no dependency. The
+        // draw skips `next` itself.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let mut i = (self.rng % (n as u64 - 1)) as usize;
+        if i >= next.pos {
+            i += 1;
+        }
+        let seq = self.members[i];
+        let next = next.key.clone();
+        let Some(other) = self.states.get_mut(&seq) else {
+            return Some(next);
+        };
+        // The drawn one may take a turn only while it is at most `AHEAD`
+        // of its own periods ahead of the clock: what it takes early it
+        // does not get again in turn, so no endpoint gets more than its
+        // weight's share of the picks made (only passed-over ones get
+        // less), whatever `prefer` says.
+        let w = effective_weight(&other.key, other.weight).max(1e-6);
+        if (other.deadline - self.now) * w > AHEAD || !prefer(&next, &other.key) {
+            return Some(next);
+        }
+        other.deadline = other.deadline.max(self.now) + 1.0 / w;
+        other.generation += 1;
+        self.heap.push(Reverse(Slot {
+            deadline: other.deadline,
+            seq,
+            generation: other.generation,
+        }));
+        let picked = other.key.clone();
+        self.compact();
+        Some(picked)
     }
 
     /// The next endpoint other than `except` (a retry avoiding the endpoint
@@ -193,8 +292,9 @@ impl<K: Clone + Eq + Hash> Scheduler<K> {
             }
             self.now = slot.deadline;
             let w = effective_weight(&state.key, state.weight).max(1e-6);
+            state.deadline = slot.deadline + 1.0 / w;
             self.heap.push(Reverse(Slot {
-                deadline: slot.deadline + 1.0 / w,
+                deadline: state.deadline,
                 ..slot
             }));
             break Some(state.key.clone());
@@ -352,6 +452,66 @@ mod tests {
             (80..=100).contains(&new),
             "about 1/11 of the picks, got {new}"
         );
+    }
+
+    #[test]
+    fn pick_or_other_is_pick_when_nothing_is_preferred() {
+        let mut a = Scheduler::new();
+        let mut b = Scheduler::new();
+        for (k, w) in [("a", 100), ("b", 200), ("c", 300)] {
+            a.set(k, w);
+            b.set(k, w);
+        }
+        for _ in 0..1000 {
+            assert_eq!(
+                a.pick_or_other(|_, w| f64::from(w), |_, _| false),
+                b.pick_plain()
+            );
+        }
+        assert_eq!(a.total_weight(), 600);
+        a.set("b", 50);
+        a.remove(&"c");
+        assert_eq!(a.total_weight(), 150);
+        assert_eq!(a.members.len(), 2);
+    }
+
+    #[test]
+    fn a_passed_over_endpoint_loses_its_share_to_the_others_by_weight() {
+        let mut s = Scheduler::new();
+        for (k, w) in [("slow", 100), ("x", 100), ("y", 200)] {
+            s.set(k, w);
+        }
+        let mut counts = HashMap::<&str, u32>::new();
+        for _ in 0..30_000 {
+            let k = s
+                .pick_or_other(|_, w| f64::from(w), |next, _| *next == "slow")
+                .unwrap();
+            *counts.entry(k).or_default() += 1;
+        }
+        let slow = counts.get("slow").copied().unwrap_or(0);
+        let (x, y) = (counts["x"], counts["y"]);
+        // Passed over every time.
+        assert_eq!(slow, 0, "{counts:?}");
+        let ratio = f64::from(y) / f64::from(x);
+        assert!((ratio - 2.0).abs() < 0.05, "y keeps twice x: {counts:?}");
+    }
+
+    #[test]
+    fn members_follow_changes() {
+        let mut s = Scheduler::new();
+        for i in 0..10 {
+            s.set(i, 1);
+        }
+        for i in (0..10).step_by(2) {
+            s.remove(&i);
+        }
+        s.set(3, 0);
+        let mut m: Vec<usize> = s.members.iter().map(|q| s.states[q].key).collect();
+        m.sort_unstable();
+        assert_eq!(m, [1, 5, 7, 9]);
+        for (i, q) in s.members.iter().enumerate() {
+            assert_eq!(s.states[q].pos, i);
+        }
     }
 
     proptest! {

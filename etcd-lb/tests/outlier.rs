@@ -129,3 +129,93 @@ async fn at_most_half_of_a_failing_fleet_is_ejected() -> Result<()> {
     );
     Ok(())
 }
+
+/// Issue 34, point 3: one server draining (weight 0) and one that answers
+/// `UNAVAILABLE` to its first 5 calls. The draining one is not in
+/// rotation, so the failing one is the last in rotation and is never
+/// ejected: once its failures are over, calls are answered (at least 13
+/// of 16). Before the fix the 50 % cap counted the draining one, the only
+/// active server was ejected, and every call failed for 30 s.
+#[tokio::test]
+async fn the_last_endpoint_in_rotation_is_never_ejected() -> Result<()> {
+    let draining = serve(GreetService::new("draining")).await?;
+    let failing =
+        serve(GreetService::new("failing").with_fault(Fault::new(0.0, 5, Code::Unavailable)))
+            .await?;
+    let bal = Balancer::new(BalancerConfig {
+        retry: RetryPolicy::idempotent([MORNING, NIGHT]),
+        ..BalancerConfig::new("ej")
+    });
+    bal.upsert(&draining, 0, "");
+    bal.upsert(&failing, 100, "");
+    let mut c = GreetClient::new(bal.clone());
+    // The first calls use up the 5 failures (retried or not).
+    let mut failed = Vec::new();
+    for _ in 0..5 {
+        if let Err(s) = c.morning(GreetRequest { name: "t".into() }).await {
+            failed.push(s.message().to_owned());
+        }
+    }
+    let mut answered = 0;
+    let mut errors = Vec::new();
+    for _ in 0..16 {
+        match c.morning(GreetRequest { name: "t".into() }).await {
+            Ok(r) => {
+                assert_eq!(r.into_inner().from, "failing");
+                answered += 1;
+            }
+            Err(s) => errors.push(s.message().to_owned()),
+        }
+    }
+    eprintln!("first 5 calls failed: {failed:?}");
+    assert!(
+        answered >= 13,
+        "{answered} of 16 answered after the failures: {errors:?} {:?}",
+        bal.endpoints()
+    );
+    assert!(
+        bal.endpoints().iter().all(|e| !e.ejected),
+        "{:?}",
+        bal.endpoints()
+    );
+    Ok(())
+}
+
+/// Envoy's panic mode: with one of two ejected (the most allowed) and the
+/// other then unreachable, fewer than half are healthy, so the balancer
+/// ignores ejection and the ejected one (which has since recovered)
+/// answers, instead of every call failing for the ejection time.
+#[tokio::test]
+async fn below_the_healthy_share_ejection_is_ignored() -> Result<()> {
+    let flaky =
+        serve(GreetService::new("flaky").with_fault(Fault::new(0.0, 5, Code::Internal))).await?;
+    let other =
+        etcd_lb_testkit::Proxy::start(serve(GreetService::new("other")).await?.as_str().parse()?)
+            .await?;
+    let bal = balancer(None);
+    bal.upsert(&flaky, 100, "");
+    bal.upsert(&Addr::from_socket(other.addr), 100, "");
+    let mut c = GreetClient::new(bal.clone());
+    for _ in 0..10 {
+        let _ = c.morning(GreetRequest { name: "t".into() }).await;
+    }
+    assert!(
+        bal.endpoints().iter().any(|e| e.addr == flaky && e.ejected),
+        "flaky is ejected after its 5 failures: {:?}",
+        bal.endpoints()
+    );
+    other.cut();
+    let mut answered = 0;
+    for _ in 0..8 {
+        if let Ok(r) = c.morning(GreetRequest { name: "t".into() }).await {
+            assert_eq!(r.into_inner().from, "flaky");
+            answered += 1;
+        }
+    }
+    assert!(
+        answered >= 6,
+        "the ejected one answers in panic mode: {answered} of 8, {:?}",
+        bal.endpoints()
+    );
+    Ok(())
+}

@@ -99,13 +99,19 @@ async fn a_slow_fleet_works_with_default_settings() -> Result<()> {
 /// Must-show 2: one server at 300 ms among two fast ones, calls with a
 /// 100 ms deadline: the slow one's calls fail DEADLINE_EXCEEDED (the
 /// caller's deadline, not a dead server), it stays up and keeps its one
-/// connection, and the fast ones answer the rest.
+/// connection, and the fast ones answer the rest. With the round-robin
+/// picker, so the slow one keeps its share of calls to miss (the
+/// load-aware picker passes it over: tests/load.rs).
 #[tokio::test]
 async fn a_deadline_shorter_than_the_call_is_not_a_dead_server() -> Result<()> {
     let slow = serve_slow("slow", Duration::from_millis(300)).await?;
     let fast1 = serve_slow("fast1", Duration::ZERO).await?;
     let fast2 = serve_slow("fast2", Duration::ZERO).await?;
-    let bal = default_balancer();
+    let bal = Balancer::new(BalancerConfig {
+        retry: RetryPolicy::idempotent([MORNING, NIGHT]),
+        picker: etcd_lb::Picker::RoundRobin,
+        ..BalancerConfig::new("greet_service")
+    });
     for p in [&slow, &fast1, &fast2] {
         bal.upsert(&Addr::from_socket(p.addr), 100, "");
     }

@@ -198,3 +198,32 @@ async fn a_large_unary_request_still_works() -> Result<()> {
     assert_eq!(reply.into_inner().from, "greet");
     Ok(())
 }
+
+/// Issue 34, point 4: a server-streaming method listed as retryable
+/// (health `Watch`, whose first message comes at once and the next only
+/// on a change) still streams: its first message reaches the caller while
+/// the stream stays open. Before, retryable responses were read whole, so
+/// this waited for the stream's end, forever.
+#[tokio::test]
+async fn a_server_stream_listed_as_retryable_still_streams() -> Result<()> {
+    let addr = serve().await?;
+    let bal = Balancer::new(BalancerConfig {
+        retry: RetryPolicy::idempotent(["/grpc.health.v1.Health/Watch"]),
+        ..BalancerConfig::new("s")
+    });
+    bal.upsert(&addr, 100, "");
+    let mut c = HealthClient::new(bal);
+    let first = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut s = c
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await?
+            .into_inner();
+        s.message().await
+    })
+    .await
+    .context("the first message never came: the stream was held whole")??;
+    assert!(first.is_some());
+    Ok(())
+}

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
-use etcd_lb::{OutlierConfig, RetryBudgetConfig};
+use etcd_lb::{HedgingConfig, OutlierConfig, Picker, RetryBudgetConfig};
 use etcd_lb_registry::etcd::EtcdArgs;
 use etcd_lb_registry::logging::LogFormat;
 use etcd_lb_registry::schema::{ServiceName, DEFAULT_ROOT};
@@ -115,6 +115,19 @@ pub struct Common {
     /// Outlier detection: most endpoints ejected at once, in percent.
     #[arg(long, global = true, env = "GREET_OUTLIER_MAX_PERCENT", default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub outlier_max_percent: u8,
+    /// How endpoints are picked: `ewma` is smooth weighted round-robin that
+    /// passes over an endpoint far more loaded than another (its latency,
+    /// a peak-sensitive moving average, times its calls in flight); `wrr`
+    /// is smooth weighted round-robin alone, blind to load. Both keep the
+    /// registered weights on a uniform fleet.
+    #[arg(long, global = true, env = "GREET_PICKER", value_enum, default_value_t = PickerFlag::Ewma)]
+    pub picker: PickerFlag,
+    /// Hedging of Greet's (idempotent) calls: `on` sends a second attempt
+    /// to another endpoint when the first has not answered within the
+    /// 95th percentile of recent latency; the first answer wins, the other
+    /// is cancelled; hedges are charged to the retry budget.
+    #[arg(long, global = true, env = "GREET_HEDGING", value_enum, default_value_t = OnOff::Off)]
+    pub hedging: OnOff,
     /// How long to wait for the first list from etcd before calling anyway.
     #[arg(long, global = true, env = "GREET_SYNC_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub sync_timeout: Duration,
@@ -130,6 +143,24 @@ pub struct Common {
     pub etcd: EtcdArgs,
     #[command(flatten)]
     pub tls: etcd_lb_registry::grpc_tls::ClientTlsArgs,
+}
+
+/// `--picker`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PickerFlag {
+    /// Load-aware (latency and calls in flight against the weights).
+    Ewma,
+    /// Smooth weighted round-robin only.
+    Wrr,
+}
+
+/// A switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    /// On.
+    On,
+    /// Off.
+    Off,
 }
 
 /// Modes.
@@ -176,6 +207,19 @@ impl Common {
         }
     }
 
+    /// The picker the flags ask for.
+    pub fn picker(&self) -> Picker {
+        match self.picker {
+            PickerFlag::Ewma => Picker::default(),
+            PickerFlag::Wrr => Picker::RoundRobin,
+        }
+    }
+
+    /// The hedging the flags ask for; `None` when off.
+    pub fn hedging(&self) -> Option<HedgingConfig> {
+        (self.hedging == OnOff::On).then(HedgingConfig::default)
+    }
+
     /// The outlier detection the flags ask for; `None` when turned off.
     pub fn outlier(&self) -> Option<OutlierConfig> {
         (self.outlier_failures > 0).then(|| OutlierConfig {
@@ -183,6 +227,7 @@ impl Common {
             base_ejection_time: self.outlier_ejection,
             max_ejection_time: self.outlier_ejection.saturating_mul(10),
             max_ejection_percent: self.outlier_max_percent,
+            ..OutlierConfig::default()
         })
     }
 }
@@ -215,6 +260,14 @@ mod tests {
             OutlierConfig::default().consecutive_failures
         );
         assert_eq!(outlier.max_ejection_percent, 50);
+        assert_eq!(a.common.picker(), Picker::default());
+        let wrr = parse(&["--picker", "wrr"]).unwrap();
+        assert_eq!(wrr.common.picker(), Picker::RoundRobin);
+        assert!(parse(&["--picker", "p2c"]).is_err());
+        assert_eq!(a.common.hedging(), None);
+        let on = parse(&["--hedging", "on"]).unwrap();
+        assert_eq!(on.common.hedging(), Some(HedgingConfig::default()));
+        assert!(parse(&["--hedging", "maybe"]).is_err());
     }
 
     #[test]

@@ -76,6 +76,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         retry_budget: Some(common.retry_budget()),
         outlier: common.outlier(),
         slow_start: common.slow_start,
+        picker: common.picker(),
+        hedging: common.hedging(),
         tls,
         metrics: common.metrics_listen.map(|_| metrics),
         ..BalancerConfig::new(common.service.as_str())

@@ -98,8 +98,41 @@ async fn shares_follow_weights_over_30000_calls() -> Result<()> {
     assert_eq!(report["calls"], 30000);
     for (port, expected) in ports.iter().zip([1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0]) {
         let share = calls_of(&report, &format!("127.0.0.1:{port}")) as f64 / 30000.0;
+        eprintln!("weight share {expected:.4}: {share:.4}");
         assert!(
             (share - expected).abs() <= 0.01,
+            "127.0.0.1:{port}: share {share:.4}, expected {expected:.4}\n{report:#}"
+        );
+    }
+    Ok(())
+}
+
+/// Issue 34, must-show 2: a skewed set keeps its weights too, with the
+/// load-aware picker (the default): 9900:50:50 within 0.5 % absolute.
+#[tokio::test]
+async fn skewed_shares_follow_weights_over_30000_calls() -> Result<()> {
+    let etcd = Etcd::start().await?;
+    let c = etcd.client().await?;
+    let ports = [free_port(), free_port(), free_port()];
+    let _servers: Vec<Proc> = ports
+        .iter()
+        .zip([9900, 50, 50])
+        .map(|(p, w)| server(&etcd, *p, w, &[]))
+        .collect::<Result<_>>()?;
+    wait_registered(&c, 3).await?;
+
+    let report = bench(
+        &etcd,
+        &["--concurrency", "16", "--requests", "30000"],
+        Duration::from_secs(120),
+    )
+    .await?;
+    assert_eq!(report["errors"], 0, "{report:#}");
+    for (port, expected) in ports.iter().zip([0.99, 0.005, 0.005]) {
+        let share = calls_of(&report, &format!("127.0.0.1:{port}")) as f64 / 30000.0;
+        eprintln!("weight share {expected:.4}: {share:.4}");
+        assert!(
+            (share - expected).abs() <= 0.005,
             "127.0.0.1:{port}: share {share:.4}, expected {expected:.4}\n{report:#}"
         );
     }

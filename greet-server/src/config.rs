@@ -66,6 +66,13 @@ pub struct Args {
     /// codes in lower case with dashes).
     #[arg(long, env = "GREET_FAIL_CODE", default_value = "unavailable", value_parser = parse_code)]
     pub fail_code: tonic::Code,
+    /// Stalls: this share of calls (0..=1, drawn at random) waits `--stall`
+    /// longer, a tail for tests and demos of hedging. Default 0: never.
+    #[arg(long, env = "GREET_STALL_RATIO", default_value_t = 0.0, value_parser = parse_ratio)]
+    pub stall_ratio: f64,
+    /// How long a stalled call waits on top of `--latency`.
+    #[arg(long, env = "GREET_STALL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub stall: Duration,
     /// Threads that serve gRPC connections, each with its own runtime; a
     /// connection and its calls stay on one thread (no cross-thread
     /// wake-ups per call), and new connections go to the thread with the
@@ -168,6 +175,8 @@ pub struct Config {
     pub io_threads: usize,
     /// Injected faults: (ratio, first, code).
     pub fault: (f64, u64, tonic::Code),
+    /// Stalls: (ratio, extra wait).
+    pub stall: (f64, Duration),
 }
 
 impl Args {
@@ -198,6 +207,7 @@ impl Args {
             metrics_listen: self.metrics_listen,
             io_threads: crate::shards::resolve_threads(self.io_threads),
             fault: (self.fail_ratio, self.fail_first, self.fail_code),
+            stall: (self.stall_ratio, self.stall),
         })
     }
 }
@@ -244,6 +254,8 @@ mod tests {
             &["--fail-ratio", "1.5"],
             &["--fail-code", "teapot"],
             &["--fail-code", "ok"],
+            &["--stall-ratio", "2"],
+            &["--stall", "soon"],
             &["--io-threads", "-1"],
             &["--io-threads", "many"],
         ] {

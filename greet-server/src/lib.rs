@@ -32,7 +32,7 @@ use tonic_health::ServingStatus;
 use tracing::{info, info_span, warn, Instrument};
 
 pub use config::{Args, Config};
-pub use service::{Fault, GreetService};
+pub use service::{Fault, GreetService, Stall};
 
 /// Errors that end the server.
 #[derive(Debug, thiserror::Error)]
@@ -151,7 +151,8 @@ pub async fn run(
             .add_service(GreetServer::new(
                 GreetService::new(advertise.to_string())
                     .with_latency(cfg.latency)
-                    .with_fault(service::Fault::new(cfg.fault.0, cfg.fault.1, cfg.fault.2)),
+                    .with_fault(service::Fault::new(cfg.fault.0, cfg.fault.1, cfg.fault.2))
+                    .with_stall(service::Stall::new(cfg.stall.0, cfg.stall.1)),
             ));
         // Each serving thread runs its connections on its own runtime (see
         // `shards`).

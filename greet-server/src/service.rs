@@ -1,6 +1,7 @@
 //! The Greet service itself: the same replies as the original Go server,
 //! plus a fault mode (answer a share of calls with an error code) for tests
-//! and demos of retries, budgets and outlier detection.
+//! and demos of retries, budgets and outlier detection, and stalls (a share
+//! of calls, at random, waits longer) for tests and demos of hedging.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,6 +17,42 @@ pub struct GreetService {
     from: String,
     latency: Duration,
     fault: Option<Arc<Fault>>,
+    stall: Option<Arc<Stall>>,
+}
+
+/// A share of calls, drawn at random, that wait longer (a GC pause, a
+/// noisy neighbour): the tail that hedging cuts.
+#[derive(Debug)]
+pub struct Stall {
+    /// Share of calls that stall (0..=1).
+    pub ratio: f64,
+    /// How long a stalled call waits, on top of the latency.
+    pub stall: Duration,
+    rng: AtomicU64,
+}
+
+impl Stall {
+    /// Stalls; `None` when no call would stall.
+    pub fn new(ratio: f64, stall: Duration) -> Option<Self> {
+        (ratio > 0.0 && !stall.is_zero()).then(|| Self {
+            ratio: ratio.clamp(0.0, 1.0),
+            stall,
+            // Seeded per process, so servers started together differ.
+            rng: AtomicU64::new(
+                u64::from(std::process::id()).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+            ),
+        })
+    }
+
+    /// Whether the next call stalls (xorshift64 over a shared state).
+    fn next_stalls(&self) -> bool {
+        let mut x = self.rng.load(Ordering::Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.store(x, Ordering::Relaxed);
+        (x >> 11) as f64 / (1u64 << 53) as f64 <= self.ratio
+    }
 }
 
 /// Which calls fail, and how.
@@ -56,7 +93,14 @@ impl GreetService {
             from: from.into(),
             latency: Duration::ZERO,
             fault: None,
+            stall: None,
         }
+    }
+
+    /// Makes a share of calls wait longer, as `stall` says.
+    pub fn with_stall(mut self, stall: Option<Stall>) -> Self {
+        self.stall = stall.map(Arc::new);
+        self
     }
 
     /// Answers calls with an error as `fault` says.
@@ -72,8 +116,13 @@ impl GreetService {
     }
 
     async fn work(&self) -> Result<(), Status> {
-        if !self.latency.is_zero() {
-            tokio::time::sleep(self.latency).await;
+        let stall = match &self.stall {
+            Some(s) if s.next_stalls() => s.stall,
+            _ => Duration::ZERO,
+        };
+        let wait = self.latency + stall;
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
         }
         match &self.fault {
             Some(f) if f.next_fails() => Err(Status::new(
@@ -123,5 +172,14 @@ mod tests {
         assert!(Fault::new(0.0, 0, tonic::Code::Internal).is_none());
         let all = Fault::new(1.0, 0, tonic::Code::Internal).unwrap();
         assert!((0..5).all(|_| all.next_fails()));
+    }
+
+    #[test]
+    fn about_the_ratio_of_calls_stall() {
+        let s = Stall::new(0.01, Duration::from_millis(100)).unwrap();
+        let n = (0..100_000).filter(|_| s.next_stalls()).count();
+        assert!((800..1200).contains(&n), "{n} of 100,000");
+        assert!(Stall::new(0.0, Duration::from_millis(100)).is_none());
+        assert!(Stall::new(0.5, Duration::ZERO).is_none());
     }
 }

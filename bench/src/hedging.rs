@@ -1,0 +1,255 @@
+//! Scenario 9: tails. Three greet-servers at `--latency 1ms`, each
+//! stalling 1 % of its calls (at random) for 100 ms (`--stall-ratio 0.01
+//! --stall 100ms`); our balancer with hedging off and on, alternated, at
+//! concurrency 16. Prints calls/s, p50, p99, p99.9, attempts per call
+//! counted at the servers (their `grpc_server_started_total` for Morning,
+//! scraped from `--metrics-listen`: hedges and retries included, the
+//! cancelled losers too) and by the client (`lb_attempts_total`), and
+//! hedges sent and won.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use etcd_lb::metrics::ClientMetrics;
+use etcd_lb::{Balancer, BalancerConfig, HedgingConfig, RetryPolicy};
+use etcd_lb_registry::schema::Addr;
+use etcd_lb_testkit::{free_port, Etcd, Proc};
+use greet_proto::paths::{MORNING, NIGHT};
+use greet_proto::{GreetClient, GreetRequest};
+use hdrhistogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::stats::Table;
+use crate::uneven::{server, wait_answering};
+
+/// Sum of the samples of `name` in `registry`.
+fn total(registry: &Registry, name: &str) -> f64 {
+    let mut text = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut text, registry);
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The hedging settings: the defaults, or `BENCH_HEDGE_QUANTILE` for
+/// tuning runs (printed).
+fn hedging_config() -> HedgingConfig {
+    let mut c = HedgingConfig::default();
+    if let Some(q) = std::env::var("BENCH_HEDGE_QUANTILE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        c.quantile = q;
+    }
+    c
+}
+
+/// Morning calls the servers started, from their `/metrics`.
+async fn started_at_servers(metrics: &[std::net::SocketAddr]) -> Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sum = 0.0;
+    for addr in metrics {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await?;
+        sum += text
+            .lines()
+            .filter(|l| l.starts_with("grpc_server_started_total{") && l.contains("Morning"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    Ok(sum)
+}
+
+struct Run {
+    server_attempts: f64,
+    calls: u64,
+    rps: f64,
+    errors: u64,
+    hist: Histogram<u64>,
+    attempts: f64,
+    hedges: f64,
+    won: f64,
+}
+
+async fn run_one(
+    fleet: &[Addr],
+    metrics: &[std::net::SocketAddr],
+    hedging: bool,
+    secs: f64,
+) -> Result<Run> {
+    let mut registry = Registry::default();
+    let bal = Balancer::new(BalancerConfig {
+        retry: RetryPolicy::idempotent([MORNING, NIGHT]),
+        hedging: hedging.then(hedging_config),
+        metrics: Some(ClientMetrics::register(&mut registry)),
+        ..BalancerConfig::new("greet_service")
+    });
+    for a in fleet {
+        bal.upsert(a, 100, "");
+    }
+    let call = |c: &mut GreetClient<Balancer>| {
+        let mut req = tonic::Request::new(GreetRequest {
+            name: "tail".into(),
+        });
+        req.set_timeout(Duration::from_secs(5));
+        let mut c = c.clone();
+        async move { c.morning(req).await }
+    };
+    // Warm-up (and the hedging delay's first answers).
+    let mut c = GreetClient::new(bal.clone());
+    for _ in 0..200 {
+        let _ = call(&mut c).await;
+    }
+    let s0 = started_at_servers(metrics).await?;
+    let (a0, h0, w0) = (
+        total(&registry, "lb_attempts_total{"),
+        total(&registry, "lb_hedges_total{"),
+        total(&registry, "lb_hedges_won_total{"),
+    );
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let mut c = GreetClient::new(bal.clone());
+            tokio::spawn(async move {
+                let mut h = Histogram::<u64>::new(3).expect("3 digits is valid");
+                let (mut n, mut errors) = (0u64, 0u64);
+                while Instant::now() < end {
+                    let t = Instant::now();
+                    let mut req = tonic::Request::new(GreetRequest {
+                        name: "tail".into(),
+                    });
+                    req.set_timeout(Duration::from_secs(5));
+                    match c.morning(req).await {
+                        Ok(_) => {
+                            n += 1;
+                            let _ = h.record(t.elapsed().as_micros() as u64);
+                        }
+                        Err(_) => errors += 1,
+                    }
+                }
+                (n, errors, h)
+            })
+        })
+        .collect();
+    let mut run = Run {
+        server_attempts: 0.0,
+        calls: 0,
+        rps: 0.0,
+        errors: 0,
+        hist: Histogram::<u64>::new(3)?,
+        attempts: 0.0,
+        hedges: 0.0,
+        won: 0.0,
+    };
+    for t in tasks {
+        let (n, e, h) = t.await?;
+        run.calls += n;
+        run.errors += e;
+        run.hist.add(&h)?;
+    }
+    run.rps = run.calls as f64 / start.elapsed().as_secs_f64();
+    // The losers' cancellations reach the servers a moment later.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    run.server_attempts = started_at_servers(metrics).await? - s0;
+    run.attempts = total(&registry, "lb_attempts_total{") - a0;
+    run.hedges = total(&registry, "lb_hedges_total{") - h0;
+    run.won = total(&registry, "lb_hedges_won_total{") - w0;
+    Ok(run)
+}
+
+/// Runs the scenario: `rounds` off/on pairs of `secs` each.
+pub async fn run(secs: f64, rounds: usize) -> Result<Table> {
+    let etcd = Etcd::start().await?;
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let metrics: Vec<std::net::SocketAddr> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()).parse())
+        .collect::<Result<_, _>>()?;
+    let _servers: Vec<Proc> = ports
+        .iter()
+        .zip(&metrics)
+        .map(|(p, m)| {
+            let m = m.to_string();
+            server(
+                &etcd,
+                *p,
+                "1ms",
+                &[
+                    "--stall-ratio",
+                    "0.01",
+                    "--stall",
+                    "100ms",
+                    "--metrics-listen",
+                    &m,
+                ],
+            )
+        })
+        .collect::<Result<_>>()?;
+    let addrs: Vec<Addr> = ports
+        .iter()
+        .map(|p| Addr::new(&format!("127.0.0.1:{p}")))
+        .collect::<Result<_, _>>()?;
+    wait_answering(&addrs).await?;
+    let mut t = Table::new(
+        "9. Tails: 1 % of calls stall 100 ms on every server (concurrency 16)",
+        &[
+            "hedging",
+            "calls/s",
+            "p50",
+            "p99",
+            "p99.9",
+            "attempts/call (servers)",
+            "attempts/call (client)",
+            "hedges sent",
+            "hedges won",
+            "errors",
+        ],
+    );
+    let mut merged: Vec<Option<Run>> = vec![None, None];
+    for _ in 0..rounds {
+        for (i, hedging) in [false, true].into_iter().enumerate() {
+            let r = run_one(&addrs, &metrics, hedging, secs).await?;
+            match &mut merged[i] {
+                None => merged[i] = Some(r),
+                Some(m) => {
+                    m.rps = (m.rps * m.calls as f64 + r.rps * r.calls as f64)
+                        / (m.calls + r.calls).max(1) as f64;
+                    m.calls += r.calls;
+                    m.errors += r.errors;
+                    m.hist.add(&r.hist)?;
+                    m.attempts += r.attempts;
+                    m.server_attempts += r.server_attempts;
+                    m.hedges += r.hedges;
+                    m.won += r.won;
+                }
+            }
+        }
+    }
+    let ms = |us: u64| format!("{:.2} ms", us as f64 / 1e3);
+    for (i, name) in ["off", "on"].iter().enumerate() {
+        let Some(m) = &merged[i] else { continue };
+        t.row(vec![
+            (*name).to_owned(),
+            format!("{:.0}", m.rps),
+            ms(m.hist.value_at_quantile(0.5)),
+            ms(m.hist.value_at_quantile(0.99)),
+            ms(m.hist.value_at_quantile(0.999)),
+            format!("{:.4}", m.server_attempts / m.calls.max(1) as f64),
+            format!("{:.4}", m.attempts / m.calls.max(1) as f64),
+            format!("{:.0}", m.hedges),
+            format!("{:.0}", m.won),
+            m.errors.to_string(),
+        ]);
+    }
+    t.note(format!(
+        "{rounds} rounds of off then on, {secs} s each after 200 sequential warm-up calls; \
+         attempts counted at the servers (grpc_server_started_total) and by the client (lb_attempts_total)"
+    ));
+    t.note(format!("hedging: {:?}", hedging_config()));
+    t.note("target (issue 34): p99.9 at least 10x lower with hedging, at most 5 % extra attempts");
+    Ok(t)
+}
