@@ -23,6 +23,11 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo doc (warnings are errors)" >&2
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 echo "== cargo package (the library crates a user adds, verified)" >&2
+# cargo verifies etcd-lb against etcd-lb-registry from a temporary local
+# registry, and keeps that crate's unpacked source under CARGO_HOME keyed
+# by name and version only: a second run at the same version would verify
+# against the first run's source. Drop it first.
+rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/etcd-lb-registry-*
 cargo package -p etcd-lb-registry -p etcd-lb --locked --allow-dirty --quiet
 echo "== fuzz: greet-server's authority layer against an independent HPACK decoder (bounded)" >&2
 ./reliability/fuzz/run.sh "${FUZZ_SECONDS:-60}" authority
