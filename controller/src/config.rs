@@ -309,6 +309,8 @@ pub struct Config {
     pub xds_limits: crate::xds::Limits,
     /// See `--http-write-timeout`.
     pub http_write_timeout: Duration,
+    /// Where operators' overrides live (`--overrides-prefix`).
+    pub overrides_root: String,
 }
 
 impl Config {
@@ -331,6 +333,7 @@ impl Config {
             xds_listen: None,
             xds_limits: crate::xds::Limits::default(),
             http_write_timeout: Duration::from_secs(30),
+            overrides_root: etcd_lb_registry::overrides::DEFAULT_ROOT.to_owned(),
         }
     }
 }
@@ -344,6 +347,13 @@ impl Args {
     pub fn config(&self) -> Result<Config, String> {
         let root =
             etcd_lb_registry::schema::normalize_root(&self.prefix).map_err(|e| e.to_string())?;
+        let overrides_root = etcd_lb_registry::schema::normalize_root(&self.overrides_prefix)
+            .map_err(|e| format!("--overrides-prefix: {e}"))?;
+        if overrides_root.starts_with(&root) || root.starts_with(&overrides_root) {
+            return Err(format!(
+                "--overrides-prefix {overrides_root:?} overlaps --prefix {root:?}: overrides must live outside the registry"
+            ));
+        }
         let election_key = self.election_key.trim().to_owned();
         if election_key.is_empty() {
             return Err("--election-key must not be empty".into());
@@ -380,6 +390,7 @@ impl Args {
                 write_timeout: self.xds_write_timeout,
             },
             http_write_timeout: self.http_write_timeout,
+            overrides_root,
         })
     }
 }

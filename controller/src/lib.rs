@@ -90,6 +90,17 @@ pub async fn run(
     async move {
         let tasks = CancellationToken::new();
         let store = Arc::new(store::Store::new());
+        // Operators' overrides: every view and xDS snapshot applies them.
+        tokio::spawn(follow_overrides(
+            etcd_lb_registry::overrides::spawn_watch(
+                etcd.clone(),
+                cfg.overrides_root.clone(),
+                None,
+                tasks.clone(),
+            ),
+            store.clone(),
+            tasks.clone(),
+        ));
         let metrics = Arc::new(metrics::Metrics::new());
 
         let watcher = Watcher::new(etcd.clone(), WatcherConfig::all(&cfg.root));
@@ -213,4 +224,36 @@ pub async fn run(
     }
     .instrument(span)
     .await
+}
+
+/// Hands the overrides to the store on every change, and again when one
+/// expires (so the views and xDS show the registered weight again).
+async fn follow_overrides(
+    mut rx: tokio::sync::watch::Receiver<Arc<etcd_lb_registry::overrides::OverrideMap>>,
+    store: Arc<store::Store>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let map = rx.borrow_and_update().clone();
+        let now = std::time::SystemTime::now();
+        let next_expiry = map
+            .values()
+            .filter_map(|o| o.expires.as_deref())
+            .filter_map(|e| humantime::parse_rfc3339_weak(e).ok())
+            .filter(|t| *t > now)
+            .min()
+            .and_then(|t| t.duration_since(now).ok());
+        store.set_overrides(map);
+        let expiry = async {
+            match next_expiry {
+                Some(d) => tokio::time::sleep(d + std::time::Duration::from_millis(1)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            changed = rx.changed() => if changed.is_err() { return },
+            () = expiry => {}
+        }
+    }
 }

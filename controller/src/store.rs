@@ -14,9 +14,10 @@
 //!   rendered JSON and to wake `/services/stream`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
+use etcd_lb_registry::overrides::OverrideMap;
 use etcd_lb_registry::schema::{Addr, ServiceName};
 use etcd_lb_registry::watcher::Event;
 use tokio::sync::watch;
@@ -49,6 +50,8 @@ struct Inner {
     /// The valves the last plan left holding.
     valves: Valves,
     passes: u64,
+    /// Operators' overrides, by service and address.
+    overrides: Arc<OverrideMap>,
 }
 
 /// The shared store. Cheap reads; writers hold the lock briefly.
@@ -98,6 +101,14 @@ impl Store {
 
     fn bump(&self) {
         self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Replaces the operators' overrides (every view and xDS snapshot
+    /// re-renders with their effective weights). Called again with the
+    /// same map when one expires, so the expiry shows.
+    pub fn set_overrides(&self, overrides: Arc<OverrideMap>) {
+        self.write().overrides = overrides;
+        self.bump();
     }
 
     /// Notified on every change; the value is the generation.
@@ -334,10 +345,13 @@ impl Store {
     ) -> ServicesView {
         let inner = self.read();
         view::services_view(
-            &inner.services,
-            &inner.valves,
-            &inner.invalid_keys,
-            inner.revision,
+            view::Source {
+                members: &inner.services,
+                valves: &inner.valves,
+                invalid_keys: &inner.invalid_keys,
+                revision: inner.revision,
+                overrides: &inner.overrides,
+            },
             only,
             healthy,
             now,
@@ -355,7 +369,6 @@ fn counts_of(services: &Members) -> BTreeMap<ServiceName, Counts> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::time::Duration;
 
     use super::*;

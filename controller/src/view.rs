@@ -5,8 +5,12 @@
 use std::collections::BTreeMap;
 
 use etcd_lb_registry::schema::{ServiceName, ValueKind};
+use std::time::SystemTime;
+
 use serde::Serialize;
 use tokio::time::Instant;
+
+use etcd_lb_registry::overrides::{effective_weight, Applies, OverrideMap};
 
 use crate::member::{Members, Tracked};
 use crate::policy::{Valve, Valves};
@@ -51,17 +55,36 @@ impl Counts {
     }
 }
 
+/// What a view is made from: the store's state at one moment.
+pub struct Source<'a> {
+    /// Every tracked member.
+    pub members: &'a Members,
+    /// The valves the last plan left.
+    pub valves: &'a Valves,
+    /// Keys outside the schema, with why.
+    pub invalid_keys: &'a BTreeMap<String, String>,
+    /// The etcd revision reflected.
+    pub revision: i64,
+    /// Operators' overrides.
+    pub overrides: &'a OverrideMap,
+}
+
 /// The whole view, or one service's (`only`), optionally only members
 /// whose `healthy` equals `healthy`; counts are of all members.
 pub fn services_view(
-    members: &Members,
-    valves: &Valves,
-    invalid_keys: &BTreeMap<String, String>,
-    revision: i64,
+    src: Source<'_>,
     only: Option<&ServiceName>,
     healthy: Option<bool>,
     now: Instant,
 ) -> ServicesView {
+    let Source {
+        members,
+        valves,
+        invalid_keys,
+        revision,
+        overrides,
+    } = src;
+    let wall = SystemTime::now();
     let services = members
         .iter()
         .filter(|(name, _)| only.is_none_or(|o| o == *name))
@@ -70,7 +93,7 @@ pub fn services_view(
             counts: Counts::of(members.values()),
             members: members
                 .values()
-                .map(|t| member_view(t, now))
+                .map(|t| member_view(t, overrides, now, wall))
                 .filter(|m| healthy.is_none_or(|h| m.healthy == Some(h)))
                 .collect(),
             safety_valve: valves.services.get(name).cloned(),
@@ -91,8 +114,9 @@ pub fn services_view(
 }
 
 /// One member as the view shows it.
-fn member_view(t: &Tracked, now: Instant) -> MemberView {
+fn member_view(t: &Tracked, overrides: &OverrideMap, now: Instant, wall: SystemTime) -> MemberView {
     let e = &t.entry;
+    let ov = e.id.as_ref().and_then(|id| overrides.get(id));
     let mut problems = Vec::new();
     let (version, weight, kind) = match &e.member {
         Ok(m) => {
@@ -130,7 +154,18 @@ fn member_view(t: &Tracked, now: Instant) -> MemberView {
             .unwrap_or_default(),
         key: e.key.clone(),
         version,
-        weight,
+        weight: weight.map(|w| effective_weight(w, Some(e), ov, wall)),
+        registered_weight: weight,
+        r#override: ov.map(|o| OverrideView {
+            drain: o.drain,
+            weight: o.weight,
+            applies: o.applies(Some(e), wall),
+            sticky: o.incarnation.is_none(),
+            reason: o.reason.clone(),
+            by: o.by.clone(),
+            at: o.at.clone(),
+            expires: o.expires.clone(),
+        }),
         kind,
         lease: (e.lease != 0).then(|| format!("{:x}", e.lease)),
         ttl,
@@ -183,8 +218,15 @@ pub struct MemberView {
     pub key: String,
     /// Version from the value; null when the value is invalid.
     pub version: Option<String>,
-    /// Weight from the value; null when the value is invalid.
+    /// The weight clients use: an operator override's while one applies,
+    /// else the registered one; null when the value is invalid.
     pub weight: Option<u32>,
+    /// The weight in the registered value; null when it is invalid.
+    pub registered_weight: Option<u32>,
+    /// An operator's override of this endpoint (`controller drain|weight`),
+    /// applying or not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub r#override: Option<OverrideView>,
     /// `json`, `legacy` or `invalid`.
     pub kind: &'static str,
     /// Lease id in hex (as etcdctl prints it), null without a lease.
@@ -207,6 +249,27 @@ pub struct MemberView {
     /// Findings: legacy value, invalid value with reason, addr mismatch,
     /// no lease.
     pub problems: Vec<String>,
+}
+
+/// An operator's override as the view shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OverrideView {
+    /// No new calls.
+    pub drain: bool,
+    /// The weight it sets, unless draining.
+    pub weight: Option<u32>,
+    /// Whether it applies now (`yes`, `other_incarnation`, `expired`).
+    pub applies: Applies,
+    /// Any registration at the address, not only the one it was made for.
+    pub sticky: bool,
+    /// Why.
+    pub reason: String,
+    /// Who.
+    pub by: String,
+    /// When (RFC 3339).
+    pub at: String,
+    /// When it lapses (RFC 3339).
+    pub expires: Option<String>,
 }
 
 impl ServiceView {

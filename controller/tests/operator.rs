@@ -12,15 +12,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use common::greet_server;
+use common::{fast_config, greet_server, Ctl};
+use envoy_types::pb::envoy::config::core::v3::HealthStatus;
+use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use etcd_lb::{BalancerConfig, CancellationToken, DiscoveryConfig, EtcdConfig, ServiceName};
 use etcd_lb_testkit::{eventually, free_port, Etcd};
 use greet_proto::{GreetClient, GreetRequest};
+use prost::Message;
 
 const SVC: &str = "greet_service";
 
 /// Runs `controller <args>` against `etcd`; (exit code, stdout, stderr).
-fn ctl(etcd: &Etcd, args: &[&str]) -> Result<(i32, String, String)> {
+fn ctl_cmd(etcd: &Etcd, args: &[&str]) -> Result<(i32, String, String)> {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_controller"))
         .args(args)
         .env("ETCD_ENDPOINTS", etcd.endpoint())
@@ -99,7 +104,7 @@ async fn drain_under_load_moves_calls_in_a_second_and_undrain_brings_them_back()
     let log = load(balancer.clone(), stop.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let (code, out, err) = ctl(
+    let (code, out, err) = ctl_cmd(
         &etcd,
         &["drain", SVC, &a, "--reason", "maintenance", "--by", "ops"],
     )?;
@@ -121,7 +126,7 @@ async fn drain_under_load_moves_calls_in_a_second_and_undrain_brings_them_back()
         "the other got too few: {by:?}"
     );
 
-    let (code, out, _) = ctl(&etcd, &["overrides", SVC])?;
+    let (code, out, _) = ctl_cmd(&etcd, &["overrides", SVC])?;
     ensure!(
         code == 0
             && out.contains(&a)
@@ -130,7 +135,7 @@ async fn drain_under_load_moves_calls_in_a_second_and_undrain_brings_them_back()
             && out.contains("maintenance"),
         "{out}"
     );
-    let (code, out, _) = ctl(&etcd, &["overrides", "--json"])?;
+    let (code, out, _) = ctl_cmd(&etcd, &["overrides", "--json"])?;
     let rows: serde_json::Value = serde_json::from_str(&out)?;
     ensure!(
         code == 0
@@ -140,7 +145,7 @@ async fn drain_under_load_moves_calls_in_a_second_and_undrain_brings_them_back()
         "{rows}"
     );
 
-    let (code, out, err) = ctl(&etcd, &["undrain", SVC, &a])?;
+    let (code, out, err) = ctl_cmd(&etcd, &["undrain", SVC, &a])?;
     ensure!(code == 0, "undrain: {out} {err}");
     let back_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -182,7 +187,7 @@ async fn an_override_follows_its_registration_unless_sticky_and_bad_input_says_w
     };
     weight(100).await?;
 
-    let (code, out, err) = ctl(&etcd, &["weight", SVC, &addr, "7"])?;
+    let (code, out, err) = ctl_cmd(&etcd, &["weight", SVC, &addr, "7"])?;
     ensure!(code == 0, "{out} {err}");
     weight(7).await?;
 
@@ -194,31 +199,160 @@ async fn an_override_follows_its_registration_unless_sticky_and_bad_input_says_w
     weight(100)
         .await
         .context("the override outlived its registration")?;
-    let (_, out, _) = ctl(&etcd, &["overrides", SVC])?;
+    let (_, out, _) = ctl_cmd(&etcd, &["overrides", SVC])?;
     ensure!(out.contains("other_incarnation"), "{out}");
 
     // Sticky: any registration at the address.
-    let (code, out, err) = ctl(&etcd, &["drain", SVC, &addr, "--sticky"])?;
+    let (code, out, err) = ctl_cmd(&etcd, &["drain", SVC, &addr, "--sticky"])?;
     ensure!(code == 0 && out.contains("sticky"), "{out} {err}");
     weight(0).await?;
 
     // Bad input.
-    let (code, _, err) = ctl(&etcd, &["drain", SVC, "127.0.0.1:1"])?;
+    let (code, _, err) = ctl_cmd(&etcd, &["drain", SVC, "127.0.0.1:1"])?;
     ensure!(
         code == 1 && err.contains("nothing is registered") && err.contains("--force"),
         "{code} {err}"
     );
-    let (code, out, _) = ctl(&etcd, &["drain", SVC, "127.0.0.1:1", "--force"])?;
+    let (code, out, _) = ctl_cmd(&etcd, &["drain", SVC, "127.0.0.1:1", "--force"])?;
     ensure!(code == 0 && out.contains("pre-staged"), "{out}");
-    let (code, _, err) = ctl(&etcd, &["weight", SVC, &addr, "20000"])?;
+    let (code, _, err) = ctl_cmd(&etcd, &["weight", SVC, &addr, "20000"])?;
     ensure!(
         code == 2 && err.contains("above the maximum"),
         "{code} {err}"
     );
-    let (code, _, err) = ctl(&etcd, &["drain", "Bad Name", &addr])?;
+    let (code, _, err) = ctl_cmd(&etcd, &["drain", "Bad Name", &addr])?;
     ensure!(code == 2, "{code} {err}");
-    let (code, _, err) = ctl(&etcd, &["undrain", SVC, "127.0.0.1:2"])?;
+    let (code, _, err) = ctl_cmd(&etcd, &["undrain", SVC, "127.0.0.1:2"])?;
     ensure!(code == 2 && err.contains("no override"), "{code} {err}");
     stop.cancel();
     Ok(())
+}
+
+/// The health and weight xDS gives `port`'s endpoint of `SVC` now (a fresh
+/// ADS stream's first EDS response).
+async fn eds_of(xds: &str, port: u16) -> Result<Option<(HealthStatus, u32)>> {
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{xds}")).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(DiscoveryRequest {
+        type_url: "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment".into(),
+        resource_names: vec![SVC.into()],
+        ..Default::default()
+    })
+    .await?;
+    let mut stream = client
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let resp = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await??
+        .context("no EDS response")?;
+    for any in &resp.resources {
+        let cla = ClusterLoadAssignment::decode(any.value.as_slice())?;
+        for l in &cla.endpoints {
+            for e in &l.lb_endpoints {
+                let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                    continue;
+                };
+                let text = format!("{ep:?}");
+                if text.contains(&format!("PortValue({port})")) {
+                    let health =
+                        HealthStatus::try_from(e.health_status).unwrap_or(HealthStatus::Unknown);
+                    return Ok(Some((
+                        health,
+                        l.load_balancing_weight.map_or(0, |w| w.value),
+                    )));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// `/services` shows registered and effective weights and the override
+/// (who, why, whether it applies); xDS clients get the effective weight
+/// (a drain as DRAINING), from the same view.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_view_and_xds_apply_the_override() -> Result<()> {
+    let etcd = Etcd::start().await?;
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _server = greet_server(&etcd, port, &[])?;
+    let xds_port = free_port();
+    let xds = format!("127.0.0.1:{xds_port}");
+    let ctl = Ctl::start(
+        &etcd,
+        controller::Config {
+            xds_listen: Some(xds.parse()?),
+            ..fast_config()
+        },
+    )
+    .await?;
+    ctl.wait_member(
+        SVC,
+        &addr,
+        Duration::from_secs(15),
+        "the server probed",
+        |m| m["healthy"] == true,
+    )
+    .await?;
+    ensure!(
+        eds_of(&xds, port).await? == Some((HealthStatus::Healthy, 100)),
+        "before: {:?}",
+        eds_of(&xds, port).await?
+    );
+
+    let (code, out, err) = ctl_cmd(
+        &etcd,
+        &["drain", SVC, &addr, "--reason", "disk", "--by", "ops"],
+    )?;
+    ensure!(code == 0, "{out} {err}");
+    let m = ctl
+        .wait_member(
+            SVC,
+            &addr,
+            Duration::from_secs(10),
+            "the drain in the view",
+            |m| m["weight"] == 0,
+        )
+        .await?;
+    ensure!(
+        m["registered_weight"] == 100
+            && m["override"]["drain"] == true
+            && m["override"]["by"] == "ops"
+            && m["override"]["reason"] == "disk"
+            && m["override"]["applies"] == "yes",
+        "{m}"
+    );
+    eventually(Duration::from_secs(10), "DRAINING over xDS", || async {
+        eds_of(&xds, port)
+            .await
+            .ok()
+            .flatten()
+            .filter(|(h, _)| *h == HealthStatus::Draining)
+    })
+    .await?;
+
+    let (code, _, _) = ctl_cmd(&etcd, &["weight", SVC, &addr, "40"])?;
+    ensure!(code == 0);
+    eventually(Duration::from_secs(10), "weight 40 over xDS", || async {
+        eds_of(&xds, port)
+            .await
+            .ok()
+            .flatten()
+            .filter(|w| *w == (HealthStatus::Healthy, 40))
+    })
+    .await?;
+    let (code, _, _) = ctl_cmd(&etcd, &["undrain", SVC, &addr])?;
+    ensure!(code == 0);
+    let m = ctl
+        .wait_member(
+            SVC,
+            &addr,
+            Duration::from_secs(10),
+            "the override gone",
+            |m| m["weight"] == 100 && m.get("override").is_none(),
+        )
+        .await?;
+    ensure!(m["registered_weight"] == 100, "{m}");
+    ctl.stop().await
 }

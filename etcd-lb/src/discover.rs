@@ -140,7 +140,12 @@ impl Discovery {
         cancel: CancellationToken,
     ) -> Self {
         let overrides = cfg.overrides_root.clone().map(|root| {
-            crate::overrides::spawn(etcd.clone(), root, cfg.service.clone(), cancel.clone())
+            etcd_lb_registry::overrides::spawn_watch(
+                etcd.clone(),
+                root,
+                Some(cfg.service.clone()),
+                cancel.clone(),
+            )
         });
         let watcher = Watcher::new(etcd, WatcherConfig::service(&cfg.root, &cfg.service));
         let (mut events, state, _task) = watcher.spawn(cancel.clone());
@@ -152,6 +157,7 @@ impl Discovery {
             "discovery has no list from etcd yet (etcd not reached, or still listing)".into(),
         ));
         let service = cfg.service.clone();
+        let cfg_service = cfg.service.clone();
         tokio::spawn(
             async move {
                 let mut view = View {
@@ -159,6 +165,7 @@ impl Discovery {
                     excluded: HashSet::new(),
                     known: HashMap::new(),
                     overrides: Arc::default(),
+                    service: cfg_service.clone(),
                 };
                 let mut overrides = overrides;
                 // Whatever has queued up is applied as one batch (a list of
@@ -184,8 +191,11 @@ impl Discovery {
                             };
                             let new = rx.borrow_and_update().clone();
                             let old = std::mem::replace(&mut view.overrides, new);
-                            let affected: HashSet<Addr> =
-                                old.keys().chain(view.overrides.keys()).cloned().collect();
+                            let affected: HashSet<Addr> = old
+                                .keys()
+                                .chain(view.overrides.keys())
+                                .map(|(_, a)| a.clone())
+                                .collect();
                             view.reweigh(&balancer, affected.iter());
                             continue;
                         }
@@ -195,7 +205,8 @@ impl Discovery {
                                 None => std::future::pending().await,
                             }
                         } => {
-                            let names: Vec<Addr> = view.overrides.keys().cloned().collect();
+                            let names: Vec<Addr> =
+                                view.overrides.keys().map(|(_, a)| a.clone()).collect();
                             view.reweigh(&balancer, names.iter());
                             continue;
                         }
@@ -284,7 +295,8 @@ struct View {
     /// Endpoints in use, with the entry their weight and incarnation come
     /// from.
     known: HashMap<Addr, Arc<Entry>>,
-    overrides: Arc<crate::overrides::Overrides>,
+    overrides: Arc<etcd_lb_registry::overrides::OverrideMap>,
+    service: ServiceName,
 }
 
 impl View {
@@ -293,7 +305,7 @@ impl View {
         effective_weight(
             weight,
             Some(entry),
-            self.overrides.get(addr),
+            self.overrides.get(&(self.service.clone(), addr.clone())),
             SystemTime::now(),
         )
     }

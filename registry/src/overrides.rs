@@ -18,10 +18,18 @@
 //! - Readers (the client library, the controller's view and xDS) all take
 //!   the effective weight from [`effective_weight`], so they agree.
 
-use std::time::SystemTime;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
+use etcd_client::{EventType, GetOptions, WatchOptions};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
 
+use crate::backoff::Backoff;
+use crate::etcd::EtcdConfig;
 use crate::schema::{self, Addr, SchemaError, ServiceName, MAX_WEIGHT};
 use crate::watcher::Entry;
 
@@ -197,10 +205,118 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
+/// Every override under a root (or of one service), by service and
+/// address.
+pub type OverrideMap = HashMap<(ServiceName, Addr), EndpointOverride>;
+
+/// Keeps the overrides under `root` (of `service` only, when given)
+/// current from etcd until `cancel`: list, then watch from the list's
+/// revision; relist after any break. While etcd is unreachable the last
+/// known overrides stay (an operator's drain is not undone by an outage).
+///
+/// # Panics
+/// Outside a Tokio runtime.
+pub fn spawn_watch(
+    etcd: EtcdConfig,
+    root: String,
+    service: Option<ServiceName>,
+    cancel: CancellationToken,
+) -> watch::Receiver<Arc<OverrideMap>> {
+    let (tx, rx) = watch::channel(Arc::new(OverrideMap::new()));
+    tokio::spawn(async move {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let prefix = match &service {
+            Some(s) => service_prefix(&root, s),
+            None => root.clone(),
+        };
+        loop {
+            let ended = tokio::select! {
+                () = cancel.cancelled() => return,
+                r = follow(&etcd, &root, &prefix, &tx, &mut backoff) => r,
+            };
+            if let Err(e) = ended {
+                debug!(error = %e, "override watch ended; listing again");
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    });
+    rx
+}
+
+fn apply_kv(map: &mut OverrideMap, root: &str, key: &[u8], value: Option<&[u8]>) {
+    let Ok(id) = parse_key(root, key) else {
+        return;
+    };
+    match value.map(parse_value) {
+        None => {
+            map.remove(&id);
+        }
+        Some(Ok(o)) => {
+            map.insert(id, o);
+        }
+        Some(Err(e)) => {
+            warn!(key = %String::from_utf8_lossy(key), error = %e, "invalid override ignored");
+            map.remove(&id);
+        }
+    }
+}
+
+/// One list + watch; returns when the watch breaks.
+async fn follow(
+    etcd: &EtcdConfig,
+    root: &str,
+    prefix: &str,
+    tx: &watch::Sender<Arc<OverrideMap>>,
+    backoff: &mut Backoff,
+) -> Result<(), etcd_client::Error> {
+    let Ok(mut client) = etcd.connect().await else {
+        return Ok(());
+    };
+    let resp = client
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await?;
+    let revision = resp.header().map_or(0, |h| h.revision());
+    let mut map = OverrideMap::new();
+    for kv in resp.kvs() {
+        apply_kv(&mut map, root, kv.key(), Some(kv.value()));
+    }
+    tx.send_replace(Arc::new(map.clone()));
+    let mut stream = client
+        .watch(
+            prefix,
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision + 1),
+            ),
+        )
+        .await?;
+    backoff.reset();
+    while let Some(resp) = stream.message().await? {
+        if resp.compact_revision() > 0 || resp.canceled() {
+            return Ok(());
+        }
+        if resp.events().is_empty() {
+            continue;
+        }
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            match ev.event_type() {
+                EventType::Put => apply_kv(&mut map, root, kv.key(), Some(kv.value())),
+                EventType::Delete => apply_kv(&mut map, root, kv.key(), None),
+            }
+        }
+        tx.send_replace(Arc::new(map.clone()));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn entry(lease: i64, create_revision: i64) -> Entry {
         Entry {

@@ -360,6 +360,8 @@ mod tests {
             key: format!("/ns/s/{addr}"),
             version: Some("v1".to_owned()),
             weight: Some(weight),
+            registered_weight: Some(weight),
+            r#override: None,
             kind: "json",
             lease: Some("1".to_owned()),
             ttl: Some(ttl),

@@ -479,6 +479,8 @@ mod tests {
             key: format!("/ns/s/{addr}"),
             version: Some("1.2.3".to_owned()),
             weight,
+            registered_weight: weight,
+            r#override: None,
             kind: "json",
             lease: None,
             ttl: None,
