@@ -24,11 +24,16 @@ echo "== cargo doc (warnings are errors)" >&2
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 echo "== cargo package (the library crates a user adds, verified)" >&2
 # cargo verifies etcd-lb against etcd-lb-registry from a temporary local
-# registry, and keeps that crate's unpacked source under CARGO_HOME keyed
-# by name and version only: a second run at the same version would verify
-# against the first run's source. Drop it first.
-rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/etcd-lb-registry-*
-cargo package -p etcd-lb-registry -p etcd-lb --locked --allow-dirty --quiet
+# registry, and treats that crate as immutable by name and version: its
+# unpacked source under CARGO_HOME and its compiled artifacts are reused by
+# a later run at the same version, which would then verify etcd-lb against
+# the old source. So packaging builds in a target dir of its own, whose
+# etcd-lb artifacts (and the unpacked source) are dropped first;
+# third-party dependencies stay cached there.
+pkg_target="${CARGO_TARGET_DIR:-$PWD/target}-package"
+rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/etcd-lb-registry-* \
+  "$pkg_target"/debug/.fingerprint/etcd-lb-* "$pkg_target"/debug/deps/*etcd_lb* "$pkg_target/package"
+CARGO_TARGET_DIR="$pkg_target" cargo package -p etcd-lb-registry -p etcd-lb --locked --allow-dirty --quiet
 echo "== fuzz: greet-server's authority layer against an independent HPACK decoder (bounded)" >&2
 ./reliability/fuzz/run.sh "${FUZZ_SECONDS:-60}" authority
 echo "== cargo test" >&2
