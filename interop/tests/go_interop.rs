@@ -142,8 +142,20 @@ async fn rust_client_balances_over_go_and_rust_servers() -> Result<()> {
         "greet-server's value: {ours}"
     );
 
+    // The weights, not the servers' speeds, are what this checks: the
+    // load-aware picker (the default) moves calls off the slower of two
+    // unequal servers (CI saw 62 % on ours at equal weights), so the
+    // weight-exact picker runs here.
     let out = Command::new(bin_path("greet-client"))
-        .args(["bench", "--requests", "6000", "--json", "--etcd-endpoints"])
+        .args([
+            "bench",
+            "--picker",
+            "wrr",
+            "--requests",
+            "6000",
+            "--json",
+            "--etcd-endpoints",
+        ])
         .arg(etcd.endpoint())
         .env_remove("ETCD_ENDPOINTS")
         .output()?;
