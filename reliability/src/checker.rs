@@ -153,7 +153,10 @@ fn convergence(h: &History, b: &Bounds, r: &mut Report) {
     }
     let want = h.etcd_final();
     for (client, views) in views_by_client(h) {
-        let have = views.last().map(|v| v.endpoints.clone()).unwrap_or_default();
+        let have = views
+            .last()
+            .map(|v| v.endpoints.clone())
+            .unwrap_or_default();
         if have != want {
             r.violations.push(Violation {
                 invariant: Invariant::Convergence,
@@ -487,7 +490,8 @@ mod tests {
         // at 14 s is 3 s late.
         h.etcd.retain(|e| e.revision != 6);
         h.views.retain(|v| v.revision != 6);
-        h.calls.retain(|c| !(c.endpoint.as_deref() == Some(B) && c.start > s(10_000)));
+        h.calls
+            .retain(|c| !(c.endpoint.as_deref() == Some(B) && c.start > s(10_000)));
         h.calls.push(call(1, Some(B), 14_000, 14_005, true, ""));
         let r = check(&h, &Bounds::default());
         let v = r.of(Invariant::NoStaleCall);
@@ -510,18 +514,25 @@ mod tests {
         let r = check(&h, &Bounds::default());
         let v = r.of(Invariant::NoStaleCall);
         assert_eq!(v.len(), 1, "{r:#?}");
-        assert!(v[0].context.contains("weight-0 put at revision 4"), "{}", v[0]);
+        assert!(
+            v[0].context.contains("weight-0 put at revision 4"),
+            "{}",
+            v[0]
+        );
     }
 
     #[test]
     fn a_failed_call_with_healthy_servers_is_flagged() {
         let mut h = clean();
         // No server fault near 20 s; both servers registered.
-        h.calls.push(call(1, None, 20_000, 20_010, false, "no endpoint"));
+        h.calls
+            .push(call(1, None, 20_000, 20_010, false, "no endpoint"));
         // A failure naming A during the kill of A is allowed, but one
         // naming B during the kill of A is not.
-        h.calls.push(call(0, None, 3_100, 3_200, false, "127.0.0.1:1001 reset"));
-        h.calls.push(call(0, None, 3_300, 3_400, false, "127.0.0.1:1002 reset"));
+        h.calls
+            .push(call(0, None, 3_100, 3_200, false, "127.0.0.1:1001 reset"));
+        h.calls
+            .push(call(0, None, 3_300, 3_400, false, "127.0.0.1:1002 reset"));
         let r = check(&h, &Bounds::default());
         let v = r.of(Invariant::NoFailedCall);
         assert_eq!(v.len(), 2, "{r:#?}");
@@ -540,7 +551,8 @@ mod tests {
         for c in 0..2 {
             h.views.push(view(30_010, c, 8, &[]));
         }
-        h.calls.push(call(0, None, 31_000, 31_001, false, "no endpoint"));
+        h.calls
+            .push(call(0, None, 31_000, 31_001, false, "no endpoint"));
         let r = check(&h, &Bounds::default());
         assert!(r.violations.is_empty(), "{r:#?}");
     }

@@ -5,3 +5,5 @@
 
 pub mod checker;
 pub mod history;
+pub mod nemesis;
+pub mod world;
