@@ -118,8 +118,8 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
     let ports: Vec<u16> = (0..cfg.servers).map(|_| free_port()).collect();
     let addr = |i: usize| format!("127.0.0.1:{}", ports[i]);
     let mut servers = Vec::new();
-    for i in 0..cfg.servers {
-        servers.push(spawn_server(&eps, ports[i], cfg.ttl)?);
+    for (i, port) in ports.iter().enumerate() {
+        servers.push(spawn_server(&eps, *port, cfg.ttl)?);
         mark(&history, clock, addr(i), ServerEvent::Started);
     }
     wait_for(Duration::from_secs(30), "every server in etcd", || {
@@ -347,7 +347,7 @@ async fn load(
         });
         req.set_timeout(timeout);
         let start = clock.now();
-        let r = if n % 2 == 0 {
+        let r = if n.is_multiple_of(2) {
             greet.morning(req).await
         } else {
             greet.night(req).await

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Parser;
 use reliability::checker::{check, Bounds};
 use reliability::world::{calls_by_client, run, WorldConfig};
@@ -43,9 +43,14 @@ async fn main() -> Result<()> {
     for seed in args.seed..args.seed + args.runs {
         let mut cfg = WorldConfig::new(seed, args.duration);
         cfg.quiet = args.quiet;
-        let h = run(&cfg)
-            .await
-            .with_context(|| format!("seed {seed}: the world failed"))?;
+        let h = match run(&cfg).await {
+            Ok(h) => h,
+            Err(e) => {
+                println!("seed {seed}: the world failed (not judged): {e:#}");
+                failed.push(seed);
+                continue;
+            }
+        };
         if let Some(dir) = &args.history_dir {
             std::fs::create_dir_all(dir)?;
             std::fs::write(dir.join(format!("{seed}.json")), serde_json::to_vec(&h)?)?;
@@ -72,7 +77,7 @@ async fn main() -> Result<()> {
         }
     }
     if !failed.is_empty() {
-        println!("violations in seeds {failed:?}");
+        println!("violations (or a failed world) in seeds {failed:?}");
         std::process::exit(1);
     }
     Ok(())
