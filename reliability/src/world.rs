@@ -5,12 +5,13 @@
 //! [`History`] on one [`Clock`].
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
-use etcd_lb::{BalancerConfig, Discovery, DiscoveryConfig, EtcdConfig, RetryPolicy, ServiceName};
+use etcd_lb::{BalancerConfig, DiscoveryConfig, EtcdConfig, RetryPolicy, ServiceName};
 use etcd_lb_registry::schema::{parse_value, Addr};
 use etcd_lb_testkit::{bin_path, free_port, Cluster, Proc};
 use greet_proto::paths::{MORNING, NIGHT};
@@ -49,6 +50,20 @@ pub struct WorldConfig {
     pub call_timeout: Duration,
     /// The servers' lease TTL.
     pub ttl: &'static str,
+    /// A deliberately broken client 0, to show the harness catches it.
+    pub mutant: Option<Mutant>,
+    /// A fixed schedule instead of the seed's.
+    pub plan: Option<Vec<Step>>,
+}
+
+/// Deliberately broken clients: a run with one must be flagged by the
+/// checker, or the harness cannot see that kind of defect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mutant {
+    /// Client 0 is not the library but a naive discovery over the same
+    /// [`etcd_lb::Balancer`]: it lists and watches etcd member 0 only and
+    /// empties its view whenever its stream fails (no static stability).
+    EmptyOnOutage,
 }
 
 impl WorldConfig {
@@ -64,6 +79,8 @@ impl WorldConfig {
             loops: 2,
             call_timeout: Duration::from_secs(2),
             ttl: "4s",
+            mutant: None,
+            plan: None,
         }
     }
 }
@@ -129,20 +146,42 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
 
     let mut tasks = Vec::new();
     for client in 0..cfg.clients {
-        let (balancer, discovery) = etcd_lb::connect(
-            EtcdConfig::plain(members.clone()),
-            DiscoveryConfig::new(ServiceName::new(SERVICE)?),
-            BalancerConfig {
-                retry: RetryPolicy::idempotent([MORNING, NIGHT]),
-                ..Default::default()
-            },
-            cancel.clone(),
-        );
-        discovery.wait_synced(Duration::from_secs(10)).await?;
+        let (balancer, revision): (_, Box<dyn Fn() -> i64 + Send>) =
+            if client == 0 && cfg.mutant == Some(Mutant::EmptyOnOutage) {
+                let balancer = etcd_lb::Balancer::new(BalancerConfig {
+                    retry: RetryPolicy::idempotent([MORNING, NIGHT]),
+                    ..BalancerConfig::new(SERVICE)
+                });
+                let rev = Arc::new(AtomicI64::new(0));
+                tokio::spawn(naive_discovery(
+                    members[0].clone(),
+                    balancer.clone(),
+                    rev.clone(),
+                    cancel.clone(),
+                ));
+                let b = balancer.clone();
+                wait_for(Duration::from_secs(10), "the naive client's list", || {
+                    b.len() == cfg.servers
+                })
+                .await?;
+                (balancer, Box::new(move || rev.load(Ordering::Relaxed)))
+            } else {
+                let (balancer, discovery) = etcd_lb::connect(
+                    EtcdConfig::plain(members.clone()),
+                    DiscoveryConfig::new(ServiceName::new(SERVICE)?),
+                    BalancerConfig {
+                        retry: RetryPolicy::idempotent([MORNING, NIGHT]),
+                        ..Default::default()
+                    },
+                    cancel.clone(),
+                );
+                discovery.wait_synced(Duration::from_secs(10)).await?;
+                (balancer, Box::new(move || discovery.state().revision))
+            };
         tasks.push(tokio::spawn(views(
             client,
             balancer.clone(),
-            discovery,
+            revision,
             clock,
             history.clone(),
             cancel.clone(),
@@ -160,7 +199,10 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let plan = schedule(cfg.seed, cfg.duration, cluster.len(), cfg.servers);
+    let plan = cfg
+        .plan
+        .clone()
+        .unwrap_or_else(|| schedule(cfg.seed, cfg.duration, cluster.len(), cfg.servers));
     let mut failure = None;
     for step in &plan {
         if let Err(e) = inject(
@@ -298,7 +340,7 @@ async fn inject(
 async fn views(
     client: u32,
     balancer: etcd_lb::Balancer,
-    discovery: Discovery,
+    revision: Box<dyn Fn() -> i64 + Send>,
     clock: Clock,
     h: Shared,
     cancel: CancellationToken,
@@ -311,7 +353,7 @@ async fn views(
             .into_iter()
             .map(|e| (e.addr.to_string(), e.weight))
             .collect();
-        let revision = discovery.state().revision;
+        let revision = revision();
         if last.as_ref() != Some(&(revision, endpoints.clone())) {
             let at = clock.now();
             record(&h, |h| {
@@ -488,6 +530,71 @@ async fn record_from(
         }
         if !batch.is_empty() {
             record(h, |h| h.etcd.extend(batch));
+        }
+    }
+}
+
+/// The [`Mutant::EmptyOnOutage`] client's discovery: list and watch one
+/// member; on any failure forget every endpoint, then list again.
+async fn naive_discovery(
+    member: String,
+    balancer: etcd_lb::Balancer,
+    rev: Arc<AtomicI64>,
+    cancel: CancellationToken,
+) {
+    let apply = |e: &EtcdEvent| match (e.kind, e.weight, Addr::new(&e.addr)) {
+        (EventKind::Put, Some(w), Ok(a)) => balancer.upsert(&a, w, ""),
+        (_, _, Ok(a)) => balancer.remove(&a),
+        _ => {}
+    };
+    while !cancel.is_cancelled() {
+        let round = async {
+            let mut c = tokio::time::timeout(
+                Duration::from_secs(2),
+                Client::connect([member.as_str()], None),
+            )
+            .await??;
+            let r = tokio::time::timeout(
+                Duration::from_secs(2),
+                c.get(PREFIX, Some(GetOptions::new().with_prefix())),
+            )
+            .await??;
+            for kv in r.kvs() {
+                if let Some(e) = event_of(Duration::ZERO, kv.key(), kv.value(), 0, true) {
+                    apply(&e);
+                }
+            }
+            let at = r.header().map_or(0, |h| h.revision());
+            rev.store(at, Ordering::Relaxed);
+            let opts = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(at + 1);
+            let mut stream =
+                tokio::time::timeout(Duration::from_secs(2), c.watch(PREFIX, Some(opts))).await??;
+            loop {
+                let msg = tokio::select! {
+                    _ = cancel.cancelled() => return anyhow::Ok(()),
+                    m = stream.message() => m?,
+                };
+                let Some(resp) = msg else {
+                    bail!("stream ended")
+                };
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let put = ev.event_type() == EventType::Put;
+                    if let Some(e) = event_of(Duration::ZERO, kv.key(), kv.value(), 0, put) {
+                        apply(&e);
+                    }
+                    rev.store(kv.mod_revision(), Ordering::Relaxed);
+                }
+            }
+        };
+        if round.await.is_err() {
+            // The mutation: an unreachable etcd empties the view.
+            for e in balancer.endpoints() {
+                balancer.remove(&e.addr);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 }
