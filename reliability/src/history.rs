@@ -71,6 +71,12 @@ pub enum FaultKind {
     EtcdKill,
     /// SIGSTOP an etcd member, SIGCONT later.
     EtcdPause,
+    /// Cut an etcd member off from its peers (its clients still reach
+    /// it), rejoin later.
+    EtcdIsolate,
+    /// Compact etcd's history at the current revision (physical), then
+    /// defragment one member.
+    EtcdCompact,
     /// SIGKILL a server, restart it at the same address.
     ServerKill,
     /// SIGTERM a server (it drains and deregisters), restart it.
@@ -81,9 +87,11 @@ pub enum FaultKind {
 
 impl FaultKind {
     /// Every kind.
-    pub const ALL: [FaultKind; 5] = [
+    pub const ALL: [FaultKind; 7] = [
         FaultKind::EtcdKill,
         FaultKind::EtcdPause,
+        FaultKind::EtcdIsolate,
+        FaultKind::EtcdCompact,
         FaultKind::ServerKill,
         FaultKind::ServerDrain,
         FaultKind::ServerPause,
@@ -91,7 +99,13 @@ impl FaultKind {
 
     /// Whether it hits etcd (rather than a server).
     pub fn is_etcd(self) -> bool {
-        matches!(self, FaultKind::EtcdKill | FaultKind::EtcdPause)
+        matches!(
+            self,
+            FaultKind::EtcdKill
+                | FaultKind::EtcdPause
+                | FaultKind::EtcdIsolate
+                | FaultKind::EtcdCompact
+        )
     }
 }
 

@@ -48,6 +48,8 @@ pub fn schedule(seed: u64, duration: Duration, members: usize, servers: usize) -
         let hold = match kind {
             FaultKind::EtcdKill => ms(&mut rng, 1000, 4000),
             FaultKind::EtcdPause => ms(&mut rng, 1000, 3000),
+            FaultKind::EtcdIsolate => ms(&mut rng, 1000, 4000),
+            FaultKind::EtcdCompact => ms(&mut rng, 0, 500),
             FaultKind::ServerKill => ms(&mut rng, 200, 1500),
             FaultKind::ServerDrain => ms(&mut rng, 0, 500),
             FaultKind::ServerPause => ms(&mut rng, 300, 2000),
@@ -83,8 +85,8 @@ mod tests {
     }
 
     const PINNED_SEED_7: [(FaultKind, usize); 3] = [
-        (FaultKind::ServerKill, 0),
-        (FaultKind::ServerDrain, 1),
+        (FaultKind::EtcdIsolate, 0),
+        (FaultKind::ServerKill, 1),
         (FaultKind::ServerKill, 0),
     ];
 

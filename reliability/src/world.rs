@@ -121,7 +121,9 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
         ..Default::default()
     }));
     let cancel = CancellationToken::new();
-    let mut cluster = Cluster::start(3).await.context("starting etcd")?;
+    let mut cluster = Cluster::start_isolatable(3)
+        .await
+        .context("starting etcd")?;
     let eps = cluster.endpoints_arg();
     let members = cluster.endpoints();
 
@@ -304,6 +306,15 @@ async fn inject(
             tokio::time::sleep(step.hold).await;
             signal_member(Signal::SIGCONT)?;
         }
+        FaultKind::EtcdIsolate => {
+            cluster.isolate(i).await?;
+            tokio::time::sleep(step.hold).await;
+            cluster.rejoin(i).await?;
+        }
+        FaultKind::EtcdCompact => {
+            compact(cluster, i).await?;
+            tokio::time::sleep(step.hold).await;
+        }
         FaultKind::ServerKill => {
             servers[i].kill();
             tokio::time::sleep(step.hold).await;
@@ -334,6 +345,40 @@ async fn inject(
     let end = clock.now();
     record(h, |h| h.faults[index].end = Some(end));
     Ok(())
+}
+
+/// Compacts at the current revision (physical), then defragments member
+/// `i`.
+async fn compact(cluster: &Cluster, i: usize) -> Result<()> {
+    let work = async {
+        let mut c = cluster.client().await?;
+        let r = c
+            .get(
+                PREFIX,
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await?;
+        let rev = r.header().map_or(0, |h| h.revision());
+        let compacted = c
+            .compact(
+                rev,
+                Some(etcd_client::CompactionOptions::new().with_physical()),
+            )
+            .await;
+        // Nothing written since the last compaction: already compacted.
+        match compacted {
+            Err(e) if e.to_string().contains("has been compacted") => {}
+            r => {
+                r?;
+            }
+        }
+        let mut m = Client::connect([cluster.endpoint(i)], None).await?;
+        m.defragment().await?;
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(10), work)
+        .await
+        .context("compaction timed out")?
 }
 
 /// Records every change of one client's view.
@@ -471,6 +516,49 @@ fn event_of(
     })
 }
 
+/// Lists the prefix and records what differs from the recorded state as
+/// events at the list's revision (all of it on the first list).
+async fn relist(c: &mut Client, next: &mut Option<i64>, clock: Clock, h: &Shared) -> Result<()> {
+    let r = tokio::time::timeout(
+        Duration::from_secs(2),
+        c.get(PREFIX, Some(GetOptions::new().with_prefix())),
+    )
+    .await
+    .context("list timed out")??;
+    let at = clock.now();
+    let rev = r.header().map_or(0, |h| h.revision());
+    let mut list: Vec<EtcdEvent> = r
+        .kvs()
+        .iter()
+        .filter_map(|kv| event_of(at, kv.key(), kv.value(), kv.mod_revision(), true))
+        .collect();
+    list.sort_by_key(|e| e.revision);
+    record(h, |h| {
+        let before = h.etcd_final();
+        let listed: EndpointSet = list
+            .iter()
+            .filter_map(|e| Some((e.addr.clone(), e.weight?)))
+            .collect();
+        for gone in before.keys().filter(|a| !listed.contains_key(*a)) {
+            h.etcd.push(EtcdEvent {
+                at,
+                revision: rev,
+                addr: gone.clone(),
+                kind: EventKind::Delete,
+                weight: None,
+            });
+        }
+        for e in list {
+            let known = e.weight.is_some_and(|w| before.get(&e.addr) == Some(&w));
+            if !known {
+                h.etcd.push(e);
+            }
+        }
+    });
+    *next = Some(rev + 1);
+    Ok(())
+}
+
 async fn record_from(
     member: &str,
     next: &mut Option<i64>,
@@ -483,21 +571,7 @@ async fn record_from(
         .await
         .context("connect timed out")??;
     if next.is_none() {
-        let r = tokio::time::timeout(
-            Duration::from_secs(2),
-            c.get(PREFIX, Some(GetOptions::new().with_prefix())),
-        )
-        .await
-        .context("list timed out")??;
-        let at = clock.now();
-        let mut list: Vec<EtcdEvent> = r
-            .kvs()
-            .iter()
-            .filter_map(|kv| event_of(at, kv.key(), kv.value(), kv.mod_revision(), true))
-            .collect();
-        list.sort_by_key(|e| e.revision);
-        record(h, |h| h.etcd.extend(list));
-        *next = Some(r.header().map_or(0, |h| h.revision()) + 1);
+        relist(&mut c, next, clock, h).await?;
     }
     let from = next.expect("listed");
     let opts = WatchOptions::new().with_prefix().with_start_revision(from);
@@ -516,7 +590,10 @@ async fn record_from(
             bail!("stream ended");
         };
         if resp.compact_revision() > 0 {
-            bail!("compacted at {}", resp.compact_revision());
+            // Fell behind a compaction: list again and record the
+            // difference, then watch on from the list's revision.
+            relist(&mut c, next, clock, h).await?;
+            bail!("compacted at {}, relisted", resp.compact_revision());
         }
         let at = clock.now();
         let mut batch = Vec::new();

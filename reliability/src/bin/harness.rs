@@ -12,6 +12,7 @@ use anyhow::Result;
 use clap::Parser;
 use reliability::checker::{check, Bounds};
 use reliability::world::{calls_by_client, run, WorldConfig};
+use tokio::signal::unix::{signal, SignalKind};
 
 /// Runs random fault schedules against a small world on loopback (3 etcd
 /// members, 3 greet-servers, 2 in-process clients) and checks the recorded
@@ -43,7 +44,20 @@ async fn main() -> Result<()> {
     for seed in args.seed..args.seed + args.runs {
         let mut cfg = WorldConfig::new(seed, args.duration);
         cfg.quiet = args.quiet;
-        let h = match run(&cfg).await {
+        // SIGINT or SIGTERM drops the run (its processes are killed on
+        // drop) and ends the batch.
+        let mut term = signal(SignalKind::terminate())?;
+        let outcome = tokio::select! {
+            r = run(&cfg) => Some(r),
+            _ = tokio::signal::ctrl_c() => None,
+            _ = term.recv() => None,
+        };
+        let Some(outcome) = outcome else {
+            // The run's future, and with it its processes, is gone by now.
+            println!("stopped by a signal in seed {seed}");
+            std::process::exit(2);
+        };
+        let h = match outcome {
             Ok(h) => h,
             Err(e) => {
                 println!("seed {seed}: the world failed (not judged): {e:#}");
