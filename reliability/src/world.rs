@@ -50,6 +50,8 @@ pub struct WorldConfig {
     pub call_timeout: Duration,
     /// The servers' lease TTL.
     pub ttl: &'static str,
+    /// The servers' `--drain`.
+    pub drain: &'static str,
     /// A deliberately broken client 0, to show the harness catches it.
     pub mutant: Option<Mutant>,
     /// A fixed schedule instead of the seed's.
@@ -64,6 +66,10 @@ pub enum Mutant {
     /// [`etcd_lb::Balancer`]: it lists and watches etcd member 0 only and
     /// empties its view whenever its stream fails (no static stability).
     EmptyOnOutage,
+    /// Client 0 is the same naive discovery, which keeps its view on
+    /// failures but ignores drains: weight-0 puts and deletes are dropped,
+    /// so it keeps sending calls to a draining server.
+    IgnoreDrains,
 }
 
 impl WorldConfig {
@@ -79,6 +85,7 @@ impl WorldConfig {
             loops: 2,
             call_timeout: Duration::from_secs(2),
             ttl: "4s",
+            drain: "1s",
             mutant: None,
             plan: None,
         }
@@ -91,16 +98,16 @@ fn record(h: &Shared, f: impl FnOnce(&mut History)) {
     f(&mut h.lock().expect("history lock"));
 }
 
-fn spawn_server(eps: &str, port: u16, ttl: &str) -> Result<Proc> {
+fn spawn_server(eps: &str, port: u16, cfg: &WorldConfig) -> Result<Proc> {
     let args: Vec<String> = [
         "--listen",
         &format!("127.0.0.1:{port}"),
         "--etcd-endpoints",
         eps,
         "--drain",
-        "1s",
+        cfg.drain,
         "--ttl",
-        ttl,
+        cfg.ttl,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -138,7 +145,7 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
     let addr = |i: usize| format!("127.0.0.1:{}", ports[i]);
     let mut servers = Vec::new();
     for (i, port) in ports.iter().enumerate() {
-        servers.push(spawn_server(&eps, *port, cfg.ttl)?);
+        servers.push(spawn_server(&eps, *port, cfg)?);
         mark(&history, clock, addr(i), ServerEvent::Started);
     }
     wait_for(Duration::from_secs(30), "every server in etcd", || {
@@ -149,13 +156,14 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
     let mut tasks = Vec::new();
     for client in 0..cfg.clients {
         let (balancer, revision): (_, Box<dyn Fn() -> i64 + Send>) =
-            if client == 0 && cfg.mutant == Some(Mutant::EmptyOnOutage) {
+            if let (0, Some(mutant)) = (client, cfg.mutant) {
                 let balancer = etcd_lb::Balancer::new(BalancerConfig {
                     retry: RetryPolicy::idempotent([MORNING, NIGHT]),
                     ..BalancerConfig::new(SERVICE)
                 });
                 let rev = Arc::new(AtomicI64::new(0));
                 tokio::spawn(naive_discovery(
+                    mutant,
                     members[0].clone(),
                     balancer.clone(),
                     rev.clone(),
@@ -318,7 +326,7 @@ async fn inject(
         FaultKind::ServerKill => {
             servers[i].kill();
             tokio::time::sleep(step.hold).await;
-            servers[i] = spawn_server(eps, ports[i], cfg.ttl)?;
+            servers[i] = spawn_server(eps, ports[i], cfg)?;
             mark(h, clock, target.clone(), ServerEvent::Started);
         }
         FaultKind::ServerDrain => {
@@ -333,7 +341,7 @@ async fn inject(
             }
             mark(h, clock, target.clone(), ServerEvent::Deregistered);
             tokio::time::sleep(step.hold).await;
-            servers[i] = spawn_server(eps, ports[i], cfg.ttl)?;
+            servers[i] = spawn_server(eps, ports[i], cfg)?;
             mark(h, clock, target.clone(), ServerEvent::Started);
         }
         FaultKind::ServerPause => {
@@ -611,15 +619,19 @@ async fn record_from(
     }
 }
 
-/// The [`Mutant::EmptyOnOutage`] client's discovery: list and watch one
-/// member; on any failure forget every endpoint, then list again.
+/// The mutants' discovery: list and watch one member; on any failure list
+/// again, after forgetting every endpoint ([`Mutant::EmptyOnOutage`]); drop
+/// weight-0 puts and deletes ([`Mutant::IgnoreDrains`]).
 async fn naive_discovery(
+    mutant: Mutant,
     member: String,
     balancer: etcd_lb::Balancer,
     rev: Arc<AtomicI64>,
     cancel: CancellationToken,
 ) {
+    let ignore_drains = mutant == Mutant::IgnoreDrains;
     let apply = |e: &EtcdEvent| match (e.kind, e.weight, Addr::new(&e.addr)) {
+        (_, Some(0), _) | (EventKind::Delete, _, _) if ignore_drains => {}
         (EventKind::Put, Some(w), Ok(a)) => balancer.upsert(&a, w, ""),
         (_, _, Ok(a)) => balancer.remove(&a),
         _ => {}
@@ -667,9 +679,11 @@ async fn naive_discovery(
             }
         };
         if round.await.is_err() {
-            // The mutation: an unreachable etcd empties the view.
-            for e in balancer.endpoints() {
-                balancer.remove(&e.addr);
+            if mutant == Mutant::EmptyOnOutage {
+                // The mutation: an unreachable etcd empties the view.
+                for e in balancer.endpoints() {
+                    balancer.remove(&e.addr);
+                }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
