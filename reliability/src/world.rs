@@ -358,7 +358,7 @@ async fn inject(
 /// Compacts at the current revision (physical), then defragments member
 /// `i`.
 async fn compact(cluster: &Cluster, i: usize) -> Result<()> {
-    let work = async {
+    let attempt = || async {
         let mut c = cluster.client().await?;
         let r = c
             .get(
@@ -384,9 +384,20 @@ async fn compact(cluster: &Cluster, i: usize) -> Result<()> {
         m.defragment().await?;
         anyhow::Ok(())
     };
-    tokio::time::timeout(Duration::from_secs(10), work)
-        .await
-        .context("compaction timed out")?
+    let mut work = Box::pin(attempt());
+    // Right after another etcd fault the request may meet a leader change:
+    // a few attempts.
+    let mut last = None;
+    for _ in 0..5 {
+        match tokio::time::timeout(Duration::from_secs(10), &mut work).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => last = Some(anyhow::anyhow!("compaction timed out")),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        work = Box::pin(attempt());
+    }
+    Err(last.expect("attempted"))
 }
 
 /// Records every change of one client's view.
@@ -574,7 +585,10 @@ async fn record_from(
     h: &Shared,
     cancel: &CancellationToken,
 ) -> Result<()> {
-    let connect = Client::connect([member], None);
+    // Require a leader: an isolated member then ends the watch instead of
+    // holding it silent.
+    let opts = etcd_client::ConnectOptions::new().with_require_leader(true);
+    let connect = Client::connect([member], Some(opts));
     let mut c = tokio::time::timeout(Duration::from_secs(2), connect)
         .await
         .context("connect timed out")??;

@@ -35,11 +35,53 @@ struct Args {
     /// Write each run's history as JSON here (`<seed>.json`).
     #[arg(long, env = "HARNESS_HISTORY_DIR")]
     history_dir: Option<PathBuf>,
+    /// Run nothing: check the histories kept in this directory again (after
+    /// a change of the checker).
+    #[arg(long, conflicts_with = "history_dir")]
+    recheck: Option<PathBuf>,
+}
+
+/// Checks kept histories again; exit code 1 on any violation.
+fn recheck(dir: &std::path::Path) -> Result<()> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    paths.sort();
+    let mut failed = Vec::new();
+    for p in &paths {
+        let h: reliability::history::History = serde_json::from_slice(&std::fs::read(p)?)?;
+        let r = check(&h, &Bounds::default());
+        println!(
+            "seed {}: faults {:?}; calls {}; violations {}",
+            h.seed,
+            h.faults_by_kind(),
+            h.calls.len(),
+            r.violations.len()
+        );
+        for v in &r.violations {
+            println!("  seed {}: {v}", h.seed);
+        }
+        if !r.violations.is_empty() {
+            failed.push(h.seed);
+        }
+    }
+    println!(
+        "{} histories rechecked; violations in seeds {failed:?}",
+        paths.len()
+    );
+    if !failed.is_empty() {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(dir) = &args.recheck {
+        return recheck(dir);
+    }
     let mut failed = Vec::new();
     for seed in args.seed..args.seed + args.runs {
         let mut cfg = WorldConfig::new(seed, args.duration);
