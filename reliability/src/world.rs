@@ -20,6 +20,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio_util::sync::CancellationToken;
 
+use crate::checker::Bounds;
 use crate::history::{
     Call, Clock, EndpointSet, EtcdEvent, EventKind, FaultKind, FaultMark, History, ServerEvent,
     ServerMark, ViewChange,
@@ -233,6 +234,27 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
         tokio::time::sleep(step.gap).await;
     }
     tokio::time::sleep(cfg.quiet).await;
+    // A SIGKILLed server's old lease expires up to a TTL after its restart
+    // (and the new process registers then): wait until etcd has been quiet
+    // for the checker's quiescence bound plus a second, for at most 20 s
+    // more, so convergence can be judged.
+    let settle = Bounds::default().quiescence + Duration::from_secs(1);
+    let limit = clock.now() + Duration::from_secs(20);
+    loop {
+        let last = history
+            .lock()
+            .expect("lock")
+            .etcd
+            .iter()
+            .map(|e| e.at)
+            .max()
+            .unwrap_or_default();
+        let now = clock.now();
+        if now >= last + settle || now >= limit {
+            break;
+        }
+        tokio::time::sleep((last + settle - now).min(limit - now)).await;
+    }
     record(&history, |h| h.end = clock.now());
     cancel.cancel();
     for t in tasks {
