@@ -242,7 +242,7 @@ fn stale_calls(h: &History, b: &Bounds, r: &mut Report) {
         let back = events.iter().any(|e| {
             e.kind == EventKind::Put
                 && e.weight.is_some_and(|w| w > 0)
-                && e.at > gone.at
+                && e.revision > gone.revision
                 && e.at <= c.start + b.recorder_slack
         });
         let etcd_faulted = h
@@ -523,6 +523,26 @@ mod tests {
         assert_eq!((v[0].at, v[0].client), (s(14_000), Some(1)));
         assert!(v[0].context.contains("delete at revision 5"), "{}", v[0]);
         assert_eq!(r.violations.len(), 1, "only that: {r:#?}");
+    }
+
+    /// Found by seed 229 (at 012648a): a killed server's old lease expired
+    /// (delete) and its restarted process registered again one revision
+    /// later; the recorder got both in one watch response, so both carry
+    /// the same time, and "came back" must be judged by revision, not by
+    /// a later time.
+    #[test]
+    fn seed_229_a_re_put_in_the_same_response_as_the_delete_is_a_return() {
+        let mut h = clean();
+        h.etcd.push(del(20_000, 7, A));
+        h.etcd.push(put(20_000, 8, A, 100));
+        for c in 0..2 {
+            h.views.push(view(20_005, c, 7, &[B]));
+            h.views.push(view(20_006, c, 8, &[A, B]));
+        }
+        h.calls.retain(|c| c.start < s(20_000));
+        h.calls.push(call(0, Some(A), 22_000, 22_005, true, ""));
+        let r = check(&h, &Bounds::default());
+        assert_eq!(r.violations, vec![], "{r:#?}");
     }
 
     #[test]
