@@ -1,1 +1,9 @@
-//! Reliability and security tests (issue 7) live in `tests/`; this crate has no code of its own.
+//! Reliability and security tests (issue 7) live in `tests/`. The library
+//! holds the robustness harness of issue 36: a recorded [`history`], the
+//! [`checker`] of its invariants (docs/robustness.md), and the [`world`] a
+//! run happens in with its [`nemesis`].
+
+pub mod checker;
+pub mod history;
+pub mod nemesis;
+pub mod world;

@@ -344,6 +344,11 @@ impl Cluster {
         Ok(sum("grpc_server_started_total{") - sum("grpc_server_handled_total{"))
     }
 
+    /// Member `i`'s process id while it runs (to pause it with SIGSTOP).
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i].child.as_ref().map(Child::id)
+    }
+
     /// Kills member `i` (SIGKILL) and reaps it; its data stays.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.members[i].child.take() {

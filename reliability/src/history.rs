@@ -1,0 +1,222 @@
+//! What a harness run records: etcd events under the prefix, every client
+//! view change, every call, every fault and server mark, all timed by one
+//! clock (a monotonic [`Duration`] since the run's start).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// An endpoint set: address -> weight.
+pub type EndpointSet = BTreeMap<String, u32>;
+
+/// A put or a delete of one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    /// Put (create or update).
+    Put,
+    /// Delete (explicit or lease expiry).
+    Delete,
+}
+
+/// One etcd event under the prefix, as the recorder saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EtcdEvent {
+    /// When the recorder saw it.
+    pub at: Duration,
+    /// The event's mod revision.
+    pub revision: i64,
+    /// The endpoint address (the key suffix).
+    pub addr: String,
+    /// Put or delete.
+    pub kind: EventKind,
+    /// The value's weight (puts of a valid value only).
+    pub weight: Option<u32>,
+}
+
+/// A client's view after one change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewChange {
+    /// When the client's balancer changed.
+    pub at: Duration,
+    /// Which client.
+    pub client: u32,
+    /// The discovery's revision then.
+    pub revision: i64,
+    /// The endpoints with their weights.
+    pub endpoints: EndpointSet,
+}
+
+/// One call, start to end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Call {
+    /// Which client.
+    pub client: u32,
+    /// The server that answered (its reply says), if any.
+    pub endpoint: Option<String>,
+    /// When the call started.
+    pub start: Duration,
+    /// When it ended.
+    pub end: Duration,
+    /// Whether it succeeded.
+    pub ok: bool,
+    /// The error, on failure.
+    pub message: String,
+}
+
+/// The faults the nemesis injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum FaultKind {
+    /// SIGKILL an etcd member, restart it later with its data.
+    EtcdKill,
+    /// SIGSTOP an etcd member, SIGCONT later.
+    EtcdPause,
+    /// Cut an etcd member off from its peers (its clients still reach
+    /// it), rejoin later.
+    EtcdIsolate,
+    /// Compact etcd's history at the current revision (physical), then
+    /// defragment one member.
+    EtcdCompact,
+    /// SIGKILL a server, restart it at the same address.
+    ServerKill,
+    /// SIGTERM a server (it drains and deregisters), restart it.
+    ServerDrain,
+    /// SIGSTOP a server, SIGCONT later.
+    ServerPause,
+}
+
+impl FaultKind {
+    /// Every kind.
+    pub const ALL: [FaultKind; 7] = [
+        FaultKind::EtcdKill,
+        FaultKind::EtcdPause,
+        FaultKind::EtcdIsolate,
+        FaultKind::EtcdCompact,
+        FaultKind::ServerKill,
+        FaultKind::ServerDrain,
+        FaultKind::ServerPause,
+    ];
+
+    /// Whether it hits etcd (rather than a server).
+    pub fn is_etcd(self) -> bool {
+        matches!(
+            self,
+            FaultKind::EtcdKill
+                | FaultKind::EtcdPause
+                | FaultKind::EtcdIsolate
+                | FaultKind::EtcdCompact
+        )
+    }
+}
+
+/// A fault, from injection to heal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultMark {
+    /// What.
+    pub kind: FaultKind,
+    /// On what: an etcd member (`etcd-<i>`) or a server address.
+    pub target: String,
+    /// Injected.
+    pub start: Duration,
+    /// Healed (process restarted or continued); `None`: never healed.
+    pub end: Option<Duration>,
+}
+
+/// Something a server did, as the harness saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerEvent {
+    /// Process started.
+    Started,
+    /// SIGTERM sent: it drains (weight 0), then deregisters.
+    Drain,
+    /// It exited after a drain (its lease revoked, key deleted).
+    Deregistered,
+}
+
+/// A server mark.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerMark {
+    /// When.
+    pub at: Duration,
+    /// The server's address.
+    pub server: String,
+    /// What.
+    pub event: ServerEvent,
+}
+
+/// Everything one run recorded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct History {
+    /// The seed the schedule came from.
+    pub seed: u64,
+    /// etcd events, in revision order.
+    pub etcd: Vec<EtcdEvent>,
+    /// View changes of every client, in time order per client.
+    pub views: Vec<ViewChange>,
+    /// Calls, in end order.
+    pub calls: Vec<Call>,
+    /// Faults, in start order.
+    pub faults: Vec<FaultMark>,
+    /// Server marks.
+    pub servers: Vec<ServerMark>,
+    /// When recording stopped.
+    pub end: Duration,
+}
+
+impl History {
+    /// etcd's state (address -> weight, valid puts only) after every event
+    /// the recorder saw by time `at`.
+    pub fn etcd_state_at(&self, at: Duration) -> EndpointSet {
+        let mut state = EndpointSet::new();
+        for e in self.etcd.iter().filter(|e| e.at <= at) {
+            match (e.kind, e.weight) {
+                (EventKind::Put, Some(w)) => {
+                    state.insert(e.addr.clone(), w);
+                }
+                _ => {
+                    state.remove(&e.addr);
+                }
+            }
+        }
+        state
+    }
+
+    /// etcd's final state.
+    pub fn etcd_final(&self) -> EndpointSet {
+        self.etcd_state_at(Duration::MAX)
+    }
+
+    /// When the last fault healed (`None`: no fault; `Some(MAX)`: one never
+    /// healed).
+    pub fn last_heal(&self) -> Option<Duration> {
+        self.faults
+            .iter()
+            .map(|f| f.end.unwrap_or(Duration::MAX))
+            .max()
+    }
+
+    /// Faults by kind.
+    pub fn faults_by_kind(&self) -> BTreeMap<FaultKind, usize> {
+        let mut m = BTreeMap::new();
+        for f in &self.faults {
+            *m.entry(f.kind).or_default() += 1;
+        }
+        m
+    }
+}
+
+/// The run's one clock.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock(Instant);
+
+impl Clock {
+    /// Starts now.
+    pub fn start() -> Self {
+        Self(Instant::now())
+    }
+
+    /// Time since the start.
+    pub fn now(&self) -> Duration {
+        self.0.elapsed()
+    }
+}

@@ -1,0 +1,740 @@
+//! A small world on loopback for one harness run: a 3-member etcd cluster,
+//! greet-server processes (the real binary), in-process clients of the
+//! library under load, a recorder of every etcd event under the prefix, and
+//! the nemesis running a seed's schedule. Everything is recorded into one
+//! [`History`] on one [`Clock`].
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use etcd_lb::{BalancerConfig, DiscoveryConfig, EtcdConfig, RetryPolicy, ServiceName};
+use etcd_lb_registry::schema::{parse_value, Addr};
+use etcd_lb_testkit::{bin_path, free_port, Cluster, Proc};
+use greet_proto::paths::{MORNING, NIGHT};
+use greet_proto::{GreetClient, GreetRequest};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio_util::sync::CancellationToken;
+
+use crate::checker::Bounds;
+use crate::history::{
+    Call, Clock, EndpointSet, EtcdEvent, EventKind, FaultKind, FaultMark, History, ServerEvent,
+    ServerMark, ViewChange,
+};
+use crate::nemesis::{schedule, Step};
+
+/// The service every server registers.
+pub const SERVICE: &str = "greet_service";
+/// Its prefix.
+pub const PREFIX: &str = "/ns/greet_service/";
+
+/// What a run looks like.
+#[derive(Debug, Clone)]
+pub struct WorldConfig {
+    /// The schedule's seed.
+    pub seed: u64,
+    /// How long faults are injected.
+    pub duration: Duration,
+    /// Quiet time after the last fault heals, before recording stops.
+    pub quiet: Duration,
+    /// greet-servers.
+    pub servers: usize,
+    /// In-process clients.
+    pub clients: u32,
+    /// Concurrent call loops per client.
+    pub loops: u32,
+    /// Each call's deadline.
+    pub call_timeout: Duration,
+    /// The servers' lease TTL.
+    pub ttl: &'static str,
+    /// The servers' `--drain`.
+    pub drain: &'static str,
+    /// A deliberately broken client 0, to show the harness catches it.
+    pub mutant: Option<Mutant>,
+    /// A fixed schedule instead of the seed's.
+    pub plan: Option<Vec<Step>>,
+}
+
+/// Deliberately broken clients: a run with one must be flagged by the
+/// checker, or the harness cannot see that kind of defect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mutant {
+    /// Client 0 is not the library but a naive discovery over the same
+    /// [`etcd_lb::Balancer`]: it lists and watches etcd member 0 only and
+    /// empties its view whenever its stream fails (no static stability).
+    EmptyOnOutage,
+    /// Client 0 is the same naive discovery, which keeps its view on
+    /// failures but ignores drains: weight-0 puts and deletes are dropped,
+    /// so it keeps sending calls to a draining server.
+    IgnoreDrains,
+}
+
+impl WorldConfig {
+    /// Defaults for `seed` and `duration`: 3 servers, 2 clients of 2 loops,
+    /// 8 s of quiet, 2 s deadlines, 4 s leases.
+    pub fn new(seed: u64, duration: Duration) -> Self {
+        Self {
+            seed,
+            duration,
+            quiet: Duration::from_secs(8),
+            servers: 3,
+            clients: 2,
+            loops: 2,
+            call_timeout: Duration::from_secs(2),
+            ttl: "4s",
+            drain: "1s",
+            mutant: None,
+            plan: None,
+        }
+    }
+}
+
+type Shared = Arc<Mutex<History>>;
+
+fn record(h: &Shared, f: impl FnOnce(&mut History)) {
+    f(&mut h.lock().expect("history lock"));
+}
+
+fn spawn_server(eps: &str, port: u16, cfg: &WorldConfig) -> Result<Proc> {
+    let args: Vec<String> = [
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--etcd-endpoints",
+        eps,
+        "--drain",
+        cfg.drain,
+        "--ttl",
+        cfg.ttl,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Proc::spawn(
+        &format!("server:{port}"),
+        bin_path("greet-server"),
+        &args,
+        &[("RUST_LOG", "warn")],
+    )
+}
+
+/// Runs one world for `cfg` and returns what it recorded.
+pub async fn run(cfg: &WorldConfig) -> Result<History> {
+    let clock = Clock::start();
+    let history: Shared = Arc::new(Mutex::new(History {
+        seed: cfg.seed,
+        ..Default::default()
+    }));
+    let cancel = CancellationToken::new();
+    let mut cluster = Cluster::start_isolatable(3)
+        .await
+        .context("starting etcd")?;
+    let eps = cluster.endpoints_arg();
+    let members = cluster.endpoints();
+
+    let recorder = tokio::spawn(recorder(
+        members.clone(),
+        clock,
+        history.clone(),
+        cancel.clone(),
+    ));
+
+    let ports: Vec<u16> = (0..cfg.servers).map(|_| free_port()).collect();
+    let addr = |i: usize| format!("127.0.0.1:{}", ports[i]);
+    let mut servers = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        servers.push(spawn_server(&eps, *port, cfg)?);
+        mark(&history, clock, addr(i), ServerEvent::Started);
+    }
+    wait_for(Duration::from_secs(30), "every server in etcd", || {
+        history.lock().expect("lock").etcd_final().len() == cfg.servers
+    })
+    .await?;
+
+    let mut tasks = Vec::new();
+    for client in 0..cfg.clients {
+        let (balancer, revision): (_, Box<dyn Fn() -> i64 + Send>) =
+            if let (0, Some(mutant)) = (client, cfg.mutant) {
+                let balancer = etcd_lb::Balancer::new(BalancerConfig {
+                    retry: RetryPolicy::idempotent([MORNING, NIGHT]),
+                    ..BalancerConfig::new(SERVICE)
+                });
+                let rev = Arc::new(AtomicI64::new(0));
+                tokio::spawn(naive_discovery(
+                    mutant,
+                    members[0].clone(),
+                    balancer.clone(),
+                    rev.clone(),
+                    cancel.clone(),
+                ));
+                let b = balancer.clone();
+                wait_for(Duration::from_secs(10), "the naive client's list", || {
+                    b.len() == cfg.servers
+                })
+                .await?;
+                (balancer, Box::new(move || rev.load(Ordering::Relaxed)))
+            } else {
+                let (balancer, discovery) = etcd_lb::connect(
+                    EtcdConfig::plain(members.clone()),
+                    DiscoveryConfig::new(ServiceName::new(SERVICE)?),
+                    BalancerConfig {
+                        retry: RetryPolicy::idempotent([MORNING, NIGHT]),
+                        ..Default::default()
+                    },
+                    cancel.clone(),
+                );
+                discovery.wait_synced(Duration::from_secs(10)).await?;
+                (balancer, Box::new(move || discovery.state().revision))
+            };
+        tasks.push(tokio::spawn(views(
+            client,
+            balancer.clone(),
+            revision,
+            clock,
+            history.clone(),
+            cancel.clone(),
+        )));
+        for _ in 0..cfg.loops {
+            tasks.push(tokio::spawn(load(
+                client,
+                GreetClient::new(balancer.clone()),
+                cfg.call_timeout,
+                clock,
+                history.clone(),
+                cancel.clone(),
+            )));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let plan = cfg
+        .plan
+        .clone()
+        .unwrap_or_else(|| schedule(cfg.seed, cfg.duration, cluster.len(), cfg.servers));
+    let mut failure = None;
+    for step in &plan {
+        if let Err(e) = inject(
+            step,
+            &mut cluster,
+            &eps,
+            &ports,
+            &mut servers,
+            cfg,
+            clock,
+            &history,
+        )
+        .await
+        {
+            failure = Some(e.context(format!("injecting {step:?}")));
+            break;
+        }
+        tokio::time::sleep(step.gap).await;
+    }
+    tokio::time::sleep(cfg.quiet).await;
+    // A SIGKILLed server's old lease expires up to a TTL after its restart
+    // (and the new process registers then): wait until etcd has been quiet
+    // for the checker's quiescence bound plus a second, for at most 20 s
+    // more, so convergence can be judged.
+    let settle = Bounds::default().quiescence + Duration::from_secs(1);
+    let limit = clock.now() + Duration::from_secs(20);
+    loop {
+        let last = history
+            .lock()
+            .expect("lock")
+            .etcd
+            .iter()
+            .map(|e| e.at)
+            .max()
+            .unwrap_or_default();
+        let now = clock.now();
+        if now >= last + settle || now >= limit {
+            break;
+        }
+        tokio::time::sleep((last + settle - now).min(limit - now)).await;
+    }
+    record(&history, |h| h.end = clock.now());
+    cancel.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let _ = recorder.await;
+    drop(servers);
+    drop(cluster);
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let mut h = history.lock().expect("lock").clone();
+    h.calls.sort_by_key(|c| c.end);
+    Ok(h)
+}
+
+fn mark(h: &Shared, clock: Clock, server: String, event: ServerEvent) {
+    record(h, |h| {
+        h.servers.push(ServerMark {
+            at: clock.now(),
+            server,
+            event,
+        })
+    });
+}
+
+async fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        if Instant::now() > deadline {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// Injects one fault, holds it, heals it; marks its window.
+#[allow(clippy::too_many_arguments)]
+async fn inject(
+    step: &Step,
+    cluster: &mut Cluster,
+    eps: &str,
+    ports: &[u16],
+    servers: &mut [Proc],
+    cfg: &WorldConfig,
+    clock: Clock,
+    h: &Shared,
+) -> Result<()> {
+    let i = step.target;
+    let target = if step.kind.is_etcd() {
+        format!("etcd-{i}")
+    } else {
+        format!("127.0.0.1:{}", ports[i])
+    };
+    let start = clock.now();
+    let index = {
+        let mut h = h.lock().expect("lock");
+        h.faults.push(FaultMark {
+            kind: step.kind,
+            target: target.clone(),
+            start,
+            end: None,
+        });
+        h.faults.len() - 1
+    };
+    let signal_member = |sig| -> Result<()> {
+        let pid = cluster.pid(i).context("member not running")?;
+        kill(Pid::from_raw(pid as i32), sig).context("signalling etcd")
+    };
+    match step.kind {
+        FaultKind::EtcdKill => {
+            cluster.kill(i);
+            tokio::time::sleep(step.hold).await;
+            cluster.restart(i).await?;
+        }
+        FaultKind::EtcdPause => {
+            signal_member(Signal::SIGSTOP)?;
+            tokio::time::sleep(step.hold).await;
+            signal_member(Signal::SIGCONT)?;
+        }
+        FaultKind::EtcdIsolate => {
+            cluster.isolate(i).await?;
+            tokio::time::sleep(step.hold).await;
+            cluster.rejoin(i).await?;
+        }
+        FaultKind::EtcdCompact => {
+            compact(cluster, i).await?;
+            tokio::time::sleep(step.hold).await;
+        }
+        FaultKind::ServerKill => {
+            servers[i].kill();
+            tokio::time::sleep(step.hold).await;
+            servers[i] = spawn_server(eps, ports[i], cfg)?;
+            mark(h, clock, target.clone(), ServerEvent::Started);
+        }
+        FaultKind::ServerDrain => {
+            servers[i].signal(Signal::SIGTERM)?;
+            mark(h, clock, target.clone(), ServerEvent::Drain);
+            let code = servers[i].wait_exit(Duration::from_secs(20)).await?;
+            if code != Some(0) {
+                bail!(
+                    "{target} exited {code:?} after SIGTERM:\n{}",
+                    servers[i].log()
+                );
+            }
+            mark(h, clock, target.clone(), ServerEvent::Deregistered);
+            tokio::time::sleep(step.hold).await;
+            servers[i] = spawn_server(eps, ports[i], cfg)?;
+            mark(h, clock, target.clone(), ServerEvent::Started);
+        }
+        FaultKind::ServerPause => {
+            servers[i].signal(Signal::SIGSTOP)?;
+            tokio::time::sleep(step.hold).await;
+            servers[i].signal(Signal::SIGCONT)?;
+        }
+    }
+    let end = clock.now();
+    record(h, |h| h.faults[index].end = Some(end));
+    Ok(())
+}
+
+/// Compacts at the current revision (physical), then defragments member
+/// `i`.
+async fn compact(cluster: &Cluster, i: usize) -> Result<()> {
+    let attempt = || async {
+        let mut c = cluster.client().await?;
+        let r = c
+            .get(
+                PREFIX,
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await?;
+        let rev = r.header().map_or(0, |h| h.revision());
+        let compacted = c
+            .compact(
+                rev,
+                Some(etcd_client::CompactionOptions::new().with_physical()),
+            )
+            .await;
+        // Nothing written since the last compaction: already compacted.
+        match compacted {
+            Err(e) if e.to_string().contains("has been compacted") => {}
+            r => {
+                r?;
+            }
+        }
+        let mut m = Client::connect([cluster.endpoint(i)], None).await?;
+        m.defragment().await?;
+        anyhow::Ok(())
+    };
+    let mut work = Box::pin(attempt());
+    // Right after another etcd fault the request may meet a leader change:
+    // a few attempts.
+    let mut last = None;
+    for _ in 0..5 {
+        match tokio::time::timeout(Duration::from_secs(10), &mut work).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => last = Some(anyhow::anyhow!("compaction timed out")),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        work = Box::pin(attempt());
+    }
+    Err(last.expect("attempted"))
+}
+
+/// Records every change of one client's view.
+async fn views(
+    client: u32,
+    balancer: etcd_lb::Balancer,
+    revision: Box<dyn Fn() -> i64 + Send>,
+    clock: Clock,
+    h: Shared,
+    cancel: CancellationToken,
+) {
+    let mut changes = balancer.changes();
+    let mut last: Option<(i64, EndpointSet)> = None;
+    loop {
+        let endpoints: EndpointSet = balancer
+            .endpoints()
+            .into_iter()
+            .map(|e| (e.addr.to_string(), e.weight))
+            .collect();
+        let revision = revision();
+        if last.as_ref() != Some(&(revision, endpoints.clone())) {
+            let at = clock.now();
+            record(&h, |h| {
+                h.views.push(ViewChange {
+                    at,
+                    client,
+                    revision,
+                    endpoints: endpoints.clone(),
+                })
+            });
+            last = Some((revision, endpoints));
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = changes.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// One loop of calls, each recorded.
+async fn load(
+    client: u32,
+    mut greet: GreetClient<etcd_lb::Balancer>,
+    timeout: Duration,
+    clock: Clock,
+    h: Shared,
+    cancel: CancellationToken,
+) {
+    let mut n = 0u64;
+    while !cancel.is_cancelled() {
+        let mut req = tonic::Request::new(GreetRequest {
+            name: format!("c{client}-{n}"),
+        });
+        req.set_timeout(timeout);
+        let start = clock.now();
+        let r = if n.is_multiple_of(2) {
+            greet.morning(req).await
+        } else {
+            greet.night(req).await
+        };
+        let end = clock.now();
+        if cancel.is_cancelled() {
+            return;
+        }
+        let call = match r {
+            Ok(reply) => Call {
+                client,
+                endpoint: Some(reply.into_inner().from),
+                start,
+                end,
+                ok: true,
+                message: String::new(),
+            },
+            Err(e) => Call {
+                client,
+                endpoint: None,
+                start,
+                end,
+                ok: false,
+                message: e.to_string(),
+            },
+        };
+        record(&h, |h| h.calls.push(call));
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The recorder: lists the prefix, then watches it from the next revision,
+/// one member at a time (round robin), resuming after the last revision
+/// seen whenever the stream fails or is silent for 3 s (a paused member).
+/// Independent of the library's watcher, so it does not share its bugs.
+async fn recorder(members: Vec<String>, clock: Clock, h: Shared, cancel: CancellationToken) {
+    let mut next: Option<i64> = None;
+    let mut turn = 0usize;
+    while !cancel.is_cancelled() {
+        let member = members[turn % members.len()].clone();
+        turn += 1;
+        let round = record_from(&member, &mut next, clock, &h, &cancel);
+        if round.await.is_err() {
+            // Another member next; the error itself (a dead or paused
+            // member) is the nemesis's doing.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn event_of(
+    at: Duration,
+    kv_key: &[u8],
+    value: &[u8],
+    revision: i64,
+    put: bool,
+) -> Option<EtcdEvent> {
+    let key = std::str::from_utf8(kv_key).ok()?;
+    let addr = key.strip_prefix(PREFIX)?.to_owned();
+    let weight = if put {
+        Addr::new(&addr)
+            .ok()
+            .and_then(|a| parse_value(&a, value).ok())
+            .map(|m| m.weight)
+    } else {
+        None
+    };
+    Some(EtcdEvent {
+        at,
+        revision,
+        addr,
+        kind: if put {
+            EventKind::Put
+        } else {
+            EventKind::Delete
+        },
+        weight,
+    })
+}
+
+/// Lists the prefix and records what differs from the recorded state as
+/// events at the list's revision (all of it on the first list).
+async fn relist(c: &mut Client, next: &mut Option<i64>, clock: Clock, h: &Shared) -> Result<()> {
+    let r = tokio::time::timeout(
+        Duration::from_secs(2),
+        c.get(PREFIX, Some(GetOptions::new().with_prefix())),
+    )
+    .await
+    .context("list timed out")??;
+    let at = clock.now();
+    let rev = r.header().map_or(0, |h| h.revision());
+    let mut list: Vec<EtcdEvent> = r
+        .kvs()
+        .iter()
+        .filter_map(|kv| event_of(at, kv.key(), kv.value(), kv.mod_revision(), true))
+        .collect();
+    list.sort_by_key(|e| e.revision);
+    record(h, |h| {
+        let before = h.etcd_final();
+        let listed: EndpointSet = list
+            .iter()
+            .filter_map(|e| Some((e.addr.clone(), e.weight?)))
+            .collect();
+        for gone in before.keys().filter(|a| !listed.contains_key(*a)) {
+            h.etcd.push(EtcdEvent {
+                at,
+                revision: rev,
+                addr: gone.clone(),
+                kind: EventKind::Delete,
+                weight: None,
+            });
+        }
+        for e in list {
+            let known = e.weight.is_some_and(|w| before.get(&e.addr) == Some(&w));
+            if !known {
+                h.etcd.push(e);
+            }
+        }
+    });
+    *next = Some(rev + 1);
+    Ok(())
+}
+
+async fn record_from(
+    member: &str,
+    next: &mut Option<i64>,
+    clock: Clock,
+    h: &Shared,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    // Require a leader: an isolated member then ends the watch instead of
+    // holding it silent.
+    let opts = etcd_client::ConnectOptions::new().with_require_leader(true);
+    let connect = Client::connect([member], Some(opts));
+    let mut c = tokio::time::timeout(Duration::from_secs(2), connect)
+        .await
+        .context("connect timed out")??;
+    if next.is_none() {
+        relist(&mut c, next, clock, h).await?;
+    }
+    let from = next.expect("listed");
+    let opts = WatchOptions::new().with_prefix().with_start_revision(from);
+    let mut stream = tokio::time::timeout(Duration::from_secs(2), c.watch(PREFIX, Some(opts)))
+        .await
+        .context("watch timed out")??;
+    loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            m = tokio::time::timeout(Duration::from_secs(3), stream.message()) => m,
+        };
+        let Ok(msg) = msg else {
+            bail!("silent for 3 s");
+        };
+        let Some(resp) = msg? else {
+            bail!("stream ended");
+        };
+        if resp.compact_revision() > 0 {
+            // Fell behind a compaction: list again and record the
+            // difference, then watch on from the list's revision.
+            relist(&mut c, next, clock, h).await?;
+            bail!("compacted at {}, relisted", resp.compact_revision());
+        }
+        let at = clock.now();
+        let mut batch = Vec::new();
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let put = ev.event_type() == EventType::Put;
+            if let Some(e) = event_of(at, kv.key(), kv.value(), kv.mod_revision(), put) {
+                batch.push(e);
+            }
+            *next = Some(kv.mod_revision() + 1);
+        }
+        if !batch.is_empty() {
+            record(h, |h| h.etcd.extend(batch));
+        }
+    }
+}
+
+/// The mutants' discovery: list and watch one member; on any failure list
+/// again, after forgetting every endpoint ([`Mutant::EmptyOnOutage`]); drop
+/// weight-0 puts and deletes ([`Mutant::IgnoreDrains`]).
+async fn naive_discovery(
+    mutant: Mutant,
+    member: String,
+    balancer: etcd_lb::Balancer,
+    rev: Arc<AtomicI64>,
+    cancel: CancellationToken,
+) {
+    let ignore_drains = mutant == Mutant::IgnoreDrains;
+    let apply = |e: &EtcdEvent| match (e.kind, e.weight, Addr::new(&e.addr)) {
+        (_, Some(0), _) | (EventKind::Delete, _, _) if ignore_drains => {}
+        (EventKind::Put, Some(w), Ok(a)) => balancer.upsert(&a, w, ""),
+        (_, _, Ok(a)) => balancer.remove(&a),
+        _ => {}
+    };
+    while !cancel.is_cancelled() {
+        let round = async {
+            let mut c = tokio::time::timeout(
+                Duration::from_secs(2),
+                Client::connect([member.as_str()], None),
+            )
+            .await??;
+            let r = tokio::time::timeout(
+                Duration::from_secs(2),
+                c.get(PREFIX, Some(GetOptions::new().with_prefix())),
+            )
+            .await??;
+            for kv in r.kvs() {
+                if let Some(e) = event_of(Duration::ZERO, kv.key(), kv.value(), 0, true) {
+                    apply(&e);
+                }
+            }
+            let at = r.header().map_or(0, |h| h.revision());
+            rev.store(at, Ordering::Relaxed);
+            let opts = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(at + 1);
+            let mut stream =
+                tokio::time::timeout(Duration::from_secs(2), c.watch(PREFIX, Some(opts))).await??;
+            loop {
+                let msg = tokio::select! {
+                    _ = cancel.cancelled() => return anyhow::Ok(()),
+                    m = stream.message() => m?,
+                };
+                let Some(resp) = msg else {
+                    bail!("stream ended")
+                };
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let put = ev.event_type() == EventType::Put;
+                    if let Some(e) = event_of(Duration::ZERO, kv.key(), kv.value(), 0, put) {
+                        apply(&e);
+                    }
+                    rev.store(kv.mod_revision(), Ordering::Relaxed);
+                }
+            }
+        };
+        if round.await.is_err() {
+            if mutant == Mutant::EmptyOnOutage {
+                // The mutation: an unreachable etcd empties the view.
+                for e in balancer.endpoints() {
+                    balancer.remove(&e.addr);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Calls made and failed, by client (for the summary).
+pub fn calls_by_client(h: &History) -> BTreeMap<u32, (usize, usize)> {
+    let mut m = BTreeMap::new();
+    for c in &h.calls {
+        let e: &mut (usize, usize) = m.entry(c.client).or_default();
+        e.0 += 1;
+        if !c.ok {
+            e.1 += 1;
+        }
+    }
+    m
+}

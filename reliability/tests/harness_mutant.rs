@@ -1,0 +1,73 @@
+//! The harness sees broken clients end to end. First, client 0 of a world is
+//! [`Mutant::EmptyOnOutage`] (it watches etcd member 0 only and empties its
+//! view when the stream fails). Killing member 0 for 3 s must be flagged as
+//! a static-stability violation of client 0 (and its calls failing with
+//! servers up as failed-call violations), and only client 0: the library's
+//! client beside it keeps every invariant through the same outage.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use reliability::checker::{check, Bounds, Invariant};
+use reliability::history::FaultKind;
+use reliability::nemesis::Step;
+use reliability::world::{run, Mutant, WorldConfig};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_empties_its_view_on_an_outage_is_caught() -> Result<()> {
+    let mut cfg = WorldConfig::new(0, Duration::ZERO);
+    cfg.mutant = Some(Mutant::EmptyOnOutage);
+    cfg.quiet = Duration::from_secs(6);
+    cfg.plan = Some(vec![Step {
+        kind: FaultKind::EtcdKill,
+        target: 0,
+        hold: Duration::from_secs(3),
+        gap: Duration::from_secs(1),
+    }]);
+    let h = run(&cfg).await?;
+    let r = check(&h, &Bounds::default());
+    for v in &r.violations {
+        eprintln!("{v}");
+    }
+    let shrunk = r.of(Invariant::StaticStability);
+    assert!(!shrunk.is_empty(), "the mutant's shrink is flagged: {r:#?}");
+    // Its calls fail with an empty view while all three servers are up.
+    assert!(!r.of(Invariant::NoFailedCall).is_empty(), "{r:#?}");
+    assert!(
+        r.violations.iter().all(|v| v.client == Some(0)),
+        "only the mutant breaks invariants: {r:#?}"
+    );
+    Ok(())
+}
+
+/// Client 0 is [`Mutant::IgnoreDrains`]; server 0 is drained with a 3 s
+/// `--drain` (it keeps answering for 3 s after its weight-0 put): the
+/// mutant's calls it answers more than 1 s after the put are flagged as
+/// stale calls; the library's client beside it keeps every invariant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_ignores_drains_is_caught() -> Result<()> {
+    let mut cfg = WorldConfig::new(0, Duration::ZERO);
+    cfg.mutant = Some(Mutant::IgnoreDrains);
+    cfg.drain = "3s";
+    cfg.quiet = Duration::from_secs(6);
+    cfg.plan = Some(vec![Step {
+        kind: FaultKind::ServerDrain,
+        target: 0,
+        hold: Duration::from_secs(2),
+        gap: Duration::from_secs(1),
+    }]);
+    let h = run(&cfg).await?;
+    let r = check(&h, &Bounds::default());
+    for v in &r.violations {
+        eprintln!("{v}");
+    }
+    assert!(
+        !r.of(Invariant::NoStaleCall).is_empty(),
+        "the mutant's calls to a drained server are flagged: {r:#?}"
+    );
+    assert!(
+        r.violations.iter().all(|v| v.client == Some(0)),
+        "only the mutant breaks invariants: {r:#?}"
+    );
+    Ok(())
+}
