@@ -101,11 +101,14 @@ impl Conn {
     /// Whether the server is draining this connection (it sent GOAWAY, or
     /// the connection closed): it takes no new stream, while streams
     /// already open on it may still finish. Not known for a `Channel`
-    /// (it reconnects by itself): false.
+    /// (it reconnects by itself): false. A call that waited for its
+    /// endpoint's first dial keeps the `Dialing` handle: once that dial is
+    /// done, its connection answers.
     pub(crate) fn draining(&self) -> bool {
         match self {
             Conn::H2(h2) => h2.send.is_closed(),
-            Conn::Channel(_) | Conn::Dialing(_) => false,
+            Conn::Dialing(dial) => matches!(dial.peek(), Some(Ok(h2)) if h2.send.is_closed()),
+            Conn::Channel(_) => false,
         }
     }
 
@@ -257,5 +260,66 @@ impl Dialer {
     /// lazy `Channel` (the health probe that follows connects it).
     pub(crate) async fn dial(&self) -> Result<Conn, String> {
         self.lazy().ready().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call sent while its endpoint's first connection was still being
+    /// dialled holds that `Dialing` handle for its whole life. When the
+    /// server later drains the connection (GOAWAY), the handle must say
+    /// so: the per-try watch reads it to tell a draining connection from
+    /// a silent one. (CI caught the race: the first call of a new
+    /// endpoint, abandoned across its server's drain.)
+    #[tokio::test]
+    async fn a_call_that_waited_for_the_dial_sees_the_servers_goaway() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = Addr::from_socket(listener.local_addr().unwrap());
+        let (drain, drained) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(tcp).await.unwrap();
+            let mut drained = std::pin::pin!(drained);
+            let mut streams = Vec::new();
+            loop {
+                tokio::select! {
+                    accepted = conn.accept() => match accepted {
+                        Some(Ok(stream)) => streams.push(stream),
+                        _ => break,
+                    },
+                    _ = &mut drained => conn.graceful_shutdown(),
+                }
+            }
+        });
+        let dialer = Dialer::new(
+            &addr,
+            Endpoint::from_shared(addr.uri()).unwrap(),
+            false,
+            Duration::from_secs(5),
+        );
+        let conn = dialer.lazy();
+        assert!(matches!(conn, Conn::Dialing(_)));
+        // A call in flight on it, as the slow call is.
+        let call = tokio::spawn(
+            conn.clone().send(
+                http::Request::post("/greet.Greet/Morning")
+                    .body(Body::empty())
+                    .unwrap(),
+            ),
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!conn.draining(), "nothing drains yet");
+        drain.send(()).unwrap();
+        let started = std::time::Instant::now();
+        while !conn.draining() {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the GOAWAY never showed through the dialling handle"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        call.abort();
     }
 }
