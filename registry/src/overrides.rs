@@ -17,6 +17,9 @@
 //!   host in maintenance stays drained across restarts.
 //! - Readers (the client library, the controller's view and xDS) all take
 //!   the effective weight from [`effective_weight`], so they agree.
+//! - Version splits (canaries) are service-level overrides under
+//!   `<root><service>/split`, in [`split`]; readers take a split service's
+//!   weights from [`split_weights`], over the effective weights.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,6 +35,13 @@ use crate::backoff::Backoff;
 use crate::etcd::EtcdConfig;
 use crate::schema::{self, Addr, SchemaError, ServiceName, MAX_WEIGHT};
 use crate::watcher::Entry;
+
+pub mod split;
+
+pub use split::{
+    parse_lane, parse_selector, parse_split_value, split_key, split_weights, version_matches, Lane,
+    Side, Split, SplitApplies, SplitMap, SplitOutcome, Weighed,
+};
 
 /// Where overrides live unless configured: beside `/ns/`, not under it.
 pub const DEFAULT_ROOT: &str = "/lb-overrides/";
@@ -186,6 +196,38 @@ pub fn parse_key(root: &str, key: &[u8]) -> Result<(ServiceName, Addr), SchemaEr
     Ok((ServiceName::new(service)?, Addr::new(addr)?))
 }
 
+/// What an override key names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OverrideKey {
+    /// One endpoint's override (`<root><service>/endpoints/<addr>`).
+    Endpoint(ServiceName, Addr),
+    /// A service's version split (`<root><service>/split`).
+    Split(ServiceName),
+}
+
+/// Reads any override key under `root`.
+///
+/// # Errors
+/// A key that is neither an endpoint override's nor a split's.
+pub fn parse_any_key(root: &str, key: &[u8]) -> Result<OverrideKey, SchemaError> {
+    if let Ok((s, a)) = parse_key(root, key) {
+        return Ok(OverrideKey::Endpoint(s, a));
+    }
+    let bad = |why: &str| SchemaError::Value(format!("override key: {why}"));
+    let key = std::str::from_utf8(key).map_err(|_| bad("not UTF-8"))?;
+    let service = key
+        .strip_prefix(root)
+        .and_then(|rest| rest.strip_suffix("/split"))
+        .ok_or_else(|| bad("neither <service>/endpoints/<addr> nor <service>/split"))?;
+    Ok(OverrideKey::Split(ServiceName::new(service)?))
+}
+
+/// The directory of everything overriding one service (its endpoints'
+/// overrides and its split): what a client of that service watches.
+pub fn service_dir(root: &str, service: &ServiceName) -> String {
+    format!("{root}{service}/")
+}
+
 /// The weight readers use for an endpoint registered with `registered`:
 /// the override's when one applies, else the registered one.
 pub fn effective_weight(
@@ -205,14 +247,41 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
-/// Every override under a root (or of one service), by service and
-/// address.
+/// Every endpoint override under a root (or of one service), by service
+/// and address.
 pub type OverrideMap = HashMap<(ServiceName, Addr), EndpointOverride>;
 
-/// Keeps the overrides under `root` (of `service` only, when given)
-/// current from etcd until `cancel`: list, then watch from the list's
-/// revision; relist after any break. While etcd is unreachable the last
-/// known overrides stay (an operator's drain is not undone by an outage).
+/// Everything operators override under a root (or of one service): the
+/// endpoints' overrides and the services' splits, as one snapshot so a
+/// reader never sees one without the other.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    /// Endpoint overrides (drain, weight).
+    pub endpoints: OverrideMap,
+    /// Version splits, by service.
+    pub splits: SplitMap,
+}
+
+impl Overrides {
+    /// When the next override or split with an expiry lapses, after `now`:
+    /// readers re-weigh then.
+    pub fn next_expiry(&self, now: SystemTime) -> Option<SystemTime> {
+        self.endpoints
+            .values()
+            .filter_map(|o| o.expires.as_deref())
+            .chain(self.splits.values().filter_map(|s| s.expires.as_deref()))
+            .filter_map(|e| humantime::parse_rfc3339_weak(e).ok())
+            .filter(|t| *t > now)
+            .min()
+    }
+}
+
+/// Keeps the overrides under `root` (of `service` only, when given:
+/// its endpoints' overrides and its split) current from etcd until
+/// `cancel`: list, then watch from the list's revision; relist after any
+/// break. While etcd is unreachable the last known overrides stay (an
+/// operator's drain is not undone by an outage). Invalid values are
+/// ignored with a warning naming the key.
 ///
 /// # Panics
 /// Outside a Tokio runtime.
@@ -221,12 +290,12 @@ pub fn spawn_watch(
     root: String,
     service: Option<ServiceName>,
     cancel: CancellationToken,
-) -> watch::Receiver<Arc<OverrideMap>> {
-    let (tx, rx) = watch::channel(Arc::new(OverrideMap::new()));
+) -> watch::Receiver<Arc<Overrides>> {
+    let (tx, rx) = watch::channel(Arc::new(Overrides::default()));
     tokio::spawn(async move {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let prefix = match &service {
-            Some(s) => service_prefix(&root, s),
+            Some(s) => service_dir(&root, s),
             None => root.clone(),
         };
         loop {
@@ -246,21 +315,36 @@ pub fn spawn_watch(
     rx
 }
 
-fn apply_kv(map: &mut OverrideMap, root: &str, key: &[u8], value: Option<&[u8]>) {
-    let Ok(id) = parse_key(root, key) else {
+fn apply_kv(map: &mut Overrides, root: &str, key: &[u8], value: Option<&[u8]>) {
+    let Ok(id) = parse_any_key(root, key) else {
         return;
     };
-    match value.map(parse_value) {
-        None => {
-            map.remove(&id);
-        }
-        Some(Ok(o)) => {
-            map.insert(id, o);
-        }
-        Some(Err(e)) => {
-            warn!(key = %String::from_utf8_lossy(key), error = %e, "invalid override ignored");
-            map.remove(&id);
-        }
+    match id {
+        OverrideKey::Endpoint(s, a) => match value.map(parse_value) {
+            None => {
+                map.endpoints.remove(&(s, a));
+            }
+            Some(Ok(o)) => {
+                map.endpoints.insert((s, a), o);
+            }
+            Some(Err(e)) => {
+                warn!(key = %String::from_utf8_lossy(key), error = %e, "invalid override ignored");
+                map.endpoints.remove(&(s, a));
+            }
+        },
+        OverrideKey::Split(s) => match value.map(parse_split_value) {
+            None => {
+                map.splits.remove(&s);
+            }
+            Some(Ok(split)) => {
+                map.splits.insert(s, split);
+            }
+            Some(Err(e)) => {
+                warn!(key = %String::from_utf8_lossy(key), error = %e,
+                      "invalid version split ignored: plain weights apply");
+                map.splits.remove(&s);
+            }
+        },
     }
 }
 
@@ -269,7 +353,7 @@ async fn follow(
     etcd: &EtcdConfig,
     root: &str,
     prefix: &str,
-    tx: &watch::Sender<Arc<OverrideMap>>,
+    tx: &watch::Sender<Arc<Overrides>>,
     backoff: &mut Backoff,
 ) -> Result<(), etcd_client::Error> {
     let Ok(mut client) = etcd.connect().await else {
@@ -279,7 +363,7 @@ async fn follow(
         .get(prefix, Some(GetOptions::new().with_prefix()))
         .await?;
     let revision = resp.header().map_or(0, |h| h.revision());
-    let mut map = OverrideMap::new();
+    let mut map = Overrides::default();
     for kv in resp.kvs() {
         apply_kv(&mut map, root, kv.key(), Some(kv.value()));
     }
@@ -404,5 +488,44 @@ mod tests {
             "never inside the registry"
         );
         assert!(parse_key(DEFAULT_ROOT, b"/lb-overrides/s/split").is_err());
+    }
+
+    #[test]
+    fn split_keys_and_values_reach_the_snapshot_and_garbage_does_not() {
+        let s = ServiceName::new("greet_service").unwrap();
+        let key = split_key(DEFAULT_ROOT, &s);
+        assert_eq!(key, "/lb-overrides/greet_service/split");
+        assert_eq!(
+            parse_any_key(DEFAULT_ROOT, key.as_bytes()).unwrap(),
+            OverrideKey::Split(s.clone())
+        );
+        assert!(key.starts_with(&service_dir(DEFAULT_ROOT, &s)));
+        assert!(parse_any_key(DEFAULT_ROOT, b"/lb-overrides/greet_service/other").is_err());
+        assert!(parse_any_key(DEFAULT_ROOT, b"/lb-overrides/Bad Name/split").is_err());
+        let mut map = Overrides::default();
+        let good = br#"{"lanes":[{"version":"2.0.0","percent":5}],"at":"2026-12-07T00:00:00Z"}"#;
+        apply_kv(&mut map, DEFAULT_ROOT, key.as_bytes(), Some(good));
+        assert_eq!(map.splits[&s].lanes[0].percent, 5.0);
+        // Malformed: a warning, the split dropped (plain weights), no panic.
+        for bad in [
+            &br#"{"lanes":[{"version":"2.0.0","percent":500}],"at":"x"}"#[..],
+            b"\xff\x00",
+            b"null",
+        ] {
+            apply_kv(&mut map, DEFAULT_ROOT, key.as_bytes(), Some(good));
+            apply_kv(&mut map, DEFAULT_ROOT, key.as_bytes(), Some(bad));
+            assert!(map.splits.is_empty());
+        }
+        apply_kv(&mut map, DEFAULT_ROOT, key.as_bytes(), Some(good));
+        apply_kv(&mut map, DEFAULT_ROOT, key.as_bytes(), None);
+        assert!(map.splits.is_empty());
+        // The next expiry looks at splits too.
+        let now = SystemTime::now();
+        let soon = now + Duration::from_secs(90);
+        let mut split = parse_split_value(good).unwrap();
+        split.expires = Some(humantime::format_rfc3339_seconds(soon).to_string());
+        map.splits.insert(s, split);
+        let next = map.next_expiry(now).unwrap();
+        assert!(next.duration_since(now).unwrap() > Duration::from_secs(85));
     }
 }
