@@ -175,8 +175,35 @@ pub enum Command {
         #[command(flatten)]
         how: OverrideArgs,
     },
-    /// List the overrides (of one service, or all) with the registered and
-    /// effective weights and whether each applies.
+    /// Split a service's calls by version (a canary): `2.0.0=5` sends 5 %
+    /// of the calls to endpoints of version 2.0.0 and the rest to the
+    /// others, each side keeping its endpoints' relative weights (client
+    /// library, xDS clients, Envoy). A full version means exactly that
+    /// version; anything else is a semver requirement as --version-req
+    /// reads it (`^2=10`, `>=2.0.0, <3=10`). Several lanes may not add up
+    /// to more than 100; a lane without endpoints gets no calls. Replaces
+    /// the service's split, if it has one.
+    Split {
+        /// The service.
+        service: String,
+        /// Lanes, `<version>=<percent>` (the percentage after the last
+        /// `=`; `%` optional, decimals allowed).
+        #[arg(required_unless_present = "clear")]
+        lanes: Vec<String>,
+        /// Remove the service's split instead (as `unsplit`).
+        #[arg(long, conflicts_with = "lanes")]
+        clear: bool,
+        #[command(flatten)]
+        how: SplitArgs,
+    },
+    /// Remove a service's version split: plain weights again.
+    Unsplit {
+        /// The service.
+        service: String,
+    },
+    /// List the overrides and splits (of one service, or all) with the
+    /// registered and effective weights (shares, for splits) and whether
+    /// each applies.
     Overrides {
         /// Only this service.
         service: Option<String>,
@@ -203,6 +230,23 @@ pub struct OverrideArgs {
     #[arg(long)]
     pub sticky: bool,
     /// Write it even when nothing is registered there (pre-staged; sticky).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// How a split is made.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SplitArgs {
+    /// Why, shown with the split.
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    /// Who; default the etcd user, else $USER.
+    #[arg(long)]
+    pub by: Option<String>,
+    /// Lapses after this long (`30m`, `2h`); default: until removed.
+    #[arg(long = "for", value_parser = parse_positive)]
+    pub for_: Option<Duration>,
+    /// Write it even when nothing of the service is registered yet.
     #[arg(long)]
     pub force: bool,
 }

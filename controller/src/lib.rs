@@ -227,9 +227,10 @@ pub async fn run(
 }
 
 /// Hands the overrides to the store on every change, and again when one
-/// expires (so the views and xDS show the registered weight again).
+/// (or a split) expires (so the views and xDS show the registered weight
+/// again).
 async fn follow_overrides(
-    mut rx: tokio::sync::watch::Receiver<Arc<etcd_lb_registry::overrides::OverrideMap>>,
+    mut rx: tokio::sync::watch::Receiver<Arc<etcd_lb_registry::overrides::Overrides>>,
     store: Arc<store::Store>,
     cancel: tokio_util::sync::CancellationToken,
 ) {
@@ -237,11 +238,7 @@ async fn follow_overrides(
         let map = rx.borrow_and_update().clone();
         let now = std::time::SystemTime::now();
         let next_expiry = map
-            .values()
-            .filter_map(|o| o.expires.as_deref())
-            .filter_map(|e| humantime::parse_rfc3339_weak(e).ok())
-            .filter(|t| *t > now)
-            .min()
+            .next_expiry(now)
             .and_then(|t| t.duration_since(now).ok());
         store.set_overrides(map);
         let expiry = async {

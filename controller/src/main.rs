@@ -55,10 +55,11 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The operator's subcommands (drain, undrain, weight, overrides); errors
+/// The operator's subcommands (drain, undrain, weight, split, unsplit,
+/// overrides); errors
 /// exit 1 with the reason, bad arguments 2.
 async fn operate(args: &Args, cmd: &Command) -> anyhow::Result<()> {
-    use controller::operator::{self, Change, OperatorError};
+    use controller::operator::{self, Change, OperatorError, SplitChange};
     let root = etcd_lb_registry::schema::normalize_root(&args.prefix)
         .map_err(|e| anyhow::anyhow!("--prefix: {e}"))?;
     let overrides_root = etcd_lb_registry::schema::normalize_root(&args.overrides_prefix)
@@ -107,14 +108,41 @@ async fn operate(args: &Args, cmd: &Command) -> anyhow::Result<()> {
         Command::Undrain { service, addr } => {
             operator::clear(&etcd, &overrides_root, service, addr).await
         }
+        Command::Split {
+            service,
+            clear: true,
+            ..
+        }
+        | Command::Unsplit { service } => operator::unsplit(&etcd, &overrides_root, service).await,
+        Command::Split {
+            service,
+            lanes,
+            how,
+            ..
+        } => {
+            operator::split(
+                &etcd,
+                &root,
+                &overrides_root,
+                service,
+                SplitChange {
+                    lanes: lanes.clone(),
+                    reason: how.reason.clone(),
+                    by: how.by.clone(),
+                    for_: how.for_,
+                    force: how.force,
+                },
+            )
+            .await
+        }
         Command::Overrides { service, json } => {
             operator::list(&etcd, &root, &overrides_root, service.as_deref())
                 .await
-                .map(|rows| {
+                .map(|listing| {
                     if *json {
-                        serde_json::to_string_pretty(&rows).unwrap_or_default()
+                        listing.to_json()
                     } else {
-                        operator::table(&rows)
+                        operator::table(&listing)
                     }
                 })
         }

@@ -1,4 +1,4 @@
-//! The operator's commands: `controller drain|undrain|weight|overrides`.
+//! The operator's commands: `controller drain|undrain|weight|split|unsplit|overrides`.
 //! They write and read [`etcd_lb_registry::overrides`] keys, beside the
 //! registry, so a server's own registrar never overwrites them and every
 //! reader (client library, xDS, `/services`) applies the same effective
@@ -10,13 +10,21 @@
 //! address. A service or address with nothing registered is an error
 //! unless `--force` (then the override is sticky, pre-staged for what will
 //! register there).
+//!
+//! `split` writes a service's version split (`<root><service>/split`),
+//! checked before it is written (lanes readable, percentages in 0..=100,
+//! summing to at most 100), and says what it does to the service as
+//! registered now, through the same [`overrides::split_weights`] every
+//! reader applies.
 
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
 
 use etcd_client::{Client, GetOptions};
 use etcd_lb_registry::etcd::EtcdConfig;
-use etcd_lb_registry::overrides::{self, Applies, EndpointOverride, Incarnation};
+use etcd_lb_registry::overrides::{
+    self, Applies, EndpointOverride, Incarnation, OverrideKey, Side, Split, SplitApplies,
+};
 use etcd_lb_registry::schema::{self, Addr, ServiceName};
 use etcd_lb_registry::watcher::Entry;
 
@@ -165,9 +173,192 @@ pub async fn clear(
     Ok(format!("{service} {addr}: override removed ({key})"))
 }
 
+/// What a split command asks for.
+#[derive(Debug, Clone)]
+pub struct SplitChange {
+    /// Lanes as written, `<version>=<percent>`.
+    pub lanes: Vec<String>,
+    /// Why.
+    pub reason: String,
+    /// Who; default the etcd user, else `$USER`.
+    pub by: Option<String>,
+    /// Lapses after this long.
+    pub for_: Option<Duration>,
+    /// Write it even when nothing of the service is registered.
+    pub force: bool,
+}
+
+fn usage(e: impl std::fmt::Display) -> OperatorError {
+    OperatorError::Usage(e.to_string())
+}
+
+fn by_default(etcd: &EtcdConfig, by: Option<String>) -> String {
+    by.or_else(|| etcd.user().map(str::to_owned))
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// A service's registrations and endpoint overrides, as `(version,
+/// effective weight)` of each valid member: what [`overrides::split_weights`]
+/// takes.
+async fn service_members(
+    c: &mut Client,
+    root: &str,
+    overrides_root: &str,
+    service: &ServiceName,
+) -> Result<Vec<(String, u32)>, OperatorError> {
+    let resp = c
+        .get(
+            schema::service_prefix(root, service),
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await
+        .map_err(etcd_err)?;
+    let entries: Vec<Entry> = resp
+        .kvs()
+        .iter()
+        .map(|kv| Entry::from_kv(root, kv))
+        .collect();
+    let resp = c
+        .get(
+            overrides::service_prefix(overrides_root, service),
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await
+        .map_err(etcd_err)?;
+    let ovs: std::collections::HashMap<Addr, EndpointOverride> = resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            let (_, addr) = overrides::parse_key(overrides_root, kv.key()).ok()?;
+            Some((addr, overrides::parse_value(kv.value()).ok()?))
+        })
+        .collect();
+    let now = SystemTime::now();
+    Ok(entries
+        .iter()
+        .filter_map(|e| {
+            let (_, addr) = e.id.as_ref()?;
+            let m = e.member.as_ref().ok()?;
+            let w = overrides::effective_weight(m.weight, Some(e), ovs.get(addr), now);
+            Some((m.version.clone(), w))
+        })
+        .collect())
+}
+
+/// The sides of `split` over `members`, with what each gets now.
+fn sides_of(split: &Split, members: &[(String, u32)]) -> (SplitApplies, Vec<Side>) {
+    let input: Vec<(&str, u32)> = members.iter().map(|(v, w)| (v.as_str(), *w)).collect();
+    match overrides::split_weights(Some(split), &input, SystemTime::now()).split {
+        Some(o) => (o.applies, o.sides),
+        None => (SplitApplies::Invalid, Vec::new()),
+    }
+}
+
+fn side_name(s: &Side) -> &str {
+    s.lane.as_deref().unwrap_or("rest")
+}
+
+/// Writes a service's version split (replacing one it has); returns the
+/// lines to print: the split, and what each side gets now.
+///
+/// # Errors
+/// A bad service name, lane or percentage, lanes above 100 % (usage);
+/// nothing of the service registered (without `force`); etcd refusing.
+pub async fn split(
+    etcd: &EtcdConfig,
+    root: &str,
+    overrides_root: &str,
+    service: &str,
+    change: SplitChange,
+) -> Result<String, OperatorError> {
+    let service = ServiceName::new(service).map_err(usage)?;
+    let lanes = change
+        .lanes
+        .iter()
+        .map(|l| overrides::parse_lane(l))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(usage)?;
+    let value = Split {
+        lanes,
+        reason: change.reason,
+        by: by_default(etcd, change.by),
+        at: overrides::now_rfc3339(),
+        expires: change
+            .for_
+            .map(|d| humantime::format_rfc3339_seconds(SystemTime::now() + d).to_string()),
+    };
+    value.selectors().map_err(usage)?;
+    let mut c = etcd.connect().await.map_err(etcd_err)?;
+    let members = service_members(&mut c, root, overrides_root, &service).await?;
+    if members.is_empty() && !change.force {
+        return Err(OperatorError::NotRegistered(format!(
+            "nothing of {service} is registered under {}",
+            schema::service_prefix(root, &service)
+        )));
+    }
+    let key = overrides::split_key(overrides_root, &service);
+    c.put(key.clone(), value.to_json(), None)
+        .await
+        .map_err(etcd_err)?;
+    let until = value
+        .expires
+        .as_deref()
+        .map(|e| format!(" until {e}"))
+        .unwrap_or_default();
+    let mut out = format!("{service}: split {}{until} ({key})\n", value.describe());
+    let (_, sides) = sides_of(&value, &members);
+    for s in &sides {
+        let _ = writeln!(
+            out,
+            "  {}: asked {}%, gets {}% now ({} endpoints)",
+            side_name(s),
+            s.requested,
+            s.effective,
+            s.endpoints
+        );
+    }
+    for s in sides
+        .iter()
+        .filter(|s| s.endpoints == 0 && s.requested > 0.0)
+    {
+        let _ = writeln!(
+            out,
+            "  note: no endpoint in use falls in {}: it gets no calls until one registers, the others take its share",
+            side_name(s)
+        );
+    }
+    Ok(out)
+}
+
+/// Removes a service's version split; returns the line to print.
+///
+/// # Errors
+/// A bad service name, no split (usage); etcd refusing.
+pub async fn unsplit(
+    etcd: &EtcdConfig,
+    overrides_root: &str,
+    service: &str,
+) -> Result<String, OperatorError> {
+    let service = ServiceName::new(service).map_err(usage)?;
+    let mut c = etcd.connect().await.map_err(etcd_err)?;
+    let key = overrides::split_key(overrides_root, &service);
+    let resp = c.delete(key.clone(), None).await.map_err(etcd_err)?;
+    if resp.deleted() == 0 {
+        return Err(OperatorError::Usage(format!(
+            "{service} has no split ({key})"
+        )));
+    }
+    Ok(format!(
+        "{service}: split removed, plain weights again ({key})"
+    ))
+}
+
 /// One override as listed.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Listed {
+    /// `endpoint`.
+    pub kind: &'static str,
     /// Service.
     pub service: String,
     /// Address.
@@ -183,7 +374,51 @@ pub struct Listed {
     pub effective_weight: Option<u32>,
 }
 
-/// Every override (of `service`, or all), joined with the registry.
+/// One split as listed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ListedSplit {
+    /// `split`.
+    pub kind: &'static str,
+    /// Service.
+    pub service: String,
+    /// The stored split.
+    #[serde(flatten)]
+    pub value: Split,
+    /// Whether it applies now.
+    pub applies: SplitApplies,
+    /// Each lane, then the rest: asked, effective share, endpoints.
+    pub sides: Vec<Side>,
+}
+
+/// What `controller overrides` lists.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    /// Endpoint overrides.
+    pub endpoints: Vec<Listed>,
+    /// Version splits.
+    pub splits: Vec<ListedSplit>,
+}
+
+impl Listing {
+    /// One JSON array: the endpoint overrides, then the splits, each row
+    /// with its `kind`.
+    pub fn to_json(&self) -> String {
+        let rows: Vec<serde_json::Value> = self
+            .endpoints
+            .iter()
+            .filter_map(|r| serde_json::to_value(r).ok())
+            .chain(
+                self.splits
+                    .iter()
+                    .filter_map(|r| serde_json::to_value(r).ok()),
+            )
+            .collect();
+        serde_json::to_string_pretty(&rows).unwrap_or_default()
+    }
+}
+
+/// Every override and split (of `service`, or all), joined with the
+/// registry.
 ///
 /// # Errors
 /// etcd refusing; a bad service name.
@@ -192,9 +427,9 @@ pub async fn list(
     root: &str,
     overrides_root: &str,
     service: Option<&str>,
-) -> Result<Vec<Listed>, OperatorError> {
+) -> Result<Listing, OperatorError> {
     let prefix = match service {
-        Some(s) => overrides::service_prefix(
+        Some(s) => overrides::service_dir(
             overrides_root,
             &ServiceName::new(s).map_err(|e| OperatorError::Usage(e.to_string()))?,
         ),
@@ -207,9 +442,26 @@ pub async fn list(
         .map_err(etcd_err)?;
     let now = SystemTime::now();
     let mut out = Vec::new();
+    let mut splits = Vec::new();
     for kv in resp.kvs() {
-        let Ok((service, addr)) = overrides::parse_key(overrides_root, kv.key()) else {
-            continue;
+        let (service, addr) = match overrides::parse_any_key(overrides_root, kv.key()) {
+            Ok(OverrideKey::Endpoint(s, a)) => (s, a),
+            Ok(OverrideKey::Split(service)) => {
+                let Ok(value) = overrides::parse_split_value(kv.value()) else {
+                    continue;
+                };
+                let members = service_members(&mut c, root, overrides_root, &service).await?;
+                let (applies, sides) = sides_of(&value, &members);
+                splits.push(ListedSplit {
+                    kind: "split",
+                    service: service.to_string(),
+                    value,
+                    applies,
+                    sides,
+                });
+                continue;
+            }
+            Err(_) => continue,
         };
         let Ok(value) = overrides::parse_value(kv.value()) else {
             continue;
@@ -221,6 +473,7 @@ pub async fn list(
             .map(|m| m.weight);
         let applies = value.applies(entry.as_ref(), now);
         out.push(Listed {
+            kind: "endpoint",
             service: service.to_string(),
             addr: addr.to_string(),
             effective_weight: registered
@@ -230,15 +483,19 @@ pub async fn list(
             value,
         });
     }
-    Ok(out)
+    Ok(Listing {
+        endpoints: out,
+        splits,
+    })
 }
 
-/// The overrides as a table for people.
-pub fn table(rows: &[Listed]) -> String {
+/// The overrides as a table for people: endpoint overrides, then splits
+/// (EFFECTIVE: the share each side gets now).
+pub fn table(listing: &Listing) -> String {
     let mut s = String::from(
         "SERVICE\tADDR\tOVERRIDE\tREGISTERED\tEFFECTIVE\tAPPLIES\tBY\tAT\tEXPIRES\tREASON\n",
     );
-    for r in rows {
+    for r in &listing.endpoints {
         let what = match r.value.weight {
             _ if r.value.drain => "drain".to_owned(),
             Some(w) => format!("weight {w}"),
@@ -260,6 +517,29 @@ pub fn table(rows: &[Listed]) -> String {
             what,
             opt(r.registered_weight),
             opt(r.effective_weight),
+            applies,
+            r.value.by,
+            r.value.at,
+            r.value.expires.as_deref().unwrap_or("-"),
+            r.value.reason
+        );
+    }
+    for r in &listing.splits {
+        let gets: Vec<String> = r
+            .sides
+            .iter()
+            .map(|side| format!("{}={}", side_name(side), side.effective))
+            .collect();
+        let applies = serde_json::to_value(r.applies)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "{}\t-\tsplit {}\t-\t{}\t{}\t{}\t{}\t{}\t{}",
+            r.service,
+            r.value.describe(),
+            gets.join(" "),
             applies,
             r.value.by,
             r.value.at,

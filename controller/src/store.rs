@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
-use etcd_lb_registry::overrides::OverrideMap;
+use etcd_lb_registry::overrides::Overrides;
 use etcd_lb_registry::schema::{Addr, ServiceName};
 use etcd_lb_registry::watcher::Event;
 use tokio::sync::watch;
@@ -50,8 +50,9 @@ struct Inner {
     /// The valves the last plan left holding.
     valves: Valves,
     passes: u64,
-    /// Operators' overrides, by service and address.
-    overrides: Arc<OverrideMap>,
+    /// Operators' overrides (by service and address) and splits (by
+    /// service).
+    overrides: Arc<Overrides>,
 }
 
 /// The shared store. Cheap reads; writers hold the lock briefly.
@@ -103,10 +104,10 @@ impl Store {
         self.generation.send_modify(|g| *g += 1);
     }
 
-    /// Replaces the operators' overrides (every view and xDS snapshot
-    /// re-renders with their effective weights). Called again with the
-    /// same map when one expires, so the expiry shows.
-    pub fn set_overrides(&self, overrides: Arc<OverrideMap>) {
+    /// Replaces the operators' overrides and splits (every view and xDS
+    /// snapshot re-renders with their effective weights). Called again
+    /// with the same snapshot when one expires, so the expiry shows.
+    pub fn set_overrides(&self, overrides: Arc<Overrides>) {
         self.write().overrides = overrides;
         self.bump();
     }

@@ -1,6 +1,11 @@
 //! The HTTP view of the store: the types `/services` serializes, how one
 //! member is shown, and the one way members are counted by state (used by
 //! the view and by the metrics, so the two never disagree).
+//!
+//! A member's `weight` is the one every client uses: registered, then its
+//! endpoint override, then its service's version split
+//! ([`etcd_lb_registry::overrides::split_weights`], the function the
+//! client library calls too); xDS sends exactly these weights.
 
 use std::collections::BTreeMap;
 
@@ -10,7 +15,9 @@ use std::time::SystemTime;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use etcd_lb_registry::overrides::{effective_weight, Applies, OverrideMap};
+use etcd_lb_registry::overrides::{
+    effective_weight, split_weights, Applies, OverrideMap, Overrides, Side, Split, SplitApplies,
+};
 
 use crate::member::{Members, Tracked};
 use crate::policy::{Valve, Valves};
@@ -65,8 +72,8 @@ pub struct Source<'a> {
     pub invalid_keys: &'a BTreeMap<String, String>,
     /// The etcd revision reflected.
     pub revision: i64,
-    /// Operators' overrides.
-    pub overrides: &'a OverrideMap,
+    /// Operators' overrides and splits.
+    pub overrides: &'a Overrides,
 }
 
 /// The whole view, or one service's (`only`), optionally only members
@@ -88,15 +95,23 @@ pub fn services_view(
     let services = members
         .iter()
         .filter(|(name, _)| only.is_none_or(|o| o == *name))
-        .map(|(name, members)| ServiceView {
-            name: name.clone(),
-            counts: Counts::of(members.values()),
-            members: members
+        .map(|(name, members)| {
+            let mut shown: Vec<MemberView> = members
                 .values()
-                .map(|t| member_view(t, overrides, now, wall))
-                .filter(|m| healthy.is_none_or(|h| m.healthy == Some(h)))
-                .collect(),
-            safety_valve: valves.services.get(name).cloned(),
+                .map(|t| member_view(t, &overrides.endpoints, now, wall))
+                .collect();
+            let split = overrides
+                .splits
+                .get(name)
+                .map(|s| apply_split(s, &mut shown, wall));
+            shown.retain(|m| healthy.is_none_or(|h| m.healthy == Some(h)));
+            ServiceView {
+                name: name.clone(),
+                counts: Counts::of(members.values()),
+                members: shown,
+                split,
+                safety_valve: valves.services.get(name).cloned(),
+            }
         })
         .collect();
     ServicesView {
@@ -110,6 +125,43 @@ pub fn services_view(
                 problem: problem.clone(),
             })
             .collect(),
+    }
+}
+
+/// Weighs a split service's members (those with a valid value) with
+/// [`split_weights`] over their effective weights, marks each with its
+/// lane, and says what the split does.
+fn apply_split(split: &Split, members: &mut [MemberView], wall: SystemTime) -> SplitView {
+    let valid: Vec<usize> = (0..members.len())
+        .filter(|i| members[*i].weight.is_some())
+        .collect();
+    let input: Vec<(&str, u32)> = valid
+        .iter()
+        .map(|i| {
+            let m = &members[*i];
+            (m.version.as_deref().unwrap_or(""), m.weight.unwrap_or(0))
+        })
+        .collect();
+    let weighed = split_weights(Some(split), &input, wall);
+    let outcome = weighed.split.expect("a split was given");
+    let lanes: Vec<String> = outcome
+        .sides
+        .iter()
+        .map(|s| s.lane.clone().unwrap_or_else(|| "rest".to_owned()))
+        .collect();
+    for (k, i) in valid.iter().enumerate() {
+        let m = &mut members[*i];
+        m.weight = Some(weighed.weights[k]);
+        m.lane = outcome.side_of.get(k).and_then(|s| lanes.get(*s)).cloned();
+    }
+    SplitView {
+        describe: split.describe(),
+        applies: outcome.applies,
+        sides: outcome.sides,
+        reason: split.reason.clone(),
+        by: split.by.clone(),
+        at: split.at.clone(),
+        expires: split.expires.clone(),
     }
 }
 
@@ -156,6 +208,7 @@ fn member_view(t: &Tracked, overrides: &OverrideMap, now: Instant, wall: SystemT
         version,
         weight: weight.map(|w| effective_weight(w, Some(e), ov, wall)),
         registered_weight: weight,
+        lane: None,
         r#override: ov.map(|o| OverrideView {
             drain: o.drain,
             weight: o.weight,
@@ -205,6 +258,10 @@ pub struct ServiceView {
     pub members: Vec<MemberView>,
     /// Member counts by state (before any filter).
     pub counts: Counts,
+    /// The service's version split (`controller split`), applying or not:
+    /// its lanes with the share each asked for and gets, who, why, when.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub split: Option<SplitView>,
     /// Set while the safety valve holds deletions back.
     pub safety_valve: Option<Valve>,
 }
@@ -219,10 +276,16 @@ pub struct MemberView {
     /// Version from the value; null when the value is invalid.
     pub version: Option<String>,
     /// The weight clients use: an operator override's while one applies,
-    /// else the registered one; null when the value is invalid.
+    /// else the registered one, then scaled by the service's version split
+    /// while one applies (then a split's weights sum to about a million:
+    /// parts per million of the calls); null when the value is invalid.
     pub weight: Option<u32>,
     /// The weight in the registered value; null when it is invalid.
     pub registered_weight: Option<u32>,
+    /// The split lane the member falls in (the lane's version as written,
+    /// or `rest`), while its service has a split.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lane: Option<String>,
     /// An operator's override of this endpoint (`controller drain|weight`),
     /// applying or not.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -249,6 +312,26 @@ pub struct MemberView {
     /// Findings: legacy value, invalid value with reason, addr mismatch,
     /// no lease.
     pub problems: Vec<String>,
+}
+
+/// A service's version split as the view shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SplitView {
+    /// The lanes as the command line writes them (`2.0.0=5 rest=95`).
+    pub describe: String,
+    /// Whether it shapes the weights (`yes`, `expired`, `invalid`).
+    pub applies: SplitApplies,
+    /// Each lane, then the rest: the share asked for, the share it gets
+    /// (a side without endpoints in use gets none) and its endpoints.
+    pub sides: Vec<Side>,
+    /// Why.
+    pub reason: String,
+    /// Who.
+    pub by: String,
+    /// When (RFC 3339).
+    pub at: String,
+    /// When it lapses (RFC 3339).
+    pub expires: Option<String>,
 }
 
 /// An operator's override as the view shows it.
@@ -280,6 +363,7 @@ impl ServiceView {
         self.name == other.name
             && self.counts == other.counts
             && self.safety_valve == other.safety_valve
+            && self.split == other.split
             && self.members.len() == other.members.len()
             && self
                 .members
@@ -298,6 +382,7 @@ impl MemberView {
             && self.key == other.key
             && self.version == other.version
             && self.weight == other.weight
+            && self.lane == other.lane
             && self.kind == other.kind
             && self.lease == other.lease
             && self.healthy == other.healthy

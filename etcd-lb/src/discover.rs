@@ -14,17 +14,23 @@
 //! - operator overrides ([`crate::overrides`]): an endpoint's weight is the
 //!   override's while one applies to its registration (drain: 0), else the
 //!   registered one; a change of an override, or its expiry, re-weighs
-//!   only the endpoints it names.
+//!   only the endpoints it names;
+//! - version splits (`controller split`): while the service has one, every
+//!   endpoint's weight comes from
+//!   [`etcd_lb_registry::overrides::split_weights`] over the effective
+//!   weights (the controller's view and xDS call the same function), and
+//!   any change re-weighs every endpoint in use (a side's sum moves each
+//!   of its members' share), O(endpoints) per change.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use etcd_lb_registry::etcd::EtcdConfig;
-use etcd_lb_registry::overrides::effective_weight;
+use etcd_lb_registry::overrides::{effective_weight, split_weights, Overrides, Split};
 use etcd_lb_registry::schema::{Addr, ServiceName};
 use etcd_lb_registry::watcher::{Entry, Event, WatchState, Watcher, WatcherConfig};
-use semver::{Version, VersionReq};
+use semver::VersionReq;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
@@ -109,12 +115,12 @@ pub fn connect(
     (balancer, discovery)
 }
 
-/// Whether `version` satisfies `req` (no requirement: everything does).
+/// Whether `version` satisfies `req` (no requirement: everything does): a
+/// leading `v` is dropped, a non-semver version never matches. The one
+/// rule, shared with version splits'
+/// lanes ([`etcd_lb_registry::overrides::version_matches`]).
 pub fn version_matches(req: Option<&VersionReq>, version: &str) -> bool {
-    match req {
-        None => true,
-        Some(req) => Version::parse(version.trim_start_matches('v')).is_ok_and(|v| req.matches(&v)),
-    }
+    etcd_lb_registry::overrides::version_matches(req, version)
 }
 
 /// A running discovery: its freshness and sync state.
@@ -191,9 +197,16 @@ impl Discovery {
                             };
                             let new = rx.borrow_and_update().clone();
                             let old = std::mem::replace(&mut view.overrides, new);
+                            if old.splits.get(&view.service).is_some()
+                                || view.split().is_some()
+                            {
+                                view.reweigh_all(&balancer);
+                                continue;
+                            }
                             let affected: HashSet<Addr> = old
+                                .endpoints
                                 .keys()
-                                .chain(view.overrides.keys())
+                                .chain(view.overrides.endpoints.keys())
                                 .map(|(_, a)| a.clone())
                                 .collect();
                             view.reweigh(&balancer, affected.iter());
@@ -205,9 +218,7 @@ impl Discovery {
                                 None => std::future::pending().await,
                             }
                         } => {
-                            let names: Vec<Addr> =
-                                view.overrides.keys().map(|(_, a)| a.clone()).collect();
-                            view.reweigh(&balancer, names.iter());
+                            view.reweigh_all(&balancer);
                             continue;
                         }
                     }
@@ -295,35 +306,72 @@ struct View {
     /// Endpoints in use, with the entry their weight and incarnation come
     /// from.
     known: HashMap<Addr, Arc<Entry>>,
-    overrides: Arc<etcd_lb_registry::overrides::OverrideMap>,
+    overrides: Arc<Overrides>,
     service: ServiceName,
 }
 
 impl View {
-    /// The weight the balancer uses for `entry` (registered `weight`).
+    /// The weight of `entry` (registered `weight`) after its endpoint
+    /// override: what the balancer uses unless the service is split.
     fn weight(&self, addr: &Addr, entry: &Entry, weight: u32) -> u32 {
         effective_weight(
             weight,
             Some(entry),
-            self.overrides.get(&(self.service.clone(), addr.clone())),
+            self.overrides
+                .endpoints
+                .get(&(self.service.clone(), addr.clone())),
             SystemTime::now(),
         )
     }
 
-    /// When the next override with an expiry lapses, as a timer instant.
+    /// The service's version split, if it has one.
+    fn split(&self) -> Option<&Split> {
+        self.overrides.splits.get(&self.service)
+    }
+
+    /// Upserts every endpoint in use with its weight under the split
+    /// ([`split_weights`] over the effective weights; without a split, the
+    /// effective weights).
+    fn reweigh_all(&self, balancer: &Balancer) {
+        let now = SystemTime::now();
+        let members: Vec<(&Addr, &str, u32)> = self
+            .known
+            .iter()
+            .filter_map(|(addr, entry)| {
+                let m = entry.member.as_ref().ok()?;
+                Some((addr, m.version.as_str(), self.weight(addr, entry, m.weight)))
+            })
+            .collect();
+        let input: Vec<(&str, u32)> = members.iter().map(|(_, v, w)| (*v, *w)).collect();
+        let weighed = split_weights(self.split(), &input, now);
+        let changes: Vec<Change<'_>> = members
+            .iter()
+            .zip(&weighed.weights)
+            .map(|((addr, version, _), weight)| Change::Upsert {
+                addr,
+                weight: *weight,
+                version,
+            })
+            .collect();
+        if !changes.is_empty() {
+            debug!(
+                endpoints = changes.len(),
+                split = self.split().is_some(),
+                "re-weighing every endpoint"
+            );
+            balancer.apply(changes);
+        }
+    }
+
+    /// When the next override or split with an expiry lapses, as a timer
+    /// instant.
     fn next_expiry(&self) -> Option<tokio::time::Instant> {
         let now = SystemTime::now();
-        self.overrides
-            .values()
-            .filter_map(|o| o.expires.as_deref())
-            .filter_map(|e| humantime::parse_rfc3339_weak(e).ok())
-            .filter(|t| *t > now)
-            .min()
-            .map(|t| {
-                tokio::time::Instant::now()
-                    + t.duration_since(now).unwrap_or_default()
-                    + Duration::from_millis(1)
-            })
+        self.overrides.next_expiry(now).map(|t| {
+            tokio::time::Instant::now()
+                + t.duration_since(now).unwrap_or_default()
+                + Duration::from_millis(1)
+        })
     }
 
     /// Upserts `addrs` (those in use) with their effective weights.
@@ -393,6 +441,16 @@ impl View {
                 }
                 Event::Synced { .. } => {}
             }
+        }
+        if self.split().is_some() {
+            // Removals first; then every endpoint in use at its weight
+            // under the split (one change moves its side's shares).
+            balancer.apply(changes.iter().filter_map(|(addr, up)| match up {
+                Some(_) => None,
+                None => Some(Change::Remove(addr)),
+            }));
+            self.reweigh_all(balancer);
+            return;
         }
         balancer.apply(changes.iter().map(|(addr, up)| match up {
             Some((weight, version)) => Change::Upsert {

@@ -47,7 +47,7 @@ use crate::leader::LeaderState;
 use crate::metrics::Metrics;
 use crate::policy::Valve;
 use crate::store::Store;
-use crate::view::{Counts, InvalidKeyView, MemberView, ServiceView, ServicesView};
+use crate::view::{Counts, InvalidKeyView, MemberView, ServiceView, ServicesView, SplitView};
 
 pub mod io;
 mod pages;
@@ -329,6 +329,7 @@ fn service_cut_of<'a>(s: &'a ServiceView, members: Vec<&'a MemberView>) -> Servi
         name: &s.name,
         members,
         counts: &s.counts,
+        split: s.split.as_ref(),
         safety_valve: s.safety_valve.as_ref(),
     }
 }
@@ -349,6 +350,8 @@ struct ServiceCut<'a> {
     name: &'a ServiceName,
     members: Vec<&'a MemberView>,
     counts: &'a Counts,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    split: Option<&'a SplitView>,
     safety_valve: Option<&'a Valve>,
 }
 

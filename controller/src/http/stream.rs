@@ -362,6 +362,7 @@ mod tests {
             weight: Some(weight),
             registered_weight: Some(weight),
             r#override: None,
+            lane: None,
             kind: "json",
             lease: Some("1".to_owned()),
             ttl: Some(ttl),
@@ -381,6 +382,7 @@ mod tests {
             members,
             counts: Counts::default(),
             safety_valve: None,
+            split: None,
         }
     }
 

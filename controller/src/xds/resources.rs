@@ -481,6 +481,7 @@ mod tests {
             weight,
             registered_weight: weight,
             r#override: None,
+            lane: None,
             kind: "json",
             lease: None,
             ttl: None,
@@ -556,6 +557,7 @@ mod tests {
             services: vec![ServiceView {
                 name: ServiceName::new("s").unwrap(),
                 counts: Counts::default(),
+                split: None,
                 safety_valve: None,
                 members: (0..4)
                     .map(|i| {
@@ -614,12 +616,14 @@ mod tests {
                     members: big,
                     counts: Default::default(),
                     safety_valve: None,
+                    split: None,
                 },
                 crate::view::ServiceView {
                     name: etcd_lb_registry::schema::ServiceName::new("small").unwrap(),
                     members: vec![member("127.0.0.1:1", Some(1), Some(true), "serving")],
                     counts: Default::default(),
                     safety_valve: None,
+                    split: None,
                 },
             ],
             invalid_keys: vec![],
