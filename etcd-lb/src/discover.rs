@@ -197,7 +197,7 @@ impl Discovery {
                             };
                             let new = rx.borrow_and_update().clone();
                             let old = std::mem::replace(&mut view.overrides, new);
-                            if old.splits.get(&view.service).is_some()
+                            if old.splits.contains_key(&view.service)
                                 || view.split().is_some()
                             {
                                 view.reweigh_all(&balancer);
