@@ -235,14 +235,8 @@ async fn follow_overrides(
 ) {
     loop {
         let map = rx.borrow_and_update().clone();
-        let now = std::time::SystemTime::now();
-        let next_expiry = map
-            .values()
-            .filter_map(|o| o.expires.as_deref())
-            .filter_map(|e| humantime::parse_rfc3339_weak(e).ok())
-            .filter(|t| *t > now)
-            .min()
-            .and_then(|t| t.duration_since(now).ok());
+        let next_expiry =
+            etcd_lb_registry::overrides::next_expiry(map.values(), std::time::SystemTime::now());
         store.set_overrides(map);
         let expiry = async {
             match next_expiry {

@@ -310,20 +310,11 @@ impl View {
         )
     }
 
-    /// When the next override with an expiry lapses, as a timer instant.
+    /// When the next override with an expiry lapses, as a timer instant
+    /// (just after it, so it has lapsed when re-weighed).
     fn next_expiry(&self) -> Option<tokio::time::Instant> {
-        let now = SystemTime::now();
-        self.overrides
-            .values()
-            .filter_map(|o| o.expires.as_deref())
-            .filter_map(|e| humantime::parse_rfc3339_weak(e).ok())
-            .filter(|t| *t > now)
-            .min()
-            .map(|t| {
-                tokio::time::Instant::now()
-                    + t.duration_since(now).unwrap_or_default()
-                    + Duration::from_millis(1)
-            })
+        etcd_lb_registry::overrides::next_expiry(self.overrides.values(), SystemTime::now())
+            .map(|d| tokio::time::Instant::now() + d + Duration::from_millis(1))
     }
 
     /// Upserts `addrs` (those in use) with their effective weights.

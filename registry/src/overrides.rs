@@ -200,6 +200,22 @@ pub fn effective_weight(
     }
 }
 
+/// How long until the next of `overrides` lapses (the earliest expiry still
+/// ahead of `now`), so a reader re-weighs when it does rather than polling;
+/// `None` when none has an expiry ahead.
+pub fn next_expiry<'a>(
+    overrides: impl IntoIterator<Item = &'a EndpointOverride>,
+    now: SystemTime,
+) -> Option<Duration> {
+    overrides
+        .into_iter()
+        .filter_map(|o| o.expires.as_deref())
+        .filter_map(|e| humantime::parse_rfc3339_weak(e).ok())
+        .filter_map(|t| t.duration_since(now).ok())
+        .filter(|d| !d.is_zero())
+        .min()
+}
+
 /// Now as RFC 3339 (seconds), for `at`.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
@@ -342,6 +358,33 @@ mod tests {
             at: now_rfc3339(),
             expires,
         }
+    }
+
+    #[test]
+    fn the_next_expiry_is_the_earliest_one_still_ahead() {
+        let now = SystemTime::now();
+        let at = |secs: i64| {
+            let t = if secs >= 0 {
+                now + Duration::from_secs(secs.unsigned_abs())
+            } else {
+                now - Duration::from_secs(secs.unsigned_abs())
+            };
+            Some(humantime::format_rfc3339_seconds(t).to_string())
+        };
+        let set = [
+            drain(None, None),
+            drain(None, at(-30)),
+            drain(None, at(90)),
+            drain(None, at(40)),
+            drain(None, Some("not a time".into())),
+        ];
+        let next = next_expiry(&set, now).expect("two expiries ahead");
+        // RFC 3339 seconds: up to a second earlier than `now + 40 s`.
+        assert!(
+            next <= Duration::from_secs(40) && next > Duration::from_secs(38),
+            "{next:?}"
+        );
+        assert_eq!(next_expiry(&set[..2], now), None, "none ahead");
     }
 
     #[test]
