@@ -23,6 +23,7 @@
 
 pub mod config;
 pub(crate) mod http;
+pub mod hygiene;
 pub mod leader;
 pub(crate) mod member;
 pub(crate) mod metrics;
