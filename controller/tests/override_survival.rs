@@ -236,3 +236,119 @@ async fn a_drain_survives_reregistration_etcd_restart_controller_failover_and_cl
     cancel.cancel();
     Ok(())
 }
+
+/// Sticky overrides for 2,000 other addresses of the service: the
+/// overrides' list is larger than the registry's, so it comes later.
+async fn filler(etcd: &etcd_client::Client) -> Result<()> {
+    let mut kv = etcd.clone();
+    let value = r#"{"drain":true,"incarnation":null,"reason":"filler","by":"t","at":"2026-01-01T00:00:00Z"}"#;
+    for chunk in (0..2000u32).collect::<Vec<_>>().chunks(100) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|i| {
+                etcd_client::TxnOp::put(
+                    format!(
+                        "/lb-overrides/{SVC}/endpoints/127.0.1.{}:{}",
+                        1 + i / 1000,
+                        20_000 + i % 1000
+                    ),
+                    value,
+                    None,
+                )
+            })
+            .collect();
+        kv.txn(etcd_client::Txn::new().and_then(ops)).await?;
+    }
+    Ok(())
+}
+
+/// A client that starts while a drain is in place never sends the drained
+/// endpoint a call, not even its first ones: discovery applies the
+/// registry's first list only with the overrides' first list (or after
+/// `FIRST_LIST_WAIT` without them). Several clients start back to back, as
+/// a rollout of clients does, each calling at once; the overrides' list is
+/// made slow to come by filling it with unrelated overrides.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_starting_under_a_drain_never_calls_the_drained_endpoint() -> Result<()> {
+    let etcd = Etcd::start().await?;
+    let etcd_client = etcd.client().await?;
+    let ports = [free_port(), free_port()];
+    let _servers: Vec<_> = ports
+        .iter()
+        .map(|p| greet_server(&etcd, *p, &[]))
+        .collect::<Result<_>>()?;
+    let (a, b) = (
+        format!("127.0.0.1:{}", ports[0]),
+        format!("127.0.0.1:{}", ports[1]),
+    );
+    for addr in [&a, &b] {
+        wait_key(&etcd_client, &key(SVC, addr), Duration::from_secs(15)).await?;
+    }
+    ctl_cmd(&etcd, &["drain", SVC, &a])?;
+    filler(&etcd_client).await?;
+    let parsed: Addr = a.parse()?;
+    for round in 0..5 {
+        let cancel = CancellationToken::new();
+        let (balancer, discovery) = etcd_lb::connect(
+            EtcdConfig::plain([etcd.endpoint()]),
+            DiscoveryConfig::new(ServiceName::new(SVC)?),
+            BalancerConfig::default(),
+            cancel.clone(),
+        );
+        discovery.wait_synced(Duration::from_secs(10)).await?;
+        ensure!(
+            balancer.weight_of(&parsed) == Some(0),
+            "round {round}: the first view lacks the drain: {:?}",
+            balancer.endpoints()
+        );
+        let by = calls(&balancer, 20).await?;
+        ensure!(
+            !by.contains_key(&a),
+            "round {round}: the drained endpoint got calls: {by:?}"
+        );
+        cancel.cancel();
+    }
+    Ok(())
+}
+
+/// The same for the controller: from its first answer on, `/services` (and
+/// so xDS, built from the same store) shows a drained endpoint drained; a
+/// controller never publishes registered weights before the overrides.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_controller_starting_under_a_drain_shows_it_from_its_first_view() -> Result<()> {
+    let etcd = Etcd::start().await?;
+    let etcd_client = etcd.client().await?;
+    let port = free_port();
+    let _server = greet_server(&etcd, port, &[])?;
+    let a = format!("127.0.0.1:{port}");
+    wait_key(&etcd_client, &key(SVC, &a), Duration::from_secs(15)).await?;
+    ctl_cmd(&etcd, &["drain", SVC, &a])?;
+    filler(&etcd_client).await?;
+    for round in 0..3 {
+        let (mut proc, base) = replica(&etcd, &format!("r{round}"))?;
+        let http = reqwest::Client::new();
+        let mut seen = 0;
+        let started = std::time::Instant::now();
+        while seen < 5 {
+            ensure!(
+                started.elapsed() < Duration::from_secs(20),
+                "round {round}: the view never listed {a}: {}",
+                proc.log()
+            );
+            let Ok((200, view)) = common::get_json(&http, &format!("{base}/services")).await else {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            };
+            if let Some(m) = common::find_member(&view, SVC, &a) {
+                ensure!(
+                    m["weight"] == 0,
+                    "round {round}: the view showed the drained endpoint at weight {}",
+                    m["weight"]
+                );
+                seen += 1;
+            }
+        }
+        proc.kill();
+    }
+    Ok(())
+}

@@ -216,6 +216,23 @@ pub fn next_expiry<'a>(
         .min()
 }
 
+/// How long a reader waits for the overrides' first list before it uses
+/// the registered weights alone: long enough for any etcd that answers,
+/// short enough that an unreadable overrides prefix (no permission, say)
+/// only delays a start.
+pub const FIRST_LIST_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits until `rx` (from [`spawn_watch`]) holds the overrides' first list
+/// (true), or `limit` passes (false). A reader applies the registry's first
+/// list only after this, so a client or controller that starts while an
+/// endpoint is drained never weighs it by its registered weight, not even
+/// for its first calls.
+pub async fn first_list(rx: &mut watch::Receiver<Arc<OverrideMap>>, limit: Duration) -> bool {
+    tokio::time::timeout(limit, rx.changed())
+        .await
+        .is_ok_and(|r| r.is_ok())
+}
+
 /// Now as RFC 3339 (seconds), for `at`.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
@@ -227,7 +244,8 @@ pub type OverrideMap = HashMap<(ServiceName, Addr), EndpointOverride>;
 
 /// Keeps the overrides under `root` (of `service` only, when given)
 /// current from etcd until `cancel`: list, then watch from the list's
-/// revision; relist after any break. While etcd is unreachable the last
+/// revision; relist after any break. The receiver sees its first change
+/// when the first list is in ([`first_list`]). While etcd is unreachable the last
 /// known overrides stay (an operator's drain is not undone by an outage).
 ///
 /// # Panics
