@@ -110,6 +110,7 @@ pub struct Reconciler {
     leader: watch::Receiver<LeaderState>,
     step_down: StepDown,
     etcd_failing: bool,
+    sweep_failing: bool,
 }
 
 impl Reconciler {
@@ -132,6 +133,7 @@ impl Reconciler {
             leader,
             step_down,
             etcd_failing: false,
+            sweep_failing: false,
         }
     }
 
@@ -149,7 +151,11 @@ impl Reconciler {
             let pass = self.store.passes() + 1;
             tokio::select! {
                 () = cancel.cancelled() => break,
-                () = self.pass().instrument(info_span!("pass", n = pass)) => {}
+                () = async {
+                    self.pass().await;
+                    self.sweep_overrides().await;
+                }
+                .instrument(info_span!("pass", n = pass)) => {}
             }
         }
     }
@@ -290,6 +296,50 @@ impl Reconciler {
                     return;
                 }
             }
+        }
+    }
+
+    /// On the leader, removes operators' overrides that can never apply
+    /// again ([`crate::hygiene`]), fenced like the deletions, and counts
+    /// them.
+    async fn sweep_overrides(&mut self) {
+        let Some(leadership) = self.leader.borrow().valid(Instant::now()).cloned() else {
+            return;
+        };
+        if !self.connected().await {
+            return;
+        }
+        let swept = crate::hygiene::sweep(
+            &mut self.session,
+            &self.cfg.root,
+            &self.cfg.overrides_root,
+            crate::hygiene::SWEEP_PER_PASS,
+            &leadership,
+        )
+        .await;
+        for (_, why) in &swept.removed {
+            self.metrics.count_override_removal(*why);
+        }
+        if swept.not_leader {
+            self.step_down.not_leader(&leadership);
+        }
+        match swept.failed {
+            None => {}
+            Some(e) if !self.sweep_failing => {
+                // Once per failing stretch: a controller without rights on
+                // the overrides prefix would say it every pass.
+                warn!(error = %e, "override sweep failed; retrying every pass (said once until it works)");
+                self.sweep_failing = true;
+                return;
+            }
+            Some(e) => {
+                debug!(error = %e, "override sweep still failing");
+                return;
+            }
+        }
+        if self.sweep_failing {
+            info!("override sweep works again");
+            self.sweep_failing = false;
         }
     }
 

@@ -242,6 +242,46 @@ pub fn effective_weight(
     }
 }
 
+/// How long until the next of `overrides` lapses (the earliest expiry still
+/// ahead of `now`), so a reader re-weighs when it does rather than polling;
+/// `None` when none has an expiry ahead.
+pub fn next_expiry<'a>(
+    overrides: impl IntoIterator<Item = &'a EndpointOverride>,
+    now: SystemTime,
+) -> Option<Duration> {
+    overrides
+        .into_iter()
+        .filter_map(|o| o.expires.as_deref())
+        .filter_map(|e| expiry_ahead(e, now))
+        .min()
+}
+
+/// How far ahead of `now` an RFC 3339 expiry lies; `None` when it is
+/// unreadable or not ahead.
+fn expiry_ahead(expires: &str, now: SystemTime) -> Option<Duration> {
+    humantime::parse_rfc3339_weak(expires)
+        .ok()
+        .and_then(|t| t.duration_since(now).ok())
+        .filter(|d| !d.is_zero())
+}
+
+/// How long a reader waits for the overrides' first list before it uses
+/// the registered weights alone: long enough for any etcd that answers,
+/// short enough that an unreadable overrides prefix (no permission, say)
+/// only delays a start.
+pub const FIRST_LIST_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits until `rx` (from [`spawn_watch`]) holds the overrides' first list
+/// (true), or `limit` passes (false). A reader applies the registry's first
+/// list only after this, so a client or controller that starts while an
+/// endpoint is drained never weighs it by its registered weight, not even
+/// for its first calls.
+pub async fn first_list(rx: &mut watch::Receiver<Arc<Overrides>>, limit: Duration) -> bool {
+    tokio::time::timeout(limit, rx.changed())
+        .await
+        .is_ok_and(|r| r.is_ok())
+}
+
 /// Now as RFC 3339 (seconds), for `at`.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
@@ -263,15 +303,18 @@ pub struct Overrides {
 }
 
 impl Overrides {
-    /// When the next override or split with an expiry lapses, after `now`:
-    /// readers re-weigh then.
-    pub fn next_expiry(&self, now: SystemTime) -> Option<SystemTime> {
-        self.endpoints
+    /// How long until the next endpoint override or split lapses, by
+    /// [`next_expiry`]'s rule: readers re-weigh then.
+    pub fn next_expiry(&self, now: SystemTime) -> Option<Duration> {
+        let splits = self
+            .splits
             .values()
-            .filter_map(|o| o.expires.as_deref())
-            .chain(self.splits.values().filter_map(|s| s.expires.as_deref()))
-            .filter_map(|e| humantime::parse_rfc3339_weak(e).ok())
-            .filter(|t| *t > now)
+            .filter_map(|s| s.expires.as_deref())
+            .filter_map(|e| expiry_ahead(e, now))
+            .min();
+        next_expiry(self.endpoints.values(), now)
+            .into_iter()
+            .chain(splits)
             .min()
     }
 }
@@ -279,9 +322,10 @@ impl Overrides {
 /// Keeps the overrides under `root` (of `service` only, when given:
 /// its endpoints' overrides and its split) current from etcd until
 /// `cancel`: list, then watch from the list's revision; relist after any
-/// break. While etcd is unreachable the last known overrides stay (an
-/// operator's drain is not undone by an outage). Invalid values are
-/// ignored with a warning naming the key.
+/// break. The receiver sees its first change when the first list is in
+/// ([`first_list`]). While etcd is unreachable the last known overrides
+/// stay (an operator's drain is not undone by an outage). Invalid values
+/// are ignored with a warning naming the key.
 ///
 /// # Panics
 /// Outside a Tokio runtime.
@@ -429,6 +473,33 @@ mod tests {
     }
 
     #[test]
+    fn the_next_expiry_is_the_earliest_one_still_ahead() {
+        let now = SystemTime::now();
+        let at = |secs: i64| {
+            let t = if secs >= 0 {
+                now + Duration::from_secs(secs.unsigned_abs())
+            } else {
+                now - Duration::from_secs(secs.unsigned_abs())
+            };
+            Some(humantime::format_rfc3339_seconds(t).to_string())
+        };
+        let set = [
+            drain(None, None),
+            drain(None, at(-30)),
+            drain(None, at(90)),
+            drain(None, at(40)),
+            drain(None, Some("not a time".into())),
+        ];
+        let next = next_expiry(&set, now).expect("two expiries ahead");
+        // RFC 3339 seconds: up to a second earlier than `now + 40 s`.
+        assert!(
+            next <= Duration::from_secs(40) && next > Duration::from_secs(38),
+            "{next:?}"
+        );
+        assert_eq!(next_expiry(&set[..2], now), None, "none ahead");
+    }
+
+    #[test]
     fn an_override_follows_its_incarnation_unless_sticky() {
         let now = SystemTime::now();
         let first = entry(0x10, 5);
@@ -526,6 +597,6 @@ mod tests {
         split.expires = Some(humantime::format_rfc3339_seconds(soon).to_string());
         map.splits.insert(s, split);
         let next = map.next_expiry(now).unwrap();
-        assert!(next.duration_since(now).unwrap() > Duration::from_secs(85));
+        assert!(next > Duration::from_secs(85), "{next:?}");
     }
 }
