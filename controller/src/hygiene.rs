@@ -8,6 +8,9 @@
 //!   for a lease-less registration, the key is absent or was created at
 //!   another revision (a re-put key gets a new creation revision).
 //!
+//! A version split (`<root><service>/split`) is removed when its expiry
+//! has passed; one without an expiry stays until an operator removes it.
+//!
 //! A server re-registering on its lease (its key deleted and put again)
 //! keeps its lease, so its override stays; a sticky override (made for the
 //! address, not an incarnation) stays until it expires or an operator
@@ -25,7 +28,7 @@ use std::time::SystemTime;
 
 use etcd_client::GetOptions;
 use etcd_lb_registry::etcd::EtcdError;
-use etcd_lb_registry::overrides::{self, EndpointOverride, Incarnation};
+use etcd_lb_registry::overrides::{self, EndpointOverride, Incarnation, OverrideKey, Split};
 use etcd_lb_registry::schema::{self, Addr, ServiceName};
 use etcd_lb_registry::session::Session;
 use tracing::{debug, info, warn};
@@ -71,6 +74,19 @@ pub struct Stored {
     pub value: EndpointOverride,
 }
 
+/// One stored version split, as read with its key's mod revision.
+#[derive(Debug, Clone)]
+pub struct StoredSplit {
+    /// Its etcd key.
+    pub key: String,
+    /// Its key's mod revision when read (the removal's fence).
+    pub mod_revision: i64,
+    /// The service it splits.
+    pub service: ServiceName,
+    /// The value.
+    pub value: Split,
+}
+
 /// What is known of an override's incarnation now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Incarnated {
@@ -95,13 +111,30 @@ pub fn lapsed(o: &EndpointOverride, incarnation: Incarnated, now: SystemTime) ->
 /// Reads every endpoint override under `overrides_root` with its mod
 /// revision; keys that are not endpoint overrides, or values that cannot be
 /// read, are skipped (and logged at debug: the view reports them).
-async fn list(session: &mut Session, overrides_root: &str) -> Result<Vec<Stored>, EtcdError> {
+async fn list(
+    session: &mut Session,
+    overrides_root: &str,
+) -> Result<(Vec<Stored>, Vec<StoredSplit>), EtcdError> {
     let root = overrides_root.to_owned();
     let resp = session
         .call(|mut c| async move { c.get(root, Some(GetOptions::new().with_prefix())).await })
         .await?;
     let mut out = Vec::new();
+    let mut splits = Vec::new();
     for kv in resp.kvs() {
+        if let Ok(OverrideKey::Split(service)) = overrides::parse_any_key(overrides_root, kv.key())
+        {
+            // An unreadable split is left alone, as an unreadable override.
+            if let Ok(value) = overrides::parse_split_value(kv.value()) {
+                splits.push(StoredSplit {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    mod_revision: kv.mod_revision(),
+                    service,
+                    value,
+                });
+            }
+            continue;
+        }
         let parsed = overrides::parse_key(overrides_root, kv.key())
             .and_then(|(service, addr)| Ok((service, addr, overrides::parse_value(kv.value())?)));
         match parsed {
@@ -117,7 +150,7 @@ async fn list(session: &mut Session, overrides_root: &str) -> Result<Vec<Stored>
             }
         }
     }
-    Ok(out)
+    Ok((out, splits))
 }
 
 /// Whether `o`'s incarnation is gone for good: a lease that etcd no longer
@@ -202,7 +235,8 @@ async fn sweep_into(
     swept: &mut Swept,
 ) -> Result<(), EtcdError> {
     let now = SystemTime::now();
-    for o in list(session, overrides_root).await? {
+    let (endpoints, splits) = list(session, overrides_root).await?;
+    for o in endpoints {
         if swept.removed.len() >= budget {
             debug!(budget, "override sweep budget spent; the rest waits");
             break;
@@ -230,6 +264,30 @@ async fn sweep_into(
                 warn!("the election key is no longer ours; stopping the override sweep");
                 swept.not_leader = true;
                 break;
+            }
+        }
+    }
+    for sp in splits {
+        if swept.not_leader || swept.removed.len() >= budget {
+            break;
+        }
+        if !sp.value.expired(now) {
+            continue;
+        }
+        match delete_if_unchanged(session, &sp.key, sp.mod_revision, leadership).await? {
+            DeleteOutcome::Deleted => {
+                info!(service = %sp.service, key = %sp.key, reason = Lapsed::Expired.as_str(),
+                      by = %sp.value.by, why = %sp.value.reason, at = %sp.value.at,
+                      "removed an expired version split");
+                swept.removed.push((sp.key, Lapsed::Expired));
+            }
+            DeleteOutcome::Changed => {
+                debug!(key = %sp.key, "split rewritten since read; kept");
+                swept.changed += 1;
+            }
+            DeleteOutcome::NotLeader => {
+                warn!("the election key is no longer ours; stopping the override sweep");
+                swept.not_leader = true;
             }
         }
     }

@@ -134,3 +134,38 @@ async fn the_leader_removes_only_overrides_that_can_never_apply_again() -> Resul
     ctl.stop().await?;
     Ok(())
 }
+
+/// An expired version split is removed and counted like an expired
+/// override; a split without an expiry stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_leader_removes_an_expired_split_and_keeps_a_standing_one() -> Result<()> {
+    let etcd = Etcd::start().await?;
+    let client = etcd.client().await?;
+    let ctl = Ctl::start(&etcd, fast_config()).await?;
+    let port = free_port();
+    let _server = greet_server(&etcd, port, &[])?;
+    wait_key(
+        &client,
+        &key(SVC, &format!("127.0.0.1:{port}")),
+        Duration::from_secs(15),
+    )
+    .await?;
+    ctl_cmd(&etcd, &["split", SVC, "2.0.0=5", "--for", "2s"])?;
+    ctl_cmd(&etcd, &["split", "other_service", "2.0.0=5", "--force"])?;
+    let expiring = format!("/lb-overrides/{SVC}/split");
+    let standing = "/lb-overrides/other_service/split".to_owned();
+    ensure!(common::exists(&client, &expiring).await?);
+    eventually(Duration::from_secs(10), "the expired split removed", || {
+        let (client, k) = (client.clone(), expiring.clone());
+        async move { (!common::exists(&client, &k).await.ok()?).then_some(()) }
+    })
+    .await?;
+    counted(&ctl, "expired", 1.0).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ensure!(
+        common::exists(&client, &standing).await?,
+        "a split without an expiry was removed"
+    );
+    ctl.stop().await?;
+    Ok(())
+}
