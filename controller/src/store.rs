@@ -791,6 +791,84 @@ mod tests {
         assert_eq!(unhealthy_b.services[0].counts.members, 1);
     }
 
+    /// A split service's members show their lane and their weight under
+    /// the split (after a drain), and the service shows the split; the
+    /// `healthy` filter cuts members after the split is computed, so a
+    /// filtered view shows the same weights.
+    #[test]
+    fn the_view_applies_a_split_over_effective_weights() {
+        use etcd_lb_registry::overrides::{
+            parse_split_value, EndpointOverride, Overrides, SplitApplies,
+        };
+        let store = Store::new();
+        let t0 = Instant::now();
+        for (port, version, weight) in [
+            (1, "1.0.0", 100),
+            (2, "1.0.0", 300),
+            (3, "2.0.0", 100),
+            (4, "2.0.0", 100),
+        ] {
+            let addr = format!("127.0.0.1:{port}");
+            let v = format!(r#"{{"addr":"{addr}","version":"{version}","weight":{weight}}}"#);
+            store.apply(Event::Applied(entry("s", &addr, v.as_bytes(), 7, 1)), t0);
+        }
+        let s = ServiceName::new("s").unwrap();
+        let mut ov = Overrides::default();
+        ov.splits.insert(
+            s.clone(),
+            parse_split_value(br#"{"lanes":[{"version":"2.0.0","percent":10}],"by":"ops","at":"2026-12-07T00:00:00Z"}"#)
+                .unwrap(),
+        );
+        // One canary drained: the other takes the whole 10 %.
+        ov.endpoints.insert(
+            (s.clone(), Addr::new("127.0.0.1:4").unwrap()),
+            EndpointOverride {
+                drain: true,
+                weight: None,
+                incarnation: None,
+                reason: String::new(),
+                by: "ops".into(),
+                at: "2026-12-07T00:00:00Z".into(),
+                expires: None,
+            },
+        );
+        store.set_overrides(Arc::new(ov));
+        let v = store.view(None, None, t0);
+        let svc = &v.services[0];
+        let split = svc.split.as_ref().expect("the split shown");
+        assert_eq!(split.applies, SplitApplies::Yes);
+        assert_eq!(split.describe, "2.0.0=10 rest=90");
+        assert_eq!((split.sides[0].endpoints, split.sides[1].endpoints), (1, 2));
+        let got: Vec<(Option<u32>, Option<&str>)> = svc
+            .members
+            .iter()
+            .map(|m| (m.weight, m.lane.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some(225_000), Some("rest")),
+                (Some(675_000), Some("rest")),
+                (Some(100_000), Some("2.0.0")),
+                (Some(0), Some("2.0.0")),
+            ]
+        );
+        assert_eq!(svc.members[3].registered_weight, Some(100));
+        pass(
+            &store,
+            t0,
+            |p| if p == 1 { dead() } else { Outcome::Serving },
+        );
+        let healthy = store.view(Some(&s), Some(true), t0);
+        assert_eq!(healthy.services[0].members[0].weight, Some(675_000));
+        // Unsplit: plain effective weights, no lanes.
+        store.set_overrides(Arc::default());
+        let v = store.view(None, None, t0);
+        assert!(v.services[0].split.is_none());
+        assert_eq!(v.services[0].members[2].weight, Some(100));
+        assert!(v.services[0].members.iter().all(|m| m.lane.is_none()));
+    }
+
     mod props {
         use super::*;
         use proptest::prelude::*;
