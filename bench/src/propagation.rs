@@ -35,6 +35,33 @@ async fn resolver(etcd: &Etcd, service: &str) -> Result<(Balancer, Discovery, Ca
     Ok((balancer, discovery, cancel))
 }
 
+/// How long after `t0` (a write) the bare watch saw an event, and the
+/// balancer changed (at most 10 s each).
+async fn arrivals(
+    bare: &mut etcd_client::WatchStream,
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+    t0: Instant,
+) -> Result<(Duration, Duration)> {
+    let bare_wait = async {
+        loop {
+            let r = bare.message().await?.context("bare watch ended")?;
+            if !r.events().is_empty() {
+                return Ok::<_, anyhow::Error>(t0.elapsed());
+            }
+        }
+    };
+    let bal_wait = async {
+        changes.changed().await?;
+        Ok::<_, anyhow::Error>(t0.elapsed())
+    };
+    let (a, b) = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::join!(bare_wait, bal_wait)
+    })
+    .await
+    .context("a change did not arrive within 10 s")?;
+    Ok((a?, b?))
+}
+
 /// Times `n` changes: etcd write -> bare watch event, and -> balancer change.
 async fn measure(
     client: &mut Client,
@@ -60,25 +87,9 @@ async fn measure(
             1 => client.put(key, value(&addr, 250), None).await.map(|_| ())?,
             _ => client.delete(key, None).await.map(|_| ())?,
         }
-        let bare_wait = async {
-            loop {
-                let r = bare.message().await?.context("bare watch ended")?;
-                if !r.events().is_empty() {
-                    return Ok::<_, anyhow::Error>(t0.elapsed());
-                }
-            }
-        };
-        let bal_wait = async {
-            changes.changed().await?;
-            Ok::<_, anyhow::Error>(t0.elapsed())
-        };
-        let (a, b) = tokio::time::timeout(Duration::from_secs(10), async {
-            tokio::join!(bare_wait, bal_wait)
-        })
-        .await
-        .context("a change did not arrive within 10 s")?;
-        etcd_lat.push(a?);
-        bal_lat.push(b?);
+        let (a, b) = arrivals(&mut bare, &mut changes, t0).await?;
+        etcd_lat.push(a);
+        bal_lat.push(b);
     }
     Ok((etcd_lat, bal_lat))
 }
@@ -103,20 +114,12 @@ pub async fn propagation(samples: usize) -> Result<Table> {
     measure(&mut client, &balancer, "prop", 30, 20_000).await?;
     let (e, b) = measure(&mut client, &balancer, "prop", samples, 30_000).await?;
     cancel.cancel();
-    let (pe, pb) = (percentiles(&e), percentiles(&b));
-    let added: Vec<Duration> = b
-        .iter()
-        .zip(&e)
-        .map(|(b, e)| b.saturating_sub(*e))
-        .collect();
-    let pa = percentiles(&added);
-    let mut t = Table::new(
+    let (mut t, pb, pa) = beside_the_floor(
         format!("3. Propagation: etcd put/delete/weight change -> picker updated ({samples} samples, 1/3 each)"),
-        &["path", "samples", "p50", "p99", "max"],
+        ["etcd alone: put -> bare watch event", "put -> balancer updated"],
+        &e,
+        &b,
     );
-    t.row(row("etcd alone: put -> bare watch event", &pe));
-    t.row(row("put -> balancer updated", &pb));
-    t.row(row("added by the client (per sample)", &pa));
     t.note(format!(
         "Targets: p99 < 50 ms -> {}; client adds < 5 ms at p99 -> {}",
         if pb.p99_us < 50_000.0 {
@@ -127,6 +130,29 @@ pub async fn propagation(samples: usize) -> Result<Table> {
         if pa.p99_us < 5_000.0 { "met" } else { "MISSED" }
     ));
     Ok(t)
+}
+
+/// A table of etcd's own latency (the floor), the balancer's, and what the
+/// balancer adds per sample; with the balancer's and the added percentiles
+/// for the caller's targets.
+fn beside_the_floor(
+    title: String,
+    labels: [&str; 2],
+    floor: &[Duration],
+    ours: &[Duration],
+) -> (Table, Percentiles, Percentiles) {
+    let (pe, pb) = (percentiles(floor), percentiles(ours));
+    let added: Vec<Duration> = ours
+        .iter()
+        .zip(floor)
+        .map(|(b, e)| b.saturating_sub(*e))
+        .collect();
+    let pa = percentiles(&added);
+    let mut t = Table::new(title, &["path", "samples", "p50", "p99", "max"]);
+    t.row(row(labels[0], &pe));
+    t.row(row(labels[1], &pb));
+    t.row(row("added by the client (per sample)", &pa));
+    (t, pb, pa)
 }
 
 /// Scenario 10: an operator's override (a drain, then its removal) ->
@@ -180,23 +206,7 @@ pub async fn overrides(samples: usize) -> Result<Table> {
         } else {
             client.delete(key, None).await?;
         }
-        let bare_wait = async {
-            loop {
-                let r = bare.message().await?.context("bare watch ended")?;
-                if !r.events().is_empty() {
-                    return Ok::<_, anyhow::Error>(t0.elapsed());
-                }
-            }
-        };
-        let bal_wait = async {
-            changes.changed().await?;
-            Ok::<_, anyhow::Error>(t0.elapsed())
-        };
-        let (a, b) = tokio::time::timeout(Duration::from_secs(10), async {
-            tokio::join!(bare_wait, bal_wait)
-        })
-        .await
-        .context("an override did not arrive within 10 s")?;
+        let (a, b) = arrivals(&mut bare, &mut changes, t0).await?;
         let want = if i % 2 == 0 { 0 } else { 100 };
         anyhow::ensure!(
             balancer.weight_of(&addr) == Some(want),
@@ -204,25 +214,20 @@ pub async fn overrides(samples: usize) -> Result<Table> {
             balancer.weight_of(&addr)
         );
         if i >= warmup {
-            etcd_lat.push(a?);
-            bal_lat.push(b?);
+            etcd_lat.push(a);
+            bal_lat.push(b);
         }
     }
     cancel.cancel();
-    let (pe, pb) = (percentiles(&etcd_lat), percentiles(&bal_lat));
-    let added: Vec<Duration> = bal_lat
-        .iter()
-        .zip(&etcd_lat)
-        .map(|(b, e)| b.saturating_sub(*e))
-        .collect();
-    let pa = percentiles(&added);
-    let mut t = Table::new(
+    let (mut t, pb, _) = beside_the_floor(
         format!("10. Override -> picker: an operator's drain put or removed -> the client re-weighed ({samples} samples, half each)"),
-        &["path", "samples", "p50", "p99", "max"],
+        [
+            "etcd alone: put/delete -> bare watch event",
+            "override -> picker re-weighed",
+        ],
+        &etcd_lat,
+        &bal_lat,
     );
-    t.row(row("etcd alone: put/delete -> bare watch event", &pe));
-    t.row(row("override -> picker re-weighed", &pb));
-    t.row(row("added by the client (per sample)", &pa));
     t.note(format!(
         "Target: p99 < 200 ms -> {}",
         if pb.p99_us < 200_000.0 {

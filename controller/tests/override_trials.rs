@@ -23,8 +23,7 @@ use anyhow::{bail, Context, Result};
 use common::{fast_config, Ctl};
 use controller::operator::{self, Change, OperatorError};
 use etcd_client::{Client, PutOptions};
-use etcd_lb::{Addr, Balancer, BalancerConfig, CancellationToken, DiscoveryConfig, EtcdConfig};
-use etcd_lb::{Discovery, ServiceName};
+use etcd_lb::{Addr, Balancer, CancellationToken, Discovery, EtcdConfig};
 use etcd_lb_testkit::Etcd;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -153,15 +152,7 @@ async fn start_client(
     etcd: &Etcd,
     service: &str,
 ) -> Result<(Balancer, Discovery, CancellationToken)> {
-    let cancel = CancellationToken::new();
-    let (balancer, discovery) = etcd_lb::connect(
-        EtcdConfig::plain([etcd.endpoint()]),
-        DiscoveryConfig::new(ServiceName::new(service)?),
-        BalancerConfig::default(),
-        cancel.clone(),
-    );
-    discovery.wait_synced(Duration::from_secs(10)).await?;
-    Ok((balancer, discovery, cancel))
+    common::library_client(etcd, service).await
 }
 
 impl Trial<'_> {
