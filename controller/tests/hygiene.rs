@@ -121,16 +121,9 @@ async fn the_leader_removes_an_expired_split_and_keeps_a_standing_one() -> Resul
     let etcd = Etcd::start().await?;
     let client = etcd.client().await?;
     let ctl = Ctl::start(&etcd, fast_config()).await?;
-    let port = free_port();
-    let _server = greet_server(&etcd, port, &[])?;
-    wait_key(
-        &client,
-        &key(SVC, &format!("127.0.0.1:{port}")),
-        Duration::from_secs(15),
-    )
-    .await?;
-    ctl_cmd(&etcd, &["split", SVC, "2.0.0=5", "--for", "2s"])?;
-    ctl_cmd(&etcd, &["split", "other_service", "2.0.0=5", "--force"])?;
+    let (_servers, _) = registered_servers(&etcd, 1).await?;
+    operate_ok(&etcd, &["split", SVC, "2.0.0=5", "--for", "2s"])?;
+    operate_ok(&etcd, &["split", "other_service", "2.0.0=5", "--force"])?;
     let expiring = format!("/lb-overrides/{SVC}/split");
     let standing = "/lb-overrides/other_service/split".to_owned();
     ensure!(common::exists(&client, &expiring).await?);

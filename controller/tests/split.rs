@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use common::greet_server;
+use common::{greet_server, operate};
 use etcd_lb::{BalancerConfig, CancellationToken, DiscoveryConfig, EtcdConfig, ServiceName};
 use etcd_lb_testkit::{env_u64, eventually, free_port, Etcd, Proc};
 use greet_proto::{GreetClient, GreetRequest};
@@ -73,19 +73,6 @@ async fn fleet(etcd: &Etcd) -> Result<Vec<Member>> {
         });
     }
     Ok(out)
-}
-
-/// Runs `controller <args>` against `etcd`; (exit code, stdout, stderr).
-fn ctl_cmd(etcd: &Etcd, args: &[&str]) -> Result<(i32, String, String)> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_controller"))
-        .args(args)
-        .env("ETCD_ENDPOINTS", etcd.endpoint())
-        .output()?;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
 }
 
 /// Calls by answering server.
@@ -207,7 +194,7 @@ async fn split_sends_five_percent_to_the_canary_through_the_library_and_unsplit_
     })
     .await?;
 
-    let (code, out, err) = ctl_cmd(
+    let (code, out, err) = operate(
         &etcd,
         &["split", SVC, "2.0.0=5", "--reason", "canary", "--by", "ops"],
     )?;
@@ -247,7 +234,7 @@ async fn split_sends_five_percent_to_the_canary_through_the_library_and_unsplit_
     }
 
     // The listing shows it, table and JSON.
-    let (code, out, _) = ctl_cmd(&etcd, &["overrides", SVC])?;
+    let (code, out, _) = operate(&etcd, &["overrides", SVC])?;
     ensure!(
         code == 0
             && out.contains("split 2.0.0=5 rest=95")
@@ -255,7 +242,7 @@ async fn split_sends_five_percent_to_the_canary_through_the_library_and_unsplit_
             && out.contains("canary"),
         "{out}"
     );
-    let (_, out, _) = ctl_cmd(&etcd, &["overrides", "--json"])?;
+    let (_, out, _) = operate(&etcd, &["overrides", "--json"])?;
     let rows: serde_json::Value = serde_json::from_str(&out).context(out.clone())?;
     let row = &rows[0];
     ensure!(
@@ -280,21 +267,21 @@ async fn split_sends_five_percent_to_the_canary_through_the_library_and_unsplit_
         (&["split", SVC, "2.0.0"][..], 2, "<version>=<percent>"),
         (&["split", "nothing_here", "2.0.0=5"][..], 1, "--force"),
     ] {
-        let (code, out, err) = ctl_cmd(&etcd, args)?;
+        let (code, out, err) = operate(&etcd, args)?;
         ensure!(
             code == code_want && err.contains(says),
             "{args:?}: exit {code}, {out} {err}"
         );
     }
-    let (code, out, err) = ctl_cmd(&etcd, &["split", "nothing_here", "2.0.0=5", "--force"])?;
+    let (code, out, err) = operate(&etcd, &["split", "nothing_here", "2.0.0=5", "--force"])?;
     ensure!(code == 0, "{out} {err}");
-    let (code, _, _) = ctl_cmd(&etcd, &["unsplit", "nothing_here"])?;
+    let (code, _, _) = operate(&etcd, &["unsplit", "nothing_here"])?;
     ensure!(code == 0);
-    let (code, _, err) = ctl_cmd(&etcd, &["unsplit", "nothing_here"])?;
+    let (code, _, err) = operate(&etcd, &["unsplit", "nothing_here"])?;
     ensure!(code == 2 && err.contains("has no split"), "{code} {err}");
 
     // Unsplit: the plain weights again (100/200/300/100/300 of 1,000).
-    let (code, out, err) = ctl_cmd(&etcd, &["split", SVC, "--clear"])?;
+    let (code, out, err) = operate(&etcd, &["split", SVC, "--clear"])?;
     ensure!(code == 0 && out.contains("split removed"), "{out} {err}");
     let registered: Vec<(etcd_lb::Addr, u32)> = fleet
         .iter()
@@ -421,7 +408,7 @@ async fn grpcio_over_xds_sees_the_split_through_weights_and_unsplit_undoes_it() 
     let bootstrap = dir.path().join("bootstrap.json");
     std::fs::write(&bootstrap, &out.stdout)?;
 
-    let (code, out, err) = ctl_cmd(&etcd, &["split", SVC, "2.0.0=5", "--by", "ops"])?;
+    let (code, out, err) = operate(&etcd, &["split", SVC, "2.0.0=5", "--by", "ops"])?;
     ensure!(code == 0, "split: {out} {err}");
     // The view shows the split, each member's lane and its weight under it.
     let view = format!("http://127.0.0.1:{http}/services/{SVC}");
@@ -512,7 +499,7 @@ async fn grpcio_over_xds_sees_the_split_through_weights_and_unsplit_undoes_it() 
 
     // Unsplit: plain weights (100/200/300/100/300) within 2 % over 12,000
     // calls (p <= 0.3: sigma <= 0.42 %, 2 % is 4.8 sigma).
-    let (code, _, err) = ctl_cmd(&etcd, &["unsplit", SVC])?;
+    let (code, _, err) = operate(&etcd, &["unsplit", SVC])?;
     ensure!(code == 0, "{err}");
     eventually(
         Duration::from_secs(20),
