@@ -274,7 +274,7 @@ fn failed_calls(h: &History, b: &Bounds, r: &mut Report) {
         .chain(
             h.faults
                 .iter()
-                .filter(|f| !f.kind.is_etcd())
+                .filter(|f| f.kind.is_server())
                 .map(|f| f.target.as_str()),
         )
         .collect();
@@ -283,7 +283,7 @@ fn failed_calls(h: &History, b: &Bounds, r: &mut Report) {
         let server_faults: Vec<&FaultMark> = h
             .faults
             .iter()
-            .filter(|f| !f.kind.is_etcd() && overlaps(f, from, to, b.fault_margin))
+            .filter(|f| f.kind.is_server() && overlaps(f, from, to, b.fault_margin))
             .collect();
         let named: Vec<&str> = servers
             .iter()

@@ -1,8 +1,19 @@
 //! A small world on loopback for one harness run: a 3-member etcd cluster,
-//! greet-server processes (the real binary), in-process clients of the
-//! library under load, a recorder of every etcd event under the prefix, and
-//! the nemesis running a seed's schedule. Everything is recorded into one
-//! [`History`] on one [`Clock`].
+//! greet-server processes and two controller replicas (the real binaries),
+//! in-process clients of the library under load, a recorder of every etcd
+//! event under the prefix, and the nemesis running a seed's schedule.
+//! Everything is recorded into one [`History`] on one [`Clock`].
+//!
+//! The controllers' deletions come from their own log lines (JSON,
+//! `deleted stale registration`): the line is written by the leader right
+//! after its fenced delete transaction succeeded and names the address, the
+//! mod revision the decision was fenced on and the reason, with the
+//! controller's timestamp. Neither its metrics (counts by service and
+//! reason, no address) nor its HTTP view (members now, not what was
+//! removed) say which key went when, and an etcd delete event alone does
+//! not say who deleted (a lease expiry and a drain's revoke look the same).
+//! The log of a replica is read when the replica is replaced and at the
+//! end of the run, before its process (and log file) is dropped.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -22,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::checker::Bounds;
 use crate::history::{
-    Call, Clock, EndpointSet, EtcdEvent, EventKind, FaultKind, FaultMark, History, ServerEvent,
-    ServerMark, ViewChange,
+    Call, Clock, ControllerDeletion, EndpointSet, EtcdEvent, EventKind, FaultKind, FaultMark,
+    History, ServerEvent, ServerMark, ViewChange,
 };
 use crate::nemesis::{schedule, Step};
 
@@ -31,6 +42,8 @@ use crate::nemesis::{schedule, Step};
 pub const SERVICE: &str = "greet_service";
 /// Its prefix.
 pub const PREFIX: &str = "/ns/greet_service/";
+/// The controllers' election key (outside the registry prefix).
+pub const ELECTION_KEY: &str = "/harness/controller/leader";
 
 /// What a run looks like.
 #[derive(Debug, Clone)]
@@ -57,6 +70,12 @@ pub struct WorldConfig {
     pub mutant: Option<Mutant>,
     /// A fixed schedule instead of the seed's.
     pub plan: Option<Vec<Step>>,
+    /// Controller replicas (the real binary; one leads and deletes).
+    pub controllers: usize,
+    /// The controllers' `--dead-after`: short, so a killed or paused
+    /// server is often deleted before it heals, which exercises both the
+    /// deletions (invariant f) and the re-registrations (invariant g).
+    pub dead_after: &'static str,
 }
 
 /// Deliberately broken clients: a run with one must be flagged by the
@@ -74,8 +93,8 @@ pub enum Mutant {
 }
 
 impl WorldConfig {
-    /// Defaults for `seed` and `duration`: 3 servers, 2 clients of 2 loops,
-    /// 8 s of quiet, 2 s deadlines, 4 s leases.
+    /// Defaults for `seed` and `duration`: 3 servers, 2 controllers, 2
+    /// clients of 2 loops, 8 s of quiet, 2 s deadlines, 4 s leases.
     pub fn new(seed: u64, duration: Duration) -> Self {
         Self {
             seed,
@@ -89,6 +108,8 @@ impl WorldConfig {
             drain: "1s",
             mutant: None,
             plan: None,
+            controllers: 2,
+            dead_after: "1s",
         }
     }
 }
@@ -119,6 +140,94 @@ fn spawn_server(eps: &str, port: u16, cfg: &WorldConfig) -> Result<Proc> {
         &args,
         &[("RUST_LOG", "warn")],
     )
+}
+
+/// One controller replica and the index it is known by.
+struct Controller {
+    proc: Proc,
+    index: usize,
+}
+
+fn spawn_controller(eps: &str, index: usize, cfg: &WorldConfig) -> Result<Controller> {
+    let args: Vec<String> = [
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--etcd-endpoints",
+        eps,
+        "--probe-interval",
+        "300ms",
+        "--probe-timeout",
+        "250ms",
+        "--dead-after",
+        cfg.dead_after,
+        "--election-key",
+        ELECTION_KEY,
+        "--election-ttl",
+        "3s",
+        "--replica-name",
+        &format!("ctl{index}"),
+        "--log-format",
+        "json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let proc = Proc::spawn(
+        &format!("controller-{index}"),
+        bin_path("controller"),
+        &args,
+        &[("RUST_LOG", "warn,controller=info")],
+    )?;
+    Ok(Controller { proc, index })
+}
+
+/// The deletions a controller's log reports (JSON lines); lines that are
+/// not JSON or not a deletion are skipped, never fatal.
+pub fn deletions_in_log(log: &str, controller: &str, clock: &Clock) -> Vec<ControllerDeletion> {
+    log.lines()
+        .filter(|l| l.contains("deleted stale registration"))
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            let f = &v["fields"];
+            if f["message"] != "deleted stale registration" {
+                return None;
+            }
+            let wall = humantime::parse_rfc3339_weak(v["timestamp"].as_str()?).ok()?;
+            Some(ControllerDeletion {
+                at: clock.at_wall(wall),
+                controller: controller.to_owned(),
+                addr: f["addr"].as_str()?.to_owned(),
+                mod_revision: f["mod_revision"].as_i64()?,
+                reason: f["reason"].as_str().unwrap_or_default().to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// Records the deletions in `c`'s log so far (called before its process,
+/// and its log file, goes).
+fn harvest(c: &Controller, clock: Clock, h: &Shared) {
+    let found = deletions_in_log(&c.proc.log(), &format!("controller-{}", c.index), &clock);
+    record(h, |h| h.deletions.extend(found));
+}
+
+/// The index of the replica etcd's election names now, if any answers in
+/// time.
+async fn leading_controller(cluster: &Cluster) -> Option<usize> {
+    let ask = async {
+        let c = cluster.client().await.ok()?;
+        let r = c.election_client().leader(ELECTION_KEY).await.ok()?;
+        let id = String::from_utf8_lossy(r.kv()?.value()).into_owned();
+        id.strip_prefix("ctl")?
+            .split('-')
+            .next()?
+            .parse::<usize>()
+            .ok()
+    };
+    tokio::time::timeout(Duration::from_secs(3), ask)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Runs one world for `cfg` and returns what it recorded.
@@ -153,6 +262,20 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
         history.lock().expect("lock").etcd_final().len() == cfg.servers
     })
     .await?;
+    let mut controllers = Vec::new();
+    for i in 0..cfg.controllers {
+        controllers.push(spawn_controller(&eps, i, cfg)?);
+    }
+    if cfg.controllers > 0 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while leading_controller(&cluster).await.is_none() {
+            if Instant::now() > deadline {
+                let logs: Vec<String> = controllers.iter().map(|c| c.proc.log()).collect();
+                bail!("no controller leads after 30 s:\n{}", logs.join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 
     let mut tasks = Vec::new();
     for client in 0..cfg.clients {
@@ -210,10 +333,15 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let plan = cfg
-        .plan
-        .clone()
-        .unwrap_or_else(|| schedule(cfg.seed, cfg.duration, cluster.len(), cfg.servers));
+    let plan = cfg.plan.clone().unwrap_or_else(|| {
+        schedule(
+            cfg.seed,
+            cfg.duration,
+            cluster.len(),
+            cfg.servers,
+            cfg.controllers,
+        )
+    });
     let mut failure = None;
     for step in &plan {
         if let Err(e) = inject(
@@ -222,6 +350,7 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
             &eps,
             &ports,
             &mut servers,
+            &mut controllers,
             cfg,
             clock,
             &history,
@@ -261,6 +390,10 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
         let _ = t.await;
     }
     let _ = recorder.await;
+    for c in &controllers {
+        harvest(c, clock, &history);
+    }
+    drop(controllers);
     drop(servers);
     drop(cluster);
     if let Some(e) = failure {
@@ -300,13 +433,26 @@ async fn inject(
     eps: &str,
     ports: &[u16],
     servers: &mut [Proc],
+    controllers: &mut [Controller],
     cfg: &WorldConfig,
     clock: Clock,
     h: &Shared,
 ) -> Result<()> {
-    let i = step.target;
+    let mut i = step.target;
+    if step.kind.is_controller() {
+        if controllers.is_empty() {
+            bail!("a controller fault in a world without controllers");
+        }
+        // The leader, when etcd names one; else the drawn replica.
+        i = match leading_controller(cluster).await {
+            Some(l) if l < controllers.len() => l,
+            _ => i % controllers.len(),
+        };
+    }
     let target = if step.kind.is_etcd() {
         format!("etcd-{i}")
+    } else if step.kind.is_controller() {
+        format!("controller-{i}")
     } else {
         format!("127.0.0.1:{}", ports[i])
     };
@@ -370,6 +516,17 @@ async fn inject(
             servers[i].signal(Signal::SIGSTOP)?;
             tokio::time::sleep(step.hold).await;
             servers[i].signal(Signal::SIGCONT)?;
+        }
+        FaultKind::ControllerKill => {
+            controllers[i].proc.kill();
+            harvest(&controllers[i], clock, h);
+            tokio::time::sleep(step.hold).await;
+            controllers[i] = spawn_controller(eps, i, cfg)?;
+        }
+        FaultKind::ControllerPause => {
+            controllers[i].proc.signal(Signal::SIGSTOP)?;
+            tokio::time::sleep(step.hold).await;
+            controllers[i].proc.signal(Signal::SIGCONT)?;
         }
     }
     let end = clock.now();
@@ -574,7 +731,13 @@ async fn relist(c: &mut Client, next: &mut Option<i64>, clock: Clock, h: &Shared
         .filter_map(|kv| event_of(at, kv.key(), kv.value(), kv.mod_revision(), true))
         .collect();
     list.sort_by_key(|e| e.revision);
+    // What happened between the last revision watched and the list's is
+    // unknown one event at a time: a gap for the checker.
+    let unknown_from = next.unwrap_or(0);
     record(h, |h| {
+        if unknown_from < rev {
+            h.gaps.push((unknown_from, rev - 1));
+        }
         let before = h.etcd_final();
         let listed: EndpointSet = list
             .iter()

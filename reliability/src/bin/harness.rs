@@ -15,8 +15,8 @@ use reliability::world::{calls_by_client, run, WorldConfig};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Runs random fault schedules against a small world on loopback (3 etcd
-/// members, 3 greet-servers, 2 in-process clients) and checks the recorded
-/// histories.
+/// members, 3 greet-servers, 2 controller replicas, 2 in-process clients)
+/// and checks the recorded histories.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -53,10 +53,11 @@ fn recheck(dir: &std::path::Path) -> Result<()> {
         let h: reliability::history::History = serde_json::from_slice(&std::fs::read(p)?)?;
         let r = check(&h, &Bounds::default());
         println!(
-            "seed {}: faults {:?}; calls {}; violations {}",
+            "seed {}: faults {:?}; calls {}; controller deletions {}; violations {}",
             h.seed,
             h.faults_by_kind(),
             h.calls.len(),
+            h.deletions.len(),
             r.violations.len()
         );
         for v in &r.violations {
@@ -115,11 +116,12 @@ async fn main() -> Result<()> {
         let calls: usize = h.calls.len();
         let failed_calls = h.calls.iter().filter(|c| !c.ok).count();
         println!(
-            "seed {seed}: faults {:?}; calls {calls} ({failed_calls} failed; by client {:?}); etcd events {}; view changes {}; violations {}",
+            "seed {seed}: faults {:?}; calls {calls} ({failed_calls} failed; by client {:?}); etcd events {}; view changes {}; controller deletions {}; violations {}",
             h.faults_by_kind(),
             calls_by_client(&h),
             h.etcd.len(),
             h.views.len(),
+            h.deletions.len(),
             r.violations.len()
         );
         for v in &r.violations {
