@@ -70,7 +70,8 @@ pub fn schedule(
             FaultKind::EtcdPause => ms(&mut rng, 1000, 3000),
             FaultKind::EtcdIsolate => ms(&mut rng, 1000, 4000),
             FaultKind::EtcdCompact => ms(&mut rng, 0, 500),
-            FaultKind::ServerKill => ms(&mut rng, 200, 1500),
+            // Often past the controllers' 1 s --dead-after: deleted while dead.
+            FaultKind::ServerKill => ms(&mut rng, 200, 3000),
             FaultKind::ServerDrain => ms(&mut rng, 0, 500),
             FaultKind::ServerPause => ms(&mut rng, 300, 2000),
             FaultKind::ControllerKill => ms(&mut rng, 500, 3000),

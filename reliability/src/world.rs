@@ -90,6 +90,22 @@ pub enum Mutant {
     /// failures but ignores drains: weight-0 puts and deletes are dropped,
     /// so it keeps sending calls to a draining server.
     IgnoreDrains,
+    /// Client 0 is the same naive discovery, which keeps its view on
+    /// failures but drops the first delete event it is sent while its
+    /// revision moves past it (a lost watch event, or a watch resumed past
+    /// an undelivered one).
+    DropFirstDelete,
+    /// The clients are sound; the controllers are blind: their probes
+    /// time out after 1 µs and their safety valve is off
+    /// (`--max-unhealthy-ratio 1`), so they delete servers that answer.
+    BlindControllers,
+}
+
+impl Mutant {
+    /// Whether it replaces client 0 (the others break something else).
+    pub fn is_client(self) -> bool {
+        !matches!(self, Mutant::BlindControllers)
+    }
 }
 
 impl WorldConfig {
@@ -149,6 +165,7 @@ struct Controller {
 }
 
 fn spawn_controller(eps: &str, index: usize, cfg: &WorldConfig) -> Result<Controller> {
+    let blind = cfg.mutant == Some(Mutant::BlindControllers);
     let args: Vec<String> = [
         "--listen",
         &format!("127.0.0.1:{}", free_port()),
@@ -157,7 +174,9 @@ fn spawn_controller(eps: &str, index: usize, cfg: &WorldConfig) -> Result<Contro
         "--probe-interval",
         "300ms",
         "--probe-timeout",
-        "250ms",
+        if blind { "1us" } else { "250ms" },
+        "--max-unhealthy-ratio",
+        if blind { "1" } else { "0.5" },
         "--dead-after",
         cfg.dead_after,
         "--election-key",
@@ -280,7 +299,7 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
     let mut tasks = Vec::new();
     for client in 0..cfg.clients {
         let (balancer, revision): (_, Box<dyn Fn() -> i64 + Send>) =
-            if let (0, Some(mutant)) = (client, cfg.mutant) {
+            if let (0, Some(mutant)) = (client, cfg.mutant.filter(|m| m.is_client())) {
                 let balancer = etcd_lb::Balancer::new(BalancerConfig {
                     retry: RetryPolicy::idempotent([MORNING, NIGHT]),
                     ..BalancerConfig::new(SERVICE)
@@ -579,7 +598,10 @@ async fn compact(cluster: &Cluster, i: usize) -> Result<()> {
     Err(last.expect("attempted"))
 }
 
-/// Records every change of one client's view.
+/// Records every change of one client's view: on every change of its
+/// balancer, and every 250 ms when only the discovery's revision moved (an
+/// event that changed nothing in the balancer, a progress notice, or one
+/// dropped by a broken client: invariant (h) needs those revisions too).
 async fn views(
     client: u32,
     balancer: etcd_lb::Balancer,
@@ -590,6 +612,8 @@ async fn views(
 ) {
     let mut changes = balancer.changes();
     let mut last: Option<(i64, EndpointSet)> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let endpoints: EndpointSet = balancer
             .endpoints()
@@ -612,6 +636,7 @@ async fn views(
         tokio::select! {
             _ = cancel.cancelled() => return,
             r = changes.changed() => if r.is_err() { return },
+            _ = tick.tick() => {}
         }
     }
 }
@@ -829,8 +854,10 @@ async fn naive_discovery(
     cancel: CancellationToken,
 ) {
     let ignore_drains = mutant == Mutant::IgnoreDrains;
+    let drop_delete = std::sync::atomic::AtomicBool::new(mutant == Mutant::DropFirstDelete);
     let apply = |e: &EtcdEvent| match (e.kind, e.weight, Addr::new(&e.addr)) {
         (_, Some(0), _) | (EventKind::Delete, _, _) if ignore_drains => {}
+        (EventKind::Delete, _, _) if drop_delete.swap(false, Ordering::Relaxed) => {}
         (EventKind::Put, Some(w), Ok(a)) => balancer.upsert(&a, w, ""),
         (_, _, Ok(a)) => balancer.remove(&a),
         _ => {}
