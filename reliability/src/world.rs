@@ -739,6 +739,62 @@ fn event_of(
     })
 }
 
+/// The events a list at revision `rev` (each key's event and create
+/// revision) adds to what `h` recorded: a delete at `rev` for every address
+/// gone; a put for every address new or with another weight; and, for an
+/// address deleted and created again since its last recorded event (its
+/// create revision is newer than anything recorded for it), a delete just
+/// before that creation and the put, although the weight is the same
+/// (found by seed 300: a lease expiry and the restarted server's
+/// registration inside a compaction gap were lost, and the clients, who
+/// had seen both, were blamed).
+fn relist_events(
+    h: &History,
+    mut list: Vec<(EtcdEvent, i64)>,
+    rev: i64,
+    at: Duration,
+) -> Vec<EtcdEvent> {
+    list.sort_by_key(|(e, _)| e.revision);
+    let before = h.etcd_final();
+    let listed: EndpointSet = list
+        .iter()
+        .filter_map(|(e, _)| Some((e.addr.clone(), e.weight?)))
+        .collect();
+    let mut out = Vec::new();
+    for gone in before.keys().filter(|a| !listed.contains_key(*a)) {
+        out.push(EtcdEvent {
+            at,
+            revision: rev,
+            addr: gone.clone(),
+            kind: EventKind::Delete,
+            weight: None,
+        });
+    }
+    for (e, created) in list {
+        let last = h
+            .etcd
+            .iter()
+            .filter(|k| k.addr == e.addr)
+            .map(|k| k.revision)
+            .max();
+        let recreated = before.contains_key(&e.addr) && last.is_some_and(|l| created > l);
+        if recreated {
+            out.push(EtcdEvent {
+                at,
+                revision: created - 1,
+                addr: e.addr.clone(),
+                kind: EventKind::Delete,
+                weight: None,
+            });
+        }
+        let known = e.weight.is_some_and(|w| before.get(&e.addr) == Some(&w));
+        if recreated || !known {
+            out.push(e);
+        }
+    }
+    out
+}
+
 /// Lists the prefix and records what differs from the recorded state as
 /// events at the list's revision (all of it on the first list).
 async fn relist(c: &mut Client, next: &mut Option<i64>, clock: Clock, h: &Shared) -> Result<()> {
@@ -750,12 +806,14 @@ async fn relist(c: &mut Client, next: &mut Option<i64>, clock: Clock, h: &Shared
     .context("list timed out")??;
     let at = clock.now();
     let rev = r.header().map_or(0, |h| h.revision());
-    let mut list: Vec<EtcdEvent> = r
+    let list: Vec<(EtcdEvent, i64)> = r
         .kvs()
         .iter()
-        .filter_map(|kv| event_of(at, kv.key(), kv.value(), kv.mod_revision(), true))
+        .filter_map(|kv| {
+            let e = event_of(at, kv.key(), kv.value(), kv.mod_revision(), true)?;
+            Some((e, kv.create_revision()))
+        })
         .collect();
-    list.sort_by_key(|e| e.revision);
     // What happened between the last revision watched and the list's is
     // unknown one event at a time: a gap for the checker.
     let unknown_from = next.unwrap_or(0);
@@ -763,26 +821,8 @@ async fn relist(c: &mut Client, next: &mut Option<i64>, clock: Clock, h: &Shared
         if unknown_from < rev {
             h.gaps.push((unknown_from, rev - 1));
         }
-        let before = h.etcd_final();
-        let listed: EndpointSet = list
-            .iter()
-            .filter_map(|e| Some((e.addr.clone(), e.weight?)))
-            .collect();
-        for gone in before.keys().filter(|a| !listed.contains_key(*a)) {
-            h.etcd.push(EtcdEvent {
-                at,
-                revision: rev,
-                addr: gone.clone(),
-                kind: EventKind::Delete,
-                weight: None,
-            });
-        }
-        for e in list {
-            let known = e.weight.is_some_and(|w| before.get(&e.addr) == Some(&w));
-            if !known {
-                h.etcd.push(e);
-            }
-        }
+        let events = relist_events(h, list, rev, at);
+        h.etcd.extend(events);
     });
     *next = Some(rev + 1);
     Ok(())
@@ -927,4 +967,54 @@ pub fn calls_by_client(h: &History) -> BTreeMap<u32, (usize, usize)> {
         }
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(at: u64, revision: i64, addr: &str, weight: Option<u32>) -> EtcdEvent {
+        EtcdEvent {
+            at: Duration::from_millis(at),
+            revision,
+            addr: addr.into(),
+            kind: if weight.is_some() {
+                EventKind::Put
+            } else {
+                EventKind::Delete
+            },
+            weight,
+        }
+    }
+
+    /// Seed 300 (at 631613e): the recorder knew 24536 from revision 6;
+    /// during a compaction gap its old lease expired (delete, revision 9)
+    /// and the restarted server registered again (revision 10, same
+    /// weight). The list at revision 10 must record both, not "known".
+    #[test]
+    fn a_key_created_again_inside_a_gap_is_a_delete_and_a_put() {
+        let (a, b) = ("127.0.0.1:24536", "127.0.0.1:24537");
+        let h = History {
+            etcd: vec![ev(1_000, 4, b, Some(100)), ev(1_000, 6, a, Some(100))],
+            ..Default::default()
+        };
+        let list = vec![
+            (ev(13_700, 4, b, Some(100)), 4),
+            (ev(13_700, 10, a, Some(100)), 10),
+        ];
+        let out = relist_events(&h, list, 10, Duration::from_millis(13_700));
+        assert_eq!(
+            out,
+            vec![ev(13_700, 9, a, None), ev(13_700, 10, a, Some(100))],
+            "b unchanged, a deleted and created again"
+        );
+        // Unchanged keys add nothing; a key gone is a delete at the list's
+        // revision; a new weight is a put.
+        let list = vec![(ev(14_000, 11, b, Some(50)), 4)];
+        let out = relist_events(&h, list, 12, Duration::from_millis(14_000));
+        assert_eq!(
+            out,
+            vec![ev(14_000, 12, a, None), ev(14_000, 11, b, Some(50))]
+        );
+    }
 }
