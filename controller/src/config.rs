@@ -339,14 +339,16 @@ impl Config {
 }
 
 impl Args {
-    /// Checks what clap cannot check alone.
+    /// The registry's root and the overrides' root, normalised, and checked
+    /// not to overlap (overrides must live outside the registry, where no
+    /// registrar or Go client treats them as addresses). The daemon and
+    /// the operator's commands both start here.
     ///
     /// # Errors
-    /// A bad prefix, an election key inside the prefix, or a probe timeout
-    /// longer than the probe interval.
-    pub fn config(&self) -> Result<Config, String> {
-        let root =
-            etcd_lb_registry::schema::normalize_root(&self.prefix).map_err(|e| e.to_string())?;
+    /// A bad prefix, or two that overlap.
+    pub fn roots(&self) -> Result<(String, String), String> {
+        let root = etcd_lb_registry::schema::normalize_root(&self.prefix)
+            .map_err(|e| format!("--prefix: {e}"))?;
         let overrides_root = etcd_lb_registry::schema::normalize_root(&self.overrides_prefix)
             .map_err(|e| format!("--overrides-prefix: {e}"))?;
         if overrides_root.starts_with(&root) || root.starts_with(&overrides_root) {
@@ -354,6 +356,16 @@ impl Args {
                 "--overrides-prefix {overrides_root:?} overlaps --prefix {root:?}: overrides must live outside the registry"
             ));
         }
+        Ok((root, overrides_root))
+    }
+
+    /// Checks what clap cannot check alone.
+    ///
+    /// # Errors
+    /// A bad prefix, an election key inside the prefix, or a probe timeout
+    /// longer than the probe interval.
+    pub fn config(&self) -> Result<Config, String> {
+        let (root, overrides_root) = self.roots()?;
         let election_key = self.election_key.trim().to_owned();
         if election_key.is_empty() {
             return Err("--election-key must not be empty".into());

@@ -23,6 +23,7 @@
 
 pub mod config;
 pub(crate) mod http;
+pub mod hygiene;
 pub mod leader;
 pub(crate) mod member;
 pub(crate) mod metrics;
@@ -91,6 +92,10 @@ pub async fn run(
         let tasks = CancellationToken::new();
         let store = Arc::new(store::Store::new());
         // Operators' overrides: every view and xDS snapshot applies them.
+        // The registry's events reach the store only once the overrides'
+        // first list is in: neither `/services` nor xDS ever shows a
+        // drained endpoint at its registered weight.
+        let (overrides_in, mut overrides_ready) = tokio::sync::watch::channel(false);
         tokio::spawn(follow_overrides(
             etcd_lb_registry::overrides::spawn_watch(
                 etcd.clone(),
@@ -99,6 +104,7 @@ pub async fn run(
                 tasks.clone(),
             ),
             store.clone(),
+            overrides_in,
             tasks.clone(),
         ));
         let metrics = Arc::new(metrics::Metrics::new());
@@ -110,6 +116,10 @@ pub async fn run(
             let mut state = watch_state.clone();
             let cancel = tasks.clone();
             tokio::spawn(async move {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    _ = overrides_ready.wait_for(|r| *r) => {}
+                }
                 loop {
                     tokio::select! {
                         () = cancel.cancelled() => break,
@@ -227,22 +237,28 @@ pub async fn run(
 }
 
 /// Hands the overrides to the store on every change, and again when one
-/// expires (so the views and xDS show the registered weight again).
+/// expires (so the views and xDS show the registered weight again). The
+/// first hand-over waits for the first list (bounded), then says so on
+/// `first_in` (the registry's events wait for it).
 async fn follow_overrides(
     mut rx: tokio::sync::watch::Receiver<Arc<etcd_lb_registry::overrides::OverrideMap>>,
     store: Arc<store::Store>,
+    first_in: tokio::sync::watch::Sender<bool>,
     cancel: tokio_util::sync::CancellationToken,
 ) {
+    let wait = etcd_lb_registry::overrides::FIRST_LIST_WAIT;
+    tokio::select! {
+        () = cancel.cancelled() => return,
+        listed = etcd_lb_registry::overrides::first_list(&mut rx, wait) => if !listed {
+            tracing::warn!(?wait, "operators' overrides not listed in time (etcd unreachable, or no read permission on the overrides prefix); showing registered weights until they are");
+        },
+    }
+    store.set_overrides(rx.borrow_and_update().clone());
+    first_in.send_replace(true);
     loop {
         let map = rx.borrow_and_update().clone();
-        let now = std::time::SystemTime::now();
-        let next_expiry = map
-            .values()
-            .filter_map(|o| o.expires.as_deref())
-            .filter_map(|e| humantime::parse_rfc3339_weak(e).ok())
-            .filter(|t| *t > now)
-            .min()
-            .and_then(|t| t.duration_since(now).ok());
+        let next_expiry =
+            etcd_lb_registry::overrides::next_expiry(map.values(), std::time::SystemTime::now());
         store.set_overrides(map);
         let expiry = async {
             match next_expiry {

@@ -59,14 +59,13 @@ async fn main() -> anyhow::Result<()> {
 /// exit 1 with the reason, bad arguments 2.
 async fn operate(args: &Args, cmd: &Command) -> anyhow::Result<()> {
     use controller::operator::{self, Change, OperatorError};
-    let root = etcd_lb_registry::schema::normalize_root(&args.prefix)
-        .map_err(|e| anyhow::anyhow!("--prefix: {e}"))?;
-    let overrides_root = etcd_lb_registry::schema::normalize_root(&args.overrides_prefix)
-        .map_err(|e| anyhow::anyhow!("--overrides-prefix: {e}"))?;
-    if overrides_root.starts_with(&root) || root.starts_with(&overrides_root) {
-        eprintln!("error: --overrides-prefix {overrides_root:?} overlaps --prefix {root:?}: overrides must live outside the registry");
-        std::process::exit(2);
-    }
+    let (root, overrides_root) = match args.roots() {
+        Ok(roots) => roots,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
     let etcd = args.etcd.resolve().context("etcd settings")?;
     let change = |weight, how: &controller::config::OverrideArgs| Change {
         weight,

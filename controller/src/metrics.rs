@@ -49,6 +49,13 @@ pub struct DeletionLabels {
     pub reason: String,
 }
 
+/// Labels of override removals.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LapsedLabels {
+    /// expired or incarnation_gone (see [`crate::hygiene::Lapsed`]).
+    pub reason: String,
+}
+
 /// Labels of probes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProbeLabels {
@@ -75,6 +82,9 @@ pub struct Metrics {
     pub deletions: Family<DeletionLabels, Counter>,
     /// Deletions skipped because the key changed after its probe.
     pub deletions_skipped: Counter,
+    /// Operators' overrides the leader removed because they can never
+    /// apply again, by why.
+    pub overrides_removed: Family<LapsedLabels, Counter>,
     /// Safety-valve trips per service.
     pub valve_trips: Family<ServiceLabel, Counter>,
     /// Global safety-valve trips.
@@ -102,6 +112,15 @@ impl Metrics {
             .get_or_create(&DeletionLabels {
                 service: service.to_owned(),
                 reason: reason.as_str().to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one override removed by the sweep.
+    pub fn count_override_removal(&self, why: crate::hygiene::Lapsed) {
+        self.overrides_removed
+            .get_or_create(&LapsedLabels {
+                reason: why.as_str().to_owned(),
             })
             .inc();
     }
@@ -238,6 +257,11 @@ impl Metrics {
             "controller_deletions_skipped",
             "Deletions not made because the key changed after its probe",
             self.deletions_skipped.clone(),
+        );
+        r.register(
+            "controller_overrides_removed",
+            "Operators' overrides removed by the leader because they can never apply again, by reason (expired, incarnation_gone)",
+            self.overrides_removed.clone(),
         );
         r.register(
             "controller_safety_valve_trips",

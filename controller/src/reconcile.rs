@@ -149,7 +149,11 @@ impl Reconciler {
             let pass = self.store.passes() + 1;
             tokio::select! {
                 () = cancel.cancelled() => break,
-                () = self.pass().instrument(info_span!("pass", n = pass)) => {}
+                () = async {
+                    self.pass().await;
+                    self.sweep_overrides().await;
+                }
+                .instrument(info_span!("pass", n = pass)) => {}
             }
         }
     }
@@ -290,6 +294,37 @@ impl Reconciler {
                     return;
                 }
             }
+        }
+    }
+
+    /// On the leader, removes operators' overrides that can never apply
+    /// again ([`crate::hygiene`]), fenced like the deletions, and counts
+    /// them.
+    async fn sweep_overrides(&mut self) {
+        let Some(leadership) = self.leader.borrow().valid(Instant::now()).cloned() else {
+            return;
+        };
+        if !self.connected().await {
+            return;
+        }
+        let swept = crate::hygiene::sweep(
+            &mut self.session,
+            &self.cfg.root,
+            &self.cfg.overrides_root,
+            crate::hygiene::SWEEP_PER_PASS,
+            &leadership,
+        )
+        .await;
+        match swept {
+            Ok(swept) => {
+                for (_, why) in &swept.removed {
+                    self.metrics.count_override_removal(*why);
+                }
+                if swept.not_leader {
+                    self.step_down.not_leader(&leadership);
+                }
+            }
+            Err(e) => warn!(error = %e, "override sweep failed; retrying next pass"),
         }
     }
 

@@ -14,7 +14,9 @@
 //! - operator overrides ([`crate::overrides`]): an endpoint's weight is the
 //!   override's while one applies to its registration (drain: 0), else the
 //!   registered one; a change of an override, or its expiry, re-weighs
-//!   only the endpoints it names.
+//!   only the endpoints it names. The registry's first list is applied
+//!   with the overrides' first list (waiting up to
+//!   [`etcd_lb_registry::overrides::FIRST_LIST_WAIT`] for it).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -168,6 +170,16 @@ impl Discovery {
                     service: cfg_service.clone(),
                 };
                 let mut overrides = overrides;
+                // The registry's first list is applied with the overrides'
+                // first list, never before it: a drained endpoint gets no
+                // call from a client that just started.
+                if let Some(rx) = overrides.as_mut() {
+                    let wait = etcd_lb_registry::overrides::FIRST_LIST_WAIT;
+                    if !etcd_lb_registry::overrides::first_list(rx, wait).await {
+                        warn!(?wait, "operators' overrides not listed in time (etcd unreachable, or no read permission on the overrides prefix); using registered weights until they are");
+                    }
+                    view.overrides = rx.borrow_and_update().clone();
+                }
                 // Whatever has queued up is applied as one batch (a list of
                 // 100,000 keys takes one lock and one summary line), in order,
                 // up to each `Synced`.
@@ -310,20 +322,11 @@ impl View {
         )
     }
 
-    /// When the next override with an expiry lapses, as a timer instant.
+    /// When the next override with an expiry lapses, as a timer instant
+    /// (just after it, so it has lapsed when re-weighed).
     fn next_expiry(&self) -> Option<tokio::time::Instant> {
-        let now = SystemTime::now();
-        self.overrides
-            .values()
-            .filter_map(|o| o.expires.as_deref())
-            .filter_map(|e| humantime::parse_rfc3339_weak(e).ok())
-            .filter(|t| *t > now)
-            .min()
-            .map(|t| {
-                tokio::time::Instant::now()
-                    + t.duration_since(now).unwrap_or_default()
-                    + Duration::from_millis(1)
-            })
+        etcd_lb_registry::overrides::next_expiry(self.overrides.values(), SystemTime::now())
+            .map(|d| tokio::time::Instant::now() + d + Duration::from_millis(1))
     }
 
     /// Upserts `addrs` (those in use) with their effective weights.

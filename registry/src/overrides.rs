@@ -200,6 +200,39 @@ pub fn effective_weight(
     }
 }
 
+/// How long until the next of `overrides` lapses (the earliest expiry still
+/// ahead of `now`), so a reader re-weighs when it does rather than polling;
+/// `None` when none has an expiry ahead.
+pub fn next_expiry<'a>(
+    overrides: impl IntoIterator<Item = &'a EndpointOverride>,
+    now: SystemTime,
+) -> Option<Duration> {
+    overrides
+        .into_iter()
+        .filter_map(|o| o.expires.as_deref())
+        .filter_map(|e| humantime::parse_rfc3339_weak(e).ok())
+        .filter_map(|t| t.duration_since(now).ok())
+        .filter(|d| !d.is_zero())
+        .min()
+}
+
+/// How long a reader waits for the overrides' first list before it uses
+/// the registered weights alone: long enough for any etcd that answers,
+/// short enough that an unreadable overrides prefix (no permission, say)
+/// only delays a start.
+pub const FIRST_LIST_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits until `rx` (from [`spawn_watch`]) holds the overrides' first list
+/// (true), or `limit` passes (false). A reader applies the registry's first
+/// list only after this, so a client or controller that starts while an
+/// endpoint is drained never weighs it by its registered weight, not even
+/// for its first calls.
+pub async fn first_list(rx: &mut watch::Receiver<Arc<OverrideMap>>, limit: Duration) -> bool {
+    tokio::time::timeout(limit, rx.changed())
+        .await
+        .is_ok_and(|r| r.is_ok())
+}
+
 /// Now as RFC 3339 (seconds), for `at`.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
@@ -211,7 +244,8 @@ pub type OverrideMap = HashMap<(ServiceName, Addr), EndpointOverride>;
 
 /// Keeps the overrides under `root` (of `service` only, when given)
 /// current from etcd until `cancel`: list, then watch from the list's
-/// revision; relist after any break. While etcd is unreachable the last
+/// revision; relist after any break. The receiver sees its first change
+/// when the first list is in ([`first_list`]). While etcd is unreachable the last
 /// known overrides stay (an operator's drain is not undone by an outage).
 ///
 /// # Panics
@@ -342,6 +376,33 @@ mod tests {
             at: now_rfc3339(),
             expires,
         }
+    }
+
+    #[test]
+    fn the_next_expiry_is_the_earliest_one_still_ahead() {
+        let now = SystemTime::now();
+        let at = |secs: i64| {
+            let t = if secs >= 0 {
+                now + Duration::from_secs(secs.unsigned_abs())
+            } else {
+                now - Duration::from_secs(secs.unsigned_abs())
+            };
+            Some(humantime::format_rfc3339_seconds(t).to_string())
+        };
+        let set = [
+            drain(None, None),
+            drain(None, at(-30)),
+            drain(None, at(90)),
+            drain(None, at(40)),
+            drain(None, Some("not a time".into())),
+        ];
+        let next = next_expiry(&set, now).expect("two expiries ahead");
+        // RFC 3339 seconds: up to a second earlier than `now + 40 s`.
+        assert!(
+            next <= Duration::from_secs(40) && next > Duration::from_secs(38),
+            "{next:?}"
+        );
+        assert_eq!(next_expiry(&set[..2], now), None, "none ahead");
     }
 
     #[test]

@@ -137,10 +137,17 @@ async fn tls_with_client_certificates() -> Result<()> {
 const SERVER_PW: &str = "s3rver-pw";
 const READER_PW: &str = "r3ader-pw";
 const ROOT_PW: &str = "r00t-pw";
+const OPERATOR_PW: &str = "0perator-pw";
+/// Where operators' overrides live (the controller's default).
+const OVERRIDES: &str = "/lb-overrides/";
 
-/// Users and roles: root; `server` read-write on `/ns/`; `reader`
-/// read-only on `/ns/`; `controller` read-write on `/ns/` and its election
-/// prefix. Then auth is switched on.
+/// Users and roles, as docs/operator.md lists them: root; `server`
+/// read-write on `/ns/`; `reader` (clients) read-only on `/ns/` and on the
+/// overrides `/lb-overrides/`; `controller` read-write on `/ns/`, its
+/// election prefix and the overrides (its leader removes lapsed ones);
+/// `operator` read-only on `/ns/` (to name the registration an override is
+/// made for) and read-write on the overrides, nothing else. Then auth is
+/// switched on.
 async fn secure(c: &mut Client) -> Result<()> {
     c.user_add("root", ROOT_PW, None).await?;
     if let Err(e) = c.role_add("root").await {
@@ -153,6 +160,16 @@ async fn secure(c: &mut Client) -> Result<()> {
     c.role_add("greet-ro").await?;
     c.role_grant_permission("greet-ro", Permission::read("/ns/").with_prefix())
         .await?;
+    c.role_grant_permission("greet-ro", Permission::read(OVERRIDES).with_prefix())
+        .await?;
+    c.role_add("greet-operator").await?;
+    c.role_grant_permission("greet-operator", Permission::read("/ns/").with_prefix())
+        .await?;
+    c.role_grant_permission(
+        "greet-operator",
+        Permission::read_write(OVERRIDES).with_prefix(),
+    )
+    .await?;
     c.role_add("controller").await?;
     c.role_grant_permission("controller", Permission::read_write("/ns/").with_prefix())
         .await?;
@@ -161,10 +178,16 @@ async fn secure(c: &mut Client) -> Result<()> {
         Permission::read_write("/greet-etcd/").with_prefix(),
     )
     .await?;
+    c.role_grant_permission(
+        "controller",
+        Permission::read_write(OVERRIDES).with_prefix(),
+    )
+    .await?;
     for (user, pw, role) in [
         ("server", SERVER_PW, "greet-rw"),
         ("reader", READER_PW, "greet-ro"),
         ("controller", SERVER_PW, "controller"),
+        ("operator", OPERATOR_PW, "greet-operator"),
     ] {
         c.user_add(user, pw, None).await?;
         c.user_grant_role(user, role).await?;
@@ -344,6 +367,125 @@ async fn password_auth_and_roles() -> Result<()> {
     .with_context(|| ctl.log())?;
     assert_eq!(keys(&root, PREFIX).await?, key_set(&[a, b, ro, c]));
     assert!(!cl.log().contains("call failed"), "{}", cl.log());
+    Ok(())
+}
+
+/// `controller <command>` as `user` (password from `ETCD_PASSWORD`):
+/// (exit code, stdout, stderr).
+fn operate(etcd: &Etcd, user: &str, pw: &str, args: &[&str]) -> Result<(i32, String, String)> {
+    let out = std::process::Command::new(etcd_lb_testkit::bin_path("controller"))
+        .args(args)
+        .args(["--etcd-endpoints", &etcd.endpoint(), "--etcd-user", user])
+        .env("ETCD_PASSWORD", pw)
+        .output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Issue 35's roles: the operator's role writes overrides and nothing
+/// else; the servers' and clients' roles cannot write them; a client with
+/// the reader's role applies them (a drained server gets none of its
+/// calls); an override says which etcd user made it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_operator_role_writes_overrides_and_it_writes_nothing_else() -> Result<()> {
+    let etcd = Etcd::start().await?;
+    secure(&mut etcd.client().await?).await?;
+    let root = login(&etcd, "root", ROOT_PW).await?;
+    let eps = etcd.endpoint();
+    let (a, b) = (free_port(), free_port());
+    let _servers = [a, b]
+        .iter()
+        .map(|p| {
+            server(
+                &eps,
+                *p,
+                &["--etcd-user", "server"],
+                &[("ETCD_PASSWORD", SERVER_PW)],
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    wait_exact_keys(&root, &key_set(&[a, b]), Duration::from_secs(20)).await?;
+    let addr_a = format!("127.0.0.1:{a}");
+    let addr_b = format!("127.0.0.1:{b}");
+    let svc = "greet_service";
+
+    // The servers' and the clients' users cannot drain anything.
+    for (user, pw) in [("server", SERVER_PW), ("reader", READER_PW)] {
+        let (code, out, err) = operate(&etcd, user, pw, &["drain", svc, &addr_a])?;
+        ensure!(
+            code == 1 && err.contains("permission denied"),
+            "{user} drained: {code} {out} {err}"
+        );
+        let mut c = login(&etcd, user, pw).await?;
+        let err = c
+            .put(format!("{OVERRIDES}{svc}/endpoints/{addr_a}"), "{}", None)
+            .await
+            .expect_err("an override written by a server or a client");
+        ensure!(
+            err.to_string().contains("permission denied"),
+            "{user}: {err}"
+        );
+    }
+
+    // The operator's user drains; the override says who.
+    let (code, out, err) = operate(&etcd, "operator", OPERATOR_PW, &["drain", svc, &addr_a])?;
+    ensure!(code == 0, "the operator could not drain: {out} {err}");
+    let mut r = root.clone();
+    let stored = r
+        .get(format!("{OVERRIDES}{svc}/endpoints/{addr_a}"), None)
+        .await?;
+    let value: serde_json::Value = serde_json::from_slice(stored.kvs()[0].value())?;
+    ensure!(
+        value["by"] == "operator" && value["drain"] == true,
+        "{value}"
+    );
+
+    // A client with the reader's role applies it: A gets no call.
+    let mut load = common::bench(
+        &eps,
+        4,
+        Duration::from_secs(2),
+        &["--etcd-user", "reader"],
+        &[("ETCD_PASSWORD", READER_PW)],
+    )?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let report = common::report(&mut load, Duration::from_secs(30)).await?;
+    ensure!(
+        common::calls_of(&report, &addr_a) == 0 && common::calls_of(&report, &addr_b) > 0,
+        "the reader's client did not apply the drain: {report}"
+    );
+    ensure!(report["errors"] == 0, "{report}");
+
+    // And the operator's user writes nothing else: not the registry, not
+    // the controller's election, nothing outside.
+    let mut op = login(&etcd, "operator", OPERATOR_PW).await?;
+    for key in [
+        format!("/ns/{svc}/127.0.0.1:1"),
+        "/greet-etcd/controller/leader/x".to_owned(),
+        "/other".to_owned(),
+    ] {
+        let err = op
+            .put(key.as_str(), "{}", None)
+            .await
+            .expect_err("the operator wrote outside the overrides");
+        ensure!(
+            err.to_string().contains("permission denied"),
+            "{key}: {err}"
+        );
+    }
+    let err = op
+        .delete(key_of(b), None)
+        .await
+        .expect_err("the operator deleted a registration");
+    ensure!(err.to_string().contains("permission denied"), "{err}");
+    ensure!(keys(&root, PREFIX).await? == key_set(&[a, b]));
+
+    // Undrain with the same role.
+    let (code, out, err) = operate(&etcd, "operator", OPERATOR_PW, &["undrain", svc, &addr_a])?;
+    ensure!(code == 0, "{out} {err}");
     Ok(())
 }
 
