@@ -76,6 +76,10 @@ pub struct WorldConfig {
     /// server is often deleted before it heals, which exercises both the
     /// deletions (invariant f) and the re-registrations (invariant g).
     pub dead_after: &'static str,
+    /// Keep each controller replica's log here (`<seed>-controller-<i>.log`,
+    /// appended across restarts): the evidence behind an (f) violation,
+    /// whose probe failures only the controller saw.
+    pub log_dir: Option<std::path::PathBuf>,
 }
 
 /// Deliberately broken clients: a run with one must be flagged by the
@@ -126,6 +130,7 @@ impl WorldConfig {
             plan: None,
             controllers: 2,
             dead_after: "1s",
+            log_dir: None,
         }
     }
 }
@@ -195,7 +200,11 @@ fn spawn_controller(eps: &str, index: usize, cfg: &WorldConfig) -> Result<Contro
         &format!("controller-{index}"),
         bin_path("controller"),
         &args,
-        &[("RUST_LOG", "warn,controller=info")],
+        // Probe failures are logged at debug by the reconciler.
+        &[(
+            "RUST_LOG",
+            "warn,controller=info,controller::reconcile=debug",
+        )],
     )?;
     Ok(Controller { proc, index })
 }
@@ -224,10 +233,29 @@ pub fn deletions_in_log(log: &str, controller: &str, clock: &Clock) -> Vec<Contr
 }
 
 /// Records the deletions in `c`'s log so far (called before its process,
-/// and its log file, goes).
-fn harvest(c: &Controller, clock: Clock, h: &Shared) {
-    let found = deletions_in_log(&c.proc.log(), &format!("controller-{}", c.index), &clock);
-    record(h, |h| h.deletions.extend(found));
+/// and its log file, goes), and keeps the log in `cfg.log_dir` if set.
+fn harvest(c: &Controller, clock: Clock, h: &Shared, cfg: &WorldConfig) {
+    let log = c.proc.log();
+    let found = deletions_in_log(&log, &format!("controller-{}", c.index), &clock);
+    let seed = {
+        let mut h = h.lock().expect("history lock");
+        h.deletions.extend(found);
+        h.seed
+    };
+    if let Some(dir) = &cfg.log_dir {
+        use std::io::Write;
+        let path = dir.join(format!("{seed}-controller-{}.log", c.index));
+        let kept = std::fs::create_dir_all(dir).and_then(|()| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?
+                .write_all(log.as_bytes())
+        });
+        if let Err(e) = kept {
+            eprintln!("cannot keep {}: {e}", path.display());
+        }
+    }
 }
 
 /// The index of the replica etcd's election names now, if any answers in
@@ -410,7 +438,7 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
     }
     let _ = recorder.await;
     for c in &controllers {
-        harvest(c, clock, &history);
+        harvest(c, clock, &history, cfg);
     }
     drop(controllers);
     drop(servers);
@@ -538,7 +566,7 @@ async fn inject(
         }
         FaultKind::ControllerKill => {
             controllers[i].proc.kill();
-            harvest(&controllers[i], clock, h);
+            harvest(&controllers[i], clock, h, cfg);
             tokio::time::sleep(step.hold).await;
             controllers[i] = spawn_controller(eps, i, cfg)?;
         }

@@ -32,7 +32,8 @@ struct Args {
     /// Quiet time after the last fault, before the views are judged.
     #[arg(long, env = "HARNESS_QUIET", default_value = "8s", value_parser = humantime::parse_duration)]
     quiet: Duration,
-    /// Write each run's history as JSON here (`<seed>.json`).
+    /// Write each run's history as JSON here (`<seed>.json`), and the
+    /// controllers' logs (`<seed>-controller-<i>.log`).
     #[arg(long, env = "HARNESS_HISTORY_DIR")]
     history_dir: Option<PathBuf>,
     /// Run nothing: check the histories kept in this directory again (after
@@ -87,6 +88,7 @@ async fn main() -> Result<()> {
     for seed in args.seed..args.seed + args.runs {
         let mut cfg = WorldConfig::new(seed, args.duration);
         cfg.quiet = args.quiet;
+        cfg.log_dir = args.history_dir.clone();
         // SIGINT or SIGTERM drops the run (its processes are killed on
         // drop) and ends the batch.
         let mut term = signal(SignalKind::terminate())?;
