@@ -73,6 +73,8 @@ enum Scenario {
         #[arg(long, default_value_t = 2)]
         rounds: usize,
     },
+    /// 10: an operator's override -> the client's picker re-weighed.
+    Overrides,
     /// Everything above.
     All,
     /// Serves Greet on a loopback port, printing its address (for `calls`).
@@ -131,6 +133,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if want(Scenario::Propagation) {
         emit(propagation::propagation(1000).await?);
+    }
+    if want(Scenario::Overrides) {
+        emit(propagation::overrides(1000).await?);
     }
     if want(Scenario::Failover) {
         emit(fleet::failover(20, 64).await?);

@@ -35,6 +35,33 @@ async fn resolver(etcd: &Etcd, service: &str) -> Result<(Balancer, Discovery, Ca
     Ok((balancer, discovery, cancel))
 }
 
+/// How long after `t0` (a write) the bare watch saw an event, and the
+/// balancer changed (at most 10 s each).
+async fn arrivals(
+    bare: &mut etcd_client::WatchStream,
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+    t0: Instant,
+) -> Result<(Duration, Duration)> {
+    let bare_wait = async {
+        loop {
+            let r = bare.message().await?.context("bare watch ended")?;
+            if !r.events().is_empty() {
+                return Ok::<_, anyhow::Error>(t0.elapsed());
+            }
+        }
+    };
+    let bal_wait = async {
+        changes.changed().await?;
+        Ok::<_, anyhow::Error>(t0.elapsed())
+    };
+    let (a, b) = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::join!(bare_wait, bal_wait)
+    })
+    .await
+    .context("a change did not arrive within 10 s")?;
+    Ok((a?, b?))
+}
+
 /// Times `n` changes: etcd write -> bare watch event, and -> balancer change.
 async fn measure(
     client: &mut Client,
@@ -60,25 +87,9 @@ async fn measure(
             1 => client.put(key, value(&addr, 250), None).await.map(|_| ())?,
             _ => client.delete(key, None).await.map(|_| ())?,
         }
-        let bare_wait = async {
-            loop {
-                let r = bare.message().await?.context("bare watch ended")?;
-                if !r.events().is_empty() {
-                    return Ok::<_, anyhow::Error>(t0.elapsed());
-                }
-            }
-        };
-        let bal_wait = async {
-            changes.changed().await?;
-            Ok::<_, anyhow::Error>(t0.elapsed())
-        };
-        let (a, b) = tokio::time::timeout(Duration::from_secs(10), async {
-            tokio::join!(bare_wait, bal_wait)
-        })
-        .await
-        .context("a change did not arrive within 10 s")?;
-        etcd_lat.push(a?);
-        bal_lat.push(b?);
+        let (a, b) = arrivals(&mut bare, &mut changes, t0).await?;
+        etcd_lat.push(a);
+        bal_lat.push(b);
     }
     Ok((etcd_lat, bal_lat))
 }
@@ -103,20 +114,12 @@ pub async fn propagation(samples: usize) -> Result<Table> {
     measure(&mut client, &balancer, "prop", 30, 20_000).await?;
     let (e, b) = measure(&mut client, &balancer, "prop", samples, 30_000).await?;
     cancel.cancel();
-    let (pe, pb) = (percentiles(&e), percentiles(&b));
-    let added: Vec<Duration> = b
-        .iter()
-        .zip(&e)
-        .map(|(b, e)| b.saturating_sub(*e))
-        .collect();
-    let pa = percentiles(&added);
-    let mut t = Table::new(
+    let (mut t, pb, pa) = beside_the_floor(
         format!("3. Propagation: etcd put/delete/weight change -> picker updated ({samples} samples, 1/3 each)"),
-        &["path", "samples", "p50", "p99", "max"],
+        ["etcd alone: put -> bare watch event", "put -> balancer updated"],
+        &e,
+        &b,
     );
-    t.row(row("etcd alone: put -> bare watch event", &pe));
-    t.row(row("put -> balancer updated", &pb));
-    t.row(row("added by the client (per sample)", &pa));
     t.note(format!(
         "Targets: p99 < 50 ms -> {}; client adds < 5 ms at p99 -> {}",
         if pb.p99_us < 50_000.0 {
@@ -125,6 +128,113 @@ pub async fn propagation(samples: usize) -> Result<Table> {
             "MISSED"
         },
         if pa.p99_us < 5_000.0 { "met" } else { "MISSED" }
+    ));
+    Ok(t)
+}
+
+/// A table of etcd's own latency (the floor), the balancer's, and what the
+/// balancer adds per sample; with the balancer's and the added percentiles
+/// for the caller's targets.
+fn beside_the_floor(
+    title: String,
+    labels: [&str; 2],
+    floor: &[Duration],
+    ours: &[Duration],
+) -> (Table, Percentiles, Percentiles) {
+    let (pe, pb) = (percentiles(floor), percentiles(ours));
+    let added: Vec<Duration> = ours
+        .iter()
+        .zip(floor)
+        .map(|(b, e)| b.saturating_sub(*e))
+        .collect();
+    let pa = percentiles(&added);
+    let mut t = Table::new(title, &["path", "samples", "p50", "p99", "max"]);
+    t.row(row(labels[0], &pe));
+    t.row(row(labels[1], &pb));
+    t.row(row("added by the client (per sample)", &pa));
+    (t, pb, pa)
+}
+
+/// Scenario 10: an operator's override (a drain, then its removal) ->
+/// the client's picker re-weighed, beside etcd's own put -> watch-event
+/// latency on the overrides prefix, in the same run.
+pub async fn overrides(samples: usize) -> Result<Table> {
+    use etcd_lb_registry::overrides::{self, EndpointOverride, Incarnation};
+    let etcd = Etcd::start().await?;
+    let mut client = etcd.client().await?;
+    let service = ServiceName::new("ovr")?;
+    let lease = client.lease_grant(600, None).await?.id();
+    let addrs: Vec<String> = (0..3)
+        .map(|i| format!("127.0.0.1:{}", 21_000 + i))
+        .collect();
+    for a in &addrs {
+        let opts = etcd_client::PutOptions::new().with_lease(lease);
+        client
+            .put(format!("/ns/ovr/{a}"), value(a, 100), Some(opts))
+            .await?;
+    }
+    let (balancer, discovery, cancel) = resolver(&etcd, "ovr").await?;
+    discovery.wait_synced(Duration::from_secs(10)).await?;
+    let root = overrides::DEFAULT_ROOT;
+    let mut bare = client
+        .watch(
+            overrides::service_prefix(root, &service),
+            Some(WatchOptions::new().with_prefix()),
+        )
+        .await?;
+    let _created = bare.message().await?;
+    let mut changes = balancer.changes();
+    let (mut etcd_lat, mut bal_lat) = (Vec::new(), Vec::new());
+    let drain = EndpointOverride {
+        drain: true,
+        weight: None,
+        incarnation: Some(Incarnation::Lease(lease)),
+        reason: "bench".into(),
+        by: "bench".into(),
+        at: overrides::now_rfc3339(),
+        expires: None,
+    }
+    .to_json();
+    let warmup = 20;
+    for i in 0..samples + warmup {
+        let addr = etcd_lb_registry::schema::Addr::new(&addrs[(i / 2) % 3])?;
+        let key = overrides::endpoint_key(root, &service, &addr);
+        changes.borrow_and_update();
+        let t0 = Instant::now();
+        if i % 2 == 0 {
+            client.put(key, drain.as_str(), None).await?;
+        } else {
+            client.delete(key, None).await?;
+        }
+        let (a, b) = arrivals(&mut bare, &mut changes, t0).await?;
+        let want = if i % 2 == 0 { 0 } else { 100 };
+        anyhow::ensure!(
+            balancer.weight_of(&addr) == Some(want),
+            "after the change {addr} weighs {:?}, not {want}",
+            balancer.weight_of(&addr)
+        );
+        if i >= warmup {
+            etcd_lat.push(a);
+            bal_lat.push(b);
+        }
+    }
+    cancel.cancel();
+    let (mut t, pb, _) = beside_the_floor(
+        format!("10. Override -> picker: an operator's drain put or removed -> the client re-weighed ({samples} samples, half each)"),
+        [
+            "etcd alone: put/delete -> bare watch event",
+            "override -> picker re-weighed",
+        ],
+        &etcd_lat,
+        &bal_lat,
+    );
+    t.note(format!(
+        "Target: p99 < 200 ms -> {}",
+        if pb.p99_us < 200_000.0 {
+            "met"
+        } else {
+            "MISSED"
+        }
     ));
     Ok(t)
 }

@@ -153,8 +153,9 @@ async fn incarnation(
     })
 }
 
-/// What a sweep did.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// What a sweep did (also when it stopped on an etcd error: what it
+/// removed before stays removed, and is counted).
+#[derive(Debug, Default)]
 pub struct Swept {
     /// Removed, with why.
     pub removed: Vec<(String, Lapsed)>,
@@ -162,21 +163,44 @@ pub struct Swept {
     pub changed: usize,
     /// The leadership was lost: the sweep stopped.
     pub not_leader: bool,
+    /// etcd failed: the sweep stopped there.
+    pub failed: Option<EtcdError>,
 }
 
 /// One sweep, on the leader: removes at most `budget` overrides that can
-/// never apply again (see the module doc).
-///
-/// # Errors
-/// etcd unreachable or failing; what was removed before stays removed.
+/// never apply again (see the module doc). An etcd failure ends it, in
+/// [`Swept::failed`].
 pub async fn sweep(
     session: &mut Session,
     root: &str,
     overrides_root: &str,
     budget: usize,
     leadership: &Leadership,
-) -> Result<Swept, EtcdError> {
+) -> Swept {
     let mut swept = Swept::default();
+    if let Err(e) = sweep_into(
+        session,
+        root,
+        overrides_root,
+        budget,
+        leadership,
+        &mut swept,
+    )
+    .await
+    {
+        swept.failed = Some(e);
+    }
+    swept
+}
+
+async fn sweep_into(
+    session: &mut Session,
+    root: &str,
+    overrides_root: &str,
+    budget: usize,
+    leadership: &Leadership,
+    swept: &mut Swept,
+) -> Result<(), EtcdError> {
     let now = SystemTime::now();
     for o in list(session, overrides_root).await? {
         if swept.removed.len() >= budget {
@@ -209,7 +233,7 @@ pub async fn sweep(
             }
         }
     }
-    Ok(swept)
+    Ok(())
 }
 
 #[cfg(test)]

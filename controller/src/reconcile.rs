@@ -110,6 +110,7 @@ pub struct Reconciler {
     leader: watch::Receiver<LeaderState>,
     step_down: StepDown,
     etcd_failing: bool,
+    sweep_failing: bool,
 }
 
 impl Reconciler {
@@ -132,6 +133,7 @@ impl Reconciler {
             leader,
             step_down,
             etcd_failing: false,
+            sweep_failing: false,
         }
     }
 
@@ -315,16 +317,29 @@ impl Reconciler {
             &leadership,
         )
         .await;
-        match swept {
-            Ok(swept) => {
-                for (_, why) in &swept.removed {
-                    self.metrics.count_override_removal(*why);
-                }
-                if swept.not_leader {
-                    self.step_down.not_leader(&leadership);
-                }
+        for (_, why) in &swept.removed {
+            self.metrics.count_override_removal(*why);
+        }
+        if swept.not_leader {
+            self.step_down.not_leader(&leadership);
+        }
+        match swept.failed {
+            None => {}
+            Some(e) if !self.sweep_failing => {
+                // Once per failing stretch: a controller without rights on
+                // the overrides prefix would say it every pass.
+                warn!(error = %e, "override sweep failed; retrying every pass (said once until it works)");
+                self.sweep_failing = true;
+                return;
             }
-            Err(e) => warn!(error = %e, "override sweep failed; retrying next pass"),
+            Some(e) => {
+                debug!(error = %e, "override sweep still failing");
+                return;
+            }
+        }
+        if self.sweep_failing {
+            info!("override sweep works again");
+            self.sweep_failing = false;
         }
     }
 

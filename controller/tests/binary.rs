@@ -21,34 +21,10 @@ struct Replica {
 
 impl Replica {
     fn spawn(etcd: &Etcd, ttl: Duration, extra: &[&str]) -> Result<Self> {
-        let port = free_port();
-        let mut args: Vec<String> = [
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--etcd-endpoints",
-            &etcd.endpoint(),
-            "--probe-interval",
-            "200ms",
-            "--probe-timeout",
-            "200ms",
-            "--dead-after",
-            "2s",
-            "--election-ttl",
-            &format!("{}s", ttl.as_secs()),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let proc = Proc::spawn(
-            &format!("controller:{port}"),
-            env!("CARGO_BIN_EXE_controller"),
-            &args,
-            &[("RUST_LOG", "info,controller=debug")],
-        )?;
+        let (proc, base) = common::replica(etcd, ttl, extra)?;
         Ok(Self {
             proc,
-            base: format!("http://127.0.0.1:{port}"),
+            base,
             http: reqwest::Client::new(),
         })
     }

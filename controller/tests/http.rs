@@ -564,6 +564,31 @@ async fn the_page_shows_the_fleet_in_headless_chromium() -> Result<()> {
         )
         .await?;
     }
+    // An operator's override on the legacy member: the page marks it.
+    controller::operator::set(
+        &etcd_lb_registry::etcd::EtcdConfig::plain([f.etcd.endpoint()]),
+        "/ns/",
+        etcd_lb_registry::overrides::DEFAULT_ROOT,
+        "greet_service",
+        &f.legacy,
+        controller::operator::Change {
+            weight: Some(50),
+            reason: "page check".into(),
+            by: Some("ops".into()),
+            for_: None,
+            sticky: false,
+            force: false,
+        },
+    )
+    .await?;
+    ctl.wait_member(
+        "greet_service",
+        &f.legacy,
+        Duration::from_secs(10),
+        "overridden",
+        |m| m["weight"] == 50,
+    )
+    .await?;
     let profile = tempfile::tempdir()?;
     let out = tokio::time::timeout(
         Duration::from_secs(60),
@@ -612,6 +637,20 @@ async fn the_page_shows_the_fleet_in_headless_chromium() -> Result<()> {
         "legacy health shown"
     );
     assert!(dom.contains(r#"class="bar""#), "weight bars drawn");
+    // The override: its row marked, what, who, why, the registered weight.
+    assert!(
+        dom.contains(&format!(
+            r#"<tr class="member overridden" data-addr="{}">"#,
+            f.legacy
+        )),
+        "the overridden row is marked:\n{dom}"
+    );
+    assert!(
+        dom.contains(r#"data-override="yes""#)
+            && dom.contains("weight 50 · by ops · “page check”")
+            && dom.contains("50 (registered 100)"),
+        "the override is shown:\n{dom}"
+    );
     // The bar of the weight-300 server is three times as wide as the 100 one.
     assert!(
         dom.contains("width:120px") && dom.contains("width:40px"),

@@ -9,23 +9,10 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use common::{fast_config, greet_server, key, sample, wait_key, Ctl};
-use etcd_lb_testkit::{eventually, free_port, Etcd};
+use common::{fast_config, key, operate_ok, registered_servers, sample, Ctl};
+use etcd_lb_testkit::{eventually, Etcd};
 
 const SVC: &str = "greet_service";
-
-fn ctl_cmd(etcd: &Etcd, args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_controller"))
-        .args(args)
-        .env("ETCD_ENDPOINTS", etcd.endpoint())
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "controller {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 fn override_key(addr: &str) -> String {
     format!("/lb-overrides/{SVC}/endpoints/{addr}")
@@ -56,19 +43,11 @@ async fn the_leader_removes_only_overrides_that_can_never_apply_again() -> Resul
     let etcd = Etcd::start().await?;
     let client = etcd.client().await?;
     let ctl = Ctl::start(&etcd, fast_config()).await?;
-    let ports = [free_port(), free_port(), free_port()];
-    let mut servers: Vec<_> = ports
-        .iter()
-        .map(|p| greet_server(&etcd, *p, &[]))
-        .collect::<Result<_>>()?;
-    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    for a in &addrs {
-        wait_key(&client, &key(SVC, a), Duration::from_secs(15)).await?;
-    }
+    let (mut servers, addrs) = registered_servers(&etcd, 3).await?;
     let (a, b, c) = (&addrs[0], &addrs[1], &addrs[2]);
-    ctl_cmd(&etcd, &["drain", SVC, a])?;
-    ctl_cmd(&etcd, &["weight", SVC, b, "5", "--for", "2s"])?;
-    ctl_cmd(&etcd, &["drain", SVC, c, "--sticky"])?;
+    operate_ok(&etcd, &["drain", SVC, a])?;
+    operate_ok(&etcd, &["weight", SVC, b, "5", "--for", "2s"])?;
+    operate_ok(&etcd, &["drain", SVC, c, "--sticky"])?;
     let unreadable = override_key("127.0.0.1:9");
     common::put_plain(&client, &unreadable, "{not json").await?;
     let exists = |k: String| {
@@ -81,7 +60,7 @@ async fn the_leader_removes_only_overrides_that_can_never_apply_again() -> Resul
     let mut kv = client.clone();
     let lease_a = kv.get(key(SVC, a), None).await?.kvs()[0].lease();
     kv.delete(key(SVC, a), None).await?;
-    wait_key(&client, &key(SVC, a), Duration::from_secs(15)).await?;
+    common::wait_key(&client, &key(SVC, a), Duration::from_secs(15)).await?;
 
     // B's expiry passes: removed, counted.
     eventually(

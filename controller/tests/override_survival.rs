@@ -12,56 +12,18 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use common::{greet_server, key, wait_key};
-use etcd_lb::{Addr, ServiceName};
-use etcd_lb::{Balancer, BalancerConfig, CancellationToken, DiscoveryConfig, EtcdConfig};
+use common::{greet_server, key, operate_ok, wait_key};
+use etcd_lb::{Addr, Balancer, CancellationToken};
 use etcd_lb_testkit::{eventually, free_port, Etcd, Proc};
 use greet_proto::{GreetClient, GreetRequest};
 use serde_json::Value;
 
 const SVC: &str = "greet_service";
 
-fn ctl_cmd(etcd: &Etcd, args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_controller"))
-        .args(args)
-        .env("ETCD_ENDPOINTS", etcd.endpoint())
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "controller {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A controller replica (the binary) with fast passes and a short
-/// election TTL; its HTTP base URL.
+/// A controller replica (the binary) with fast passes and a 3 s election
+/// TTL; its HTTP base URL.
 fn replica(etcd: &Etcd, name: &str) -> Result<(Proc, String)> {
-    let port = free_port();
-    let args: Vec<String> = [
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--etcd-endpoints",
-        &etcd.endpoint(),
-        "--probe-interval",
-        "200ms",
-        "--probe-timeout",
-        "150ms",
-        "--election-ttl",
-        "3s",
-        "--replica-name",
-        name,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let proc = Proc::spawn(
-        &format!("controller:{name}"),
-        env!("CARGO_BIN_EXE_controller"),
-        &args,
-        &[("RUST_LOG", "info")],
-    )?;
-    Ok((proc, format!("http://127.0.0.1:{port}")))
+    common::replica(etcd, Duration::from_secs(3), &["--replica-name", name])
 }
 
 async fn get(url: &str) -> Option<Value> {
@@ -86,19 +48,13 @@ async fn is_leader(base: &str) -> bool {
 }
 
 /// A client of the library, synced, with both servers seen.
-async fn client(etcd: &Etcd, cancel: &CancellationToken) -> Result<Balancer> {
-    let (balancer, discovery) = etcd_lb::connect(
-        EtcdConfig::plain([etcd.endpoint()]),
-        DiscoveryConfig::new(ServiceName::new(SVC)?),
-        BalancerConfig::default(),
-        cancel.clone(),
-    );
-    discovery.wait_synced(Duration::from_secs(10)).await?;
+async fn client(etcd: &Etcd) -> Result<(Balancer, CancellationToken)> {
+    let (balancer, _, cancel) = common::library_client(etcd, SVC).await?;
     eventually(Duration::from_secs(15), "both servers seen", || async {
         (balancer.len() == 2).then_some(())
     })
     .await?;
-    Ok(balancer)
+    Ok((balancer, cancel))
 }
 
 /// `n` calls; answers by server. Fails on a failed call.
@@ -153,22 +109,11 @@ async fn a_drain_survives_reregistration_etcd_restart_controller_failover_and_cl
 ) -> Result<()> {
     let mut etcd = Etcd::start().await?;
     let etcd_client = etcd.client().await?;
-    let ports = [free_port(), free_port()];
-    let _servers: Vec<_> = ports
-        .iter()
-        .map(|p| greet_server(&etcd, *p, &[]))
-        .collect::<Result<_>>()?;
-    let (a, b) = (
-        format!("127.0.0.1:{}", ports[0]),
-        format!("127.0.0.1:{}", ports[1]),
-    );
-    for addr in [&a, &b] {
-        wait_key(&etcd_client, &key(SVC, addr), Duration::from_secs(15)).await?;
-    }
+    let (_servers, addrs) = common::registered_servers(&etcd, 2).await?;
+    let (a, b) = (addrs[0].clone(), addrs[1].clone());
     let mut replicas = vec![replica(&etcd, "one")?, replica(&etcd, "two")?];
-    let cancel = CancellationToken::new();
-    let balancer = client(&etcd, &cancel).await?;
-    ctl_cmd(&etcd, &["drain", SVC, &a, "--reason", "survival"])?;
+    let (balancer, cancel) = client(&etcd).await?;
+    operate_ok(&etcd, &["drain", SVC, &a, "--reason", "survival"])?;
     let base = replicas[0].1.clone();
     drained(&balancer, &a, &b, &base, "after the drain").await?;
 
@@ -225,8 +170,7 @@ async fn a_drain_survives_reregistration_etcd_restart_controller_failover_and_cl
 
     // 4. The client restarts: its first view already has the drain.
     cancel.cancel();
-    let cancel = CancellationToken::new();
-    let restarted = client(&etcd, &cancel).await?;
+    let (restarted, cancel) = client(&etcd).await?;
     ensure!(
         restarted.weight_of(&a.parse()?) == Some(0),
         "a restarted client's first view lacks the drain: {:?}",
@@ -272,30 +216,13 @@ async fn filler(etcd: &etcd_client::Client) -> Result<()> {
 async fn a_client_starting_under_a_drain_never_calls_the_drained_endpoint() -> Result<()> {
     let etcd = Etcd::start().await?;
     let etcd_client = etcd.client().await?;
-    let ports = [free_port(), free_port()];
-    let _servers: Vec<_> = ports
-        .iter()
-        .map(|p| greet_server(&etcd, *p, &[]))
-        .collect::<Result<_>>()?;
-    let (a, b) = (
-        format!("127.0.0.1:{}", ports[0]),
-        format!("127.0.0.1:{}", ports[1]),
-    );
-    for addr in [&a, &b] {
-        wait_key(&etcd_client, &key(SVC, addr), Duration::from_secs(15)).await?;
-    }
-    ctl_cmd(&etcd, &["drain", SVC, &a])?;
+    let (_servers, addrs) = common::registered_servers(&etcd, 2).await?;
+    let a = addrs[0].clone();
+    operate_ok(&etcd, &["drain", SVC, &a])?;
     filler(&etcd_client).await?;
     let parsed: Addr = a.parse()?;
     for round in 0..5 {
-        let cancel = CancellationToken::new();
-        let (balancer, discovery) = etcd_lb::connect(
-            EtcdConfig::plain([etcd.endpoint()]),
-            DiscoveryConfig::new(ServiceName::new(SVC)?),
-            BalancerConfig::default(),
-            cancel.clone(),
-        );
-        discovery.wait_synced(Duration::from_secs(10)).await?;
+        let (balancer, _, cancel) = common::library_client(&etcd, SVC).await?;
         ensure!(
             balancer.weight_of(&parsed) == Some(0),
             "round {round}: the first view lacks the drain: {:?}",
@@ -322,7 +249,7 @@ async fn a_controller_starting_under_a_drain_shows_it_from_its_first_view() -> R
     let _server = greet_server(&etcd, port, &[])?;
     let a = format!("127.0.0.1:{port}");
     wait_key(&etcd_client, &key(SVC, &a), Duration::from_secs(15)).await?;
-    ctl_cmd(&etcd, &["drain", SVC, &a])?;
+    operate_ok(&etcd, &["drain", SVC, &a])?;
     filler(&etcd_client).await?;
     for round in 0..3 {
         let (mut proc, base) = replica(&etcd, &format!("r{round}"))?;

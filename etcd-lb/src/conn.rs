@@ -112,6 +112,13 @@ impl Conn {
         }
     }
 
+    /// Whether a GOAWAY on this connection is invisible here: a `Channel`
+    /// (TLS) reconnects by itself, so a probe on it after the server's
+    /// GOAWAY goes to a new connection, which a draining server refuses.
+    pub(crate) fn hides_goaway(&self) -> bool {
+        matches!(self, Conn::Channel(_))
+    }
+
     /// The connection itself, once dialled.
     pub(crate) async fn ready(self) -> Result<Conn, String> {
         match self {

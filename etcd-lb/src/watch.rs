@@ -2,7 +2,9 @@
 //! per-try bound an attempt is not given up but its connection is probed
 //! with a health check; only a probe with no answer (a silent connection)
 //! ends it. A connection the server is draining (GOAWAY) is never probed:
-//! its calls run to their own deadline.
+//! its calls run to their own deadline. Where the GOAWAY cannot be seen (a
+//! TLS endpoint's tonic `Channel`), a probe refused at once is taken for a
+//! drain, not for silence.
 
 use std::future::Future;
 use std::time::Duration;
@@ -73,6 +75,7 @@ pub(crate) async fn watch<F: Future>(
         }
         // Boxed: rarely run, and large; inline, it made every retryable
         // call's future (and its copies) larger.
+        let probed_at = Instant::now();
         let probe = Box::pin(etcd_lb_registry::health::check(conn.clone(), bound));
         let at_deadline = std::pin::pin!(at_deadline);
         tokio::select! {
@@ -83,7 +86,13 @@ pub(crate) async fn watch<F: Future>(
                 if let etcd_lb_registry::health::Outcome::Failed(why) = outcome {
                     // Refused because the server is draining the
                     // connection (GOAWAY came meanwhile): not evidence.
-                    if conn.draining() {
+                    // Nor is a fast refusal on a connection that hides its
+                    // GOAWAY (a `Channel` reconnects by itself, and a
+                    // draining server's listener is closed): silence is
+                    // what a probe exists to find, and silence takes the
+                    // whole bound.
+                    let refused = probed_at.elapsed() < bound;
+                    if conn.draining() || (refused && conn.hides_goaway()) {
                         return draining(attempt, async {
                             match deadline {
                                 Some(d) => tokio::time::sleep_until(d).await,

@@ -379,3 +379,90 @@ pub async fn fill(etcd: &Etcd, service: &str, n: u16, weight: u32) -> Result<()>
     put_in_txns(&c, kvs, None).await?;
     Ok(())
 }
+
+/// Runs `controller <args>` (the operator's commands of the real binary)
+/// against `etcd`: (exit code, stdout, stderr).
+pub fn operate(etcd: &Etcd, args: &[&str]) -> Result<(i32, String, String)> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_controller"))
+        .args(args)
+        .env("ETCD_ENDPOINTS", etcd.endpoint())
+        .output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// [`operate`], failing unless it exits 0; its standard output.
+pub fn operate_ok(etcd: &Etcd, args: &[&str]) -> Result<String> {
+    let (code, out, err) = operate(etcd, args)?;
+    anyhow::ensure!(code == 0, "controller {args:?} exited {code}: {err}");
+    Ok(out)
+}
+
+/// A client of the library for `service`, synced with etcd; cancel the
+/// token to stop it.
+pub async fn library_client(
+    etcd: &Etcd,
+    service: &str,
+) -> Result<(etcd_lb::Balancer, etcd_lb::Discovery, CancellationToken)> {
+    let cancel = CancellationToken::new();
+    let (balancer, discovery) = etcd_lb::connect(
+        EtcdConfig::plain([etcd.endpoint()]),
+        etcd_lb::DiscoveryConfig::new(etcd_lb::ServiceName::new(service)?),
+        etcd_lb::BalancerConfig::default(),
+        cancel.clone(),
+    );
+    discovery.wait_synced(Duration::from_secs(10)).await?;
+    Ok((balancer, discovery, cancel))
+}
+
+/// `n` greet-servers (see [`greet_server`]) on free ports, registered:
+/// the processes and their addresses.
+pub async fn registered_servers(etcd: &Etcd, n: usize) -> Result<(Vec<Proc>, Vec<String>)> {
+    let client = etcd.client().await?;
+    let mut procs = Vec::new();
+    let mut addrs = Vec::new();
+    for _ in 0..n {
+        let port = free_port();
+        procs.push(greet_server(etcd, port, &[])?);
+        addrs.push(format!("127.0.0.1:{port}"));
+    }
+    for a in &addrs {
+        wait_key(&client, &key("greet_service", a), Duration::from_secs(15)).await?;
+    }
+    Ok((procs, addrs))
+}
+
+/// A controller replica (the binary) with fast probes (200 ms, dead after
+/// 2 s) and an election TTL of `ttl`; `extra` flags on top. The process and
+/// its HTTP base URL.
+pub fn replica(etcd: &Etcd, ttl: Duration, extra: &[&str]) -> Result<(Proc, String)> {
+    let port = free_port();
+    let mut args: Vec<String> = [
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--etcd-endpoints",
+        &etcd.endpoint(),
+        "--probe-interval",
+        "200ms",
+        "--probe-timeout",
+        "200ms",
+        "--dead-after",
+        "2s",
+        "--election-ttl",
+        &format!("{}s", ttl.as_secs()),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let proc = Proc::spawn(
+        &format!("controller:{port}"),
+        env!("CARGO_BIN_EXE_controller"),
+        &args,
+        &[("RUST_LOG", "info,controller=debug")],
+    )?;
+    Ok((proc, format!("http://127.0.0.1:{port}")))
+}
