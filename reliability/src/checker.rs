@@ -24,6 +24,13 @@ pub struct Bounds {
     /// A fault window counts this long after its heal (connections
     /// re-established, a restarted etcd member caught up).
     pub fault_margin: Duration,
+    /// (f): how long before its deletion a controller's decision may have
+    /// been made (a probe pass: the world's 300 ms interval, 250 ms
+    /// timeout, and the pass's own time).
+    pub controller_lag: Duration,
+    /// (g): how long a live server may be missing from etcd, counted from
+    /// the deletion or from the end of the last fault that excuses it.
+    pub registration: Duration,
 }
 
 impl Default for Bounds {
@@ -33,6 +40,8 @@ impl Default for Bounds {
             stale_call: Duration::from_secs(1),
             recorder_slack: Duration::from_secs(2),
             fault_margin: Duration::from_secs(1),
+            controller_lag: Duration::from_secs(1),
+            registration: Duration::from_secs(2),
         }
     }
 }
@@ -50,6 +59,13 @@ pub enum Invariant {
     NoStaleCall,
     /// (e) no call fails while a server is healthy, except the allowed cases.
     NoFailedCall,
+    /// (f) the controller never deletes a live, answering server's key.
+    NoLiveDeletion,
+    /// (g) a live server is never missing from etcd long while etcd has
+    /// quorum.
+    LiveRegistered,
+    /// (h) each view equals etcd's state at the view's own revision.
+    ViewAtRevision,
 }
 
 /// One violation.
@@ -102,6 +118,9 @@ pub fn check(h: &History, b: &Bounds) -> Report {
     static_stability(h, b, &mut r);
     stale_calls(h, b, &mut r);
     failed_calls(h, b, &mut r);
+    live_deletions(h, b, &mut r);
+    live_registered(h, b, &mut r);
+    views_at_revision(h, b, &mut r);
     r
 }
 
@@ -274,7 +293,7 @@ fn failed_calls(h: &History, b: &Bounds, r: &mut Report) {
         .chain(
             h.faults
                 .iter()
-                .filter(|f| !f.kind.is_etcd())
+                .filter(|f| f.kind.is_server())
                 .map(|f| f.target.as_str()),
         )
         .collect();
@@ -283,7 +302,7 @@ fn failed_calls(h: &History, b: &Bounds, r: &mut Report) {
         let server_faults: Vec<&FaultMark> = h
             .faults
             .iter()
-            .filter(|f| !f.kind.is_etcd() && overlaps(f, from, to, b.fault_margin))
+            .filter(|f| f.kind.is_server() && overlaps(f, from, to, b.fault_margin))
             .collect();
         let named: Vec<&str> = servers
             .iter()
@@ -319,10 +338,173 @@ fn failed_calls(h: &History, b: &Bounds, r: &mut Report) {
     }
 }
 
+fn live_deletions(h: &History, b: &Bounds, r: &mut Report) {
+    for d in &h.deletions {
+        // The decision came from probes up to the lag before the deletion;
+        // a fault on this server since then (plus the margin after its
+        // heal, for a restarted process to answer) excuses it.
+        let from = d.at.saturating_sub(b.controller_lag);
+        let excused = h.faults.iter().any(|f| {
+            f.kind.is_server() && f.target == d.addr && overlaps(f, from, d.at, b.fault_margin)
+        });
+        if !excused {
+            r.violations.push(Violation {
+                invariant: Invariant::NoLiveDeletion,
+                at: d.at,
+                client: None,
+                context: format!(
+                    "{} deleted {} (fenced on revision {}, reason {}) with no fault on that server since {from:?}",
+                    d.controller, d.addr, d.mod_revision, d.reason
+                ),
+            });
+        }
+    }
+}
+
+/// `[from, to)` minus every window in `excuses`: the parts left.
+fn uncovered(
+    from: Duration,
+    to: Duration,
+    excuses: &[(Duration, Duration)],
+) -> Vec<(Duration, Duration)> {
+    let mut parts = vec![(from, to)];
+    for &(lo, hi) in excuses {
+        parts = parts
+            .into_iter()
+            .flat_map(|(a, z)| {
+                if hi <= a || z <= lo {
+                    return vec![(a, z)];
+                }
+                let mut v = Vec::new();
+                if a < lo {
+                    v.push((a, lo));
+                }
+                if hi < z {
+                    v.push((hi, z));
+                }
+                v
+            })
+            .collect();
+    }
+    parts
+}
+
+fn live_registered(h: &History, b: &Bounds, r: &mut Report) {
+    // Only servers the history says were started are judged, from their
+    // first start on.
+    let mut first_start: BTreeMap<&str, Duration> = BTreeMap::new();
+    for m in h
+        .servers
+        .iter()
+        .filter(|m| m.event == crate::history::ServerEvent::Started)
+    {
+        first_start.entry(m.server.as_str()).or_insert(m.at);
+    }
+    for (&addr, &started) in &first_start {
+        // Absence in etcd as the recorder saw it: from a delete (or a
+        // weight-0 or invalid put) to the next put with weight > 0.
+        let mut events: Vec<_> = h.etcd.iter().filter(|e| e.addr == addr).collect();
+        events.sort_by_key(|e| e.revision);
+        let mut absences = Vec::new();
+        let mut gone: Option<Duration> = None;
+        for e in events {
+            let present = e.kind == EventKind::Put && e.weight.is_some_and(|w| w > 0);
+            match (present, gone) {
+                (true, Some(d)) => {
+                    absences.push((d, e.at.max(d)));
+                    gone = None;
+                }
+                (false, None) => gone = Some(e.at),
+                _ => {}
+            }
+        }
+        if let Some(d) = gone {
+            absences.push((d, h.end));
+        }
+        // Excused: before the server's start, faults on this server (its
+        // drain included), and etcd faults (no quorum promised, and the
+        // recorder may lag), each plus the margin and, for etcd, the
+        // recorder's slack.
+        let mut excuses: Vec<(Duration, Duration)> = vec![(Duration::ZERO, started)];
+        for f in &h.faults {
+            let end = f.end.unwrap_or(Duration::MAX);
+            if f.kind.is_server() && f.target == addr {
+                excuses.push((f.start, end.saturating_add(b.fault_margin)));
+            } else if f.kind.is_etcd() {
+                excuses.push((
+                    f.start,
+                    end.saturating_add(b.fault_margin + b.recorder_slack),
+                ));
+            }
+        }
+        for (from, to) in absences {
+            for (a, z) in uncovered(from, to, &excuses) {
+                if z - a > b.registration {
+                    r.violations.push(Violation {
+                        invariant: Invariant::LiveRegistered,
+                        at: a,
+                        client: None,
+                        context: format!(
+                            "{addr} missing from etcd {from:?}..{to:?}, of which {a:?}..{z:?} ({:?}) with no fault excusing it",
+                            z - a
+                        ),
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn views_at_revision(h: &History, b: &Bounds, r: &mut Report) {
+    for (client, views) in views_by_client(h) {
+        // A mismatch is an episode of consecutive views that differ from
+        // etcd at their revisions; it may last only as long as the
+        // quiescence bound (the view's revision is read beside the
+        // balancer, so a view may be a moment ahead of its endpoints).
+        let mut episode: Option<&ViewChange> = None;
+        let report = |first: &ViewChange, until: Duration, r: &mut Report| {
+            if until.saturating_sub(first.at) > b.quiescence {
+                let want = h.etcd_state_at_revision(first.revision).unwrap_or_default();
+                r.violations.push(Violation {
+                    invariant: Invariant::ViewAtRevision,
+                    at: first.at,
+                    client: Some(client),
+                    context: format!(
+                        "view {:?} at revision {} != etcd's state there {want:?}, for {:?} (until {until:?})",
+                        first.endpoints,
+                        first.revision,
+                        until - first.at
+                    ),
+                });
+            }
+        };
+        for v in views {
+            // Revision 0: not synced yet; a revision in a recorder gap:
+            // etcd's state there unknown. Neither judged.
+            let mismatch = v.revision > 0
+                && h.etcd_state_at_revision(v.revision)
+                    .is_some_and(|want| want != v.endpoints);
+            match (mismatch, episode) {
+                (true, None) => episode = Some(v),
+                (false, Some(first)) => {
+                    report(first, v.at, r);
+                    episode = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(first) = episode {
+            report(first, h.end, r);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::history::{Call, EtcdEvent, EventKind, FaultKind};
+    use crate::history::{
+        Call, ControllerDeletion, EtcdEvent, EventKind, FaultKind, ServerEvent, ServerMark,
+    };
 
     const A: &str = "127.0.0.1:1001";
     const B: &str = "127.0.0.1:1002";
@@ -441,8 +623,10 @@ mod tests {
     #[test]
     fn a_view_going_back_in_revision_is_flagged() {
         let mut h = clean();
-        // Client 1 sees revision 6, then an older view at revision 5.
-        h.views.push(view(20_000, 1, 5, &[A, B]));
+        // Client 1 sees revision 6, then an older view at revision 5 (as
+        // etcd was then, so only the going back is wrong).
+        h.views.push(view(20_000, 1, 5, &[A]));
+        h.views.push(view(20_100, 1, 6, &[A, B]));
         let r = check(&h, &Bounds::default());
         let v = r.of(Invariant::MonotonicRevision);
         assert_eq!(v.len(), 1, "{r:#?}");
@@ -599,6 +783,158 @@ mod tests {
             .push(call(0, None, 31_000, 31_001, false, "no endpoint"));
         let r = check(&h, &Bounds::default());
         assert!(r.violations.is_empty(), "{r:#?}");
+    }
+
+    fn deletion(at: u64, addr: &str, mod_revision: i64) -> ControllerDeletion {
+        ControllerDeletion {
+            at: s(at),
+            controller: "controller-0".into(),
+            addr: addr.into(),
+            mod_revision,
+            reason: "unreachable".into(),
+        }
+    }
+
+    fn started(at: u64, addr: &str) -> ServerMark {
+        ServerMark {
+            at: s(at),
+            server: addr.into(),
+            event: ServerEvent::Started,
+        }
+    }
+
+    /// The mutation (f) exists for: a controller deleting a key whose
+    /// server answers (deleting without the probe evidence, or a deposed
+    /// leader's stale plan applied without the fence).
+    #[test]
+    fn a_deletion_of_a_live_server_is_flagged() {
+        let mut h = clean();
+        // A killed 3.0-3.5 s: deleting it at 3.2 s, and up to the margin
+        // after its restart, is the controller's job.
+        h.deletions.push(deletion(3_200, A, 2));
+        h.deletions.push(deletion(4_400, A, 2));
+        let r = check(&h, &Bounds::default());
+        assert_eq!(r.violations, vec![], "{r:#?}");
+        // A deleted at 20 s, no fault anywhere near: flagged. So is one at
+        // 6 s, 2.5 s after A's kill healed (past the lag and the margin).
+        h.deletions.push(deletion(20_000, A, 2));
+        h.deletions.push(deletion(6_000, A, 2));
+        // B deleted during A's kill: the fault is on another server.
+        h.deletions.push(deletion(3_300, B, 3));
+        let r = check(&h, &Bounds::default());
+        let mut v = r.of(Invariant::NoLiveDeletion);
+        v.sort_by_key(|v| v.at);
+        let at: Vec<_> = v.iter().map(|v| v.at).collect();
+        assert_eq!(at, vec![s(3_300), s(6_000), s(20_000)], "{r:#?}");
+        assert!(v[0].context.contains(B), "{}", v[0]);
+        assert_eq!(r.violations.len(), 3, "only those: {r:#?}");
+    }
+
+    /// The mutation (g) exists for: a server that does not register again
+    /// after its key was deleted (a registrar that stops watching its key,
+    /// or gives up), while etcd is healthy.
+    #[test]
+    fn a_live_server_missing_from_etcd_is_flagged() {
+        let mut h = clean();
+        h.servers = vec![started(0, A), started(0, B)];
+        // B's drain (10-14 s) excuses its absence 11-14 s.
+        let r = check(&h, &Bounds::default());
+        assert_eq!(r.violations, vec![], "{r:#?}");
+        // A deleted at 20 s and back only at 25 s, no fault: 5 s missing.
+        let mut bad = h.clone();
+        bad.etcd.push(del(20_000, 7, A));
+        bad.etcd.push(put(25_000, 8, A, 100));
+        for c in 0..2 {
+            bad.views.push(view(20_005, c, 7, &[B]));
+            bad.views.push(view(25_005, c, 8, &[A, B]));
+        }
+        bad.calls
+            .retain(|c| !(c.endpoint.as_deref() == Some(A) && c.start > s(20_000)));
+        let r = check(&bad, &Bounds::default());
+        let v = r.of(Invariant::LiveRegistered);
+        assert_eq!(v.len(), 1, "{r:#?}");
+        assert_eq!(v[0].at, s(20_000));
+        assert!(v[0].context.contains(A), "{}", v[0]);
+        assert_eq!(r.violations.len(), 1, "only that: {r:#?}");
+        // Back within the bound: fine.
+        let mut quick = bad.clone();
+        quick.etcd.last_mut().unwrap().at = s(21_500);
+        for v in quick.views.iter_mut().filter(|v| v.revision == 8) {
+            v.at = s(21_505);
+        }
+        let r = check(&quick, &Bounds::default());
+        assert_eq!(r.of(Invariant::LiveRegistered), Vec::<&Violation>::new());
+        // An etcd member killed 19-22 s: etcd may have had no quorum and
+        // the recorder may lag; 22 s + margin + slack = 25 s excuses it.
+        let mut outage = bad.clone();
+        outage
+            .faults
+            .push(fault(FaultKind::EtcdKill, "etcd-1", 19_000, 22_000));
+        let r = check(&outage, &Bounds::default());
+        assert_eq!(r.of(Invariant::LiveRegistered), Vec::<&Violation>::new());
+        // A controller fault excuses nothing.
+        let mut ctl = bad;
+        ctl.faults.push(fault(
+            FaultKind::ControllerPause,
+            "controller-0",
+            19_000,
+            22_000,
+        ));
+        let r = check(&ctl, &Bounds::default());
+        assert_eq!(r.of(Invariant::LiveRegistered).len(), 1, "{r:#?}");
+    }
+
+    /// The mutation (h) exists for: a watch event dropped (or a watch
+    /// resumed from a revision past undelivered events). Client 1 misses
+    /// A's delete at revision 7; when C registers at revision 8 its view
+    /// says revision 8 but still holds A. A relist 7 s later repairs it, so
+    /// convergence (b) alone would pass.
+    #[test]
+    fn a_dropped_watch_event_is_flagged() {
+        const C: &str = "127.0.0.1:1003";
+        let mut h = clean();
+        h.etcd.push(del(20_000, 7, A));
+        h.etcd.push(put(25_000, 8, C, 100));
+        h.views.push(view(20_005, 0, 7, &[B]));
+        h.views.push(view(25_005, 0, 8, &[B, C]));
+        h.views.push(view(25_005, 1, 8, &[A, B, C]));
+        h.views.push(view(32_000, 1, 8, &[B, C]));
+        h.calls.retain(|c| c.start < s(20_000));
+        let r = check(&h, &Bounds::default());
+        let v = r.of(Invariant::ViewAtRevision);
+        assert_eq!(v.len(), 1, "{r:#?}");
+        assert_eq!((v[0].at, v[0].client), (s(25_005), Some(1)));
+        assert!(v[0].context.contains("revision 8"), "{}", v[0]);
+        assert!(r.of(Invariant::Convergence).is_empty(), "{r:#?}");
+        // Repaired within the bound (a view a moment ahead of its
+        // endpoints): not a violation.
+        let mut quick = h.clone();
+        quick.views.last_mut().unwrap().at = s(25_300);
+        let r = check(&quick, &Bounds::default());
+        assert!(r.of(Invariant::ViewAtRevision).is_empty(), "{r:#?}");
+        // Never repaired: flagged until the end, and (b) fails too.
+        let mut never = h.clone();
+        never.views.pop();
+        let r = check(&never, &Bounds::default());
+        assert_eq!(r.of(Invariant::ViewAtRevision).len(), 1, "{r:#?}");
+        assert_eq!(r.of(Invariant::Convergence).len(), 1, "{r:#?}");
+        // Where the recorder does not know etcd's state (a gap before a
+        // relist), nothing is judged.
+        let mut gap = h;
+        gap.gaps.push((7, 8));
+        let r = check(&gap, &Bounds::default());
+        assert!(r.of(Invariant::ViewAtRevision).is_empty(), "{r:#?}");
+    }
+
+    #[test]
+    fn uncovered_cuts_windows_out() {
+        let w = |a: u64, z: u64| (s(a), s(z));
+        assert_eq!(uncovered(s(0), s(10), &[]), vec![w(0, 10)]);
+        assert_eq!(
+            uncovered(s(0), s(10), &[w(2, 3), w(5, 12)]),
+            vec![w(0, 2), w(3, 5)]
+        );
+        assert_eq!(uncovered(s(0), s(10), &[w(0, 10)]), vec![]);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! clock (a monotonic [`Duration`] since the run's start).
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -83,11 +83,18 @@ pub enum FaultKind {
     ServerDrain,
     /// SIGSTOP a server, SIGCONT later.
     ServerPause,
+    /// SIGKILL the leading controller replica (the one etcd's election
+    /// names; a replica by index when none leads), restart it.
+    ControllerKill,
+    /// SIGSTOP the leading controller replica, SIGCONT later: a leader
+    /// that wakes after its election lease may have lapsed, with a plan
+    /// made before it slept (what the deletion fence is for).
+    ControllerPause,
 }
 
 impl FaultKind {
     /// Every kind.
-    pub const ALL: [FaultKind; 7] = [
+    pub const ALL: [FaultKind; 9] = [
         FaultKind::EtcdKill,
         FaultKind::EtcdPause,
         FaultKind::EtcdIsolate,
@@ -95,6 +102,8 @@ impl FaultKind {
         FaultKind::ServerKill,
         FaultKind::ServerDrain,
         FaultKind::ServerPause,
+        FaultKind::ControllerKill,
+        FaultKind::ControllerPause,
     ];
 
     /// Whether it hits etcd (rather than a server).
@@ -107,6 +116,21 @@ impl FaultKind {
                 | FaultKind::EtcdCompact
         )
     }
+
+    /// Whether it hits a greet-server (its window excuses that server's
+    /// failed calls, absence from etcd and deletion by the controller).
+    pub fn is_server(self) -> bool {
+        matches!(
+            self,
+            FaultKind::ServerKill | FaultKind::ServerDrain | FaultKind::ServerPause
+        )
+    }
+
+    /// Whether it hits a controller replica (it excuses nothing: the
+    /// servers and etcd are untouched).
+    pub fn is_controller(self) -> bool {
+        matches!(self, FaultKind::ControllerKill | FaultKind::ControllerPause)
+    }
 }
 
 /// A fault, from injection to heal.
@@ -114,7 +138,8 @@ impl FaultKind {
 pub struct FaultMark {
     /// What.
     pub kind: FaultKind,
-    /// On what: an etcd member (`etcd-<i>`) or a server address.
+    /// On what: an etcd member (`etcd-<i>`), a server address or a
+    /// controller replica (`controller-<i>`).
     pub target: String,
     /// Injected.
     pub start: Duration,
@@ -144,6 +169,24 @@ pub struct ServerMark {
     pub event: ServerEvent,
 }
 
+/// A deletion the leading controller made, as its own log line says
+/// (`deleted stale registration`, written after the fenced transaction
+/// succeeded).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerDeletion {
+    /// When the controller logged it (its wall-clock timestamp mapped onto
+    /// the run's clock); the transaction committed just before.
+    pub at: Duration,
+    /// Which replica (`controller-<i>`).
+    pub controller: String,
+    /// The deleted key's address.
+    pub addr: String,
+    /// The key's mod revision the decision was based on (the fence).
+    pub mod_revision: i64,
+    /// Why (`unreachable`, `no_lease_unreachable`, `invalid_value`).
+    pub reason: String,
+}
+
 /// Everything one run recorded.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct History {
@@ -159,6 +202,15 @@ pub struct History {
     pub faults: Vec<FaultMark>,
     /// Server marks.
     pub servers: Vec<ServerMark>,
+    /// Deletions by the controllers (empty in worlds without them).
+    #[serde(default)]
+    pub deletions: Vec<ControllerDeletion>,
+    /// Revision ranges (inclusive) whose events the recorder does not know
+    /// one by one: before its first list, and between the last revision it
+    /// watched and a relist after compaction. etcd's state at a revision in
+    /// a gap is unknown; at and after the relist it is exact again.
+    #[serde(default)]
+    pub gaps: Vec<(i64, i64)>,
     /// When recording stopped.
     pub end: Duration,
 }
@@ -179,6 +231,40 @@ impl History {
             }
         }
         state
+    }
+
+    /// etcd's state (address -> weight, valid puts only) at revision
+    /// `revision`, folding every recorded event up to it in revision order;
+    /// `None` when the revision lies in one of the recorder's gaps
+    /// ([`History::gaps`]), where that state is unknown.
+    pub fn etcd_state_at_revision(&self, revision: i64) -> Option<EndpointSet> {
+        if self
+            .gaps
+            .iter()
+            .any(|(lo, hi)| (*lo..=*hi).contains(&revision))
+        {
+            return None;
+        }
+        let mut events: Vec<&EtcdEvent> = self
+            .etcd
+            .iter()
+            .filter(|e| e.revision <= revision)
+            .collect();
+        // A relist records puts at their own mod revisions and deletes at
+        // the list's revision, after later events: fold in revision order.
+        events.sort_by_key(|e| e.revision);
+        let mut state = EndpointSet::new();
+        for e in events {
+            match (e.kind, e.weight) {
+                (EventKind::Put, Some(w)) => {
+                    state.insert(e.addr.clone(), w);
+                }
+                _ => {
+                    state.remove(&e.addr);
+                }
+            }
+        }
+        Some(state)
     }
 
     /// etcd's final state.
@@ -205,18 +291,27 @@ impl History {
     }
 }
 
-/// The run's one clock.
+/// The run's one clock: monotonic, plus the wall-clock time of its start
+/// so a timestamp another process wrote (a controller's log line) can be
+/// placed on it.
 #[derive(Debug, Clone, Copy)]
-pub struct Clock(Instant);
+pub struct Clock(Instant, SystemTime);
 
 impl Clock {
     /// Starts now.
     pub fn start() -> Self {
-        Self(Instant::now())
+        Self(Instant::now(), SystemTime::now())
     }
 
     /// Time since the start.
     pub fn now(&self) -> Duration {
         self.0.elapsed()
+    }
+
+    /// The run time of a wall-clock instant (zero before the start). Off
+    /// by whatever the wall clock was stepped during the run, which on a
+    /// machine keeping time by small NTP slews is far below the bounds.
+    pub fn at_wall(&self, wall: SystemTime) -> Duration {
+        wall.duration_since(self.1).unwrap_or_default()
     }
 }

@@ -1,8 +1,19 @@
 //! A small world on loopback for one harness run: a 3-member etcd cluster,
-//! greet-server processes (the real binary), in-process clients of the
-//! library under load, a recorder of every etcd event under the prefix, and
-//! the nemesis running a seed's schedule. Everything is recorded into one
-//! [`History`] on one [`Clock`].
+//! greet-server processes and two controller replicas (the real binaries),
+//! in-process clients of the library under load, a recorder of every etcd
+//! event under the prefix, and the nemesis running a seed's schedule.
+//! Everything is recorded into one [`History`] on one [`Clock`].
+//!
+//! The controllers' deletions come from their own log lines (JSON,
+//! `deleted stale registration`): the line is written by the leader right
+//! after its fenced delete transaction succeeded and names the address, the
+//! mod revision the decision was fenced on and the reason, with the
+//! controller's timestamp. Neither its metrics (counts by service and
+//! reason, no address) nor its HTTP view (members now, not what was
+//! removed) say which key went when, and an etcd delete event alone does
+//! not say who deleted (a lease expiry and a drain's revoke look the same).
+//! The log of a replica is read when the replica is replaced and at the
+//! end of the run, before its process (and log file) is dropped.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -22,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::checker::Bounds;
 use crate::history::{
-    Call, Clock, EndpointSet, EtcdEvent, EventKind, FaultKind, FaultMark, History, ServerEvent,
-    ServerMark, ViewChange,
+    Call, Clock, ControllerDeletion, EndpointSet, EtcdEvent, EventKind, FaultKind, FaultMark,
+    History, ServerEvent, ServerMark, ViewChange,
 };
 use crate::nemesis::{schedule, Step};
 
@@ -31,6 +42,8 @@ use crate::nemesis::{schedule, Step};
 pub const SERVICE: &str = "greet_service";
 /// Its prefix.
 pub const PREFIX: &str = "/ns/greet_service/";
+/// The controllers' election key (outside the registry prefix).
+pub const ELECTION_KEY: &str = "/harness/controller/leader";
 
 /// What a run looks like.
 #[derive(Debug, Clone)]
@@ -57,6 +70,16 @@ pub struct WorldConfig {
     pub mutant: Option<Mutant>,
     /// A fixed schedule instead of the seed's.
     pub plan: Option<Vec<Step>>,
+    /// Controller replicas (the real binary; one leads and deletes).
+    pub controllers: usize,
+    /// The controllers' `--dead-after`: short, so a killed or paused
+    /// server is often deleted before it heals, which exercises both the
+    /// deletions (invariant f) and the re-registrations (invariant g).
+    pub dead_after: &'static str,
+    /// Keep each controller replica's log here (`<seed>-controller-<i>.log`,
+    /// appended across restarts): the evidence behind an (f) violation,
+    /// whose probe failures only the controller saw.
+    pub log_dir: Option<std::path::PathBuf>,
 }
 
 /// Deliberately broken clients: a run with one must be flagged by the
@@ -71,11 +94,27 @@ pub enum Mutant {
     /// failures but ignores drains: weight-0 puts and deletes are dropped,
     /// so it keeps sending calls to a draining server.
     IgnoreDrains,
+    /// Client 0 is the same naive discovery, which keeps its view on
+    /// failures but drops the first delete event it is sent while its
+    /// revision moves past it (a lost watch event, or a watch resumed past
+    /// an undelivered one).
+    DropFirstDelete,
+    /// The clients are sound; the controllers are blind: their probes
+    /// time out after 1 µs and their safety valve is off
+    /// (`--max-unhealthy-ratio 1`), so they delete servers that answer.
+    BlindControllers,
+}
+
+impl Mutant {
+    /// Whether it replaces client 0 (the others break something else).
+    pub fn is_client(self) -> bool {
+        !matches!(self, Mutant::BlindControllers)
+    }
 }
 
 impl WorldConfig {
-    /// Defaults for `seed` and `duration`: 3 servers, 2 clients of 2 loops,
-    /// 8 s of quiet, 2 s deadlines, 4 s leases.
+    /// Defaults for `seed` and `duration`: 3 servers, 2 controllers, 2
+    /// clients of 2 loops, 8 s of quiet, 2 s deadlines, 4 s leases.
     pub fn new(seed: u64, duration: Duration) -> Self {
         Self {
             seed,
@@ -89,6 +128,9 @@ impl WorldConfig {
             drain: "1s",
             mutant: None,
             plan: None,
+            controllers: 2,
+            dead_after: "1s",
+            log_dir: None,
         }
     }
 }
@@ -119,6 +161,120 @@ fn spawn_server(eps: &str, port: u16, cfg: &WorldConfig) -> Result<Proc> {
         &args,
         &[("RUST_LOG", "warn")],
     )
+}
+
+/// One controller replica and the index it is known by.
+struct Controller {
+    proc: Proc,
+    index: usize,
+}
+
+fn spawn_controller(eps: &str, index: usize, cfg: &WorldConfig) -> Result<Controller> {
+    let blind = cfg.mutant == Some(Mutant::BlindControllers);
+    let args: Vec<String> = [
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--etcd-endpoints",
+        eps,
+        "--probe-interval",
+        "300ms",
+        "--probe-timeout",
+        if blind { "1us" } else { "250ms" },
+        "--max-unhealthy-ratio",
+        if blind { "1" } else { "0.5" },
+        "--dead-after",
+        cfg.dead_after,
+        "--election-key",
+        ELECTION_KEY,
+        "--election-ttl",
+        "3s",
+        "--replica-name",
+        &format!("ctl{index}"),
+        "--log-format",
+        "json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let proc = Proc::spawn(
+        &format!("controller-{index}"),
+        bin_path("controller"),
+        &args,
+        // Probe failures are logged at debug by the reconciler.
+        &[(
+            "RUST_LOG",
+            "warn,controller=info,controller::reconcile=debug",
+        )],
+    )?;
+    Ok(Controller { proc, index })
+}
+
+/// The deletions a controller's log reports (JSON lines); lines that are
+/// not JSON or not a deletion are skipped, never fatal.
+pub fn deletions_in_log(log: &str, controller: &str, clock: &Clock) -> Vec<ControllerDeletion> {
+    log.lines()
+        .filter(|l| l.contains("deleted stale registration"))
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            let f = &v["fields"];
+            if f["message"] != "deleted stale registration" {
+                return None;
+            }
+            let wall = humantime::parse_rfc3339_weak(v["timestamp"].as_str()?).ok()?;
+            Some(ControllerDeletion {
+                at: clock.at_wall(wall),
+                controller: controller.to_owned(),
+                addr: f["addr"].as_str()?.to_owned(),
+                mod_revision: f["mod_revision"].as_i64()?,
+                reason: f["reason"].as_str().unwrap_or_default().to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// Records the deletions in `c`'s log so far (called before its process,
+/// and its log file, goes), and keeps the log in `cfg.log_dir` if set.
+fn harvest(c: &Controller, clock: Clock, h: &Shared, cfg: &WorldConfig) {
+    let log = c.proc.log();
+    let found = deletions_in_log(&log, &format!("controller-{}", c.index), &clock);
+    let seed = {
+        let mut h = h.lock().expect("history lock");
+        h.deletions.extend(found);
+        h.seed
+    };
+    if let Some(dir) = &cfg.log_dir {
+        use std::io::Write;
+        let path = dir.join(format!("{seed}-controller-{}.log", c.index));
+        let kept = std::fs::create_dir_all(dir).and_then(|()| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?
+                .write_all(log.as_bytes())
+        });
+        if let Err(e) = kept {
+            eprintln!("cannot keep {}: {e}", path.display());
+        }
+    }
+}
+
+/// The index of the replica etcd's election names now, if any answers in
+/// time.
+async fn leading_controller(cluster: &Cluster) -> Option<usize> {
+    let ask = async {
+        let c = cluster.client().await.ok()?;
+        let r = c.election_client().leader(ELECTION_KEY).await.ok()?;
+        let id = String::from_utf8_lossy(r.kv()?.value()).into_owned();
+        id.strip_prefix("ctl")?
+            .split('-')
+            .next()?
+            .parse::<usize>()
+            .ok()
+    };
+    tokio::time::timeout(Duration::from_secs(3), ask)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Runs one world for `cfg` and returns what it recorded.
@@ -153,11 +309,25 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
         history.lock().expect("lock").etcd_final().len() == cfg.servers
     })
     .await?;
+    let mut controllers = Vec::new();
+    for i in 0..cfg.controllers {
+        controllers.push(spawn_controller(&eps, i, cfg)?);
+    }
+    if cfg.controllers > 0 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while leading_controller(&cluster).await.is_none() {
+            if Instant::now() > deadline {
+                let logs: Vec<String> = controllers.iter().map(|c| c.proc.log()).collect();
+                bail!("no controller leads after 30 s:\n{}", logs.join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 
     let mut tasks = Vec::new();
     for client in 0..cfg.clients {
         let (balancer, revision): (_, Box<dyn Fn() -> i64 + Send>) =
-            if let (0, Some(mutant)) = (client, cfg.mutant) {
+            if let (0, Some(mutant)) = (client, cfg.mutant.filter(|m| m.is_client())) {
                 let balancer = etcd_lb::Balancer::new(BalancerConfig {
                     retry: RetryPolicy::idempotent([MORNING, NIGHT]),
                     ..BalancerConfig::new(SERVICE)
@@ -210,10 +380,15 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let plan = cfg
-        .plan
-        .clone()
-        .unwrap_or_else(|| schedule(cfg.seed, cfg.duration, cluster.len(), cfg.servers));
+    let plan = cfg.plan.clone().unwrap_or_else(|| {
+        schedule(
+            cfg.seed,
+            cfg.duration,
+            cluster.len(),
+            cfg.servers,
+            cfg.controllers,
+        )
+    });
     let mut failure = None;
     for step in &plan {
         if let Err(e) = inject(
@@ -222,6 +397,7 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
             &eps,
             &ports,
             &mut servers,
+            &mut controllers,
             cfg,
             clock,
             &history,
@@ -261,6 +437,10 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
         let _ = t.await;
     }
     let _ = recorder.await;
+    for c in &controllers {
+        harvest(c, clock, &history, cfg);
+    }
+    drop(controllers);
     drop(servers);
     drop(cluster);
     if let Some(e) = failure {
@@ -300,13 +480,26 @@ async fn inject(
     eps: &str,
     ports: &[u16],
     servers: &mut [Proc],
+    controllers: &mut [Controller],
     cfg: &WorldConfig,
     clock: Clock,
     h: &Shared,
 ) -> Result<()> {
-    let i = step.target;
+    let mut i = step.target;
+    if step.kind.is_controller() {
+        if controllers.is_empty() {
+            bail!("a controller fault in a world without controllers");
+        }
+        // The leader, when etcd names one; else the drawn replica.
+        i = match leading_controller(cluster).await {
+            Some(l) if l < controllers.len() => l,
+            _ => i % controllers.len(),
+        };
+    }
     let target = if step.kind.is_etcd() {
         format!("etcd-{i}")
+    } else if step.kind.is_controller() {
+        format!("controller-{i}")
     } else {
         format!("127.0.0.1:{}", ports[i])
     };
@@ -371,6 +564,17 @@ async fn inject(
             tokio::time::sleep(step.hold).await;
             servers[i].signal(Signal::SIGCONT)?;
         }
+        FaultKind::ControllerKill => {
+            controllers[i].proc.kill();
+            harvest(&controllers[i], clock, h, cfg);
+            tokio::time::sleep(step.hold).await;
+            controllers[i] = spawn_controller(eps, i, cfg)?;
+        }
+        FaultKind::ControllerPause => {
+            controllers[i].proc.signal(Signal::SIGSTOP)?;
+            tokio::time::sleep(step.hold).await;
+            controllers[i].proc.signal(Signal::SIGCONT)?;
+        }
     }
     let end = clock.now();
     record(h, |h| h.faults[index].end = Some(end));
@@ -422,7 +626,10 @@ async fn compact(cluster: &Cluster, i: usize) -> Result<()> {
     Err(last.expect("attempted"))
 }
 
-/// Records every change of one client's view.
+/// Records every change of one client's view: on every change of its
+/// balancer, and every 250 ms when only the discovery's revision moved (an
+/// event that changed nothing in the balancer, a progress notice, or one
+/// dropped by a broken client: invariant (h) needs those revisions too).
 async fn views(
     client: u32,
     balancer: etcd_lb::Balancer,
@@ -433,6 +640,8 @@ async fn views(
 ) {
     let mut changes = balancer.changes();
     let mut last: Option<(i64, EndpointSet)> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let endpoints: EndpointSet = balancer
             .endpoints()
@@ -455,6 +664,7 @@ async fn views(
         tokio::select! {
             _ = cancel.cancelled() => return,
             r = changes.changed() => if r.is_err() { return },
+            _ = tick.tick() => {}
         }
     }
 }
@@ -557,6 +767,62 @@ fn event_of(
     })
 }
 
+/// The events a list at revision `rev` (each key's event and create
+/// revision) adds to what `h` recorded: a delete at `rev` for every address
+/// gone; a put for every address new or with another weight; and, for an
+/// address deleted and created again since its last recorded event (its
+/// create revision is newer than anything recorded for it), a delete just
+/// before that creation and the put, although the weight is the same
+/// (found by seed 300: a lease expiry and the restarted server's
+/// registration inside a compaction gap were lost, and the clients, who
+/// had seen both, were blamed).
+fn relist_events(
+    h: &History,
+    mut list: Vec<(EtcdEvent, i64)>,
+    rev: i64,
+    at: Duration,
+) -> Vec<EtcdEvent> {
+    list.sort_by_key(|(e, _)| e.revision);
+    let before = h.etcd_final();
+    let listed: EndpointSet = list
+        .iter()
+        .filter_map(|(e, _)| Some((e.addr.clone(), e.weight?)))
+        .collect();
+    let mut out = Vec::new();
+    for gone in before.keys().filter(|a| !listed.contains_key(*a)) {
+        out.push(EtcdEvent {
+            at,
+            revision: rev,
+            addr: gone.clone(),
+            kind: EventKind::Delete,
+            weight: None,
+        });
+    }
+    for (e, created) in list {
+        let last = h
+            .etcd
+            .iter()
+            .filter(|k| k.addr == e.addr)
+            .map(|k| k.revision)
+            .max();
+        let recreated = before.contains_key(&e.addr) && last.is_some_and(|l| created > l);
+        if recreated {
+            out.push(EtcdEvent {
+                at,
+                revision: created - 1,
+                addr: e.addr.clone(),
+                kind: EventKind::Delete,
+                weight: None,
+            });
+        }
+        let known = e.weight.is_some_and(|w| before.get(&e.addr) == Some(&w));
+        if recreated || !known {
+            out.push(e);
+        }
+    }
+    out
+}
+
 /// Lists the prefix and records what differs from the recorded state as
 /// events at the list's revision (all of it on the first list).
 async fn relist(c: &mut Client, next: &mut Option<i64>, clock: Clock, h: &Shared) -> Result<()> {
@@ -568,33 +834,23 @@ async fn relist(c: &mut Client, next: &mut Option<i64>, clock: Clock, h: &Shared
     .context("list timed out")??;
     let at = clock.now();
     let rev = r.header().map_or(0, |h| h.revision());
-    let mut list: Vec<EtcdEvent> = r
+    let list: Vec<(EtcdEvent, i64)> = r
         .kvs()
         .iter()
-        .filter_map(|kv| event_of(at, kv.key(), kv.value(), kv.mod_revision(), true))
+        .filter_map(|kv| {
+            let e = event_of(at, kv.key(), kv.value(), kv.mod_revision(), true)?;
+            Some((e, kv.create_revision()))
+        })
         .collect();
-    list.sort_by_key(|e| e.revision);
+    // What happened between the last revision watched and the list's is
+    // unknown one event at a time: a gap for the checker.
+    let unknown_from = next.unwrap_or(0);
     record(h, |h| {
-        let before = h.etcd_final();
-        let listed: EndpointSet = list
-            .iter()
-            .filter_map(|e| Some((e.addr.clone(), e.weight?)))
-            .collect();
-        for gone in before.keys().filter(|a| !listed.contains_key(*a)) {
-            h.etcd.push(EtcdEvent {
-                at,
-                revision: rev,
-                addr: gone.clone(),
-                kind: EventKind::Delete,
-                weight: None,
-            });
+        if unknown_from < rev {
+            h.gaps.push((unknown_from, rev - 1));
         }
-        for e in list {
-            let known = e.weight.is_some_and(|w| before.get(&e.addr) == Some(&w));
-            if !known {
-                h.etcd.push(e);
-            }
-        }
+        let events = relist_events(h, list, rev, at);
+        h.etcd.extend(events);
     });
     *next = Some(rev + 1);
     Ok(())
@@ -666,8 +922,10 @@ async fn naive_discovery(
     cancel: CancellationToken,
 ) {
     let ignore_drains = mutant == Mutant::IgnoreDrains;
+    let drop_delete = std::sync::atomic::AtomicBool::new(mutant == Mutant::DropFirstDelete);
     let apply = |e: &EtcdEvent| match (e.kind, e.weight, Addr::new(&e.addr)) {
         (_, Some(0), _) | (EventKind::Delete, _, _) if ignore_drains => {}
+        (EventKind::Delete, _, _) if drop_delete.swap(false, Ordering::Relaxed) => {}
         (EventKind::Put, Some(w), Ok(a)) => balancer.upsert(&a, w, ""),
         (_, _, Ok(a)) => balancer.remove(&a),
         _ => {}
@@ -737,4 +995,54 @@ pub fn calls_by_client(h: &History) -> BTreeMap<u32, (usize, usize)> {
         }
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(at: u64, revision: i64, addr: &str, weight: Option<u32>) -> EtcdEvent {
+        EtcdEvent {
+            at: Duration::from_millis(at),
+            revision,
+            addr: addr.into(),
+            kind: if weight.is_some() {
+                EventKind::Put
+            } else {
+                EventKind::Delete
+            },
+            weight,
+        }
+    }
+
+    /// Seed 300 (at 631613e): the recorder knew 24536 from revision 6;
+    /// during a compaction gap its old lease expired (delete, revision 9)
+    /// and the restarted server registered again (revision 10, same
+    /// weight). The list at revision 10 must record both, not "known".
+    #[test]
+    fn a_key_created_again_inside_a_gap_is_a_delete_and_a_put() {
+        let (a, b) = ("127.0.0.1:24536", "127.0.0.1:24537");
+        let h = History {
+            etcd: vec![ev(1_000, 4, b, Some(100)), ev(1_000, 6, a, Some(100))],
+            ..Default::default()
+        };
+        let list = vec![
+            (ev(13_700, 4, b, Some(100)), 4),
+            (ev(13_700, 10, a, Some(100)), 10),
+        ];
+        let out = relist_events(&h, list, 10, Duration::from_millis(13_700));
+        assert_eq!(
+            out,
+            vec![ev(13_700, 9, a, None), ev(13_700, 10, a, Some(100))],
+            "b unchanged, a deleted and created again"
+        );
+        // Unchanged keys add nothing; a key gone is a delete at the list's
+        // revision; a new weight is a put.
+        let list = vec![(ev(14_000, 11, b, Some(50)), 4)];
+        let out = relist_events(&h, list, 12, Duration::from_millis(14_000));
+        assert_eq!(
+            out,
+            vec![ev(14_000, 12, a, None), ev(14_000, 11, b, Some(50))]
+        );
+    }
 }

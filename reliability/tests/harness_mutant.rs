@@ -1,4 +1,4 @@
-//! The harness sees broken clients end to end. First, client 0 of a world is
+//! The harness sees broken clients and controllers end to end. First, client 0 of a world is
 //! [`Mutant::EmptyOnOutage`] (it watches etcd member 0 only and empties its
 //! view when the stream fails). Killing member 0 for 3 s must be flagged as
 //! a static-stability violation of client 0 (and its calls failing with
@@ -68,6 +68,67 @@ async fn a_client_that_ignores_drains_is_caught() -> Result<()> {
     assert!(
         r.violations.iter().all(|v| v.client == Some(0)),
         "only the mutant breaks invariants: {r:#?}"
+    );
+    Ok(())
+}
+
+/// Client 0 is [`Mutant::DropFirstDelete`]; server 0 is killed for 9 s:
+/// its key goes (the controller deletes it, or its lease expires), the
+/// mutant drops that delete while its revision moves past it, and holds the
+/// dead server until the restarted one registers again. Its view differs
+/// from etcd at its own revision for longer than the quiescence bound:
+/// flagged by (h) for client 0 only, although the view converges in the
+/// end (so (b) alone would not see it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_drops_a_watch_event_is_caught() -> Result<()> {
+    let mut cfg = WorldConfig::new(0, Duration::ZERO);
+    cfg.mutant = Some(Mutant::DropFirstDelete);
+    cfg.quiet = Duration::from_secs(6);
+    cfg.plan = Some(vec![Step {
+        kind: FaultKind::ServerKill,
+        target: 0,
+        hold: Duration::from_secs(9),
+        gap: Duration::from_secs(1),
+    }]);
+    let h = run(&cfg).await?;
+    let r = check(&h, &Bounds::default());
+    for v in &r.violations {
+        eprintln!("{v}");
+    }
+    let v = r.of(Invariant::ViewAtRevision);
+    assert!(!v.is_empty(), "the dropped delete is flagged: {r:#?}");
+    assert!(r.of(Invariant::Convergence).is_empty(), "{r:#?}");
+    assert!(
+        r.violations.iter().all(|v| v.client == Some(0)),
+        "only the mutant breaks invariants: {r:#?}"
+    );
+    Ok(())
+}
+
+/// [`Mutant::BlindControllers`]: the controllers' probes cannot succeed
+/// (1 µs timeout) and their safety valve is off, so the leader deletes
+/// servers that answer. No fault is injected: every deletion is flagged by
+/// (f), and nothing is blamed on a client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_that_deletes_live_servers_is_caught() -> Result<()> {
+    let mut cfg = WorldConfig::new(0, Duration::ZERO);
+    cfg.mutant = Some(Mutant::BlindControllers);
+    cfg.quiet = Duration::from_secs(6);
+    cfg.plan = Some(vec![]);
+    let h = run(&cfg).await?;
+    let r = check(&h, &Bounds::default());
+    for v in &r.violations {
+        eprintln!("{v}");
+    }
+    assert!(!h.deletions.is_empty(), "the blind controller deleted");
+    assert_eq!(
+        r.of(Invariant::NoLiveDeletion).len(),
+        h.deletions.len(),
+        "every deletion of a live server is flagged: {r:#?}"
+    );
+    assert!(
+        r.violations.iter().all(|v| v.client.is_none()),
+        "no client is blamed: {r:#?}"
     );
     Ok(())
 }

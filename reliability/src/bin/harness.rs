@@ -15,8 +15,8 @@ use reliability::world::{calls_by_client, run, WorldConfig};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Runs random fault schedules against a small world on loopback (3 etcd
-/// members, 3 greet-servers, 2 in-process clients) and checks the recorded
-/// histories.
+/// members, 3 greet-servers, 2 controller replicas, 2 in-process clients)
+/// and checks the recorded histories.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -32,7 +32,8 @@ struct Args {
     /// Quiet time after the last fault, before the views are judged.
     #[arg(long, env = "HARNESS_QUIET", default_value = "8s", value_parser = humantime::parse_duration)]
     quiet: Duration,
-    /// Write each run's history as JSON here (`<seed>.json`).
+    /// Write each run's history as JSON here (`<seed>.json`), and the
+    /// controllers' logs (`<seed>-controller-<i>.log`).
     #[arg(long, env = "HARNESS_HISTORY_DIR")]
     history_dir: Option<PathBuf>,
     /// Run nothing: check the histories kept in this directory again (after
@@ -53,10 +54,11 @@ fn recheck(dir: &std::path::Path) -> Result<()> {
         let h: reliability::history::History = serde_json::from_slice(&std::fs::read(p)?)?;
         let r = check(&h, &Bounds::default());
         println!(
-            "seed {}: faults {:?}; calls {}; violations {}",
+            "seed {}: faults {:?}; calls {}; controller deletions {}; violations {}",
             h.seed,
             h.faults_by_kind(),
             h.calls.len(),
+            h.deletions.len(),
             r.violations.len()
         );
         for v in &r.violations {
@@ -86,6 +88,7 @@ async fn main() -> Result<()> {
     for seed in args.seed..args.seed + args.runs {
         let mut cfg = WorldConfig::new(seed, args.duration);
         cfg.quiet = args.quiet;
+        cfg.log_dir = args.history_dir.clone();
         // SIGINT or SIGTERM drops the run (its processes are killed on
         // drop) and ends the batch.
         let mut term = signal(SignalKind::terminate())?;
@@ -115,11 +118,12 @@ async fn main() -> Result<()> {
         let calls: usize = h.calls.len();
         let failed_calls = h.calls.iter().filter(|c| !c.ok).count();
         println!(
-            "seed {seed}: faults {:?}; calls {calls} ({failed_calls} failed; by client {:?}); etcd events {}; view changes {}; violations {}",
+            "seed {seed}: faults {:?}; calls {calls} ({failed_calls} failed; by client {:?}); etcd events {}; view changes {}; controller deletions {}; violations {}",
             h.faults_by_kind(),
             calls_by_client(&h),
             h.etcd.len(),
             h.views.len(),
+            h.deletions.len(),
             r.violations.len()
         );
         for v in &r.violations {
