@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use common::{fast_config, greet_server, Ctl};
+use common::{fast_config, greet_server, operate as ctl_cmd, Ctl};
 use envoy_types::pb::envoy::config::core::v3::HealthStatus;
 use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
@@ -23,19 +23,6 @@ use greet_proto::{GreetClient, GreetRequest};
 use prost::Message;
 
 const SVC: &str = "greet_service";
-
-/// Runs `controller <args>` against `etcd`; (exit code, stdout, stderr).
-fn ctl_cmd(etcd: &Etcd, args: &[&str]) -> Result<(i32, String, String)> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_controller"))
-        .args(args)
-        .env("ETCD_ENDPOINTS", etcd.endpoint())
-        .output()?;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
-}
 
 /// Calls back to back on a few tasks, recording (time, server, ok).
 type Log = Arc<Mutex<Vec<(Instant, String, bool)>>>;
