@@ -23,6 +23,13 @@ use crate::member::{ser_time, Members, Tracked};
 /// that nothing would put back.
 pub const LEASELESS_FAILURES: u32 = 2;
 
+/// Failed probes in a row a leased key needs, besides `--dead-after` since
+/// the first, before it is stale: time alone is not enough, since passes
+/// slowed by etcd trouble (lease lookups waiting on an isolated member)
+/// can space two failed probes more than `--dead-after` apart, and two
+/// probes lost to a busy host must not delete a live server.
+pub const UNREACHABLE_FAILURES: u32 = 3;
+
 /// Why an entry is stale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -160,7 +167,9 @@ pub fn plan(
             let since = p.failing_since.unwrap_or(now);
             let reason = if p.consecutive_failures >= LEASELESS_FAILURES && t.entry.lease == 0 {
                 Some(Reason::NoLeaseUnreachable)
-            } else if failing && now.saturating_duration_since(since) >= policy.dead_after {
+            } else if p.consecutive_failures >= UNREACHABLE_FAILURES
+                && now.saturating_duration_since(since) >= policy.dead_after
+            {
                 Some(Reason::Unreachable)
             } else if t
                 .invalid_since
@@ -327,6 +336,40 @@ mod tests {
         m
     }
 
+    /// Seed 328 of the robustness harness: the leader deleted a live
+    /// server after two failed probes that its passes, slowed by an
+    /// isolated etcd member, had spaced more than `--dead-after` apart.
+    /// Time alone is not enough: a leased key needs a run of failures too.
+    #[test]
+    fn two_failed_probes_far_apart_are_not_a_dead_server() {
+        let now = Instant::now() + Duration::from_secs(60);
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let member = |failures| Arb {
+            svc: 0,
+            port: 1,
+            lease: true,
+            invalid_for: None,
+            probed: Some(false),
+            failures,
+            failing_for: 30,
+            probed_current: true,
+        };
+        let policy = Policy {
+            dead_after: Duration::from_secs(10),
+            budget: Budget::Count(5),
+            max_unhealthy_ratio: 1.0,
+        };
+        let plan_for = |failures| {
+            let members = members(&[member(failures)], now);
+            super::plan(&members, &Valves::default(), &policy, now, wall)
+                .0
+                .deletions
+                .len()
+        };
+        assert_eq!(plan_for(2), 0, "two failures, however far apart");
+        assert_eq!(plan_for(UNREACHABLE_FAILURES), 1);
+    }
+
     proptest! {
         /// Whatever the members, the previous valves and the budget: every
         /// deletion is of a member present, at the revision its probe saw,
@@ -388,9 +431,11 @@ mod tests {
                     Reason::NoLeaseUnreachable => {
                         t.entry.lease == 0 && p.consecutive_failures >= LEASELESS_FAILURES
                     }
-                    Reason::Unreachable => p
-                        .failing_since
-                        .is_some_and(|s| now.duration_since(s) >= policy.dead_after),
+                    Reason::Unreachable => {
+                        p.consecutive_failures >= UNREACHABLE_FAILURES
+                            && p.failing_since
+                                .is_some_and(|s| now.duration_since(s) >= policy.dead_after)
+                    }
                     Reason::InvalidValue => t
                         .invalid_since
                         .is_some_and(|s| now.duration_since(s) >= policy.dead_after),

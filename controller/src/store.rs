@@ -468,6 +468,17 @@ mod tests {
             t4,
             |p| if p == 1 { dead() } else { Outcome::Serving },
         );
+        // Two failed probes, however far apart, are not enough (seed 328
+        // of the harness): a third in a row makes it stale.
+        assert!(store
+            .plan(&policy(), t4, SystemTime::now())
+            .deletions
+            .is_empty());
+        pass(
+            &store,
+            t4,
+            |p| if p == 1 { dead() } else { Outcome::Serving },
+        );
         let plan = store.plan(&policy(), t4, SystemTime::now());
         assert_eq!(plan.deletions.len(), 1);
         assert_eq!(plan.deletions[0].reason, Reason::Unreachable);
@@ -637,6 +648,7 @@ mod tests {
         }
         let t1 = t0 + Duration::from_secs(11);
         pass(&store, t0, |_| dead());
+        pass(&store, t1, |_| dead());
         pass(&store, t1, |_| dead());
         let plan = store.plan(&policy(), t1, SystemTime::now());
         assert!(plan.deletions.is_empty(), "{:?}", plan.deletions);
