@@ -71,7 +71,7 @@ use tracing::{debug, info, warn};
 use crate::body::{read_whole, replayable, Read, Replay, RESPONSE_CAP};
 use crate::budget::{RetryBudget, RetryBudgetConfig};
 use crate::conn::{Conn, Dialer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
-use crate::hedge::{Hedger, HedgingConfig};
+use crate::hedge::{Hedger, Hedgers, HedgingConfig};
 use crate::load::Load;
 use crate::metrics::{ClientMetrics, EndpointMetrics, RetryReason};
 use crate::outlier::{verdict, Ejector, OutlierConfig, Tracker, Verdict};
@@ -300,8 +300,9 @@ struct Inner {
     changes: tokio::sync::watch::Sender<u64>,
     /// Attempts in flight on all endpoints (load-aware picker only).
     in_flight: std::sync::atomic::AtomicU32,
-    /// Recent latency and the hedging delay, when hedging.
-    hedger: Option<Hedger>,
+    /// Recent latency and the hedging delay of each retryable method,
+    /// when hedging.
+    hedgers: Option<Hedgers>,
 }
 
 /// A cheap-to-clone handle; every clone balances over the same pool.
@@ -346,7 +347,9 @@ impl Balancer {
                 let me = me.clone();
                 Inner {
                     budget: cfg.retry_budget.as_ref().map(RetryBudget::new),
-                    hedger: cfg.hedging.map(Hedger::new),
+                    hedgers: cfg
+                        .hedging
+                        .map(|h| Hedgers::new(h, &cfg.retry.retryable_methods)),
                     ejector: Arc::new(move |addr: &Addr, generation: u64| {
                         if let Some(inner) = me.upgrade() {
                             Balancer { inner }.eject(addr, generation);
@@ -1016,8 +1019,8 @@ impl Balancer {
                 *req.extensions_mut() = ext;
             }
             let first = avoid.is_none() && tries == Tries::default();
-            let (addr, outcome) = match &self.inner.hedger {
-                Some(h) if retryable && first => self.hedged(h, picked, req, make, deadline).await,
+            let (addr, outcome) = match self.hedger(parts.uri.path(), retryable) {
+                Some(h) if first => self.hedged(h, picked, req, make, deadline).await,
                 _ => {
                     let addr = picked.addr.clone();
                     (addr, self.attempt(picked, req, retryable, deadline).await)
@@ -1061,6 +1064,16 @@ impl Balancer {
         }
     }
 
+    /// The hedging record of the method at `path`, when hedging and the
+    /// call is retryable.
+    fn hedger(&self, path: &str, retryable: bool) -> Option<&Hedger> {
+        self.inner
+            .hedgers
+            .as_ref()
+            .filter(|_| retryable)
+            .and_then(|h| h.get(path))
+    }
+
     /// Sends one attempt to the picked endpoint and says what happened.
     /// Marks the endpoint down on connection-level evidence only, and feeds
     /// its metrics and failure streak.
@@ -1093,7 +1106,7 @@ impl Balancer {
         }
         // The clock is read only for what needs it: latency metrics, the
         // load-aware picker and the per-try bound.
-        let hedger = self.inner.hedger.as_ref().filter(|_| retryable);
+        let hedger = self.hedger(req.uri().path(), retryable);
         let sent_at =
             (metrics.is_some() || per_try.is_some() || load.is_some() || hedger.is_some())
                 .then(Instant::now);

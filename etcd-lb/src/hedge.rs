@@ -6,8 +6,14 @@
 //! - Only for methods listed as retryable (idempotent) whose request fits
 //!   the replay buffer, and only on a call's first attempt.
 //! - The delay is a quantile (default the 95th percentile) of the
-//!   balancer's recent answered attempts, at least [`HedgingConfig::min_delay`];
-//!   until enough answers are seen (64), no hedge is sent.
+//!   method's recent answered attempts, at least [`HedgingConfig::min_delay`];
+//!   until enough answers of that method are seen (64), no hedge is sent.
+//!   Each retryable method keeps its own record: a slow method (a report,
+//!   a scan) would otherwise set the delay of a fast one so high that the
+//!   fast one's stalls were never hedged, and a fast method would make the
+//!   slow one's every call look like a tail. The methods are the retry
+//!   policy's list, fixed when the balancer is made, so the records are
+//!   bounded by it (no path a caller sends creates one).
 //! - Every hedge withdraws from the retry budget like a retry, so a slow
 //!   fleet (every call past the delay) gets at most the budget's share of
 //!   extra attempts, never twice its load.
@@ -17,6 +23,7 @@
 //! it follows recent traffic; the quantile is recomputed every 256
 //! answers. Recording costs one atomic increment.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -57,7 +64,31 @@ const RECOMPUTE: u32 = 256;
 /// The histogram is halved every this many answers.
 const HALVE: u32 = 4096;
 
-/// Recent attempt latency and the hedging delay taken from it.
+/// One [`Hedger`] per retryable method (by its path, `/pkg.Service/Method`).
+#[derive(Debug)]
+pub(crate) struct Hedgers {
+    by_path: HashMap<String, Hedger>,
+}
+
+impl Hedgers {
+    /// A record for each of `paths` (the retry policy's idempotent methods).
+    pub(crate) fn new<'a>(cfg: HedgingConfig, paths: impl IntoIterator<Item = &'a String>) -> Self {
+        Self {
+            by_path: paths
+                .into_iter()
+                .map(|p| (p.clone(), Hedger::new(cfg)))
+                .collect(),
+        }
+    }
+
+    /// The record of the method at `path`; `None` for a method not listed
+    /// (never hedged).
+    pub(crate) fn get(&self, path: &str) -> Option<&Hedger> {
+        self.by_path.get(path)
+    }
+}
+
+/// Recent attempt latency of one method and the hedging delay taken from it.
 #[derive(Debug)]
 pub(crate) struct Hedger {
     cfg: HedgingConfig,
@@ -231,6 +262,23 @@ mod tests {
         }
         let d = h.delay().expect("warm");
         assert!(d >= 1800 * MS / 1000 && d < 3 * MS, "{d:?}");
+    }
+
+    #[test]
+    fn each_method_keeps_its_own_delay() {
+        let paths = ["/g.G/Fast".to_string(), "/g.G/Slow".to_string()];
+        let h = Hedgers::new(HedgingConfig::default(), &paths);
+        // Interleaved, as calls of both would come: one shared record
+        // would put the fast method's delay at the slow one's latency.
+        for _ in 0..1000 {
+            h.get("/g.G/Fast").expect("listed").record(2 * MS);
+            h.get("/g.G/Slow").expect("listed").record(40 * MS);
+        }
+        let fast = h.get("/g.G/Fast").and_then(Hedger::delay).expect("warm");
+        let slow = h.get("/g.G/Slow").and_then(Hedger::delay).expect("warm");
+        assert!(fast >= 2 * MS && fast < 3 * MS, "{fast:?}");
+        assert!(slow >= 40 * MS && slow < 48 * MS, "{slow:?}");
+        assert!(h.get("/g.G/Other").is_none(), "unlisted methods get none");
     }
 
     #[test]

@@ -137,3 +137,85 @@ async fn when_every_call_is_slow_hedges_stay_within_the_budget() -> Result<()> {
     );
     Ok(())
 }
+
+/// Morning takes 20 ms everywhere; Night answers at once, except on
+/// `stuck` (about 2 % of the calls), where it takes 8 ms. Each method has
+/// its own hedging delay: Night's is about a millisecond, so its stalls on
+/// `stuck` are hedged and won elsewhere. One delay over both methods would
+/// sit near Morning's 20 ms (a quarter of the calls), and Night's 8 ms
+/// stalls would never be hedged.
+#[derive(Clone)]
+struct TwoSpeeds {
+    from: &'static str,
+    night: Duration,
+}
+
+#[tonic::async_trait]
+impl greet_proto::Greet for TwoSpeeds {
+    async fn morning(
+        &self,
+        _: tonic::Request<GreetRequest>,
+    ) -> Result<tonic::Response<greet_proto::GreetResponse>, tonic::Status> {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(tonic::Response::new(greet_proto::GreetResponse {
+            message: "morning".into(),
+            from: self.from.into(),
+        }))
+    }
+
+    async fn night(
+        &self,
+        _: tonic::Request<GreetRequest>,
+    ) -> Result<tonic::Response<greet_proto::GreetResponse>, tonic::Status> {
+        if !self.night.is_zero() {
+            tokio::time::sleep(self.night).await;
+        }
+        Ok(tonic::Response::new(greet_proto::GreetResponse {
+            message: "night".into(),
+            from: self.from.into(),
+        }))
+    }
+}
+
+#[tokio::test]
+async fn each_method_is_hedged_after_its_own_delay() -> Result<()> {
+    let mut registry = Registry::default();
+    let bal = balancer(&mut registry, &[MORNING, NIGHT]);
+    for (from, night, weight) in [
+        ("stuck", Duration::from_millis(8), 4),
+        ("a", Duration::ZERO, 100),
+        ("b", Duration::ZERO, 100),
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = Addr::from_socket(listener.local_addr()?);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(GreetServer::new(TwoSpeeds { from, night }))
+                .serve_with_incoming(TcpIncoming::from(listener)),
+        );
+        bal.upsert(&addr, weight, "");
+    }
+    // Both methods interleaved, as one client's mixed traffic: warm-up
+    // (64 answers of each) then the measured calls.
+    let mut c = GreetClient::new(bal.clone());
+    let mut stuck_answered_night = 0;
+    for i in 0..800 {
+        let req = GreetRequest { name: "t".into() };
+        if i % 4 == 0 {
+            c.morning(req).await?;
+        } else {
+            let from = c.night(req).await?.into_inner().from;
+            if i >= 200 && from == "stuck" {
+                stuck_answered_night += 1;
+            }
+        }
+    }
+    let won = sample(&registry, "lb_hedges_won_total{");
+    eprintln!("hedges won {won}, `stuck` answered {stuck_answered_night} Night calls");
+    assert!(
+        won >= 4.0,
+        "Night's stalls on `stuck` hedged and won elsewhere: won {won}, \
+         `stuck` still answered {stuck_answered_night} Night calls"
+    );
+    Ok(())
+}
