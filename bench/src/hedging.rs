@@ -45,6 +45,14 @@ fn hedging_config() -> HedgingConfig {
     c
 }
 
+/// The 1-minute load average, to say how quiet the machine was.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// Morning calls the servers started, from their `/metrics`.
 async fn started_at_servers(metrics: &[std::net::SocketAddr]) -> Result<f64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -210,9 +218,13 @@ pub async fn run(secs: f64, rounds: usize) -> Result<Table> {
         ],
     );
     let mut merged: Vec<Option<Run>> = vec![None, None];
+    let load_before = load_average();
+    let mut cuts = Vec::new();
     for _ in 0..rounds {
+        let mut p999 = [0u64; 2];
         for (i, hedging) in [false, true].into_iter().enumerate() {
             let r = run_one(&addrs, &metrics, hedging, secs).await?;
+            p999[i] = r.hist.value_at_quantile(0.999);
             match &mut merged[i] {
                 None => merged[i] = Some(r),
                 Some(m) => {
@@ -228,6 +240,7 @@ pub async fn run(secs: f64, rounds: usize) -> Result<Table> {
                 }
             }
         }
+        cuts.push(p999[0] as f64 / p999[1].max(1) as f64);
     }
     let ms = |us: u64| format!("{:.2} ms", us as f64 / 1e3);
     for (i, name) in ["off", "on"].iter().enumerate() {
@@ -248,6 +261,20 @@ pub async fn run(secs: f64, rounds: usize) -> Result<Table> {
     t.note(format!(
         "{rounds} rounds of off then on, {secs} s each after 200 sequential warm-up calls; \
          attempts counted at the servers (grpc_server_started_total) and by the client (lb_attempts_total)"
+    ));
+    if let [Some(off), Some(on)] = &merged[..] {
+        let per_round: Vec<String> = cuts.iter().map(|c| format!("{c:.1}x")).collect();
+        t.note(format!(
+            "p99.9 cut (off / on): {:.1}x over all rounds; per round {}",
+            off.hist.value_at_quantile(0.999) as f64
+                / on.hist.value_at_quantile(0.999).max(1) as f64,
+            per_round.join(", ")
+        ));
+    }
+    t.note(format!(
+        "load average (1 min) before / after: {load_before} / {}: the hedged tail is the \
+         hedging delay plus a second attempt, both stretched on a machine shared with builds",
+        load_average()
     ));
     t.note(format!("hedging: {:?}", hedging_config()));
     t.note("target (issue 34): p99.9 at least 10x lower with hedging, at most 5 % extra attempts");
