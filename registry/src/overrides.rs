@@ -25,6 +25,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio::time::Instant;
+
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -32,8 +34,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::backoff::Backoff;
-use crate::etcd::EtcdConfig;
+use crate::etcd::{EtcdConfig, EtcdError};
 use crate::schema::{self, Addr, SchemaError, ServiceName, MAX_WEIGHT};
+use crate::session::Session;
 use crate::watcher::Entry;
 
 pub mod split;
@@ -319,6 +322,15 @@ impl Overrides {
     }
 }
 
+/// Each etcd request's bound.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the watch asks etcd for a progress notice.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
+/// A watch that has answered nothing (no event, no progress notice) for
+/// this long is taken as stuck on a member that cannot serve it: it is
+/// ended and the overrides are listed again from the next member.
+const SILENCE: Duration = Duration::from_secs(6);
+
 /// Keeps the overrides under `root` (of `service` only, when given:
 /// its endpoints' overrides and its split) current from etcd until
 /// `cancel`: list, then watch from the list's revision; relist after any
@@ -326,6 +338,17 @@ impl Overrides {
 /// ([`first_list`]). While etcd is unreachable the last known overrides
 /// stay (an operator's drain is not undone by an outage). Invalid values
 /// are ignored with a warning naming the key.
+///
+/// A member cut off from its peers would keep a watch open and silent, and
+/// an operator's drain written through the majority would not be seen until
+/// the partition healed. So, as the registry's watcher does, requests and
+/// the watch ask for etcd's leader (the member cancels the watch when it
+/// loses it), the watch asks for progress notices every
+/// [`PROGRESS_INTERVAL`], and a watch silent for [`SILENCE`] (a paused
+/// member answers nothing at all) is ended; each break moves to the next
+/// member and lists again. Listing again from scratch after every break
+/// also covers an etcd wiped or restored from a snapshot: the new list is
+/// the truth, whatever its revision.
 ///
 /// # Panics
 /// Outside a Tokio runtime.
@@ -338,6 +361,7 @@ pub fn spawn_watch(
     let (tx, rx) = watch::channel(Arc::new(Overrides::default()));
     tokio::spawn(async move {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut session = Session::new(etcd.require_leader()).with_timeout(REQUEST_TIMEOUT);
         let prefix = match &service {
             Some(s) => service_dir(&root, s),
             None => root.clone(),
@@ -345,7 +369,7 @@ pub fn spawn_watch(
         loop {
             let ended = tokio::select! {
                 () = cancel.cancelled() => return,
-                r = follow(&etcd, &root, &prefix, &tx, &mut backoff) => r,
+                r = follow(&mut session, &root, &prefix, &tx, &mut backoff) => r,
             };
             if let Err(e) = ended {
                 debug!(error = %e, "override watch ended; listing again");
@@ -392,19 +416,22 @@ fn apply_kv(map: &mut Overrides, root: &str, key: &[u8], value: Option<&[u8]>) {
     }
 }
 
-/// One list + watch; returns when the watch breaks.
+/// One list + watch; returns when the watch breaks, is cancelled (a member
+/// without a leader cancels it) or stays silent for [`SILENCE`].
 async fn follow(
-    etcd: &EtcdConfig,
+    session: &mut Session,
     root: &str,
     prefix: &str,
     tx: &watch::Sender<Arc<Overrides>>,
     backoff: &mut Backoff,
-) -> Result<(), etcd_client::Error> {
-    let Ok(mut client) = etcd.connect().await else {
-        return Ok(());
-    };
-    let resp = client
-        .get(prefix, Some(GetOptions::new().with_prefix()))
+) -> Result<(), EtcdError> {
+    let client = session.client().await?;
+    let resp = session
+        .bounded(
+            client
+                .kv_client()
+                .get(prefix, Some(GetOptions::new().with_prefix())),
+        )
         .await?;
     let revision = resp.header().map_or(0, |h| h.revision());
     let mut map = Overrides::default();
@@ -412,19 +439,47 @@ async fn follow(
         apply_kv(&mut map, root, kv.key(), Some(kv.value()));
     }
     tx.send_replace(Arc::new(map.clone()));
-    let mut stream = client
-        .watch(
-            prefix,
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(revision + 1),
+    let mut stream = session
+        .bounded(
+            client.watch_client().watch(
+                prefix,
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_progress_notify()
+                        .with_start_revision(revision + 1),
+                ),
             ),
         )
         .await?;
     backoff.reset();
-    while let Some(resp) = stream.message().await? {
-        if resp.compact_revision() > 0 || resp.canceled() {
+    let mut heard = Instant::now();
+    loop {
+        let msg = tokio::select! {
+            msg = stream.message() => msg,
+            () = tokio::time::sleep(PROGRESS_INTERVAL) => {
+                if heard.elapsed() >= SILENCE {
+                    session.reset();
+                    return Err(EtcdError::Timeout(SILENCE));
+                }
+                stream.request_progress().await.map_err(|e| session.check(e))?;
+                continue;
+            }
+        };
+        let Some(resp) = msg.map_err(|e| session.check(e))? else {
+            return Ok(());
+        };
+        heard = Instant::now();
+        if resp.canceled() {
+            // No leader on this member (or compaction): another member.
+            debug!(
+                reason = resp.cancel_reason(),
+                "override watch cancelled by etcd"
+            );
+            session.reset();
+            return Ok(());
+        }
+        if resp.compact_revision() > 0 {
             return Ok(());
         }
         if resp.events().is_empty() {
@@ -439,7 +494,6 @@ async fn follow(
         }
         tx.send_replace(Arc::new(map.clone()));
     }
-    Ok(())
 }
 
 #[cfg(test)]
