@@ -10,20 +10,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use tokio::time::Instant;
-use xds_common::{Fleet, Grpcio, SERVICE};
-
-fn operate(fleet: &Fleet, args: &[&str]) -> Result<()> {
-    let out = std::process::Command::new(etcd_lb_testkit::bin_path("controller"))
-        .args(args)
-        .args(["--etcd-endpoints", &fleet.etcd.endpoint()])
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "controller {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
+use xds_common::{operate, Fleet, Grpcio, SERVICE};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn grpcio_over_xds_follows_an_operators_drain_within_a_second() -> Result<()> {
@@ -32,7 +19,10 @@ async fn grpcio_over_xds_follows_an_operators_drain_within_a_second() -> Result<
     client.until_every_server_picked(&fleet).await?;
     let drained = fleet.addr(2).to_owned();
 
-    operate(&fleet, &["drain", SERVICE, &drained, "--reason", "xds"])?;
+    operate(
+        &fleet.etcd,
+        &["drain", SERVICE, &drained, "--reason", "xds"],
+    )?;
     let at = Instant::now();
     // Calls go on meanwhile; none may fail.
     let mut failed = 0;
@@ -55,7 +45,7 @@ async fn grpcio_over_xds_follows_an_operators_drain_within_a_second() -> Result<
     ensure!(failed == 0, "{failed} calls failed across the drain");
     ensure!(total > 300, "too few calls to judge: {total}");
 
-    operate(&fleet, &["undrain", SERVICE, &drained])?;
+    operate(&fleet.etcd, &["undrain", SERVICE, &drained])?;
     let at = Instant::now();
     loop {
         let started = at.elapsed();

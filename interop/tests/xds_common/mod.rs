@@ -31,33 +31,54 @@ pub fn key(addr: &str) -> String {
 /// Starts a greet-server at `weight` with lease TTL `ttl` and waits until
 /// it listens.
 pub async fn server(etcd: &Etcd, weight: u32, ttl: &str) -> Result<Server> {
-    server_with(etcd, weight, ttl, "/ns/").await
+    server_with(etcd, weight, ttl, "/ns/", &[]).await
+}
+
+/// A greet-server at `weight` that registers `version` (for version
+/// splits).
+pub async fn versioned_server(etcd: &Etcd, weight: u32, version: &str) -> Result<Server> {
+    server_with(
+        etcd,
+        weight,
+        "300s",
+        "/ns/",
+        &["--service-version", version],
+    )
+    .await
 }
 
 /// A greet-server that registers under `prefix` (not the watched one), so
 /// a test can register its address by hand and delete it for good.
 pub async fn server_on_prefix(etcd: &Etcd, prefix: &str) -> Result<Server> {
-    server_with(etcd, 100, "300s", prefix).await
+    server_with(etcd, 100, "300s", prefix, &[]).await
 }
 
-async fn server_with(etcd: &Etcd, weight: u32, ttl: &str, prefix: &str) -> Result<Server> {
+async fn server_with(
+    etcd: &Etcd,
+    weight: u32,
+    ttl: &str,
+    prefix: &str,
+    extra: &[&str],
+) -> Result<Server> {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "--listen".to_owned(),
+        addr.clone(),
+        "--etcd-endpoints".to_owned(),
+        etcd.endpoint(),
+        "--weight".to_owned(),
+        weight.to_string(),
+        "--ttl".to_owned(),
+        ttl.to_owned(),
+        "--prefix".to_owned(),
+        prefix.to_owned(),
+    ];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
     let proc = Proc::spawn(
         &format!("greet-server:{port}"),
         bin_path("greet-server"),
-        &[
-            "--listen".to_owned(),
-            addr.clone(),
-            "--etcd-endpoints".to_owned(),
-            etcd.endpoint(),
-            "--weight".to_owned(),
-            weight.to_string(),
-            "--ttl".to_owned(),
-            ttl.to_owned(),
-            "--prefix".to_owned(),
-            prefix.to_owned(),
-        ],
+        &args,
         &[],
     )?;
     eventually(Duration::from_secs(15), "server listening", || async {
@@ -97,6 +118,22 @@ pub fn controller(etcd: &Etcd, xds_port: u16) -> Result<Controller> {
         &[("RUST_LOG", "info,controller::xds=debug")],
     )?;
     Ok(Controller { http, xds, proc })
+}
+
+/// Runs the controller binary's operator command `args` against `etcd`
+/// (drain, split, ...); its standard output; an error with its standard
+/// error when it fails.
+pub fn operate(etcd: &Etcd, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(bin_path("controller"))
+        .args(args)
+        .args(["--etcd-endpoints", &etcd.endpoint()])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "controller {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Writes the bootstrap the generator prints for `xds` into `dir`.
@@ -227,9 +264,10 @@ impl Grpcio {
             .write_all(format!("{command}\n").as_bytes())
             .await?;
         self.stdin.flush().await?;
-        let line = tokio::time::timeout(Duration::from_secs(120), self.lines.next_line())
+        // Long enough for the 150,000-call split run by hand.
+        let line = tokio::time::timeout(Duration::from_secs(600), self.lines.next_line())
             .await
-            .context("grpcio batch took over 120 s")??;
+            .context("grpcio batch took over 600 s")??;
         let Some(line) = line else {
             bail!("grpcio client exited: {:?}", self.child.try_wait());
         };
