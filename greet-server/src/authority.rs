@@ -151,15 +151,10 @@ mod tests {
     use loona_hpack::{Decoder, Encoder};
     use tokio::io::AsyncReadExt;
 
-    use super::rewriter::{Mode, MAX_FRAME, PREFACE};
+    use super::rewriter::{
+        Mode, CONTINUATION, END_HEADERS, END_STREAM, HEADERS, MAX_FRAME, PADDED, PREFACE, PRIORITY,
+    };
     use super::*;
-
-    const HEADERS: u8 = 0x1;
-    const CONTINUATION: u8 = 0x9;
-    const END_STREAM: u8 = 0x1;
-    const END_HEADERS: u8 = 0x4;
-    const PADDED: u8 = 0x8;
-    const PRIORITY: u8 = 0x20;
 
     fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let len = payload.len();

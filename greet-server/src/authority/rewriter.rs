@@ -54,15 +54,23 @@ const FRAME_HEADER: usize = 9;
 /// The most a header block may take on the wire, frame headers included:
 /// [`MAX_HEADER_LIST`] in up to 16 frames.
 const MAX_BLOCK_WIRE: usize = MAX_HEADER_LIST + 16 * FRAME_HEADER;
-const HEADERS: u8 = 0x1;
-const CONTINUATION: u8 = 0x9;
-const PUSH_PROMISE: u8 = 0x5;
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const PADDED: u8 = 0x8;
-const PRIORITY: u8 = 0x20;
-/// An HPACK dynamic table size update to `TABLE_SIZE + 1`: h2 refuses it.
-const SIZE_UPDATE_OVER_LIMIT: [u8; 3] = [0x3f, 0xe2, 0x1f];
+/// HTTP/2 frame types (RFC 9113 section 6) the rewriter reads.
+pub const HEADERS: u8 = 0x1;
+/// The frame type that continues a header block.
+pub const CONTINUATION: u8 = 0x9;
+/// The frame type that carries a pushed request's header block.
+pub const PUSH_PROMISE: u8 = 0x5;
+/// HEADERS flag: the stream ends with this block.
+pub const END_STREAM: u8 = 0x1;
+/// HEADERS, PUSH_PROMISE and CONTINUATION flag: the block ends here.
+pub const END_HEADERS: u8 = 0x4;
+/// HEADERS and PUSH_PROMISE flag: a pad length leads the payload.
+pub const PADDED: u8 = 0x8;
+/// HEADERS flag: five bytes of priority lead the block.
+pub const PRIORITY: u8 = 0x20;
+/// An HPACK dynamic table size update to `TABLE_SIZE + 1`: h2 refuses it,
+/// so the layer's closing block carries it.
+pub const SIZE_UPDATE_OVER_LIMIT: [u8; 3] = [0x3f, 0xe2, 0x1f];
 
 /// Where the rewriter stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

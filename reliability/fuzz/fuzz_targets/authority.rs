@@ -27,16 +27,10 @@ mod rewriter;
 
 use httlib_hpack::Decoder;
 use libfuzzer_sys::fuzz_target;
-use rewriter::{Mode, Rewriter, MAX_FRAME, MAX_HEADER_LIST, PREFACE, TABLE_SIZE};
-
-const HEADERS: u8 = 0x1;
-const CONTINUATION: u8 = 0x9;
-const PUSH_PROMISE: u8 = 0x5;
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const PADDED: u8 = 0x8;
-const PRIORITY: u8 = 0x20;
-const CLOSE: [u8; 3] = [0x3f, 0xe2, 0x1f];
+use rewriter::{
+    Mode, Rewriter, CONTINUATION, END_HEADERS, END_STREAM, HEADERS, MAX_FRAME, MAX_HEADER_LIST,
+    PADDED, PREFACE, PRIORITY, PUSH_PROMISE, SIZE_UPDATE_OVER_LIMIT as CLOSE, TABLE_SIZE,
+};
 
 type List = Vec<(Vec<u8>, Vec<u8>)>;
 
