@@ -7,7 +7,7 @@
 //! cancelled losers too) and by the client (`lb_attempts_total`), and
 //! hedges sent and won.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Result;
 use etcd_lb::metrics::ClientMetrics;
@@ -118,49 +118,23 @@ async fn run_one(
         total(&registry, "lb_hedges_total{"),
         total(&registry, "lb_hedges_won_total{"),
     );
-    let end = Instant::now() + Duration::from_secs_f64(secs);
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..16)
-        .map(|_| {
-            let mut c = GreetClient::new(bal.clone());
-            tokio::spawn(async move {
-                let mut h = Histogram::<u64>::new(3).expect("3 digits is valid");
-                let (mut n, mut errors) = (0u64, 0u64);
-                while Instant::now() < end {
-                    let t = Instant::now();
-                    let mut req = tonic::Request::new(GreetRequest {
-                        name: "tail".into(),
-                    });
-                    req.set_timeout(Duration::from_secs(5));
-                    match c.morning(req).await {
-                        Ok(_) => {
-                            n += 1;
-                            let _ = h.record(t.elapsed().as_micros() as u64);
-                        }
-                        Err(_) => errors += 1,
-                    }
-                }
-                (n, errors, h)
-            })
-        })
-        .collect();
+    let timed = crate::timed::drive(
+        GreetClient::new(bal.clone()),
+        16,
+        secs,
+        Some(Duration::from_secs(5)),
+    )
+    .await;
     let mut run = Run {
         server_attempts: 0.0,
-        calls: 0,
-        rps: 0.0,
-        errors: 0,
-        hist: Histogram::<u64>::new(3)?,
+        calls: timed.calls,
+        rps: timed.rps,
+        errors: timed.errors,
+        hist: timed.hist,
         attempts: 0.0,
         hedges: 0.0,
         won: 0.0,
     };
-    for t in tasks {
-        let (n, e, h) = t.await?;
-        run.calls += n;
-        run.errors += e;
-        run.hist.add(&h)?;
-    }
-    run.rps = run.calls as f64 / start.elapsed().as_secs_f64();
     // The losers' cancellations reach the servers a moment later.
     tokio::time::sleep(Duration::from_millis(200)).await;
     run.server_attempts = started_at_servers(metrics).await? - s0;

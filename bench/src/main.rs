@@ -14,6 +14,7 @@ mod overhead;
 mod propagation;
 mod round_robin;
 mod stats;
+mod timed;
 mod uneven;
 mod weights;
 

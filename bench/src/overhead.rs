@@ -5,12 +5,10 @@
 //! server of (a), without a `Channel`, (e) plain channels to the three
 //! servers of (c), taken in turn.
 
-use std::time::{Duration, Instant};
-
 use etcd_lb::{Balancer, BalancerConfig, RetryPolicy};
 use etcd_lb_registry::schema::Addr;
 use greet_proto::paths::{MORNING, NIGHT};
-use greet_proto::{GreetClient, GreetRequest, GreetServer};
+use greet_proto::{GreetClient, GreetServer};
 use greet_server::GreetService;
 use hdrhistogram::Histogram;
 use tonic::transport::server::TcpIncoming;
@@ -46,7 +44,7 @@ pub struct Cell {
     pub hist: Histogram<u64>,
 }
 
-/// Drives `concurrency` callers of Morning for `secs`.
+/// Drives `concurrency` callers of Morning for `secs` (no deadline).
 pub async fn drive<T>(client: GreetClient<T>, concurrency: usize, secs: f64) -> Cell
 where
     T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
@@ -56,48 +54,13 @@ where
     <T::ResponseBody as tonic::transport::Body>::Error:
         Into<Box<dyn std::error::Error + Send + Sync>> + Send,
 {
-    let deadline = Instant::now() + Duration::from_secs_f64(secs);
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let mut c = client.clone();
-            tokio::spawn(async move {
-                let mut h = Histogram::<u64>::new(3).expect("3 digits is valid");
-                let (mut n, mut errors) = (0u64, 0u64);
-                while Instant::now() < deadline {
-                    let t = Instant::now();
-                    match c
-                        .morning(GreetRequest {
-                            name: "bench".into(),
-                        })
-                        .await
-                    {
-                        Ok(_) => {
-                            n += 1;
-                            let _ = h.record(t.elapsed().as_micros() as u64);
-                        }
-                        Err(_) => errors += 1,
-                    }
-                }
-                (n, errors, h)
-            })
-        })
-        .collect();
-    let (mut total, mut errors) = (0, 0);
-    let mut hist = Histogram::<u64>::new(3).expect("3 digits is valid");
-    for t in tasks {
-        if let Ok((n, e, h)) = t.await {
-            total += n;
-            errors += e;
-            let _ = hist.add(&h);
-        }
-    }
+    let run = crate::timed::drive(client, concurrency, secs, None).await;
     Cell {
-        rps: total as f64 / start.elapsed().as_secs_f64(),
-        p50: hist.value_at_quantile(0.5),
-        p99: hist.value_at_quantile(0.99),
-        errors,
-        hist,
+        rps: run.rps,
+        p50: run.hist.value_at_quantile(0.5),
+        p99: run.hist.value_at_quantile(0.99),
+        errors: run.errors,
+        hist: run.hist,
     }
 }
 

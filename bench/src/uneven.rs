@@ -16,7 +16,6 @@ use etcd_lb_registry::schema::Addr;
 use etcd_lb_testkit::{bin_path, free_port, Etcd, Proc};
 use greet_proto::paths::{MORNING, NIGHT};
 use greet_proto::{GreetClient, GreetRequest};
-use hdrhistogram::Histogram;
 use tonic::transport::Channel;
 
 use crate::stats::Table;
@@ -85,50 +84,13 @@ where
     <T::ResponseBody as tonic::transport::Body>::Error:
         Into<Box<dyn std::error::Error + Send + Sync>> + Send,
 {
-    let end = Instant::now() + Duration::from_secs_f64(secs);
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let mut c = client.clone();
-            let slow = slow.to_owned();
-            tokio::spawn(async move {
-                let mut h = Histogram::<u64>::new(3).expect("3 digits is valid");
-                let (mut n, mut errors, mut from_slow) = (0u64, 0u64, 0u64);
-                while Instant::now() < end {
-                    let t = Instant::now();
-                    let mut req = tonic::Request::new(GreetRequest {
-                        name: "uneven".into(),
-                    });
-                    req.set_timeout(Duration::from_secs(5));
-                    match c.morning(req).await {
-                        Ok(r) => {
-                            n += 1;
-                            from_slow += u64::from(r.into_inner().from == slow);
-                            let _ = h.record(t.elapsed().as_micros() as u64);
-                        }
-                        Err(_) => errors += 1,
-                    }
-                }
-                (n, errors, from_slow, h)
-            })
-        })
-        .collect();
-    let (mut total, mut errors, mut from_slow) = (0, 0, 0);
-    let mut hist = Histogram::<u64>::new(3).expect("3 digits is valid");
-    for t in tasks {
-        if let Ok((n, e, s, h)) = t.await {
-            total += n;
-            errors += e;
-            from_slow += s;
-            let _ = hist.add(&h);
-        }
-    }
+    let run = crate::timed::drive(client, concurrency, secs, Some(Duration::from_secs(5))).await;
     Run {
-        rps: total as f64 / start.elapsed().as_secs_f64(),
-        p50_us: hist.value_at_quantile(0.5),
-        p99_us: hist.value_at_quantile(0.99),
-        errors,
-        slow_share: from_slow as f64 / total.max(1) as f64,
+        rps: run.rps,
+        p50_us: run.hist.value_at_quantile(0.5),
+        p99_us: run.hist.value_at_quantile(0.99),
+        errors: run.errors,
+        slow_share: run.share_of(slow),
     }
 }
 
