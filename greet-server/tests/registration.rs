@@ -1,35 +1,22 @@
 //! The greet-server binary against a real etcd: registration, recovery,
 //! fencing and ordered shutdown (issue: foundation).
 
+mod common;
+
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
+use common::{morning, TTL};
 use etcd_client::Client;
 use etcd_lb_testkit::{eventually, free_port, Etcd, Proc};
 use greet_proto::{GreetClient, GreetRequest};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
-const TTL: u64 = 4;
-
+/// The binary at version 1.4.2 (the tests check the value it writes).
 fn server(etcd: &str, port: u16, extra: &[&str]) -> Result<Proc> {
-    let mut args = vec![
-        "--listen".to_owned(),
-        format!("127.0.0.1:{port}"),
-        "--etcd-endpoints".to_owned(),
-        etcd.to_owned(),
-        "--ttl".to_owned(),
-        format!("{TTL}s"),
-        "--service-version".to_owned(),
-        "1.4.2".to_owned(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    Proc::spawn(
-        &format!("greet-server:{port}"),
-        env!("CARGO_BIN_EXE_greet-server"),
-        &args,
-        &[("RUST_LOG", "info,registry=debug")],
-    )
+    let args = [&["--service-version", "1.4.2"][..], extra].concat();
+    common::server(etcd, port, &args, &[("RUST_LOG", "info,registry=debug")])
 }
 
 fn key(addr: &str) -> String {
@@ -68,18 +55,6 @@ async fn wait_key(
         async move { read(&mut c, key).await.filter(|r| pred(r)) }
     })
     .await
-}
-
-async fn morning(port: u16) -> Result<String> {
-    let mut c = GreetClient::connect(format!("http://127.0.0.1:{port}")).await?;
-    let r = c
-        .morning(GreetRequest {
-            name: "JetWu".into(),
-        })
-        .await?
-        .into_inner();
-    ensure!(r.message == "Good morning, JetWu", "reply {r:?}");
-    Ok(r.from)
 }
 
 #[tokio::test]

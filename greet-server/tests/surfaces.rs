@@ -6,43 +6,20 @@
 //! - a client that connects after the server stopped accepting (point 6)
 //!   is refused or answered at once, never left hanging.
 
+mod common;
+
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use common::morning;
 use etcd_lb_testkit::{eventually, free_port, Etcd, Proc};
-use greet_proto::{GreetClient, GreetRequest};
+use greet_proto::GreetClient;
 use nix::sys::signal::Signal;
 
 fn server(etcd: &Etcd, port: u16, extra: &[&str]) -> Result<Proc> {
-    let mut args = vec![
-        "--listen".to_owned(),
-        format!("127.0.0.1:{port}"),
-        "--etcd-endpoints".to_owned(),
-        etcd.endpoint(),
-        "--ttl".to_owned(),
-        "4s".to_owned(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    Proc::spawn(
-        &format!("greet-server:{port}"),
-        env!("CARGO_BIN_EXE_greet-server"),
-        &args,
-        &[],
-    )
-}
-
-async fn morning(port: u16) -> Result<String> {
-    let mut c = GreetClient::connect(format!("http://127.0.0.1:{port}")).await?;
-    let r = c
-        .morning(GreetRequest {
-            name: "JetWu".into(),
-        })
-        .await?
-        .into_inner();
-    ensure!(r.message == "Good morning, JetWu", "reply {r:?}");
-    Ok(r.from)
+    common::server(&etcd.endpoint(), port, extra, &[])
 }
 
 async fn serving(srv: &Proc, port: u16) -> Result<()> {
