@@ -6,6 +6,9 @@
 #   e2e/clean-root.sh            # setup.sh demo in a minbase bookworm root, its checks, a build
 #   CLEAN_ROOT_DEMO=1 e2e/clean-root.sh   # ...then the README's demo command from a fresh
 #                                         # clone inside the root, timed (a cold release build)
+#   CLEAN_ROOT_TEST=1 e2e/clean-root.sh   # ...then the test profile: `setup.sh check-test`
+#                                         # must fail, `setup.sh test` must install everything
+#                                         # the tests run, and `setup.sh check-test` must pass
 #
 # Steps, each timed (`step <name> <seconds>` lines on stdout):
 #   1. debootstrap --variant=minbase bookworm (the minbase tarball is cached
@@ -112,6 +115,30 @@ if [[ -n "${CLEAN_ROOT_DEMO:-}" ]]; then
     { tail -30 "$WORK/demo.log" >&2; die "the demo failed in the clean root"; }
   timed demo-build-and-20s-run
   grep -E "answered|demo:" "$WORK/demo.log" | tail -5
+fi
+
+# --- optional: the test profile --------------------------------------------
+if [[ -n "${CLEAN_ROOT_TEST:-}" ]]; then
+  if out="$(in_root /setup.sh check-test 2>&1)"; then
+    die "setup.sh check-test passed before setup.sh test:\n$out"
+  fi
+  grep -q "chromium" <<<"$out" || die "check-test before setup.sh test does not name chromium:\n$out"
+  echo "check-test before setup.sh test failed as it should: $(grep -c 'check failed' <<<"$out") failures"
+  # The network's own requirement, not the project's: behind a
+  # TLS-intercepting egress proxy (as here) pip needs the proxy's CA, which
+  # the host keeps in /usr/local/share/ca-certificates. A machine on an open
+  # network has none and skips this.
+  if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+    in_root bash -c 'apt-get install -y -qq --no-install-recommends ca-certificates >/dev/null 2>&1'
+    mkdir -p "$R/usr/local/share/ca-certificates"
+    cp /usr/local/share/ca-certificates/*.crt "$R/usr/local/share/ca-certificates/"
+    in_root update-ca-certificates >/dev/null 2>&1
+    echo "the host's local CAs installed in the root (for pip behind the egress proxy)"
+  fi
+  in_root /setup.sh test || die "setup.sh test failed in the clean root"
+  timed setup-test
+  in_root /setup.sh check-test || die "setup.sh check-test failed after setup.sh test"
+  echo "check-test after setup.sh test: ok"
 fi
 
 # --- 5. the checker catches a missing libprotobuf-dev -----------------------
