@@ -344,7 +344,7 @@ const SILENCE: Duration = Duration::from_secs(6);
 /// the partition healed. So, as the registry's watcher does, requests and
 /// the watch ask for etcd's leader (the member cancels the watch when it
 /// loses it), the watch asks for progress notices every
-/// [`PROGRESS_INTERVAL`], and a watch silent for [`SILENCE`] (a paused
+/// 2 s, and a watch silent for 6 s (a paused
 /// member answers nothing at all) is ended; each break moves to the next
 /// member and lists again. Listing again from scratch after every break
 /// also covers an etcd wiped or restored from a snapshot: the new list is
