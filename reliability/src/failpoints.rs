@@ -8,7 +8,7 @@
 //! is in `FAILPOINTS` syntax, `name=actions;...`.
 //!
 //! Failpoints are global to a process, so a run that sets some in this one
-//! holds it alone: [`arm`] takes a lock that every run takes, shared by
+//! holds it alone: the world takes a lock for every run, shared by
 //! runs that set none, so tests in one binary never see each other's.
 //!
 //! Firings are counted (the registry counts this process's; the spawned
