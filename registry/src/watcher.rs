@@ -470,7 +470,9 @@ impl Watcher {
         };
         match failpoints::fire(failpoints::WATCH_RESUME_SKIP) {
             // The defect: resumed past revisions not delivered yet.
-            Some(skip) => from + skip.and_then(|s| s.trim().parse().ok()).unwrap_or(1),
+            Some(skip) => {
+                from.saturating_add(skip.and_then(|s| s.trim().parse().ok()).unwrap_or(1))
+            }
             None => from,
         }
     }
