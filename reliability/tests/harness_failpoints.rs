@@ -192,10 +192,10 @@ async fn a_server_that_does_not_register_again_is_caught() -> Result<()> {
 /// The leading controller's deletions are held 5 s between plan and
 /// transaction (`controller-delete-delay=return(5000)`) and sent without
 /// the mod-revision compare (`controller-delete-unfenced=return`). Server 0
-/// is killed for 2 s: the leader plans its deletion about 1.3 s in, the
+/// is killed for 3 s: the leader plans its deletion about 1.3 s in, the
 /// restarted server registers again once its old lease expires (within
-/// 4 s), and the unfenced deletion lands about 6 s in, on the fresh
-/// registration of a live, answering server: (f).
+/// 4 s of the kill), and the unfenced deletion lands about 6.3 s in, on
+/// the fresh registration of a live, answering server: (f).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_deleting_without_its_fence_is_caught() -> Result<()> {
     let (h, r) = world(
@@ -204,7 +204,7 @@ async fn a_controller_deleting_without_its_fence_is_caught() -> Result<()> {
                 .into(),
             ..Default::default()
         },
-        vec![step(FaultKind::ServerKill, 0, 2_000, 8_000)],
+        vec![step(FaultKind::ServerKill, 0, 3_000, 8_000)],
     )
     .await?;
     assert!(
@@ -229,7 +229,7 @@ async fn the_fence_keeps_a_delayed_deletion_off_a_fresh_registration() -> Result
             controllers: "controller-delete-delay=return(5000)".into(),
             ..Default::default()
         },
-        vec![step(FaultKind::ServerKill, 0, 2_000, 8_000)],
+        vec![step(FaultKind::ServerKill, 0, 3_000, 8_000)],
     )
     .await?;
     assert!(
