@@ -36,6 +36,8 @@ async fn main() -> anyhow::Result<()> {
         return operate(&args, cmd).await;
     }
     etcd_lb_registry::logging::init(args.log_format);
+    // Only with the `failpoints` feature (the harness); ignored otherwise.
+    etcd_lb_registry::failpoints::setup_from_env().context("FAILPOINTS")?;
     let cfg = match args.config() {
         Ok(cfg) => cfg,
         Err(msg) => {

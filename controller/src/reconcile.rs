@@ -22,6 +22,7 @@ use std::time::{Duration, SystemTime};
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
 use etcd_lb_registry::etcd::{EtcdConfig, EtcdError};
+use etcd_lb_registry::failpoints;
 use etcd_lb_registry::session::Session;
 use futures::StreamExt;
 use tokio::sync::watch;
@@ -35,6 +36,17 @@ use crate::metrics::{Metrics, ProbeLabels};
 use crate::policy::Policy;
 use crate::probe::Prober;
 use crate::store::Store;
+
+/// Failpoint (only with the `failpoints` feature), a broken build that
+/// breaks (f) no deletion of a live server: the leader deletes a stale key
+/// without comparing its mod revision, so a server that registered again
+/// after the probe loses its fresh key (the leader fence stays).
+pub const FAILPOINT_DELETE_UNFENCED: &str = "controller-delete-unfenced";
+/// Failpoint (only with the `failpoints` feature): `return(ms)` holds each
+/// deletion that long (default 3000 ms) between the pass's plan and its
+/// transaction, as a leader stalled there (a pause, a slow etcd) would. It
+/// breaks nothing by itself: it is the case the mod-revision fence is for.
+pub const FAILPOINT_DELETE_DELAY: &str = "controller-delete-delay";
 
 /// Lease lookups in flight at once.
 const LEASE_LOOKUPS: usize = 16;
@@ -68,15 +80,21 @@ pub async fn delete_if_unchanged(
     mod_revision: i64,
     leadership: &Leadership,
 ) -> Result<DeleteOutcome, EtcdError> {
-    let txn = Txn::new()
-        .when([
+    let leader_fence = Compare::create_revision(
+        leadership.key.clone(),
+        CompareOp::Equal,
+        leadership.create_revision,
+    );
+    let fences = if failpoints::fire(FAILPOINT_DELETE_UNFENCED).is_some() {
+        vec![leader_fence]
+    } else {
+        vec![
             Compare::mod_revision(key, CompareOp::Equal, mod_revision),
-            Compare::create_revision(
-                leadership.key.clone(),
-                CompareOp::Equal,
-                leadership.create_revision,
-            ),
-        ])
+            leader_fence,
+        ]
+    };
+    let txn = Txn::new()
+        .when(fences)
         .and_then([TxnOp::delete(key, None)])
         .or_else([TxnOp::get(leadership.key.clone(), None)]);
     let resp = session
@@ -269,6 +287,11 @@ impl Reconciler {
             }
             if !self.connected().await {
                 return;
+            }
+            if let Some(delay) =
+                failpoints::fire_delay(FAILPOINT_DELETE_DELAY, Duration::from_secs(3))
+            {
+                tokio::time::sleep(delay).await;
             }
             match delete_if_unchanged(&mut self.session, &d.key, d.mod_revision, &leadership).await
             {

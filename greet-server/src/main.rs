@@ -14,6 +14,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     etcd_lb_registry::logging::init(args.log_format);
+    // Only with the `failpoints` feature (the harness); ignored otherwise.
+    etcd_lb_registry::failpoints::setup_from_env().context("FAILPOINTS")?;
     let cfg = match args.config() {
         Ok(cfg) => cfg,
         Err(msg) => {

@@ -30,6 +30,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::backoff::Backoff;
 use crate::etcd::{EtcdConfig, EtcdError};
+use crate::failpoints;
 use crate::session::Session;
 
 /// What the keeper knows about its lease.
@@ -299,6 +300,11 @@ async fn connected(
                     Ok(None) => return Err(EtcdError::StreamEnded("keep-alive")),
                     Err(e) => return Err(session.check(e)),
                 };
+                // In-code fault (b): the answer never arrived (its ping
+                // stays unanswered; the next answer is taken for it).
+                if failpoints::fire(failpoints::KEEPALIVE_ANSWER_LOST).is_some() {
+                    continue;
+                }
                 let at = sent.pop_front().unwrap_or_else(Instant::now);
                 if resp.ttl() <= 0 {
                     return Ok(Ended::Lost);

@@ -10,6 +10,8 @@
 //! - [`watcher`]: the list+watch reflector of a prefix, as events;
 //! - [`health`]: whether an address answers gRPC (balancer and controller);
 //! - [`grpc_status`]: a call's status as it passes, for metrics;
+//! - [`failpoints`]: faults injected inside the code for the robustness
+//!   harness (only under the `failpoints` feature);
 //! - [`backoff`]: the jittered exponential backoff of every reconnecting loop.
 
 #![forbid(unsafe_code)]
@@ -17,6 +19,7 @@
 pub mod backoff;
 pub mod coalesce;
 pub mod etcd;
+pub mod failpoints;
 pub mod grpc_status;
 pub mod grpc_tls;
 pub mod health;

@@ -34,6 +34,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::backoff::Backoff;
 use crate::etcd::{EtcdConfig, EtcdError};
+use crate::failpoints;
 use crate::lease::{is_lease_not_found, LeaseKeeper, LeaseState};
 use crate::schema::{self, Addr, Endpoint, SchemaError, ServiceName};
 use crate::session::Session;
@@ -625,6 +626,13 @@ impl Worker {
                 .await?;
             let (generation, value) = self.value();
             let compare = match current.kvs().first() {
+                // The defect of a broken build: a registered server finds
+                // its key gone and writes nothing.
+                None if matches!(*self.status.borrow(), RegistrationStatus::Registered { .. })
+                    && failpoints::fire(failpoints::REGISTRAR_NO_REREGISTER).is_some() =>
+                {
+                    return Ok(false);
+                }
                 None => Compare::create_revision(key, CompareOp::Equal, 0),
                 Some(kv) if kv.lease() == id => {
                     if kv.value() == value.as_bytes() {

@@ -31,9 +31,13 @@ use etcd_client::Client;
 use tokio::time::timeout;
 
 use crate::etcd::{is_auth_token_error, EtcdConfig, EtcdError};
+use crate::failpoints;
 
 /// The default bound of one call.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// [`failpoints::ETCD_SLOW_ANSWER`]'s delay when it names none.
+const SLOW_ANSWER: Duration = Duration::from_millis(200);
 
 /// A connection to etcd that dials on first use and again after a failure
 /// that calls for it.
@@ -138,6 +142,15 @@ impl Session {
         &mut self,
         fut: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, EtcdError> {
+        // In-code fault (c): the answer is held before it is used.
+        let slow = failpoints::fire_delay(failpoints::ETCD_SLOW_ANSWER, SLOW_ANSWER);
+        let fut = async move {
+            let answer = fut.await;
+            if let Some(delay) = slow {
+                tokio::time::sleep(delay).await;
+            }
+            answer
+        };
         match timeout(self.timeout, fut).await {
             Err(_) => {
                 // A member that does not answer in time: try the next.

@@ -31,6 +31,7 @@ use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
 use crate::etcd::{EtcdConfig, EtcdError};
+use crate::failpoints;
 use crate::schema::{self, Addr, Member, SchemaError, ServiceName};
 use crate::session::Session;
 
@@ -180,6 +181,9 @@ enum WatchError {
     Etcd(#[from] EtcdError),
     #[error("watch cancelled by etcd: {0}")]
     Cancelled(String),
+    /// A failpoint broke the stream ([`failpoints::WATCH_CUT_MID_REVISION`]).
+    #[error("failpoint {0}")]
+    Injected(String),
 }
 
 /// The reflector. Drive it with [`Watcher::next`], or [`Watcher::spawn`] it.
@@ -288,6 +292,12 @@ impl Watcher {
                     self.session.reset();
                 }
                 self.state.send_modify(|s| s.connected = false);
+                if failpoints::fire(failpoints::WATCH_EMPTY_ON_OUTAGE).is_some() {
+                    // The defect: an unreachable etcd empties the view.
+                    for (_, entry) in std::mem::take(&mut self.map) {
+                        self.pending.push_back(Event::Removed(entry));
+                    }
+                }
                 if !self.failing {
                     warn!(prefix = %self.cfg.prefix, error = %e, "watch lost; keeping the last known view and retrying");
                     self.failing = true;
@@ -321,7 +331,11 @@ impl Watcher {
                     return Err(WatchError::Cancelled(resp.cancel_reason().to_owned()));
                 }
                 let mut last_event = None;
-                for event in resp.events() {
+                // In-code fault (a): only the first part of the response
+                // arrives before the stream breaks.
+                let cut = cut_point(resp.events());
+                let events = cut.map_or(resp.events(), |n| &resp.events()[..n]);
+                for event in events {
                     let Some(kv) = event.kv() else { continue };
                     last_event = Some(kv.mod_revision());
                     match event.event_type() {
@@ -341,6 +355,9 @@ impl Watcher {
                             self.pending.push_back(Event::Applied(entry));
                         }
                         EventType::Delete => {
+                            if failpoints::fire(failpoints::WATCH_DROP_DELETE).is_some() {
+                                continue;
+                            }
                             let key = String::from_utf8_lossy(kv.key()).into_owned();
                             if let Some(prev) = self.map.remove(&key) {
                                 self.pending.push_back(Event::Removed(prev));
@@ -372,6 +389,13 @@ impl Watcher {
                     s.entries = entries;
                     s.last_contact = Some(Instant::now());
                 });
+                if let Some(applied) = cut {
+                    return Err(WatchError::Injected(format!(
+                        "{}: stream cut after {applied} of {} events",
+                        failpoints::WATCH_CUT_MID_REVISION,
+                        resp.events().len()
+                    )));
+                }
                 Ok(())
             }
             () = tokio::time::sleep_until(grace_ends.unwrap_or(progress_at)), if grace_ends.is_some() => {
@@ -439,10 +463,17 @@ impl Watcher {
     /// come again and the Put handler skips those already applied. After a
     /// progress notice or a list, every revision up to ours is complete.
     fn resume_from(&self) -> i64 {
-        if self.maybe_partial {
+        let from = if self.maybe_partial {
             self.revision
         } else {
             self.revision + 1
+        };
+        match failpoints::fire(failpoints::WATCH_RESUME_SKIP) {
+            // The defect: resumed past revisions not delivered yet.
+            Some(skip) => {
+                from.saturating_add(skip.and_then(|s| s.trim().parse().ok()).unwrap_or(1))
+            }
+            None => from,
         }
     }
 
@@ -708,6 +739,23 @@ impl WarnLimiter {
             self.suppressed = 0;
         }
     }
+}
+
+/// Where [`failpoints::WATCH_CUT_MID_REVISION`] cuts a watch response of
+/// two events or more, when it fires: after the first event that the next
+/// one shares its revision with (a fragment of a big revision ends so), or
+/// after the first event when no two share one. `None`: the whole response.
+fn cut_point(events: &[etcd_client::Event]) -> Option<usize> {
+    if events.len() < 2 {
+        return None;
+    }
+    failpoints::fire(failpoints::WATCH_CUT_MID_REVISION)?;
+    let revision = |i: usize| events[i].kv().map(KeyValue::mod_revision);
+    Some(
+        (1..events.len())
+            .find(|&i| revision(i - 1) == revision(i))
+            .unwrap_or(1),
+    )
 }
 
 /// Whether a response was refused for exceeding [`MAX_MESSAGE`] (tonic's

@@ -90,6 +90,15 @@ pub enum FaultKind {
     /// that wakes after its election lease may have lapsed, with a plan
     /// made before it slept (what the deletion fence is for).
     ControllerPause,
+    /// Delete one server's key, as a person or a stray script would; its
+    /// live server must register again. Not drawn by the nemesis (not in
+    /// [`FaultKind::ALL`]); excuses nothing.
+    KeyDelete,
+    /// Rewrite every registered key in one transaction (weight halved, same
+    /// lease): one revision with an event per server, for the failpoint
+    /// that cuts a watch stream between two events of one revision. Not
+    /// drawn by the nemesis; excuses nothing.
+    MultiKeyWrite,
 }
 
 impl FaultKind {
@@ -213,6 +222,12 @@ pub struct History {
     pub gaps: Vec<(i64, i64)>,
     /// When recording stopped.
     pub end: Duration,
+    /// Failpoint firings by name, in this process (the clients) and in the
+    /// logs of the servers and controllers (those alive at the end, and
+    /// the controllers replaced during the run): evidence that a fault set
+    /// inside the code happened.
+    #[serde(default)]
+    pub failpoint_hits: BTreeMap<String, u64>,
 }
 
 impl History {

@@ -78,6 +78,8 @@ pub fn schedule(
             // Up to past the world's 3 s election TTL: another replica
             // takes over and the sleeper wakes believing it leads.
             FaultKind::ControllerPause => ms(&mut rng, 1000, 5000),
+            // Not in FaultKind::ALL: only in fixed plans.
+            FaultKind::KeyDelete | FaultKind::MultiKeyWrite => ms(&mut rng, 0, 500),
         };
         let step = Step {
             kind,

@@ -32,6 +32,7 @@ use nix::unistd::Pid;
 use tokio_util::sync::CancellationToken;
 
 use crate::checker::Bounds;
+use crate::failpoints::Failpoints;
 use crate::history::{
     Call, Clock, ControllerDeletion, EndpointSet, EtcdEvent, EventKind, FaultKind, FaultMark,
     History, ServerEvent, ServerMark, ViewChange,
@@ -80,6 +81,11 @@ pub struct WorldConfig {
     /// appended across restarts): the evidence behind an (f) violation,
     /// whose probe failures only the controller saw.
     pub log_dir: Option<std::path::PathBuf>,
+    /// Failpoints set inside the real code for the run (in this process
+    /// for the clients, `FAILPOINTS` for the servers and controllers):
+    /// in-code faults, or a deliberately broken build. Needs the
+    /// `failpoints` feature; see [`crate::failpoints`].
+    pub failpoints: Failpoints,
 }
 
 /// Deliberately broken clients: a run with one must be flagged by the
@@ -131,6 +137,7 @@ impl WorldConfig {
             controllers: 2,
             dead_after: "1s",
             log_dir: None,
+            failpoints: Failpoints::default(),
         }
     }
 }
@@ -155,11 +162,13 @@ fn spawn_server(eps: &str, port: u16, cfg: &WorldConfig) -> Result<Proc> {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    let mut env = vec![("RUST_LOG", "warn")];
+    env.extend(Failpoints::env(&cfg.failpoints.servers));
     Proc::spawn(
         &format!("server:{port}"),
         bin_path("greet-server"),
         &args,
-        &[("RUST_LOG", "warn")],
+        &env,
     )
 }
 
@@ -196,15 +205,17 @@ fn spawn_controller(eps: &str, index: usize, cfg: &WorldConfig) -> Result<Contro
     .iter()
     .map(|s| s.to_string())
     .collect();
+    // Probe failures are logged at debug by the reconciler.
+    let mut env = vec![(
+        "RUST_LOG",
+        "warn,controller=info,controller::reconcile=debug",
+    )];
+    env.extend(Failpoints::env(&cfg.failpoints.controllers));
     let proc = Proc::spawn(
         &format!("controller-{index}"),
         bin_path("controller"),
         &args,
-        // Probe failures are logged at debug by the reconciler.
-        &[(
-            "RUST_LOG",
-            "warn,controller=info,controller::reconcile=debug",
-        )],
+        &env,
     )?;
     Ok(Controller { proc, index })
 }
@@ -240,6 +251,7 @@ fn harvest(c: &Controller, clock: Clock, h: &Shared, cfg: &WorldConfig) {
     let seed = {
         let mut h = h.lock().expect("history lock");
         h.deletions.extend(found);
+        crate::failpoints::count(&log, &mut h);
         h.seed
     };
     if let Some(dir) = &cfg.log_dir {
@@ -279,6 +291,8 @@ async fn leading_controller(cluster: &Cluster) -> Option<usize> {
 
 /// Runs one world for `cfg` and returns what it recorded.
 pub async fn run(cfg: &WorldConfig) -> Result<History> {
+    // First: it may wait for another run's failpoints to be turned off.
+    let armed = crate::failpoints::arm(&cfg.failpoints).await?;
     let clock = Clock::start();
     let history: Shared = Arc::new(Mutex::new(History {
         seed: cfg.seed,
@@ -440,11 +454,31 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
     for c in &controllers {
         harvest(c, clock, &history, cfg);
     }
+    let ignored = servers
+        .iter()
+        .map(|s| s.log())
+        .chain(controllers.iter().map(|c| c.proc.log()))
+        .any(|log| crate::failpoints::ignored(&log));
+    record(&history, |h| {
+        for s in &servers {
+            crate::failpoints::count(&s.log(), h);
+        }
+        for (name, n) in armed.hits() {
+            *h.failpoint_hits.entry(name).or_default() += n;
+        }
+    });
+    drop(armed);
     drop(controllers);
     drop(servers);
     drop(cluster);
     if let Some(e) = failure {
         return Err(e);
+    }
+    if ignored {
+        bail!(
+            "a greet-server or controller ignored FAILPOINTS (built without failpoints): \
+             rebuild them with the `failpoints` feature (docs/robustness.md)"
+        );
     }
     let mut h = history.lock().expect("lock").clone();
     h.calls.sort_by_key(|c| c.end);
@@ -498,6 +532,8 @@ async fn inject(
     }
     let target = if step.kind.is_etcd() {
         format!("etcd-{i}")
+    } else if step.kind == FaultKind::MultiKeyWrite {
+        "registry".to_owned()
     } else if step.kind.is_controller() {
         format!("controller-{i}")
     } else {
@@ -574,6 +610,14 @@ async fn inject(
             controllers[i].proc.signal(Signal::SIGSTOP)?;
             tokio::time::sleep(step.hold).await;
             controllers[i].proc.signal(Signal::SIGCONT)?;
+        }
+        FaultKind::KeyDelete => {
+            crate::failpoints::delete_key(cluster, &target).await?;
+            tokio::time::sleep(step.hold).await;
+        }
+        FaultKind::MultiKeyWrite => {
+            crate::failpoints::halve_weights(cluster).await?;
+            tokio::time::sleep(step.hold).await;
         }
     }
     let end = clock.now();

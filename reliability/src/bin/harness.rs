@@ -40,6 +40,19 @@ struct Args {
     /// a change of the checker).
     #[arg(long, conflicts_with = "history_dir")]
     recheck: Option<PathBuf>,
+    /// Failpoints set in this process for every run (the in-process
+    /// clients), `name=actions;...`, e.g.
+    /// `watch-cut-mid-revision=20%return;etcd-slow-answer=10%return(300)`.
+    /// Needs a build with failpoints (docs/robustness.md, "Failpoints").
+    #[arg(long, env = "HARNESS_FAILPOINTS_CLIENTS", default_value = "")]
+    failpoints_clients: String,
+    /// `FAILPOINTS` of every greet-server, e.g.
+    /// `keepalive-answer-lost=20%return`.
+    #[arg(long, env = "HARNESS_FAILPOINTS_SERVERS", default_value = "")]
+    failpoints_servers: String,
+    /// `FAILPOINTS` of every controller replica.
+    #[arg(long, env = "HARNESS_FAILPOINTS_CONTROLLERS", default_value = "")]
+    failpoints_controllers: String,
 }
 
 /// Checks kept histories again; exit code 1 on any violation.
@@ -89,6 +102,11 @@ async fn main() -> Result<()> {
         let mut cfg = WorldConfig::new(seed, args.duration);
         cfg.quiet = args.quiet;
         cfg.log_dir = args.history_dir.clone();
+        cfg.failpoints = reliability::failpoints::Failpoints {
+            clients: args.failpoints_clients.clone(),
+            servers: args.failpoints_servers.clone(),
+            controllers: args.failpoints_controllers.clone(),
+        };
         // SIGINT or SIGTERM drops the run (its processes are killed on
         // drop) and ends the batch.
         let mut term = signal(SignalKind::terminate())?;
@@ -118,12 +136,13 @@ async fn main() -> Result<()> {
         let calls: usize = h.calls.len();
         let failed_calls = h.calls.iter().filter(|c| !c.ok).count();
         println!(
-            "seed {seed}: faults {:?}; calls {calls} ({failed_calls} failed; by client {:?}); etcd events {}; view changes {}; controller deletions {}; violations {}",
+            "seed {seed}: faults {:?}; calls {calls} ({failed_calls} failed; by client {:?}); etcd events {}; view changes {}; controller deletions {}; failpoints fired {:?}; violations {}",
             h.faults_by_kind(),
             calls_by_client(&h),
             h.etcd.len(),
             h.views.len(),
             h.deletions.len(),
+            h.failpoint_hits,
             r.violations.len()
         );
         for v in &r.violations {
