@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::history::{EventKind, FaultMark, History, ViewChange};
+use crate::history::{EndpointSet, EventKind, FaultMark, History, ViewChange};
 
 /// The bounds the invariants are checked with.
 #[derive(Debug, Clone, Copy)]
@@ -31,6 +31,19 @@ pub struct Bounds {
     /// (g): how long a live server may be missing from etcd, counted from
     /// the deletion or from the end of the last fault that excuses it.
     pub registration: Duration,
+    /// How long after a loss of etcd's data ([`crate::history::FaultKind::loses_data`])
+    /// healed its consequences may still show in the clients: a view's
+    /// revision going back (a), a view holding keys the new data lacks
+    /// (h) and calls to them (d): the library's watcher keeps such keys for
+    /// its wipe grace (10 s) while their servers register again, so a
+    /// client does not empty its view (static stability). The grace plus
+    /// the margin and the recorder's slack.
+    pub data_loss: Duration,
+    /// The servers' lease TTL: after a restore, a key of a dead process
+    /// comes back with its lease, which lives one TTL from the restored
+    /// leader's election; the server's new process takes the address over
+    /// only then (g).
+    pub lease_ttl: Duration,
 }
 
 impl Default for Bounds {
@@ -42,6 +55,8 @@ impl Default for Bounds {
             fault_margin: Duration::from_secs(1),
             controller_lag: Duration::from_secs(1),
             registration: Duration::from_secs(2),
+            data_loss: Duration::from_secs(13),
+            lease_ttl: Duration::from_secs(4),
         }
     }
 }
@@ -113,7 +128,7 @@ impl Report {
 /// Checks every invariant.
 pub fn check(h: &History, b: &Bounds) -> Report {
     let mut r = Report::default();
-    monotonic(h, &mut r);
+    monotonic(h, b, &mut r);
     convergence(h, b, &mut r);
     static_stability(h, b, &mut r);
     stale_calls(h, b, &mut r);
@@ -141,10 +156,27 @@ fn overlaps(f: &FaultMark, from: Duration, to: Duration, margin: Duration) -> bo
     f.start <= to && from <= end
 }
 
-fn monotonic(h: &History, r: &mut Report) {
+/// The losses of etcd's data, in start order.
+fn data_losses(h: &History) -> Vec<&FaultMark> {
+    h.faults.iter().filter(|f| f.kind.loses_data()).collect()
+}
+
+fn monotonic(h: &History, b: &Bounds, r: &mut Report) {
+    let losses = data_losses(h);
     for (client, views) in views_by_client(h) {
+        // Each loss of etcd's data lets each client's revision go back
+        // once, from the loss's start to W after its heal.
+        let mut used = vec![false; losses.len()];
         for w in views.windows(2) {
             if w[1].revision < w[0].revision {
+                let excuse = losses
+                    .iter()
+                    .enumerate()
+                    .position(|(i, f)| !used[i] && overlaps(f, w[1].at, w[1].at, b.data_loss));
+                if let Some(i) = excuse {
+                    used[i] = true;
+                    continue;
+                }
                 r.violations.push(Violation {
                     invariant: Invariant::MonotonicRevision,
                     at: w[1].at,
@@ -162,7 +194,17 @@ fn monotonic(h: &History, r: &mut Report) {
 fn convergence(h: &History, b: &Bounds, r: &mut Report) {
     let heal = h.last_heal().unwrap_or_default();
     let last_event = h.etcd.iter().map(|e| e.at).max().unwrap_or_default();
-    let settled = heal.max(last_event);
+    // After a loss of etcd's data a client keeps keys the new data lacks
+    // for its wipe grace: the view settles only W after the heal.
+    let loss = data_losses(h)
+        .iter()
+        .map(|f| {
+            f.end
+                .map_or(Duration::MAX, |e| e.saturating_add(b.data_loss))
+        })
+        .max()
+        .unwrap_or_default();
+    let settled = heal.max(last_event).max(loss);
     if settled.saturating_add(b.quiescence) > h.end {
         r.skipped.push(format!(
             "convergence: the run ended at {:?}, before {:?} of quiescence after {settled:?}",
@@ -218,10 +260,18 @@ fn static_stability(h: &History, b: &Bounds, r: &mut Report) {
                     // revision), or, the view's revision being read beside
                     // the balancer rather than with it, by the recorder's
                     // time within the slack.
-                    let deleted = h.etcd.iter().any(|e| {
+                    // Revisions compare only within one epoch of etcd's
+                    // history (no loss of data between the address's entry
+                    // and this view, and the event of that epoch).
+                    let epoch = h.epoch_at(since);
+                    let one_epoch = epoch == h.epoch_at(v.at + b.recorder_slack);
+                    let deleted = h.etcd.iter().enumerate().any(|(i, e)| {
                         &e.addr == a
                             && e.kind == EventKind::Delete
-                            && ((e.revision > since_rev && e.revision <= v.revision)
+                            && ((one_epoch
+                                && h.epoch_of_event(i) == epoch
+                                && e.revision > since_rev
+                                && e.revision <= v.revision)
                                 || (e.at >= since && e.at <= v.at + b.recorder_slack))
                     });
                     if !deleted {
@@ -243,31 +293,48 @@ fn static_stability(h: &History, b: &Bounds, r: &mut Report) {
 }
 
 fn stale_calls(h: &History, b: &Bounds, r: &mut Report) {
+    let positions = h.positions();
     for c in h.calls.iter().filter(|c| c.ok) {
         let Some(ep) = &c.endpoint else { continue };
-        let events: Vec<_> = h.etcd.iter().filter(|e| &e.addr == ep).collect();
+        // Each event with its position (epoch, revision) in etcd's
+        // histories.
+        let events: Vec<_> = h
+            .etcd
+            .iter()
+            .zip(&positions)
+            .filter(|(e, _)| &e.addr == ep)
+            .collect();
         // The last time the endpoint left etcd (delete or weight 0) more than
         // the bound before the call started.
-        let Some(gone) = events
+        let Some(&(gone, gone_pos)) = events
             .iter()
-            .filter(|e| {
+            .filter(|(e, _)| {
                 (e.kind == EventKind::Delete || e.weight.is_none_or(|w| w == 0))
                     && e.at + b.stale_call < c.start
             })
-            .max_by_key(|e| e.at)
+            .max_by_key(|(e, _)| e.at)
         else {
             continue;
         };
-        let back = events.iter().any(|e| {
+        let back = events.iter().any(|(e, pos)| {
             e.kind == EventKind::Put
                 && e.weight.is_some_and(|w| w > 0)
-                && e.revision > gone.revision
+                && *pos > gone_pos
                 && e.at <= c.start + b.recorder_slack
         });
-        let etcd_faulted = h
-            .faults
-            .iter()
-            .any(|f| f.kind.is_etcd() && overlaps(f, gone.at, c.start, b.fault_margin));
+        // A loss of etcd's data counts W after its heal: the client keeps
+        // keys the new data lacks for its wipe grace, and calls them.
+        // That allowance ends W after the heal (the call itself must start
+        // by then), where the other etcd faults excuse any call after a
+        // removal they overlap.
+        let etcd_faulted = h.faults.iter().any(|f| {
+            if f.kind.loses_data() {
+                overlaps(f, gone.at, c.start, b.data_loss)
+                    && overlaps(f, c.start, c.start, b.data_loss)
+            } else {
+                f.kind.is_etcd() && overlaps(f, gone.at, c.start, b.fault_margin)
+            }
+        });
         if !back && !etcd_faulted {
             r.violations.push(Violation {
                 invariant: Invariant::NoStaleCall,
@@ -343,7 +410,7 @@ fn live_deletions(h: &History, b: &Bounds, r: &mut Report) {
         // The decision came from probes up to the lag before the deletion;
         // a fault on this server since then (plus the margin after its
         // heal, for a restarted process to answer) excuses it.
-        let from = d.at.saturating_sub(b.controller_lag);
+        let from = decided_from(h, b, d.at, &d.controller);
         let excused = h.faults.iter().any(|f| {
             f.kind.is_server() && f.target == d.addr && overlaps(f, from, d.at, b.fault_margin)
         });
@@ -357,6 +424,30 @@ fn live_deletions(h: &History, b: &Bounds, r: &mut Report) {
                     d.controller, d.addr, d.mod_revision, d.reason
                 ),
             });
+        }
+    }
+}
+
+/// The earliest a deletion at `at` by `controller` may have been decided:
+/// L before it, and, when an etcd fault or a fault of that controller
+/// (plus the margin) overlaps that stretch, L before that fault's start,
+/// repeated while windows chain. A decision made before an etcd outage or
+/// a pause is committed after it, fenced on the revision it saw: the key
+/// it deletes is still the incarnation it judged, so a server fault on it
+/// before the outage or pause explains the deletion.
+fn decided_from(h: &History, b: &Bounds, at: Duration, controller: &str) -> Duration {
+    let mut from = at.saturating_sub(b.controller_lag);
+    loop {
+        let earlier = h
+            .faults
+            .iter()
+            .filter(|f| f.kind.is_etcd() || (f.kind.is_controller() && f.target == controller))
+            .filter(|f| overlaps(f, from, at, b.fault_margin))
+            .map(|f| f.start.saturating_sub(b.controller_lag))
+            .min();
+        match earlier {
+            Some(e) if e < from => from = e,
+            _ => return from,
         }
     }
 }
@@ -403,8 +494,15 @@ fn live_registered(h: &History, b: &Bounds, r: &mut Report) {
     for (&addr, &started) in &first_start {
         // Absence in etcd as the recorder saw it: from a delete (or a
         // weight-0 or invalid put) to the next put with weight > 0.
-        let mut events: Vec<_> = h.etcd.iter().filter(|e| e.addr == addr).collect();
-        events.sort_by_key(|e| e.revision);
+        let positions = h.positions();
+        let mut events: Vec<_> = h
+            .etcd
+            .iter()
+            .zip(&positions)
+            .filter(|(e, _)| e.addr == addr)
+            .collect();
+        events.sort_by_key(|(_, pos)| **pos);
+        let events = events.into_iter().map(|(e, _)| e);
         let mut absences = Vec::new();
         let mut gone: Option<Duration> = None;
         for e in events {
@@ -431,9 +529,17 @@ fn live_registered(h: &History, b: &Bounds, r: &mut Report) {
             if f.kind.is_server() && f.target == addr {
                 excuses.push((f.start, end.saturating_add(b.fault_margin)));
             } else if f.kind.is_etcd() {
+                // After a restore a dead process's key may come back on its
+                // lease (with weight 0 if it was draining) and hold the
+                // address for a TTL before the live process takes over.
+                let ttl = if f.kind.loses_data() {
+                    b.lease_ttl
+                } else {
+                    Duration::ZERO
+                };
                 excuses.push((
                     f.start,
-                    end.saturating_add(b.fault_margin + b.recorder_slack),
+                    end.saturating_add(b.fault_margin + b.recorder_slack + ttl),
                 ));
             }
         }
@@ -455,16 +561,45 @@ fn live_registered(h: &History, b: &Bounds, r: &mut Report) {
     }
 }
 
+/// etcd's states a view at `revision` seen at `at` may be compared with:
+/// one per epoch the client may be in (from the recorder's epoch W before
+/// `at`, the client having been slow to notice a loss of etcd's data, to
+/// its epoch R after, the recorder having been slow to list the new data);
+/// `None` when any of them is unknown there.
+fn candidate_states(
+    h: &History,
+    b: &Bounds,
+    at: Duration,
+    revision: i64,
+) -> Option<Vec<EndpointSet>> {
+    let lo = h.epoch_at(at.saturating_sub(b.data_loss));
+    let hi = h.epoch_at(at + b.recorder_slack);
+    (lo..=hi)
+        .map(|e| h.etcd_state_in_epoch(e, revision))
+        .collect()
+}
+
 fn views_at_revision(h: &History, b: &Bounds, r: &mut Report) {
+    let losses = data_losses(h);
     for (client, views) in views_by_client(h) {
         // A mismatch is an episode of consecutive views that differ from
         // etcd at their revisions; it may last only as long as the
         // quiescence bound (the view's revision is read beside the
-        // balancer, so a view may be a moment ahead of its endpoints).
+        // balancer, so a view may be a moment ahead of its endpoints), or,
+        // when it starts within W after a loss of etcd's data, W (the
+        // client keeps keys the new data lacks for its wipe grace).
         let mut episode: Option<&ViewChange> = None;
         let report = |first: &ViewChange, until: Duration, r: &mut Report| {
-            if until.saturating_sub(first.at) > b.quiescence {
-                let want = h.etcd_state_at_revision(first.revision).unwrap_or_default();
+            let after_loss = losses
+                .iter()
+                .any(|f| overlaps(f, first.at, first.at, b.data_loss));
+            let allowed = if after_loss {
+                b.data_loss
+            } else {
+                b.quiescence
+            };
+            if until.saturating_sub(first.at) > allowed {
+                let want = candidate_states(h, b, first.at, first.revision).unwrap_or_default();
                 r.violations.push(Violation {
                     invariant: Invariant::ViewAtRevision,
                     at: first.at,
@@ -482,8 +617,8 @@ fn views_at_revision(h: &History, b: &Bounds, r: &mut Report) {
             // Revision 0: not synced yet; a revision in a recorder gap:
             // etcd's state there unknown. Neither judged.
             let mismatch = v.revision > 0
-                && h.etcd_state_at_revision(v.revision)
-                    .is_some_and(|want| want != v.endpoints);
+                && candidate_states(h, b, v.at, v.revision)
+                    .is_some_and(|want| !want.contains(&v.endpoints));
             match (mismatch, episode) {
                 (true, None) => episode = Some(v),
                 (false, Some(first)) => {
@@ -924,6 +1059,255 @@ mod tests {
         gap.gaps.push((7, 8));
         let r = check(&gap, &Bounds::default());
         assert!(r.of(Invariant::ViewAtRevision).is_empty(), "{r:#?}");
+    }
+
+    const C: &str = "127.0.0.1:1003";
+
+    /// `clean()` plus a restore of etcd's data at 20-21 s from a snapshot
+    /// taken at revision 3 (A and B at weight 100). Before it, C registered
+    /// at revision 7 (16 s), which the restore loses. The recorder lists the
+    /// new data at 21.2 s (revision 3: A, B; C gone): epoch 1. In the new
+    /// history A's weight goes to 50 at revision 4, a revision that in the
+    /// old history was B's weight-0 put. Both clients notice the loss at
+    /// 21.5 s (their revision goes back from 7 to 3, C kept for the wipe
+    /// grace) and follow; they drop C at 31.5 s. Calls to C go on until
+    /// 31 s.
+    fn restored() -> History {
+        let mut h = clean();
+        h.end = s(60_000);
+        h.servers = vec![started(0, A), started(0, B)];
+        h.etcd.push(put(16_000, 7, C, 100));
+        h.faults
+            .push(fault(FaultKind::EtcdRestore, "etcd", 20_000, 21_000));
+        h.epochs.push(crate::history::Epoch {
+            at: s(21_200),
+            first_event: h.etcd.len(),
+            revision: 3,
+        });
+        h.etcd.push(del(21_200, 3, C));
+        h.etcd.push(put(21_200, 2, A, 100));
+        h.etcd.push(put(21_200, 3, B, 100));
+        h.etcd.push(put(23_000, 4, A, 50));
+        for c in 0..2 {
+            h.views.push(view(16_010, c, 7, &[A, B, C]));
+            h.views.push(view(21_500, c, 3, &[A, B, C]));
+            let mut a50 = view(23_010, c, 4, &[A, B, C]);
+            a50.endpoints.insert(A.into(), 50);
+            h.views.push(a50.clone());
+            a50.at = s(31_500);
+            a50.endpoints.remove(C);
+            h.views.push(a50);
+        }
+        h.calls.retain(|c| c.start < s(16_000));
+        for t in (16_100..31_000).step_by(100) {
+            h.calls.push(call(0, Some(C), t, t + 5, true, ""));
+        }
+        for t in (16_050..60_000).step_by(100) {
+            h.calls.push(call(1, Some(A), t, t + 5, true, ""));
+        }
+        h
+    }
+
+    /// A loss of etcd's data read in epochs: the history above passes, and
+    /// it passes only because the checker reads revisions per epoch and
+    /// the fault's window grants the allowances of docs/robustness.md.
+    #[test]
+    fn a_restore_of_etcd_data_is_read_in_epochs() {
+        let h = restored();
+        let r = check(&h, &Bounds::default());
+        assert_eq!(r.violations, vec![], "{r:#?}");
+        assert!(r.skipped.is_empty(), "{r:#?}");
+        // Read as one history, revision 4 is B's drain: both clients' views
+        // at revision 4 and later would not match (h).
+        assert_eq!(
+            h.etcd_state_at_revision(4).unwrap().get(B),
+            Some(&0),
+            "the old history's revision 4"
+        );
+        assert_eq!(
+            h.etcd_state_in_epoch(1, 4).unwrap().get(A),
+            Some(&50),
+            "the new history's revision 4"
+        );
+        assert_eq!(h.etcd_state_in_epoch(1, 2), None, "below the new list");
+        // Without the fault's window there is no allowance: each client's
+        // revision going back is (a), the calls to C after it left etcd at
+        // the restore are (d), and the views keeping C are (h) (judged
+        // against the new epoch without the grace).
+        let mut unmarked = h.clone();
+        unmarked.faults.retain(|f| !f.kind.loses_data());
+        let r = check(&unmarked, &Bounds::default());
+        assert_eq!(r.of(Invariant::MonotonicRevision).len(), 2, "{r:#?}");
+        assert!(!r.of(Invariant::NoStaleCall).is_empty(), "{r:#?}");
+        assert_eq!(r.of(Invariant::ViewAtRevision).len(), 2, "{r:#?}");
+    }
+
+    /// (a) after a loss of data: one going back per client per loss,
+    /// within W of its heal.
+    #[test]
+    fn a_second_going_back_after_a_restore_is_flagged() {
+        let mut h = restored();
+        // Client 0 goes back again at 24 s (to revision 3 of the new
+        // history, as it was then): a second going back for one loss.
+        h.views.push(view(24_000, 0, 3, &[A, B, C]));
+        h.views.push(view(24_100, 0, 4, &[A, B, C]));
+        for v in h
+            .views
+            .iter_mut()
+            .filter(|v| v.client == 0 && v.revision == 4)
+        {
+            v.endpoints.insert(A.into(), 50);
+        }
+        let r = check(&h, &Bounds::default());
+        let v = r.of(Invariant::MonotonicRevision);
+        assert_eq!(v.len(), 1, "{r:#?}");
+        assert_eq!((v[0].at, v[0].client), (s(24_000), Some(0)));
+        assert_eq!(r.violations.len(), 1, "only that: {r:#?}");
+        // Going back 14 s after the heal: past W.
+        let mut late = restored();
+        for v in late.views.iter_mut().filter(|v| v.client == 1) {
+            if v.revision == 3 {
+                v.at = s(35_000);
+            }
+        }
+        late.views.sort_by_key(|v| v.at);
+        let r = check(&late, &Bounds::default());
+        assert_eq!(r.of(Invariant::MonotonicRevision).len(), 1, "{r:#?}");
+    }
+
+    /// (h) and (b) after a loss of data: a client that noticed the loss
+    /// but then missed an event of the new history is flagged past W.
+    #[test]
+    fn a_dropped_event_after_a_restore_is_flagged() {
+        let mut h = restored();
+        // Client 1 misses A's weight change at revision 4 of the new
+        // history and holds A at 100 at revision 4 to the end.
+        for v in h
+            .views
+            .iter_mut()
+            .filter(|v| v.client == 1 && v.revision == 4)
+        {
+            v.endpoints.insert(A.into(), 100);
+        }
+        let r = check(&h, &Bounds::default());
+        let v = r.of(Invariant::ViewAtRevision);
+        assert_eq!(v.len(), 1, "{r:#?}");
+        // The episode began when the view still held C (the wipe grace).
+        assert_eq!((v[0].at, v[0].client), (s(21_500), Some(1)));
+        assert_eq!(r.of(Invariant::Convergence).len(), 1, "{r:#?}");
+        // Repaired 12.5 s after the episode began (within W, as the wipe
+        // grace allows): passes.
+        let mut repaired = h.clone();
+        repaired.views.push({
+            let mut v = view(34_000, 1, 4, &[A, B]);
+            v.endpoints.insert(A.into(), 50);
+            v
+        });
+        repaired.views.sort_by_key(|v| v.at);
+        let r = check(&repaired, &Bounds::default());
+        assert_eq!(r.violations, vec![], "{r:#?}");
+    }
+
+    /// (d) after a loss of data: calls to a key the new data lacks are
+    /// allowed for W after the heal (the wipe grace), not after.
+    #[test]
+    fn a_call_long_after_a_restore_lost_its_key_is_flagged() {
+        let mut h = restored();
+        h.calls.push(call(0, Some(C), 33_000, 33_005, true, ""));
+        let r = check(&h, &Bounds::default());
+        assert_eq!(r.violations, vec![], "{r:#?}");
+        h.calls.push(call(0, Some(C), 36_000, 36_005, true, ""));
+        let r = check(&h, &Bounds::default());
+        let v = r.of(Invariant::NoStaleCall);
+        assert_eq!(v.len(), 1, "{r:#?}");
+        assert_eq!(v[0].at, s(36_000));
+        assert_eq!(r.violations.len(), 1, "only that: {r:#?}");
+    }
+
+    /// (g) after a restore: a server may be missing for M + R + TTL after
+    /// the heal (a dead process's key come back on its lease holds the
+    /// address until that lease expires), then G.
+    #[test]
+    fn a_server_missing_long_after_a_restore_is_flagged() {
+        let h = restored();
+        // A's resurrected key expires at 26 s; A registers again at 28.5 s:
+        // 21 s + 1 + 2 + 4 = 28 s, then 0.5 s. Fine.
+        let ok = |back: u64| {
+            let mut h = h.clone();
+            h.etcd.push(del(26_000, 5, A));
+            h.etcd.push(put(back, 6, A, 50));
+            for c in 0..2 {
+                let mut v = view(26_010, c, 5, &[B]);
+                v.revision = 5;
+                h.views.push(v);
+                let mut v = view(back + 10, c, 6, &[A, B]);
+                v.endpoints.insert(A.into(), 50);
+                h.views.push(v);
+            }
+            h.views.sort_by_key(|v| v.at);
+            h.calls
+                .retain(|c| !(c.endpoint.as_deref() == Some(A) && c.start > s(26_000)));
+            h
+        };
+        let r = check(&ok(28_500), &Bounds::default());
+        assert_eq!(
+            r.of(Invariant::LiveRegistered),
+            Vec::<&Violation>::new(),
+            "{r:#?}"
+        );
+        // Back only at 31 s: 3 s past the excuse.
+        let r = check(&ok(31_000), &Bounds::default());
+        let v = r.of(Invariant::LiveRegistered);
+        assert_eq!(v.len(), 1, "{r:#?}");
+        assert_eq!(v[0].at, s(28_000));
+    }
+
+    /// (f): a decision made before an etcd outage, or before the deleting
+    /// controller was paused, may be committed after it (fenced on the
+    /// revision it saw): a fault of the server before the outage explains
+    /// the deletion. A pause of another replica does not.
+    #[test]
+    fn a_deletion_decided_before_an_outage_is_judged_from_then() {
+        let mut h = clean();
+        // A killed 3.0-3.5 s (clean); deleted at 9.5 s: flagged alone.
+        h.deletions.push(deletion(9_500, A, 2));
+        let r = check(&h, &Bounds::default());
+        assert_eq!(r.of(Invariant::NoLiveDeletion).len(), 1, "{r:#?}");
+        // etcd-1 isolated 4-9 s: the decision may date from 3 s.
+        let mut outage = h.clone();
+        outage
+            .faults
+            .push(fault(FaultKind::EtcdIsolate, "etcd-1", 4_000, 9_000));
+        let r = check(&outage, &Bounds::default());
+        assert_eq!(
+            r.of(Invariant::NoLiveDeletion),
+            Vec::<&Violation>::new(),
+            "{r:#?}"
+        );
+        // The deleting replica paused 4-9 s: the same.
+        let mut paused = h.clone();
+        paused.faults.push(fault(
+            FaultKind::ControllerPause,
+            "controller-0",
+            4_000,
+            9_000,
+        ));
+        let r = check(&paused, &Bounds::default());
+        assert_eq!(
+            r.of(Invariant::NoLiveDeletion),
+            Vec::<&Violation>::new(),
+            "{r:#?}"
+        );
+        // Another replica paused: no excuse.
+        let mut other = h;
+        other.faults.push(fault(
+            FaultKind::ControllerPause,
+            "controller-1",
+            4_000,
+            9_000,
+        ));
+        let r = check(&other, &Bounds::default());
+        assert_eq!(r.of(Invariant::NoLiveDeletion).len(), 1, "{r:#?}");
     }
 
     #[test]

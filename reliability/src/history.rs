@@ -90,11 +90,20 @@ pub enum FaultKind {
     /// that wakes after its election lease may have lapsed, with a plan
     /// made before it slept (what the deletion fence is for).
     ControllerPause,
+    /// Stop every etcd member, lose their data and restore it from the
+    /// snapshot taken earlier in the run (`etcdctl snapshot save`, then
+    /// `etcdctl snapshot restore` under the same names, peer URLs and
+    /// cluster token): revisions go back, keys written since the snapshot
+    /// are gone, keys deleted since come back with their leases.
+    EtcdRestore,
+    /// Stop every etcd member, lose their data and start them empty:
+    /// revisions start again from 1 and every key and lease is gone.
+    EtcdWipe,
 }
 
 impl FaultKind {
     /// Every kind.
-    pub const ALL: [FaultKind; 9] = [
+    pub const ALL: [FaultKind; 11] = [
         FaultKind::EtcdKill,
         FaultKind::EtcdPause,
         FaultKind::EtcdIsolate,
@@ -104,6 +113,8 @@ impl FaultKind {
         FaultKind::ServerPause,
         FaultKind::ControllerKill,
         FaultKind::ControllerPause,
+        FaultKind::EtcdRestore,
+        FaultKind::EtcdWipe,
     ];
 
     /// Whether it hits etcd (rather than a server).
@@ -114,7 +125,16 @@ impl FaultKind {
                 | FaultKind::EtcdPause
                 | FaultKind::EtcdIsolate
                 | FaultKind::EtcdCompact
+                | FaultKind::EtcdRestore
+                | FaultKind::EtcdWipe
         )
+    }
+
+    /// Whether etcd's data is lost (and maybe restored from a snapshot):
+    /// its revisions go back, so the checker reads the history in epochs
+    /// ([`History::epochs`]).
+    pub fn loses_data(self) -> bool {
+        matches!(self, FaultKind::EtcdRestore | FaultKind::EtcdWipe)
     }
 
     /// Whether it hits a greet-server (its window excuses that server's
@@ -213,6 +233,26 @@ pub struct History {
     pub gaps: Vec<(i64, i64)>,
     /// When recording stopped.
     pub end: Duration,
+    /// Where etcd's history started again ([`FaultKind::EtcdRestore`],
+    /// [`FaultKind::EtcdWipe`]), in the order the recorder listed the new
+    /// data: revisions from one epoch's first event on belong to the new
+    /// history and may repeat revisions of the old one.
+    #[serde(default)]
+    pub epochs: Vec<Epoch>,
+}
+
+/// The start of a new etcd history, as the recorder listed it after a loss
+/// of etcd's data: every key listed is recorded as a put from
+/// [`Epoch::first_event`] on (and every key gone as a delete).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Epoch {
+    /// When the recorder listed the new data.
+    pub at: Duration,
+    /// The index in [`History::etcd`] of the epoch's first event.
+    pub first_event: usize,
+    /// The list's revision: the new history's state is known from here on
+    /// (below it, in this epoch, it is not).
+    pub revision: i64,
 }
 
 impl History {
@@ -237,34 +277,56 @@ impl History {
     /// `revision`, folding every recorded event up to it in revision order;
     /// `None` when the revision lies in one of the recorder's gaps
     /// ([`History::gaps`]), where that state is unknown.
+    ///
+    /// With losses of etcd's data ([`History::epochs`]) this is the first
+    /// epoch's state; [`History::etcd_state_in_epoch`] reads the others.
     pub fn etcd_state_at_revision(&self, revision: i64) -> Option<EndpointSet> {
-        if self
-            .gaps
-            .iter()
-            .any(|(lo, hi)| (*lo..=*hi).contains(&revision))
-        {
+        self.etcd_state_in_epoch(0, revision)
+    }
+
+    /// The epoch (0 before any loss of etcd's data) of the `i`-th event of
+    /// [`History::etcd`].
+    pub fn epoch_of_event(&self, i: usize) -> usize {
+        self.epochs.iter().filter(|e| e.first_event <= i).count()
+    }
+
+    /// The epoch the recorder was in at time `at`.
+    pub fn epoch_at(&self, at: Duration) -> usize {
+        self.epochs.iter().filter(|e| e.at <= at).count()
+    }
+
+    /// Each event's position in etcd's histories: (epoch, revision), which
+    /// orders events across losses of etcd's data as revisions alone do
+    /// not.
+    pub fn positions(&self) -> Vec<(usize, i64)> {
+        (0..self.etcd.len())
+            .map(|i| (self.epoch_of_event(i), self.etcd[i].revision))
+            .collect()
+    }
+
+    /// etcd's state at `revision` of epoch `epoch` (see
+    /// [`History::etcd_state_at_revision`]); `None` where it is unknown: in
+    /// a recorder gap, or in an epoch after the first below the revision of
+    /// the recorder's list of the new data. The gaps are revision ranges
+    /// without an epoch, so a gap of one epoch leaves the same revisions of
+    /// the others unjudged too (lenient, never stricter).
+    pub fn etcd_state_in_epoch(&self, epoch: usize, revision: i64) -> Option<EndpointSet> {
+        if epoch == 0 {
+            let first = self
+                .epochs
+                .first()
+                .map_or(self.etcd.len(), |e| e.first_event);
+            return fold_at_revision(&self.etcd[..first], &self.gaps, revision);
+        }
+        let start = self.epochs.get(epoch - 1)?;
+        if revision < start.revision {
             return None;
         }
-        let mut events: Vec<&EtcdEvent> = self
-            .etcd
-            .iter()
-            .filter(|e| e.revision <= revision)
-            .collect();
-        // A relist records puts at their own mod revisions and deletes at
-        // the list's revision, after later events: fold in revision order.
-        events.sort_by_key(|e| e.revision);
-        let mut state = EndpointSet::new();
-        for e in events {
-            match (e.kind, e.weight) {
-                (EventKind::Put, Some(w)) => {
-                    state.insert(e.addr.clone(), w);
-                }
-                _ => {
-                    state.remove(&e.addr);
-                }
-            }
-        }
-        Some(state)
+        let end = self
+            .epochs
+            .get(epoch)
+            .map_or(self.etcd.len(), |e| e.first_event);
+        fold_at_revision(&self.etcd[start.first_event..end], &self.gaps, revision)
     }
 
     /// etcd's final state.
@@ -289,6 +351,34 @@ impl History {
         }
         m
     }
+}
+
+/// etcd's state at `revision` from `events` of one history, folded in
+/// revision order; `None` in a gap.
+fn fold_at_revision(
+    events: &[EtcdEvent],
+    gaps: &[(i64, i64)],
+    revision: i64,
+) -> Option<EndpointSet> {
+    if gaps.iter().any(|(lo, hi)| (*lo..=*hi).contains(&revision)) {
+        return None;
+    }
+    let mut events: Vec<&EtcdEvent> = events.iter().filter(|e| e.revision <= revision).collect();
+    // A relist records puts at their own mod revisions and deletes at
+    // the list's revision, after later events: fold in revision order.
+    events.sort_by_key(|e| e.revision);
+    let mut state = EndpointSet::new();
+    for e in events {
+        match (e.kind, e.weight) {
+            (EventKind::Put, Some(w)) => {
+                state.insert(e.addr.clone(), w);
+            }
+            _ => {
+                state.remove(&e.addr);
+            }
+        }
+    }
+    Some(state)
 }
 
 /// The run's one clock: monotonic, plus the wall-clock time of its start

@@ -16,7 +16,7 @@
 //! end of the run, before its process (and log file) is dropped.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -80,6 +80,9 @@ pub struct WorldConfig {
     /// appended across restarts): the evidence behind an (f) violation,
     /// whose probe failures only the controller saw.
     pub log_dir: Option<std::path::PathBuf>,
+    /// Fixed tracks run side by side instead of the seed's schedule (takes
+    /// precedence over `plan`, which is one track).
+    pub tracks: Option<Vec<Vec<Step>>>,
 }
 
 /// Deliberately broken clients: a run with one must be flagged by the
@@ -131,6 +134,7 @@ impl WorldConfig {
             controllers: 2,
             dead_after: "1s",
             log_dir: None,
+            tracks: None,
         }
     }
 }
@@ -260,9 +264,9 @@ fn harvest(c: &Controller, clock: Clock, h: &Shared, cfg: &WorldConfig) {
 
 /// The index of the replica etcd's election names now, if any answers in
 /// time.
-async fn leading_controller(cluster: &Cluster) -> Option<usize> {
+async fn leading_controller(members: &[String]) -> Option<usize> {
     let ask = async {
-        let c = cluster.client().await.ok()?;
+        let c = Client::connect(members, None).await.ok()?;
         let r = c.election_client().leader(ELECTION_KEY).await.ok()?;
         let id = String::from_utf8_lossy(r.kv()?.value()).into_owned();
         id.strip_prefix("ctl")?
@@ -285,17 +289,21 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
         ..Default::default()
     }));
     let cancel = CancellationToken::new();
-    let mut cluster = Cluster::start_isolatable(3)
+    let cluster = Cluster::start_isolatable(3)
         .await
         .context("starting etcd")?;
     let eps = cluster.endpoints_arg();
     let members = cluster.endpoints();
 
+    // Odd while the nemesis is losing etcd's data, bumped again once the
+    // cluster is back: the recorder lists the new data as a new epoch.
+    let generation = Arc::new(AtomicU64::new(0));
     let recorder = tokio::spawn(recorder(
         members.clone(),
         clock,
         history.clone(),
         cancel.clone(),
+        generation.clone(),
     ));
 
     let ports: Vec<u16> = (0..cfg.servers).map(|_| free_port()).collect();
@@ -315,7 +323,7 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
     }
     if cfg.controllers > 0 {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while leading_controller(&cluster).await.is_none() {
+        while leading_controller(&members).await.is_none() {
             if Instant::now() > deadline {
                 let logs: Vec<String> = controllers.iter().map(|c| c.proc.log()).collect();
                 bail!("no controller leads after 30 s:\n{}", logs.join("\n"));
@@ -380,42 +388,85 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let plan = cfg.plan.clone().unwrap_or_else(|| {
-        schedule(
+    let tracks = cfg.tracks.clone().unwrap_or_else(|| match &cfg.plan {
+        Some(plan) => vec![plan.clone()],
+        None => schedule(
             cfg.seed,
             cfg.duration,
             cluster.len(),
             cfg.servers,
             cfg.controllers,
-        )
+        ),
     });
-    let mut failure = None;
-    for step in &plan {
-        if let Err(e) = inject(
-            step,
-            &mut cluster,
-            &eps,
-            &ports,
-            &mut servers,
-            &mut controllers,
-            cfg,
-            clock,
-            &history,
-        )
+    // The snapshot a restore goes back to: taken now, and again after each
+    // loss of data has healed.
+    let snapshots = tempfile::Builder::new()
+        .prefix("harness-snapshot")
+        .tempdir()?;
+    let snapshot = snapshots.path().join("etcd.db");
+    cluster
+        .snapshot(&snapshot)
         .await
-        {
-            failure = Some(e.context(format!("injecting {step:?}")));
-            break;
+        .context("saving the first etcd snapshot")?;
+    let kit = Arc::new(Kit {
+        controllers: tokio::sync::Mutex::new(controllers),
+        servers: tokio::sync::Mutex::new(servers),
+        cluster: tokio::sync::Mutex::new(cluster),
+        members: members.clone(),
+        eps: eps.clone(),
+        ports: ports.clone(),
+        snapshot,
+        generation,
+    });
+    let mut runs = Vec::new();
+    for steps in tracks {
+        let (kit, cfg, history) = (kit.clone(), cfg.clone(), history.clone());
+        runs.push(tokio::spawn(async move {
+            for step in &steps {
+                inject(step, &kit, &cfg, clock, &history)
+                    .await
+                    .with_context(|| format!("injecting {step:?}"))?;
+                if step.kind.loses_data() {
+                    save_snapshot(&kit).await;
+                }
+                tokio::time::sleep(step.gap).await;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    let mut failure = None;
+    for r in runs {
+        match r.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = failure.or(Some(e)),
+            Err(e) => failure = failure.or(Some(anyhow::anyhow!("a track panicked: {e}"))),
         }
-        tokio::time::sleep(step.gap).await;
     }
     tokio::time::sleep(cfg.quiet).await;
     // A SIGKILLed server's old lease expires up to a TTL after its restart
     // (and the new process registers then): wait until etcd has been quiet
     // for the checker's quiescence bound plus a second, for at most 20 s
     // more, so convergence can be judged.
+    // After a loss of etcd's data, the clients keep keys the new data
+    // lacks for their wipe grace: the checker judges convergence only Q
+    // after W after its heal, so wait for that too.
     let settle = Bounds::default().quiescence + Duration::from_secs(1);
     let limit = clock.now() + Duration::from_secs(20);
+    let loss_settled = {
+        let h = history.lock().expect("lock");
+        h.faults
+            .iter()
+            .filter(|f| f.kind.loses_data())
+            .filter_map(|f| f.end)
+            .max()
+            .map(|e| e + Bounds::default().data_loss + settle)
+    };
+    if let Some(t) = loss_settled {
+        let now = clock.now();
+        if t > now {
+            tokio::time::sleep(t - now).await;
+        }
+    }
     loop {
         let last = history
             .lock()
@@ -437,12 +488,11 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
         let _ = t.await;
     }
     let _ = recorder.await;
-    for c in &controllers {
+    for c in kit.controllers.lock().await.iter() {
         harvest(c, clock, &history, cfg);
     }
-    drop(controllers);
-    drop(servers);
-    drop(cluster);
+    drop(kit);
+    drop(snapshots);
     if let Some(e) = failure {
         return Err(e);
     }
@@ -472,49 +522,155 @@ async fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> R
     Ok(())
 }
 
+/// What the nemesis acts on, shared by the tracks. Each part has its own
+/// lock, held for a whole fault: the seed's tracks touch disjoint parts
+/// (etcd; servers and controllers), so they never wait for each other; a
+/// fixed plan that puts two faults on one part in two tracks runs them one
+/// after the other. Fields drop in order: controllers, servers, etcd.
+struct Kit {
+    controllers: tokio::sync::Mutex<Vec<Controller>>,
+    servers: tokio::sync::Mutex<Vec<Proc>>,
+    cluster: tokio::sync::Mutex<Cluster>,
+    members: Vec<String>,
+    eps: String,
+    ports: Vec<u16>,
+    /// The snapshot [`FaultKind::EtcdRestore`] goes back to.
+    snapshot: std::path::PathBuf,
+    /// The recorder's cue: odd while etcd's data is being lost.
+    generation: Arc<AtomicU64>,
+}
+
+/// Saves a fresh snapshot for the next restore (a few attempts right after
+/// a restart; on failure the older snapshot stays, which a restore can go
+/// back to as well).
+async fn save_snapshot(kit: &Kit) {
+    let cluster = kit.cluster.lock().await;
+    let fresh = kit.snapshot.with_extension("new");
+    for _ in 0..5 {
+        match cluster.snapshot(&fresh).await {
+            Ok(()) => {
+                if let Err(e) = std::fs::rename(&fresh, &kit.snapshot) {
+                    eprintln!("harness: keeping the older etcd snapshot: {e}");
+                }
+                return;
+            }
+            Err(e) => {
+                eprintln!("harness: etcd snapshot failed, retrying: {e:#}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
 /// Injects one fault, holds it, heals it; marks its window.
-#[allow(clippy::too_many_arguments)]
-async fn inject(
-    step: &Step,
-    cluster: &mut Cluster,
-    eps: &str,
-    ports: &[u16],
-    servers: &mut [Proc],
-    controllers: &mut [Controller],
-    cfg: &WorldConfig,
-    clock: Clock,
-    h: &Shared,
-) -> Result<()> {
+async fn inject(step: &Step, kit: &Kit, cfg: &WorldConfig, clock: Clock, h: &Shared) -> Result<()> {
+    let (eps, ports) = (kit.eps.as_str(), kit.ports.as_slice());
     let mut i = step.target;
     if step.kind.is_controller() {
-        if controllers.is_empty() {
+        let replicas = kit.controllers.lock().await.len();
+        if replicas == 0 {
             bail!("a controller fault in a world without controllers");
         }
         // The leader, when etcd names one; else the drawn replica.
-        i = match leading_controller(cluster).await {
-            Some(l) if l < controllers.len() => l,
-            _ => i % controllers.len(),
+        i = match leading_controller(&kit.members).await {
+            Some(l) if l < replicas => l,
+            _ => i % replicas,
         };
     }
-    let target = if step.kind.is_etcd() {
+    let target = if step.kind.loses_data() {
+        "etcd".to_owned()
+    } else if step.kind.is_etcd() {
         format!("etcd-{i}")
     } else if step.kind.is_controller() {
         format!("controller-{i}")
     } else {
         format!("127.0.0.1:{}", ports[i])
     };
+    // The part's lock is taken before the window opens: a fault waiting
+    // for another track's fault on the same part is not under way yet.
+    if step.kind.is_etcd() {
+        let mut cluster = kit.cluster.lock().await;
+        let index = open_window(h, clock, step.kind, &target);
+        etcd_fault(step, i, &mut cluster, kit).await?;
+        close_window(h, clock, index);
+    } else if step.kind.is_controller() {
+        let mut controllers = kit.controllers.lock().await;
+        let index = open_window(h, clock, step.kind, &target);
+        match step.kind {
+            FaultKind::ControllerKill => {
+                controllers[i].proc.kill();
+                harvest(&controllers[i], clock, h, cfg);
+                tokio::time::sleep(step.hold).await;
+                controllers[i] = spawn_controller(eps, i, cfg)?;
+            }
+            FaultKind::ControllerPause => {
+                controllers[i].proc.signal(Signal::SIGSTOP)?;
+                tokio::time::sleep(step.hold).await;
+                controllers[i].proc.signal(Signal::SIGCONT)?;
+            }
+            k => bail!("{k:?} is not a controller fault"),
+        }
+        close_window(h, clock, index);
+    } else {
+        let mut servers = kit.servers.lock().await;
+        let index = open_window(h, clock, step.kind, &target);
+        match step.kind {
+            FaultKind::ServerKill => {
+                servers[i].kill();
+                tokio::time::sleep(step.hold).await;
+                servers[i] = spawn_server(eps, ports[i], cfg)?;
+                mark(h, clock, target.clone(), ServerEvent::Started);
+            }
+            FaultKind::ServerDrain => {
+                servers[i].signal(Signal::SIGTERM)?;
+                mark(h, clock, target.clone(), ServerEvent::Drain);
+                let code = servers[i].wait_exit(Duration::from_secs(20)).await?;
+                if code != Some(0) {
+                    bail!(
+                        "{target} exited {code:?} after SIGTERM:\n{}",
+                        servers[i].log()
+                    );
+                }
+                mark(h, clock, target.clone(), ServerEvent::Deregistered);
+                tokio::time::sleep(step.hold).await;
+                servers[i] = spawn_server(eps, ports[i], cfg)?;
+                mark(h, clock, target.clone(), ServerEvent::Started);
+            }
+            FaultKind::ServerPause => {
+                servers[i].signal(Signal::SIGSTOP)?;
+                tokio::time::sleep(step.hold).await;
+                servers[i].signal(Signal::SIGCONT)?;
+            }
+            k => bail!("{k:?} is not a server fault"),
+        }
+        close_window(h, clock, index);
+    }
+    Ok(())
+}
+
+/// Marks a fault's window open (injected now); its index in the history.
+fn open_window(h: &Shared, clock: Clock, kind: FaultKind, target: &str) -> usize {
     let start = clock.now();
-    let index = {
-        let mut h = h.lock().expect("lock");
-        h.faults.push(FaultMark {
-            kind: step.kind,
-            target: target.clone(),
-            start,
-            end: None,
-        });
-        h.faults.len() - 1
-    };
-    let signal_member = |sig| -> Result<()> {
+    let mut h = h.lock().expect("lock");
+    h.faults.push(FaultMark {
+        kind,
+        target: target.to_owned(),
+        start,
+        end: None,
+    });
+    h.faults.len() - 1
+}
+
+/// Marks the window `index` healed now.
+fn close_window(h: &Shared, clock: Clock, index: usize) {
+    let end = clock.now();
+    record(h, |h| h.faults[index].end = Some(end));
+}
+
+/// Injects, holds and heals one etcd fault on member `i` (the whole
+/// cluster for a loss of data).
+async fn etcd_fault(step: &Step, i: usize, cluster: &mut Cluster, kit: &Kit) -> Result<()> {
+    let signal_member = |cluster: &Cluster, sig| -> Result<()> {
         let pid = cluster.pid(i).context("member not running")?;
         kill(Pid::from_raw(pid as i32), sig).context("signalling etcd")
     };
@@ -525,9 +681,9 @@ async fn inject(
             cluster.restart(i).await?;
         }
         FaultKind::EtcdPause => {
-            signal_member(Signal::SIGSTOP)?;
+            signal_member(cluster, Signal::SIGSTOP)?;
             tokio::time::sleep(step.hold).await;
-            signal_member(Signal::SIGCONT)?;
+            signal_member(cluster, Signal::SIGCONT)?;
         }
         FaultKind::EtcdIsolate => {
             cluster.isolate(i).await?;
@@ -538,46 +694,22 @@ async fn inject(
             compact(cluster, i).await?;
             tokio::time::sleep(step.hold).await;
         }
-        FaultKind::ServerKill => {
-            servers[i].kill();
-            tokio::time::sleep(step.hold).await;
-            servers[i] = spawn_server(eps, ports[i], cfg)?;
-            mark(h, clock, target.clone(), ServerEvent::Started);
-        }
-        FaultKind::ServerDrain => {
-            servers[i].signal(Signal::SIGTERM)?;
-            mark(h, clock, target.clone(), ServerEvent::Drain);
-            let code = servers[i].wait_exit(Duration::from_secs(20)).await?;
-            if code != Some(0) {
-                bail!(
-                    "{target} exited {code:?} after SIGTERM:\n{}",
-                    servers[i].log()
-                );
+        FaultKind::EtcdRestore | FaultKind::EtcdWipe => {
+            // Odd: the recorder stops trusting what it receives, before any
+            // member goes.
+            kit.generation.fetch_add(1, Ordering::SeqCst);
+            for m in 0..cluster.len() {
+                cluster.kill(m);
             }
-            mark(h, clock, target.clone(), ServerEvent::Deregistered);
             tokio::time::sleep(step.hold).await;
-            servers[i] = spawn_server(eps, ports[i], cfg)?;
-            mark(h, clock, target.clone(), ServerEvent::Started);
+            let from = (step.kind == FaultKind::EtcdRestore).then_some(kit.snapshot.as_path());
+            let restored = cluster.restore(from).await;
+            // Even again: the data now is the new history's.
+            kit.generation.fetch_add(1, Ordering::SeqCst);
+            restored?;
         }
-        FaultKind::ServerPause => {
-            servers[i].signal(Signal::SIGSTOP)?;
-            tokio::time::sleep(step.hold).await;
-            servers[i].signal(Signal::SIGCONT)?;
-        }
-        FaultKind::ControllerKill => {
-            controllers[i].proc.kill();
-            harvest(&controllers[i], clock, h, cfg);
-            tokio::time::sleep(step.hold).await;
-            controllers[i] = spawn_controller(eps, i, cfg)?;
-        }
-        FaultKind::ControllerPause => {
-            controllers[i].proc.signal(Signal::SIGSTOP)?;
-            tokio::time::sleep(step.hold).await;
-            controllers[i].proc.signal(Signal::SIGCONT)?;
-        }
+        k => bail!("{k:?} is not an etcd fault"),
     }
-    let end = clock.now();
-    record(h, |h| h.faults[index].end = Some(end));
     Ok(())
 }
 
@@ -722,13 +854,36 @@ async fn load(
 /// one member at a time (round robin), resuming after the last revision
 /// seen whenever the stream fails or is silent for 3 s (a paused member).
 /// Independent of the library's watcher, so it does not share its bugs.
-async fn recorder(members: Vec<String>, clock: Clock, h: Shared, cancel: CancellationToken) {
+///
+/// It is told of losses of etcd's data by the nemesis, through
+/// `generation` (odd while the data is being lost, even once the cluster
+/// is back): a harness instrument may know what the harness did, and a
+/// revision alone cannot tell a new history from the old one once the new
+/// one has passed it. Nothing received while the generation differs from
+/// the one it listed is recorded; on a new even generation it lists the
+/// new data as a new epoch ([`History::epochs`]).
+async fn recorder(
+    members: Vec<String>,
+    clock: Clock,
+    h: Shared,
+    cancel: CancellationToken,
+    generation: Arc<AtomicU64>,
+) {
     let mut next: Option<i64> = None;
+    let mut listed = 0u64;
     let mut turn = 0usize;
     while !cancel.is_cancelled() {
         let member = members[turn % members.len()].clone();
         turn += 1;
-        let round = record_from(&member, &mut next, clock, &h, &cancel);
+        let round = record_from(
+            &member,
+            &mut next,
+            &mut listed,
+            &generation,
+            clock,
+            &h,
+            &cancel,
+        );
         if round.await.is_err() {
             // Another member next; the error itself (a dead or paused
             // member) is the nemesis's doing.
@@ -798,9 +953,10 @@ fn relist_events(
             weight: None,
         });
     }
+    // Revisions of earlier epochs say nothing about this one.
+    let epoch_start = h.epochs.last().map_or(0, |e| e.first_event);
     for (e, created) in list {
-        let last = h
-            .etcd
+        let last = h.etcd[epoch_start..]
             .iter()
             .filter(|k| k.addr == e.addr)
             .map(|k| k.revision)
@@ -824,14 +980,27 @@ fn relist_events(
 }
 
 /// Lists the prefix and records what differs from the recorded state as
-/// events at the list's revision (all of it on the first list).
-async fn relist(c: &mut Client, next: &mut Option<i64>, clock: Clock, h: &Shared) -> Result<()> {
+/// events at the list's revision (all of it on the first list). With
+/// `new_epoch` (etcd's data was lost), every key listed is recorded as a
+/// put and every key gone as a delete, as the first events of a new epoch.
+/// Records nothing when the data changed generation while it listed.
+async fn relist(
+    c: &mut Client,
+    next: &mut Option<i64>,
+    new_epoch: bool,
+    gen: (&AtomicU64, u64),
+    clock: Clock,
+    h: &Shared,
+) -> Result<()> {
     let r = tokio::time::timeout(
         Duration::from_secs(2),
         c.get(PREFIX, Some(GetOptions::new().with_prefix())),
     )
     .await
     .context("list timed out")??;
+    if gen.0.load(Ordering::SeqCst) != gen.1 {
+        bail!("etcd's data changed generation during the list");
+    }
     let at = clock.now();
     let rev = r.header().map_or(0, |h| h.revision());
     let list: Vec<(EtcdEvent, i64)> = r
@@ -842,6 +1011,36 @@ async fn relist(c: &mut Client, next: &mut Option<i64>, clock: Clock, h: &Shared
             Some((e, kv.create_revision()))
         })
         .collect();
+    if new_epoch {
+        record(h, |h| {
+            let listed: BTreeMap<&str, ()> =
+                list.iter().map(|(e, _)| (e.addr.as_str(), ())).collect();
+            let gone: Vec<EtcdEvent> = h
+                .etcd_final()
+                .keys()
+                .filter(|a| !listed.contains_key(a.as_str()))
+                .map(|a| EtcdEvent {
+                    at,
+                    revision: rev,
+                    addr: a.clone(),
+                    kind: EventKind::Delete,
+                    weight: None,
+                })
+                .collect();
+            let first_event = h.etcd.len();
+            h.epochs.push(crate::history::Epoch {
+                at,
+                first_event,
+                revision: rev,
+            });
+            h.etcd.extend(gone);
+            let mut puts: Vec<EtcdEvent> = list.iter().map(|(e, _)| e.clone()).collect();
+            puts.sort_by_key(|e| e.revision);
+            h.etcd.extend(puts);
+        });
+        *next = Some(rev + 1);
+        return Ok(());
+    }
     // What happened between the last revision watched and the list's is
     // unknown one event at a time: a gap for the checker.
     let unknown_from = next.unwrap_or(0);
@@ -859,10 +1058,16 @@ async fn relist(c: &mut Client, next: &mut Option<i64>, clock: Clock, h: &Shared
 async fn record_from(
     member: &str,
     next: &mut Option<i64>,
+    listed: &mut u64,
+    generation: &Arc<AtomicU64>,
     clock: Clock,
     h: &Shared,
     cancel: &CancellationToken,
 ) -> Result<()> {
+    let gen = generation.load(Ordering::SeqCst);
+    if gen % 2 == 1 {
+        bail!("etcd's data is being lost");
+    }
     // Require a leader: an isolated member then ends the watch instead of
     // holding it silent.
     let opts = etcd_client::ConnectOptions::new().with_require_leader(true);
@@ -870,8 +1075,11 @@ async fn record_from(
     let mut c = tokio::time::timeout(Duration::from_secs(2), connect)
         .await
         .context("connect timed out")??;
-    if next.is_none() {
-        relist(&mut c, next, clock, h).await?;
+    if next.is_none() || gen != *listed {
+        // The first list, or the first since etcd's data was lost.
+        let new_epoch = next.is_some();
+        relist(&mut c, next, new_epoch, (generation, gen), clock, h).await?;
+        *listed = gen;
     }
     let from = next.expect("listed");
     let opts = WatchOptions::new().with_prefix().with_start_revision(from);
@@ -889,10 +1097,13 @@ async fn record_from(
         let Some(resp) = msg? else {
             bail!("stream ended");
         };
+        if generation.load(Ordering::SeqCst) != gen {
+            bail!("etcd's data is being lost; nothing more from this stream");
+        }
         if resp.compact_revision() > 0 {
             // Fell behind a compaction: list again and record the
             // difference, then watch on from the list's revision.
-            relist(&mut c, next, clock, h).await?;
+            relist(&mut c, next, false, (generation, gen), clock, h).await?;
             bail!("compacted at {}, relisted", resp.compact_revision());
         }
         let at = clock.now();
