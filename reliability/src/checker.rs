@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::history::{EndpointSet, EventKind, FaultMark, History, ViewChange};
+use crate::history::{EndpointSet, EventKind, FaultKind, FaultMark, History, ViewChange};
 
 /// The bounds the invariants are checked with.
 #[derive(Debug, Clone, Copy)]
@@ -31,7 +31,7 @@ pub struct Bounds {
     /// (g): how long a live server may be missing from etcd, counted from
     /// the deletion or from the end of the last fault that excuses it.
     pub registration: Duration,
-    /// How long after a loss of etcd's data ([`crate::history::FaultKind::loses_data`])
+    /// How long after a loss of etcd's data ([`FaultKind::loses_data`])
     /// healed its consequences may still show in the clients: a view's
     /// revision going back (a), a view holding keys the new data lacks
     /// (h) and calls to them (d): the library's watcher keeps such keys for
@@ -422,6 +422,55 @@ fn live_deletions(h: &History, b: &Bounds, r: &mut Report) {
                 context: format!(
                     "{} deleted {} (fenced on revision {}, reason {}) with no fault on that server since {from:?}",
                     d.controller, d.addr, d.mod_revision, d.reason
+                ),
+            });
+        }
+    }
+    // Delete requests the recorder saw that no logged deletion names (its
+    // log line lost with its process, a leader SIGKILLed between the
+    // transaction and the line): judged the same way, from the recorder's
+    // time (within R of the transaction), the deleter unknown, so a fault
+    // of any controller replica may have delayed the decision.
+    for x in &h.explicit_deletes {
+        let logged = h
+            .deletions
+            .iter()
+            .any(|d| d.addr == x.addr && d.at.abs_diff(x.at) <= b.recorder_slack);
+        if logged {
+            continue;
+        }
+        let from = h
+            .faults
+            .iter()
+            .filter(|f| f.kind.is_controller())
+            .map(|f| decided_from(h, b, x.at, &f.target))
+            .fold(decided_from(h, b, x.at, ""), Duration::min)
+            .saturating_sub(b.recorder_slack);
+        let excused = h.faults.iter().any(|f| {
+            f.kind.is_server() && f.target == x.addr && overlaps(f, from, x.at, b.fault_margin)
+        });
+        if !excused {
+            let kills: Vec<String> = h
+                .faults
+                .iter()
+                .filter(|f| f.kind == FaultKind::ControllerKill)
+                .filter(|f| {
+                    overlaps(
+                        f,
+                        x.at.saturating_sub(b.recorder_slack),
+                        x.at + b.recorder_slack,
+                        b.fault_margin,
+                    )
+                })
+                .map(|f| format!("{} at {:?}", f.target, f.start))
+                .collect();
+            r.violations.push(Violation {
+                invariant: Invariant::NoLiveDeletion,
+                at: x.at,
+                client: None,
+                context: format!(
+                    "{} deleted at revision {} (epoch {}) by a delete request (its lease {:x} outlived it) that no controller logged (controller kills around it: {kills:?}), with no fault on that server since {from:?}",
+                    x.addr, x.revision, x.epoch, x.lease
                 ),
             });
         }
@@ -1308,6 +1357,53 @@ mod tests {
         ));
         let r = check(&other, &Bounds::default());
         assert_eq!(r.of(Invariant::NoLiveDeletion).len(), 1, "{r:#?}");
+    }
+
+    fn explicit(at: u64, revision: i64, addr: &str) -> crate::history::ExplicitDelete {
+        crate::history::ExplicitDelete {
+            at: s(at),
+            epoch: 0,
+            revision,
+            addr: addr.into(),
+            lease: 0x7f,
+        }
+    }
+
+    /// A deletion whose log line was lost (its leader SIGKILLed between
+    /// the transaction and the line): the recorder saw a delete request
+    /// (the key's lease outlived it) that no logged deletion names, and it
+    /// is judged as (f) judges logged ones.
+    #[test]
+    fn an_unlogged_deletion_of_a_live_server_is_flagged() {
+        let mut h = clean();
+        // A's key deleted at 20 s by a request, logged: judged once, as
+        // the logged deletion (not twice).
+        h.explicit_deletes.push(explicit(20_005, 7, A));
+        h.deletions.push(deletion(20_000, A, 2));
+        let r = check(&h, &Bounds::default());
+        assert_eq!(r.of(Invariant::NoLiveDeletion).len(), 1, "{r:#?}");
+        // The same without its log line, a controller killed just after:
+        // still flagged, from the recorder, naming the kill.
+        h.deletions.clear();
+        h.faults.push(fault(
+            FaultKind::ControllerKill,
+            "controller-0",
+            20_010,
+            21_000,
+        ));
+        let r = check(&h, &Bounds::default());
+        let v = r.of(Invariant::NoLiveDeletion);
+        assert_eq!(v.len(), 1, "{r:#?}");
+        assert_eq!(v[0].at, s(20_005));
+        assert!(v[0].context.contains("no controller logged"), "{}", v[0]);
+        assert!(v[0].context.contains("controller-0"), "{}", v[0]);
+        assert_eq!(r.violations.len(), 1, "only that: {r:#?}");
+        // An unlogged delete request of A during A's kill: the
+        // controller's job.
+        let mut dead = clean();
+        dead.explicit_deletes.push(explicit(3_300, 4, A));
+        let r = check(&dead, &Bounds::default());
+        assert_eq!(r.violations, vec![], "{r:#?}");
     }
 
     #[test]

@@ -239,6 +239,28 @@ pub struct History {
     /// history and may repeat revisions of the old one.
     #[serde(default)]
     pub epochs: Vec<Epoch>,
+    /// Deletes the recorder saw that were delete requests, not a lease's
+    /// end: the key's lease outlived the delete (or it had none). In this
+    /// world only a controller's fenced transaction deletes so; the
+    /// checker judges those that no logged deletion names ([`Self::deletions`]
+    /// miss a deletion whose log line was lost with its process).
+    #[serde(default)]
+    pub explicit_deletes: Vec<ExplicitDelete>,
+}
+
+/// A delete request under the prefix, as the recorder classified it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExplicitDelete {
+    /// When the recorder saw the delete.
+    pub at: Duration,
+    /// The epoch of etcd's history it happened in.
+    pub epoch: usize,
+    /// The delete's revision.
+    pub revision: i64,
+    /// The deleted key's address.
+    pub addr: String,
+    /// The key's lease (alive after the delete), 0 for none.
+    pub lease: i64,
 }
 
 /// The start of a new etcd history, as the recorder listed it after a loss

@@ -33,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::checker::Bounds;
 use crate::history::{
-    Call, Clock, ControllerDeletion, EndpointSet, EtcdEvent, EventKind, FaultKind, FaultMark,
-    History, ServerEvent, ServerMark, ViewChange,
+    Call, Clock, ControllerDeletion, EndpointSet, EtcdEvent, EventKind, ExplicitDelete, FaultKind,
+    FaultMark, History, ServerEvent, ServerMark, ViewChange,
 };
 use crate::nemesis::{schedule, Step};
 
@@ -1082,7 +1082,12 @@ async fn record_from(
         *listed = gen;
     }
     let from = next.expect("listed");
-    let opts = WatchOptions::new().with_prefix().with_start_revision(from);
+    // With each delete's previous value: its lease tells an explicit
+    // delete from a lease's end (see `classify_delete`).
+    let opts = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(from)
+        .with_prev_key();
     let mut stream = tokio::time::timeout(Duration::from_secs(2), c.watch(PREFIX, Some(opts)))
         .await
         .context("watch timed out")??;
@@ -1112,6 +1117,15 @@ async fn record_from(
             let Some(kv) = ev.kv() else { continue };
             let put = ev.event_type() == EventType::Put;
             if let Some(e) = event_of(at, kv.key(), kv.value(), kv.mod_revision(), put) {
+                if let (false, Some(prev)) = (put, ev.prev_kv()) {
+                    tokio::spawn(classify_delete(
+                        c.clone(),
+                        e.clone(),
+                        prev.lease(),
+                        (generation.clone(), gen),
+                        h.clone(),
+                    ));
+                }
                 batch.push(e);
             }
             *next = Some(kv.mod_revision() + 1);
@@ -1120,6 +1134,48 @@ async fn record_from(
             record(h, |h| h.etcd.extend(batch));
         }
     }
+}
+
+/// Records `delete` as explicit ([`History::explicit_deletes`]) when the
+/// deleted key had no lease or its lease still lives after the delete: a
+/// lease that expired or was revoked (a drain) takes its keys with it at
+/// the delete's revision and is gone from then on, so a delete whose lease
+/// outlives it was a delete request (in this world, only the controllers'
+/// fenced transactions delete under the prefix). A lease that ends between
+/// the delete and this question makes an explicit delete look like an
+/// expiry (it is then not judged: lenient); the opposite cannot happen,
+/// except through a restore that brings the lease back, so an answer given
+/// while etcd's data changed generation is dropped.
+async fn classify_delete(
+    mut c: Client,
+    delete: EtcdEvent,
+    lease: i64,
+    gen: (Arc<AtomicU64>, u64),
+    h: Shared,
+) {
+    let alive = if lease == 0 {
+        Some(true)
+    } else {
+        let ask = c.lease_time_to_live(lease, None);
+        match tokio::time::timeout(Duration::from_secs(2), ask).await {
+            // etcd answers TTL -1 for a lease it does not know.
+            Ok(Ok(r)) => Some(r.ttl() > 0),
+            _ => None,
+        }
+    };
+    if gen.0.load(Ordering::SeqCst) != gen.1 || alive != Some(true) {
+        return;
+    }
+    record(&h, |h| {
+        let epoch = h.epochs.len();
+        h.explicit_deletes.push(ExplicitDelete {
+            at: delete.at,
+            epoch,
+            revision: delete.revision,
+            addr: delete.addr,
+            lease,
+        })
+    });
 }
 
 /// The mutants' discovery: list and watch one member; on any failure list
