@@ -44,6 +44,12 @@ pub struct Bounds {
     /// leader's election; the server's new process takes the address over
     /// only then (g).
     pub lease_ttl: Duration,
+    /// (d) for an xDS client: how long after a fault of the controller
+    /// replica serving it (kill, pause) its assignment may still be the
+    /// one from before: the replica's restart and its first pass, and
+    /// grpcio's backoff before it opens its ADS stream again (1 s, then
+    /// 1.6 times more, jittered).
+    pub xds_reconnect: Duration,
 }
 
 impl Default for Bounds {
@@ -57,6 +63,7 @@ impl Default for Bounds {
             registration: Duration::from_secs(2),
             data_loss: Duration::from_secs(13),
             lease_ttl: Duration::from_secs(4),
+            xds_reconnect: Duration::from_secs(5),
         }
     }
 }
@@ -335,6 +342,16 @@ fn stale_calls(h: &History, b: &Bounds, r: &mut Report) {
                 f.kind.is_etcd() && overlaps(f, gone.at, c.start, b.fault_margin)
             }
         });
+        // An xDS client learns of the removal from its controller replica:
+        // while that replica is down or paused (and until the client has
+        // its stream again) it keeps the assignment it had.
+        let serving = h.xds_clients.get(&c.client);
+        let xds_stale = h.faults.iter().any(|f| {
+            f.kind.is_controller()
+                && Some(&f.target) == serving
+                && overlaps(f, gone.at, c.start, b.xds_reconnect)
+        });
+        let etcd_faulted = etcd_faulted || xds_stale;
         if !back && !etcd_faulted {
             r.violations.push(Violation {
                 invariant: Invariant::NoStaleCall,
@@ -1404,6 +1421,53 @@ mod tests {
         dead.explicit_deletes.push(explicit(3_300, 4, A));
         let r = check(&dead, &Bounds::default());
         assert_eq!(r.violations, vec![], "{r:#?}");
+    }
+
+    /// (d) for an xDS client (client 2, served by controller-1): it
+    /// learns of a removal through its controller replica, so a pause of
+    /// that replica (plus the reconnect bound) excuses its calls to a
+    /// removed endpoint; a pause of the other replica does not, and
+    /// neither excuses the library's clients.
+    #[test]
+    fn an_xds_client_is_excused_only_by_its_own_controller() {
+        let mut h = clean();
+        h.xds_clients.insert(2, "controller-1".into());
+        // B deleted at 11 s (clean); never back in this history.
+        h.etcd.retain(|e| e.revision != 6);
+        h.views.retain(|v| v.revision != 6);
+        h.calls
+            .retain(|c| !(c.endpoint.as_deref() == Some(B) && c.start > s(10_000)));
+        h.calls.push(call(2, Some(B), 14_000, 14_005, true, ""));
+        let r = check(&h, &Bounds::default());
+        assert_eq!(r.of(Invariant::NoStaleCall).len(), 1, "{r:#?}");
+        // Its replica paused 10.5-12 s: 14 s is within 5 s of the heal.
+        let mut paused = h.clone();
+        paused.faults.push(fault(
+            FaultKind::ControllerPause,
+            "controller-1",
+            10_500,
+            12_000,
+        ));
+        let r = check(&paused, &Bounds::default());
+        assert_eq!(r.violations, vec![], "{r:#?}");
+        // The other replica paused: flagged.
+        let mut other = h.clone();
+        other.faults.push(fault(
+            FaultKind::ControllerPause,
+            "controller-0",
+            10_500,
+            12_000,
+        ));
+        let r = check(&other, &Bounds::default());
+        assert_eq!(r.of(Invariant::NoStaleCall).len(), 1, "{r:#?}");
+        // A library client's call then: flagged even with the pause.
+        paused
+            .calls
+            .push(call(1, Some(B), 14_100, 14_105, true, ""));
+        let r = check(&paused, &Bounds::default());
+        let v = r.of(Invariant::NoStaleCall);
+        assert_eq!(v.len(), 1, "{r:#?}");
+        assert_eq!(v[0].client, Some(1));
     }
 
     #[test]

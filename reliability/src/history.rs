@@ -246,6 +246,11 @@ pub struct History {
     /// miss a deletion whose log line was lost with its process).
     #[serde(default)]
     pub explicit_deletes: Vec<ExplicitDelete>,
+    /// Clients that learn endpoints over xDS (not from etcd): client ->
+    /// the controller replica serving them (`controller-<i>`). They record
+    /// calls but no views.
+    #[serde(default)]
+    pub xds_clients: BTreeMap<u32, String>,
 }
 
 /// A delete request under the prefix, as the recorder classified it.

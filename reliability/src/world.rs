@@ -83,6 +83,11 @@ pub struct WorldConfig {
     /// Fixed tracks run side by side instead of the seed's schedule (takes
     /// precedence over `plan`, which is one track).
     pub tracks: Option<Vec<Vec<Step>>>,
+    /// Run a grpcio client (gRPC's C core, python3) over xDS from the last
+    /// controller replica beside the library's clients, as client
+    /// `clients` (the next index): its calls are recorded and judged by
+    /// (d) and (e); it has no view to record.
+    pub xds_client: bool,
 }
 
 /// Deliberately broken clients: a run with one must be flagged by the
@@ -135,6 +140,7 @@ impl WorldConfig {
             dead_after: "1s",
             log_dir: None,
             tracks: None,
+            xds_client: false,
         }
     }
 }
@@ -171,11 +177,18 @@ fn spawn_server(eps: &str, port: u16, cfg: &WorldConfig) -> Result<Proc> {
 struct Controller {
     proc: Proc,
     index: usize,
+    /// Its `--xds-listen` port, the same across restarts.
+    xds_port: Option<u16>,
 }
 
-fn spawn_controller(eps: &str, index: usize, cfg: &WorldConfig) -> Result<Controller> {
+fn spawn_controller(
+    eps: &str,
+    index: usize,
+    cfg: &WorldConfig,
+    xds_port: Option<u16>,
+) -> Result<Controller> {
     let blind = cfg.mutant == Some(Mutant::BlindControllers);
-    let args: Vec<String> = [
+    let mut args: Vec<String> = [
         "--listen",
         &format!("127.0.0.1:{}", free_port()),
         "--etcd-endpoints",
@@ -200,6 +213,9 @@ fn spawn_controller(eps: &str, index: usize, cfg: &WorldConfig) -> Result<Contro
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if let Some(port) = xds_port {
+        args.extend(["--xds-listen".to_owned(), format!("127.0.0.1:{port}")]);
+    }
     let proc = Proc::spawn(
         &format!("controller-{index}"),
         bin_path("controller"),
@@ -210,7 +226,11 @@ fn spawn_controller(eps: &str, index: usize, cfg: &WorldConfig) -> Result<Contro
             "warn,controller=info,controller::reconcile=debug",
         )],
     )?;
-    Ok(Controller { proc, index })
+    Ok(Controller {
+        proc,
+        index,
+        xds_port,
+    })
 }
 
 /// The deletions a controller's log reports (JSON lines); lines that are
@@ -319,7 +339,8 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
     .await?;
     let mut controllers = Vec::new();
     for i in 0..cfg.controllers {
-        controllers.push(spawn_controller(&eps, i, cfg)?);
+        let xds_port = cfg.xds_client.then(free_port);
+        controllers.push(spawn_controller(&eps, i, cfg, xds_port)?);
     }
     if cfg.controllers > 0 {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -386,6 +407,26 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
             )));
         }
     }
+    // The snapshot a restore goes back to (taken below, and again after
+    // each loss of data has healed), and the xDS client's bootstrap.
+    let snapshots = tempfile::Builder::new()
+        .prefix("harness-snapshot")
+        .tempdir()?;
+    let xds = match controllers
+        .last()
+        .and_then(|c| c.xds_port.map(|p| (c.index, p)))
+    {
+        Some((serving, port)) if cfg.xds_client => {
+            let client = cfg.clients;
+            let child = xds_client(port, snapshots.path(), cfg, clock, &history, &cancel).await?;
+            record(&history, |h| {
+                h.xds_clients
+                    .insert(client, format!("controller-{serving}"));
+            });
+            Some(child)
+        }
+        _ => None,
+    };
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let tracks = cfg.tracks.clone().unwrap_or_else(|| match &cfg.plan {
@@ -398,11 +439,6 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
             cfg.controllers,
         ),
     });
-    // The snapshot a restore goes back to: taken now, and again after each
-    // loss of data has healed.
-    let snapshots = tempfile::Builder::new()
-        .prefix("harness-snapshot")
-        .tempdir()?;
     let snapshot = snapshots.path().join("etcd.db");
     cluster
         .snapshot(&snapshot)
@@ -491,6 +527,7 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
     for c in kit.controllers.lock().await.iter() {
         harvest(c, clock, &history, cfg);
     }
+    drop(xds);
     drop(kit);
     drop(snapshots);
     if let Some(e) = failure {
@@ -601,7 +638,7 @@ async fn inject(step: &Step, kit: &Kit, cfg: &WorldConfig, clock: Clock, h: &Sha
                 controllers[i].proc.kill();
                 harvest(&controllers[i], clock, h, cfg);
                 tokio::time::sleep(step.hold).await;
-                controllers[i] = spawn_controller(eps, i, cfg)?;
+                controllers[i] = spawn_controller(eps, i, cfg, controllers[i].xds_port)?;
             }
             FaultKind::ControllerPause => {
                 controllers[i].proc.signal(Signal::SIGSTOP)?;
@@ -799,6 +836,99 @@ async fn views(
             _ = tick.tick() => {}
         }
     }
+}
+
+/// Starts the grpcio client over xDS from the controller replica serving
+/// on `port` (`reliability/grpcio/xds_load.py`, bootstrapped by `controller
+/// xds-bootstrap`), records each of its calls as client `cfg.clients` on
+/// the run's clock (it prints wall-clock times), and waits for its first
+/// answer. The process goes when the returned child is dropped.
+async fn xds_client(
+    port: u16,
+    dir: &std::path::Path,
+    cfg: &WorldConfig,
+    clock: Clock,
+    h: &Shared,
+    cancel: &CancellationToken,
+) -> Result<tokio::process::Child> {
+    use tokio::io::AsyncBufReadExt;
+    let out = std::process::Command::new(bin_path("controller"))
+        .args(["xds-bootstrap", "--server"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--node-id", "harness-xds"])
+        .output()
+        .context("controller xds-bootstrap")?;
+    if !out.status.success() {
+        bail!(
+            "xds-bootstrap: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let bootstrap = dir.join("xds-bootstrap.json");
+    std::fs::write(&bootstrap, &out.stdout)?;
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("grpcio/xds_load.py");
+    let mut child = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(format!("xds:///{SERVICE}"))
+        .arg(cfg.call_timeout.as_secs_f64().to_string())
+        .env("GRPC_XDS_BOOTSTRAP", &bootstrap)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("python3 with grpcio (scripts/setup.sh installs it)")?;
+    let stdout = child.stdout.take().context("its stdout")?;
+    let (client, h2, cancel) = (cfg.clients, h.clone(), cancel.clone());
+    let wall = move |secs: f64| {
+        clock.at_wall(std::time::UNIX_EPOCH + Duration::from_secs_f64(secs.max(0.0)))
+    };
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        // Calls before the first answer (the channel resolving over xDS)
+        // are the start-up's, not the run's.
+        let mut answered = false;
+        loop {
+            let line = tokio::select! {
+                _ = cancel.cancelled() => return,
+                l = lines.next_line() => l,
+            };
+            let Ok(Some(line)) = line else { return };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let (Some(start), Some(end)) = (v["start"].as_f64(), v["end"].as_f64()) else {
+                continue;
+            };
+            let ok = v["ok"].as_bool().unwrap_or(false);
+            answered |= ok;
+            if !answered {
+                continue;
+            }
+            let call = Call {
+                client,
+                endpoint: v["from"].as_str().map(str::to_owned),
+                start: wall(start),
+                end: wall(end),
+                ok,
+                message: v["error"].as_str().unwrap_or_default().to_owned(),
+            };
+            record(&h2, |h| h.calls.push(call));
+        }
+    });
+    wait_for(
+        Duration::from_secs(30),
+        "the xDS client's first answer",
+        || {
+            h.lock()
+                .expect("lock")
+                .calls
+                .iter()
+                .any(|c| c.client == client && c.ok)
+        },
+    )
+    .await?;
+    Ok(child)
 }
 
 /// One loop of calls, each recorded.

@@ -40,6 +40,10 @@ struct Args {
     /// a change of the checker).
     #[arg(long, conflicts_with = "history_dir")]
     recheck: Option<PathBuf>,
+    /// Add a grpcio client (python3) that gets its endpoints over xDS from
+    /// the last controller replica; its calls are judged with the others'.
+    #[arg(long, env = "HARNESS_XDS")]
+    xds: bool,
 }
 
 /// Checks kept histories again; exit code 1 on any violation.
@@ -89,6 +93,7 @@ async fn main() -> Result<()> {
         let mut cfg = WorldConfig::new(seed, args.duration);
         cfg.quiet = args.quiet;
         cfg.log_dir = args.history_dir.clone();
+        cfg.xds_client = args.xds;
         // SIGINT or SIGTERM drops the run (its processes are killed on
         // drop) and ends the batch.
         let mut term = signal(SignalKind::terminate())?;
