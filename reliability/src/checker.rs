@@ -267,17 +267,23 @@ fn static_stability(h: &History, b: &Bounds, r: &mut Report) {
                     // revision), or, the view's revision being read beside
                     // the balancer rather than with it, by the recorder's
                     // time within the slack.
-                    // Revisions compare only within one epoch of etcd's
-                    // history (no loss of data between the address's entry
-                    // and this view, and the event of that epoch).
-                    let epoch = h.epoch_at(since);
-                    let one_epoch = epoch == h.epoch_at(v.at + b.recorder_slack);
+                    // Revisions compare within an epoch of etcd's history:
+                    // in the epoch the address entered the view, after the
+                    // revision it entered at; in a later epoch (etcd lost
+                    // its data since, and the view kept the address across
+                    // the loss), anywhere in it; either way at or before
+                    // the view's revision, and no later than the recorder's
+                    // epoch R after the view (found by seed 2005: an
+                    // address kept across three restores was deleted in the
+                    // last one's history, seen by a late recorder).
+                    let first = h.epoch_at(since);
+                    let last = h.epoch_at(v.at + b.recorder_slack);
                     let deleted = h.etcd.iter().enumerate().any(|(i, e)| {
+                        let k = h.epoch_of_event(i);
                         &e.addr == a
                             && e.kind == EventKind::Delete
-                            && ((one_epoch
-                                && h.epoch_of_event(i) == epoch
-                                && e.revision > since_rev
+                            && (((first..=last).contains(&k)
+                                && (k > first || e.revision > since_rev)
                                 && e.revision <= v.revision)
                                 || (e.at >= since && e.at <= v.at + b.recorder_slack))
                     });
@@ -890,6 +896,36 @@ mod tests {
         }
         let r = check(&h, &Bounds::default());
         assert_eq!(r.of(Invariant::StaticStability).len(), 2, "{r:#?}");
+    }
+
+    /// Found by seed 2005 (on branch h38-nemesis, the first version of
+    /// the epochs): three restores of etcd's data at 13-15 s, 18-20 s and
+    /// 21-23 s; client 0 kept 127.0.0.1:22188 in its view across all
+    /// three (its revision never went back: each new history had passed
+    /// its revision by the time it relisted), and dropped it at 27.69 s at
+    /// revision 21, when its old lease expired after a SIGKILL; the
+    /// recorder, on etcd-2 cut off from its peers at 27.2 s, saw that
+    /// delete 2.06 s later, just past R. The delete's revision shows the
+    /// client right, but revision evidence was taken only when the address
+    /// had entered the view in the same epoch. The history (views, etcd
+    /// events, faults, epochs; calls dropped) is kept as recorded.
+    #[test]
+    fn seed_2005_an_address_kept_across_restores_is_judged_in_the_new_epoch() {
+        let h: History = serde_json::from_str(include_str!("../tests/data/seed2005.json")).unwrap();
+        assert_eq!(h.epochs.len(), 3);
+        let r = check(&h, &Bounds::default());
+        assert_eq!(r.violations, vec![], "{r:#?}");
+        // The same shrink at a revision below the delete's is flagged.
+        let mut h = h;
+        for v in h
+            .views
+            .iter_mut()
+            .filter(|v| v.client == 0 && v.revision == 21)
+        {
+            v.revision = 20;
+        }
+        let r = check(&h, &Bounds::default());
+        assert_eq!(r.of(Invariant::StaticStability).len(), 1, "{r:#?}");
     }
 
     #[test]
