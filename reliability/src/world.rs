@@ -1283,16 +1283,20 @@ async fn classify_delete(
     gen: (Arc<AtomicU64>, u64),
     h: Shared,
 ) {
-    let alive = if lease == 0 {
-        Some(true)
-    } else {
-        let ask = c.lease_time_to_live(lease, None);
-        match tokio::time::timeout(Duration::from_secs(2), ask).await {
-            // etcd answers TTL -1 for a lease it does not know.
-            Ok(Ok(r)) => Some(r.ttl() > 0),
-            _ => None,
+    let mut alive = (lease == 0).then_some(true);
+    // A few attempts: the member may be slow right after another fault.
+    for _ in 0..3 {
+        if alive.is_some() {
+            break;
         }
-    };
+        let ask = c.lease_time_to_live(lease, None);
+        match tokio::time::timeout(Duration::from_secs(1), ask).await {
+            // etcd answers TTL -1 for a lease it does not know, and 0 for
+            // one with less than a second left.
+            Ok(Ok(r)) => alive = Some(r.ttl() >= 0),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
     if gen.0.load(Ordering::SeqCst) != gen.1 || alive != Some(true) {
         return;
     }
