@@ -1284,6 +1284,11 @@ async fn classify_delete(
     h: Shared,
 ) {
     let mut alive = (lease == 0).then_some(true);
+    // The delete came from the member the recorder watches; the member
+    // that answers the question may apply a revoke (a drain) a moment
+    // later, and would still show the lease: ask only after every member
+    // has surely applied it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     // A few attempts: the member may be slow right after another fault.
     for _ in 0..3 {
         if alive.is_some() {
