@@ -208,3 +208,62 @@ async fn envoy_fails_over_between_two_controller_replicas() -> Result<()> {
     }
     Ok(())
 }
+
+/// Found by the robustness harness (seed 2106 with `--xds`, branch
+/// h38-nemesis): the controller replica serving a grpcio client was
+/// SIGKILLed while etcd's data was being wiped, and started again onto the
+/// empty etcd. Synced, it had no `greet_service`, so its LDS answer lacked
+/// the listener the client held, which a gRPC client reads as "deleted":
+/// calls failed (`LDS resource greet_service: does not exist`) although
+/// every server ran, until the servers registered again. A running
+/// controller keeps a wiped key for its watcher's grace; a fresh one
+/// cannot know the key existed, so the client must not drop a listener
+/// or cluster on an answer that lacks it: the bootstrap asks for gRFC
+/// A53's `ignore_resource_deletion`. Here the servers' keys are written by
+/// hand (the servers register elsewhere), so after the wipe nothing
+/// registers them again and the controller serves an empty registry for
+/// as long as the test calls.
+#[tokio::test(flavor = "multi_thread")]
+async fn grpcio_rides_out_a_controller_restarted_onto_a_wiped_etcd() -> Result<()> {
+    let mut etcd = etcd_lb_testkit::Etcd::start().await?;
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        let s = xds_common::server_on_prefix(&etcd, "/elsewhere/").await?;
+        etcd.client()
+            .await?
+            .put(
+                xds_common::key(&s.addr),
+                format!(r#"{{"addr":"{}","weight":100}}"#, s.addr),
+                None,
+            )
+            .await?;
+        servers.push(s);
+    }
+    let xds_port = etcd_lb_testkit::free_port();
+    let mut ctl = xds_common::controller(&etcd, xds_port)?;
+    let dir = tempfile::tempdir()?;
+    let bootstrap = xds_common::bootstrap(dir.path(), &ctl.xds)?;
+    let mut client = Grpcio::start(&format!("xds:///{SERVICE}"), &bootstrap)?;
+    client
+        .until(60, Duration::from_secs(30), "both servers picked", |b| {
+            servers.iter().all(|s| b.count(&s.addr) > 0)
+        })
+        .await?;
+
+    ctl.proc.signal(Signal::SIGKILL)?;
+    etcd.restart(true).await?;
+    ctl = xds_common::controller(&etcd, xds_port)?;
+    eventually(
+        Duration::from_secs(15),
+        "the new controller listening",
+        || async { std::net::TcpStream::connect(&ctl.xds).ok().map(drop) },
+    )
+    .await?;
+    // The client reconnects within its ADS backoff (1 s, jittered) and
+    // takes the new controller's answer, synced on the empty etcd.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let b = client.calls(600).await?;
+    ensure!(b.ok == 600 && b.errors == 0, "{}", b.raw);
+    ensure!(ctl.proc.is_running(), "controller died: {}", ctl.proc.log());
+    Ok(())
+}

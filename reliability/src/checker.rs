@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::history::{EventKind, FaultMark, History, ViewChange};
+use crate::history::{EndpointSet, EventKind, FaultKind, FaultMark, History, ViewChange};
 
 /// The bounds the invariants are checked with.
 #[derive(Debug, Clone, Copy)]
@@ -31,6 +31,30 @@ pub struct Bounds {
     /// (g): how long a live server may be missing from etcd, counted from
     /// the deletion or from the end of the last fault that excuses it.
     pub registration: Duration,
+    /// How long after a loss of etcd's data ([`FaultKind::loses_data`])
+    /// healed its consequences may still show in the clients: a view's
+    /// revision going back (a), a view holding keys the new data lacks
+    /// (h) and calls to them (d): the library's watcher keeps such keys for
+    /// its wipe grace (10 s) while their servers register again, so a
+    /// client does not empty its view (static stability). The grace plus
+    /// the margin and the recorder's slack.
+    pub data_loss: Duration,
+    /// The servers' lease TTL: after a restore, a key of a dead process
+    /// comes back with its lease, which lives one TTL from the restored
+    /// leader's election; the server's new process takes the address over
+    /// only then (g).
+    pub lease_ttl: Duration,
+    /// (d) for an xDS client: how long after a fault of the controller
+    /// replica serving it (kill, pause) its assignment may still be the
+    /// one from before: the replica's restart and its first pass, and
+    /// grpcio's backoff before it opens its ADS stream again (1 s, then
+    /// 1.6 times more, jittered).
+    pub xds_reconnect: Duration,
+    /// (e) for an xDS client: how far its assignment may trail etcd (etcd
+    /// -> the controller's watch -> its xDS push -> grpcio), so that "no
+    /// server was healthy" may have held for it up to this long before
+    /// the call (the design's target is p99 < 100 ms on an idle machine).
+    pub xds_lag: Duration,
 }
 
 impl Default for Bounds {
@@ -42,6 +66,10 @@ impl Default for Bounds {
             fault_margin: Duration::from_secs(1),
             controller_lag: Duration::from_secs(1),
             registration: Duration::from_secs(2),
+            data_loss: Duration::from_secs(13),
+            lease_ttl: Duration::from_secs(4),
+            xds_reconnect: Duration::from_secs(5),
+            xds_lag: Duration::from_millis(500),
         }
     }
 }
@@ -113,7 +141,7 @@ impl Report {
 /// Checks every invariant.
 pub fn check(h: &History, b: &Bounds) -> Report {
     let mut r = Report::default();
-    monotonic(h, &mut r);
+    monotonic(h, b, &mut r);
     convergence(h, b, &mut r);
     static_stability(h, b, &mut r);
     stale_calls(h, b, &mut r);
@@ -141,10 +169,27 @@ fn overlaps(f: &FaultMark, from: Duration, to: Duration, margin: Duration) -> bo
     f.start <= to && from <= end
 }
 
-fn monotonic(h: &History, r: &mut Report) {
+/// The losses of etcd's data, in start order.
+fn data_losses(h: &History) -> Vec<&FaultMark> {
+    h.faults.iter().filter(|f| f.kind.loses_data()).collect()
+}
+
+fn monotonic(h: &History, b: &Bounds, r: &mut Report) {
+    let losses = data_losses(h);
     for (client, views) in views_by_client(h) {
+        // Each loss of etcd's data lets each client's revision go back
+        // once, from the loss's start to W after its heal.
+        let mut used = vec![false; losses.len()];
         for w in views.windows(2) {
             if w[1].revision < w[0].revision {
+                let excuse = losses
+                    .iter()
+                    .enumerate()
+                    .position(|(i, f)| !used[i] && overlaps(f, w[1].at, w[1].at, b.data_loss));
+                if let Some(i) = excuse {
+                    used[i] = true;
+                    continue;
+                }
                 r.violations.push(Violation {
                     invariant: Invariant::MonotonicRevision,
                     at: w[1].at,
@@ -162,7 +207,17 @@ fn monotonic(h: &History, r: &mut Report) {
 fn convergence(h: &History, b: &Bounds, r: &mut Report) {
     let heal = h.last_heal().unwrap_or_default();
     let last_event = h.etcd.iter().map(|e| e.at).max().unwrap_or_default();
-    let settled = heal.max(last_event);
+    // After a loss of etcd's data a client keeps keys the new data lacks
+    // for its wipe grace: the view settles only W after the heal.
+    let loss = data_losses(h)
+        .iter()
+        .map(|f| {
+            f.end
+                .map_or(Duration::MAX, |e| e.saturating_add(b.data_loss))
+        })
+        .max()
+        .unwrap_or_default();
+    let settled = heal.max(last_event).max(loss);
     if settled.saturating_add(b.quiescence) > h.end {
         r.skipped.push(format!(
             "convergence: the run ended at {:?}, before {:?} of quiescence after {settled:?}",
@@ -218,10 +273,24 @@ fn static_stability(h: &History, b: &Bounds, r: &mut Report) {
                     // revision), or, the view's revision being read beside
                     // the balancer rather than with it, by the recorder's
                     // time within the slack.
-                    let deleted = h.etcd.iter().any(|e| {
+                    // Revisions compare within an epoch of etcd's history:
+                    // in the epoch the address entered the view, after the
+                    // revision it entered at; in a later epoch (etcd lost
+                    // its data since, and the view kept the address across
+                    // the loss), anywhere in it; either way at or before
+                    // the view's revision, and no later than the recorder's
+                    // epoch R after the view (found by seed 2005: an
+                    // address kept across three restores was deleted in the
+                    // last one's history, seen by a late recorder).
+                    let first = h.epoch_at(since);
+                    let last = h.epoch_at(v.at + b.recorder_slack);
+                    let deleted = h.etcd.iter().enumerate().any(|(i, e)| {
+                        let k = h.epoch_of_event(i);
                         &e.addr == a
                             && e.kind == EventKind::Delete
-                            && ((e.revision > since_rev && e.revision <= v.revision)
+                            && (((first..=last).contains(&k)
+                                && (k > first || e.revision > since_rev)
+                                && e.revision <= v.revision)
                                 || (e.at >= since && e.at <= v.at + b.recorder_slack))
                     });
                     if !deleted {
@@ -243,31 +312,58 @@ fn static_stability(h: &History, b: &Bounds, r: &mut Report) {
 }
 
 fn stale_calls(h: &History, b: &Bounds, r: &mut Report) {
+    let positions = h.positions();
     for c in h.calls.iter().filter(|c| c.ok) {
         let Some(ep) = &c.endpoint else { continue };
-        let events: Vec<_> = h.etcd.iter().filter(|e| &e.addr == ep).collect();
+        // Each event with its position (epoch, revision) in etcd's
+        // histories.
+        let events: Vec<_> = h
+            .etcd
+            .iter()
+            .zip(&positions)
+            .filter(|(e, _)| &e.addr == ep)
+            .collect();
         // The last time the endpoint left etcd (delete or weight 0) more than
         // the bound before the call started.
-        let Some(gone) = events
+        let Some(&(gone, gone_pos)) = events
             .iter()
-            .filter(|e| {
+            .filter(|(e, _)| {
                 (e.kind == EventKind::Delete || e.weight.is_none_or(|w| w == 0))
                     && e.at + b.stale_call < c.start
             })
-            .max_by_key(|e| e.at)
+            .max_by_key(|(e, _)| e.at)
         else {
             continue;
         };
-        let back = events.iter().any(|e| {
+        let back = events.iter().any(|(e, pos)| {
             e.kind == EventKind::Put
                 && e.weight.is_some_and(|w| w > 0)
-                && e.revision > gone.revision
+                && *pos > gone_pos
                 && e.at <= c.start + b.recorder_slack
         });
-        let etcd_faulted = h
-            .faults
-            .iter()
-            .any(|f| f.kind.is_etcd() && overlaps(f, gone.at, c.start, b.fault_margin));
+        // A loss of etcd's data counts W after its heal: the client keeps
+        // keys the new data lacks for its wipe grace, and calls them.
+        // That allowance ends W after the heal (the call itself must start
+        // by then), where the other etcd faults excuse any call after a
+        // removal they overlap.
+        let etcd_faulted = h.faults.iter().any(|f| {
+            if f.kind.loses_data() {
+                overlaps(f, gone.at, c.start, b.data_loss)
+                    && overlaps(f, c.start, c.start, b.data_loss)
+            } else {
+                f.kind.is_etcd() && overlaps(f, gone.at, c.start, b.fault_margin)
+            }
+        });
+        // An xDS client learns of the removal from its controller replica:
+        // while that replica is down or paused (and until the client has
+        // its stream again) it keeps the assignment it had.
+        let serving = h.xds_clients.get(&c.client);
+        let xds_stale = h.faults.iter().any(|f| {
+            f.kind.is_controller()
+                && Some(&f.target) == serving
+                && overlaps(f, gone.at, c.start, b.xds_reconnect)
+        });
+        let etcd_faulted = etcd_faulted || xds_stale;
         if !back && !etcd_faulted {
             r.violations.push(Violation {
                 invariant: Invariant::NoStaleCall,
@@ -317,14 +413,32 @@ fn failed_calls(h: &History, b: &Bounds, r: &mut Report) {
         if cut_by_fault {
             continue;
         }
-        let at_start = h.etcd_state_at(c.start);
-        let healthy: Vec<&String> = at_start
-            .iter()
-            .filter(|(a, w)| **w > 0 && !server_faults.iter().any(|f| &f.target == *a))
-            .map(|(a, _)| a)
-            .collect();
+        let healthy_at = |t: Duration| -> Vec<String> {
+            h.etcd_state_at(t)
+                .into_iter()
+                .filter(|(a, w)| *w > 0 && !server_faults.iter().any(|f| &f.target == a))
+                .map(|(a, _)| a)
+                .collect()
+        };
+        let healthy = healthy_at(c.start);
         if healthy.is_empty() {
             continue;
+        }
+        // An xDS client's assignment trails etcd: none healthy at any
+        // moment up to the lag before the call also allows it.
+        if h.xds_clients.contains_key(&c.client) {
+            let from = c.start.saturating_sub(b.xds_lag);
+            let empty_then = std::iter::once(from)
+                .chain(
+                    h.etcd
+                        .iter()
+                        .map(|e| e.at)
+                        .filter(|t| (from..=c.start).contains(t)),
+                )
+                .any(|t| healthy_at(t).is_empty());
+            if empty_then {
+                continue;
+            }
         }
         r.violations.push(Violation {
             invariant: Invariant::NoFailedCall,
@@ -343,7 +457,7 @@ fn live_deletions(h: &History, b: &Bounds, r: &mut Report) {
         // The decision came from probes up to the lag before the deletion;
         // a fault on this server since then (plus the margin after its
         // heal, for a restarted process to answer) excuses it.
-        let from = d.at.saturating_sub(b.controller_lag);
+        let from = decided_from(h, b, d.at, &d.controller);
         let excused = h.faults.iter().any(|f| {
             f.kind.is_server() && f.target == d.addr && overlaps(f, from, d.at, b.fault_margin)
         });
@@ -357,6 +471,79 @@ fn live_deletions(h: &History, b: &Bounds, r: &mut Report) {
                     d.controller, d.addr, d.mod_revision, d.reason
                 ),
             });
+        }
+    }
+    // Delete requests the recorder saw that no logged deletion names (its
+    // log line lost with its process, a leader SIGKILLed between the
+    // transaction and the line): judged the same way, from the recorder's
+    // time (within R of the transaction), the deleter unknown, so a fault
+    // of any controller replica may have delayed the decision.
+    for x in &h.explicit_deletes {
+        let logged = h
+            .deletions
+            .iter()
+            .any(|d| d.addr == x.addr && d.at.abs_diff(x.at) <= b.recorder_slack);
+        if logged {
+            continue;
+        }
+        let from = h
+            .faults
+            .iter()
+            .filter(|f| f.kind.is_controller())
+            .map(|f| decided_from(h, b, x.at, &f.target))
+            .fold(decided_from(h, b, x.at, ""), Duration::min)
+            .saturating_sub(b.recorder_slack);
+        let excused = h.faults.iter().any(|f| {
+            f.kind.is_server() && f.target == x.addr && overlaps(f, from, x.at, b.fault_margin)
+        });
+        if !excused {
+            let kills: Vec<String> = h
+                .faults
+                .iter()
+                .filter(|f| f.kind == FaultKind::ControllerKill)
+                .filter(|f| {
+                    overlaps(
+                        f,
+                        x.at.saturating_sub(b.recorder_slack),
+                        x.at + b.recorder_slack,
+                        b.fault_margin,
+                    )
+                })
+                .map(|f| format!("{} at {:?}", f.target, f.start))
+                .collect();
+            r.violations.push(Violation {
+                invariant: Invariant::NoLiveDeletion,
+                at: x.at,
+                client: None,
+                context: format!(
+                    "{} deleted at revision {} (epoch {}) by a delete request (its lease {:x} outlived it) that no controller logged (controller kills around it: {kills:?}), with no fault on that server since {from:?}",
+                    x.addr, x.revision, x.epoch, x.lease
+                ),
+            });
+        }
+    }
+}
+
+/// The earliest a deletion at `at` by `controller` may have been decided:
+/// L before it, and, when an etcd fault or a fault of that controller
+/// (plus the margin) overlaps that stretch, L before that fault's start,
+/// repeated while windows chain. A decision made before an etcd outage or
+/// a pause is committed after it, fenced on the revision it saw: the key
+/// it deletes is still the incarnation it judged, so a server fault on it
+/// before the outage or pause explains the deletion.
+fn decided_from(h: &History, b: &Bounds, at: Duration, controller: &str) -> Duration {
+    let mut from = at.saturating_sub(b.controller_lag);
+    loop {
+        let earlier = h
+            .faults
+            .iter()
+            .filter(|f| f.kind.is_etcd() || (f.kind.is_controller() && f.target == controller))
+            .filter(|f| overlaps(f, from, at, b.fault_margin))
+            .map(|f| f.start.saturating_sub(b.controller_lag))
+            .min();
+        match earlier {
+            Some(e) if e < from => from = e,
+            _ => return from,
         }
     }
 }
@@ -403,8 +590,15 @@ fn live_registered(h: &History, b: &Bounds, r: &mut Report) {
     for (&addr, &started) in &first_start {
         // Absence in etcd as the recorder saw it: from a delete (or a
         // weight-0 or invalid put) to the next put with weight > 0.
-        let mut events: Vec<_> = h.etcd.iter().filter(|e| e.addr == addr).collect();
-        events.sort_by_key(|e| e.revision);
+        let positions = h.positions();
+        let mut events: Vec<_> = h
+            .etcd
+            .iter()
+            .zip(&positions)
+            .filter(|(e, _)| e.addr == addr)
+            .collect();
+        events.sort_by_key(|(_, pos)| **pos);
+        let events = events.into_iter().map(|(e, _)| e);
         let mut absences = Vec::new();
         let mut gone: Option<Duration> = None;
         for e in events {
@@ -431,9 +625,17 @@ fn live_registered(h: &History, b: &Bounds, r: &mut Report) {
             if f.kind.is_server() && f.target == addr {
                 excuses.push((f.start, end.saturating_add(b.fault_margin)));
             } else if f.kind.is_etcd() {
+                // After a restore a dead process's key may come back on its
+                // lease (with weight 0 if it was draining) and hold the
+                // address for a TTL before the live process takes over.
+                let ttl = if f.kind.loses_data() {
+                    b.lease_ttl
+                } else {
+                    Duration::ZERO
+                };
                 excuses.push((
                     f.start,
-                    end.saturating_add(b.fault_margin + b.recorder_slack),
+                    end.saturating_add(b.fault_margin + b.recorder_slack + ttl),
                 ));
             }
         }
@@ -455,16 +657,45 @@ fn live_registered(h: &History, b: &Bounds, r: &mut Report) {
     }
 }
 
+/// etcd's states a view at `revision` seen at `at` may be compared with:
+/// one per epoch the client may be in (from the recorder's epoch W before
+/// `at`, the client having been slow to notice a loss of etcd's data, to
+/// its epoch R after, the recorder having been slow to list the new data);
+/// `None` when any of them is unknown there.
+fn candidate_states(
+    h: &History,
+    b: &Bounds,
+    at: Duration,
+    revision: i64,
+) -> Option<Vec<EndpointSet>> {
+    let lo = h.epoch_at(at.saturating_sub(b.data_loss));
+    let hi = h.epoch_at(at + b.recorder_slack);
+    (lo..=hi)
+        .map(|e| h.etcd_state_in_epoch(e, revision))
+        .collect()
+}
+
 fn views_at_revision(h: &History, b: &Bounds, r: &mut Report) {
+    let losses = data_losses(h);
     for (client, views) in views_by_client(h) {
         // A mismatch is an episode of consecutive views that differ from
         // etcd at their revisions; it may last only as long as the
         // quiescence bound (the view's revision is read beside the
-        // balancer, so a view may be a moment ahead of its endpoints).
+        // balancer, so a view may be a moment ahead of its endpoints), or,
+        // when it starts within W after a loss of etcd's data, W (the
+        // client keeps keys the new data lacks for its wipe grace).
         let mut episode: Option<&ViewChange> = None;
         let report = |first: &ViewChange, until: Duration, r: &mut Report| {
-            if until.saturating_sub(first.at) > b.quiescence {
-                let want = h.etcd_state_at_revision(first.revision).unwrap_or_default();
+            let after_loss = losses
+                .iter()
+                .any(|f| overlaps(f, first.at, first.at, b.data_loss));
+            let allowed = if after_loss {
+                b.data_loss
+            } else {
+                b.quiescence
+            };
+            if until.saturating_sub(first.at) > allowed {
+                let want = candidate_states(h, b, first.at, first.revision).unwrap_or_default();
                 r.violations.push(Violation {
                     invariant: Invariant::ViewAtRevision,
                     at: first.at,
@@ -482,8 +713,8 @@ fn views_at_revision(h: &History, b: &Bounds, r: &mut Report) {
             // Revision 0: not synced yet; a revision in a recorder gap:
             // etcd's state there unknown. Neither judged.
             let mismatch = v.revision > 0
-                && h.etcd_state_at_revision(v.revision)
-                    .is_some_and(|want| want != v.endpoints);
+                && candidate_states(h, b, v.at, v.revision)
+                    .is_some_and(|want| !want.contains(&v.endpoints));
             match (mismatch, episode) {
                 (true, None) => episode = Some(v),
                 (false, Some(first)) => {
@@ -689,6 +920,36 @@ mod tests {
         }
         let r = check(&h, &Bounds::default());
         assert_eq!(r.of(Invariant::StaticStability).len(), 2, "{r:#?}");
+    }
+
+    /// Found by seed 2005 (on branch h38-nemesis, the first version of
+    /// the epochs): three restores of etcd's data at 13-15 s, 18-20 s and
+    /// 21-23 s; client 0 kept 127.0.0.1:22188 in its view across all
+    /// three (its revision never went back: each new history had passed
+    /// its revision by the time it relisted), and dropped it at 27.69 s at
+    /// revision 21, when its old lease expired after a SIGKILL; the
+    /// recorder, on etcd-2 cut off from its peers at 27.2 s, saw that
+    /// delete 2.06 s later, just past R. The delete's revision shows the
+    /// client right, but revision evidence was taken only when the address
+    /// had entered the view in the same epoch. The history (views, etcd
+    /// events, faults, epochs; calls dropped) is kept as recorded.
+    #[test]
+    fn seed_2005_an_address_kept_across_restores_is_judged_in_the_new_epoch() {
+        let h: History = serde_json::from_str(include_str!("../tests/data/seed2005.json")).unwrap();
+        assert_eq!(h.epochs.len(), 3);
+        let r = check(&h, &Bounds::default());
+        assert_eq!(r.violations, vec![], "{r:#?}");
+        // The same shrink at a revision below the delete's is flagged.
+        let mut h = h;
+        for v in h
+            .views
+            .iter_mut()
+            .filter(|v| v.client == 0 && v.revision == 21)
+        {
+            v.revision = 20;
+        }
+        let r = check(&h, &Bounds::default());
+        assert_eq!(r.of(Invariant::StaticStability).len(), 1, "{r:#?}");
     }
 
     #[test]
@@ -924,6 +1185,380 @@ mod tests {
         gap.gaps.push((7, 8));
         let r = check(&gap, &Bounds::default());
         assert!(r.of(Invariant::ViewAtRevision).is_empty(), "{r:#?}");
+    }
+
+    const C: &str = "127.0.0.1:1003";
+
+    /// `clean()` plus a restore of etcd's data at 20-21 s from a snapshot
+    /// taken at revision 3 (A and B at weight 100). Before it, C registered
+    /// at revision 7 (16 s), which the restore loses. The recorder lists the
+    /// new data at 21.2 s (revision 3: A, B; C gone): epoch 1. In the new
+    /// history A's weight goes to 50 at revision 4, a revision that in the
+    /// old history was B's weight-0 put. Both clients notice the loss at
+    /// 21.5 s (their revision goes back from 7 to 3, C kept for the wipe
+    /// grace) and follow; they drop C at 31.5 s. Calls to C go on until
+    /// 31 s.
+    fn restored() -> History {
+        let mut h = clean();
+        h.end = s(60_000);
+        h.servers = vec![started(0, A), started(0, B)];
+        h.etcd.push(put(16_000, 7, C, 100));
+        h.faults
+            .push(fault(FaultKind::EtcdRestore, "etcd", 20_000, 21_000));
+        h.epochs.push(crate::history::Epoch {
+            at: s(21_200),
+            first_event: h.etcd.len(),
+            revision: 3,
+        });
+        h.etcd.push(del(21_200, 3, C));
+        h.etcd.push(put(21_200, 2, A, 100));
+        h.etcd.push(put(21_200, 3, B, 100));
+        h.etcd.push(put(23_000, 4, A, 50));
+        for c in 0..2 {
+            h.views.push(view(16_010, c, 7, &[A, B, C]));
+            h.views.push(view(21_500, c, 3, &[A, B, C]));
+            let mut a50 = view(23_010, c, 4, &[A, B, C]);
+            a50.endpoints.insert(A.into(), 50);
+            h.views.push(a50.clone());
+            a50.at = s(31_500);
+            a50.endpoints.remove(C);
+            h.views.push(a50);
+        }
+        h.calls.retain(|c| c.start < s(16_000));
+        for t in (16_100..31_000).step_by(100) {
+            h.calls.push(call(0, Some(C), t, t + 5, true, ""));
+        }
+        for t in (16_050..60_000).step_by(100) {
+            h.calls.push(call(1, Some(A), t, t + 5, true, ""));
+        }
+        h
+    }
+
+    /// A loss of etcd's data read in epochs: the history above passes, and
+    /// it passes only because the checker reads revisions per epoch and
+    /// the fault's window grants the allowances of docs/robustness.md.
+    #[test]
+    fn a_restore_of_etcd_data_is_read_in_epochs() {
+        let h = restored();
+        let r = check(&h, &Bounds::default());
+        assert_eq!(r.violations, vec![], "{r:#?}");
+        assert!(r.skipped.is_empty(), "{r:#?}");
+        // Read as one history, revision 4 is B's drain: both clients' views
+        // at revision 4 and later would not match (h).
+        assert_eq!(
+            h.etcd_state_at_revision(4).unwrap().get(B),
+            Some(&0),
+            "the old history's revision 4"
+        );
+        assert_eq!(
+            h.etcd_state_in_epoch(1, 4).unwrap().get(A),
+            Some(&50),
+            "the new history's revision 4"
+        );
+        assert_eq!(h.etcd_state_in_epoch(1, 2), None, "below the new list");
+        // Without the fault's window there is no allowance: each client's
+        // revision going back is (a), the calls to C after it left etcd at
+        // the restore are (d), and the views keeping C are (h) (judged
+        // against the new epoch without the grace).
+        let mut unmarked = h.clone();
+        unmarked.faults.retain(|f| !f.kind.loses_data());
+        let r = check(&unmarked, &Bounds::default());
+        assert_eq!(r.of(Invariant::MonotonicRevision).len(), 2, "{r:#?}");
+        assert!(!r.of(Invariant::NoStaleCall).is_empty(), "{r:#?}");
+        assert_eq!(r.of(Invariant::ViewAtRevision).len(), 2, "{r:#?}");
+    }
+
+    /// (a) after a loss of data: one going back per client per loss,
+    /// within W of its heal.
+    #[test]
+    fn a_second_going_back_after_a_restore_is_flagged() {
+        let mut h = restored();
+        // Client 0 goes back again at 24 s (to revision 3 of the new
+        // history, as it was then): a second going back for one loss.
+        h.views.push(view(24_000, 0, 3, &[A, B, C]));
+        h.views.push(view(24_100, 0, 4, &[A, B, C]));
+        for v in h
+            .views
+            .iter_mut()
+            .filter(|v| v.client == 0 && v.revision == 4)
+        {
+            v.endpoints.insert(A.into(), 50);
+        }
+        let r = check(&h, &Bounds::default());
+        let v = r.of(Invariant::MonotonicRevision);
+        assert_eq!(v.len(), 1, "{r:#?}");
+        assert_eq!((v[0].at, v[0].client), (s(24_000), Some(0)));
+        assert_eq!(r.violations.len(), 1, "only that: {r:#?}");
+        // Going back 14 s after the heal: past W.
+        let mut late = restored();
+        for v in late.views.iter_mut().filter(|v| v.client == 1) {
+            if v.revision == 3 {
+                v.at = s(35_000);
+            }
+        }
+        late.views.sort_by_key(|v| v.at);
+        let r = check(&late, &Bounds::default());
+        assert_eq!(r.of(Invariant::MonotonicRevision).len(), 1, "{r:#?}");
+    }
+
+    /// (h) and (b) after a loss of data: a client that noticed the loss
+    /// but then missed an event of the new history is flagged past W.
+    #[test]
+    fn a_dropped_event_after_a_restore_is_flagged() {
+        let mut h = restored();
+        // Client 1 misses A's weight change at revision 4 of the new
+        // history and holds A at 100 at revision 4 to the end.
+        for v in h
+            .views
+            .iter_mut()
+            .filter(|v| v.client == 1 && v.revision == 4)
+        {
+            v.endpoints.insert(A.into(), 100);
+        }
+        let r = check(&h, &Bounds::default());
+        let v = r.of(Invariant::ViewAtRevision);
+        assert_eq!(v.len(), 1, "{r:#?}");
+        // The episode began when the view still held C (the wipe grace).
+        assert_eq!((v[0].at, v[0].client), (s(21_500), Some(1)));
+        assert_eq!(r.of(Invariant::Convergence).len(), 1, "{r:#?}");
+        // Repaired 12.5 s after the episode began (within W, as the wipe
+        // grace allows): passes.
+        let mut repaired = h.clone();
+        repaired.views.push({
+            let mut v = view(34_000, 1, 4, &[A, B]);
+            v.endpoints.insert(A.into(), 50);
+            v
+        });
+        repaired.views.sort_by_key(|v| v.at);
+        let r = check(&repaired, &Bounds::default());
+        assert_eq!(r.violations, vec![], "{r:#?}");
+    }
+
+    /// (d) after a loss of data: calls to a key the new data lacks are
+    /// allowed for W after the heal (the wipe grace), not after.
+    #[test]
+    fn a_call_long_after_a_restore_lost_its_key_is_flagged() {
+        let mut h = restored();
+        h.calls.push(call(0, Some(C), 33_000, 33_005, true, ""));
+        let r = check(&h, &Bounds::default());
+        assert_eq!(r.violations, vec![], "{r:#?}");
+        h.calls.push(call(0, Some(C), 36_000, 36_005, true, ""));
+        let r = check(&h, &Bounds::default());
+        let v = r.of(Invariant::NoStaleCall);
+        assert_eq!(v.len(), 1, "{r:#?}");
+        assert_eq!(v[0].at, s(36_000));
+        assert_eq!(r.violations.len(), 1, "only that: {r:#?}");
+    }
+
+    /// (g) after a restore: a server may be missing for M + R + TTL after
+    /// the heal (a dead process's key come back on its lease holds the
+    /// address until that lease expires), then G.
+    #[test]
+    fn a_server_missing_long_after_a_restore_is_flagged() {
+        let h = restored();
+        // A's resurrected key expires at 26 s; A registers again at 28.5 s:
+        // 21 s + 1 + 2 + 4 = 28 s, then 0.5 s. Fine.
+        let ok = |back: u64| {
+            let mut h = h.clone();
+            h.etcd.push(del(26_000, 5, A));
+            h.etcd.push(put(back, 6, A, 50));
+            for c in 0..2 {
+                let mut v = view(26_010, c, 5, &[B]);
+                v.revision = 5;
+                h.views.push(v);
+                let mut v = view(back + 10, c, 6, &[A, B]);
+                v.endpoints.insert(A.into(), 50);
+                h.views.push(v);
+            }
+            h.views.sort_by_key(|v| v.at);
+            h.calls
+                .retain(|c| !(c.endpoint.as_deref() == Some(A) && c.start > s(26_000)));
+            h
+        };
+        let r = check(&ok(28_500), &Bounds::default());
+        assert_eq!(
+            r.of(Invariant::LiveRegistered),
+            Vec::<&Violation>::new(),
+            "{r:#?}"
+        );
+        // Back only at 31 s: 3 s past the excuse.
+        let r = check(&ok(31_000), &Bounds::default());
+        let v = r.of(Invariant::LiveRegistered);
+        assert_eq!(v.len(), 1, "{r:#?}");
+        assert_eq!(v[0].at, s(28_000));
+    }
+
+    /// (f): a decision made before an etcd outage, or before the deleting
+    /// controller was paused, may be committed after it (fenced on the
+    /// revision it saw): a fault of the server before the outage explains
+    /// the deletion. A pause of another replica does not.
+    #[test]
+    fn a_deletion_decided_before_an_outage_is_judged_from_then() {
+        let mut h = clean();
+        // A killed 3.0-3.5 s (clean); deleted at 9.5 s: flagged alone.
+        h.deletions.push(deletion(9_500, A, 2));
+        let r = check(&h, &Bounds::default());
+        assert_eq!(r.of(Invariant::NoLiveDeletion).len(), 1, "{r:#?}");
+        // etcd-1 isolated 4-9 s: the decision may date from 3 s.
+        let mut outage = h.clone();
+        outage
+            .faults
+            .push(fault(FaultKind::EtcdIsolate, "etcd-1", 4_000, 9_000));
+        let r = check(&outage, &Bounds::default());
+        assert_eq!(
+            r.of(Invariant::NoLiveDeletion),
+            Vec::<&Violation>::new(),
+            "{r:#?}"
+        );
+        // The deleting replica paused 4-9 s: the same.
+        let mut paused = h.clone();
+        paused.faults.push(fault(
+            FaultKind::ControllerPause,
+            "controller-0",
+            4_000,
+            9_000,
+        ));
+        let r = check(&paused, &Bounds::default());
+        assert_eq!(
+            r.of(Invariant::NoLiveDeletion),
+            Vec::<&Violation>::new(),
+            "{r:#?}"
+        );
+        // Another replica paused: no excuse.
+        let mut other = h;
+        other.faults.push(fault(
+            FaultKind::ControllerPause,
+            "controller-1",
+            4_000,
+            9_000,
+        ));
+        let r = check(&other, &Bounds::default());
+        assert_eq!(r.of(Invariant::NoLiveDeletion).len(), 1, "{r:#?}");
+    }
+
+    fn explicit(at: u64, revision: i64, addr: &str) -> crate::history::ExplicitDelete {
+        crate::history::ExplicitDelete {
+            at: s(at),
+            epoch: 0,
+            revision,
+            addr: addr.into(),
+            lease: 0x7f,
+        }
+    }
+
+    /// A deletion whose log line was lost (its leader SIGKILLed between
+    /// the transaction and the line): the recorder saw a delete request
+    /// (the key's lease outlived it) that no logged deletion names, and it
+    /// is judged as (f) judges logged ones.
+    #[test]
+    fn an_unlogged_deletion_of_a_live_server_is_flagged() {
+        let mut h = clean();
+        // A's key deleted at 20 s by a request, logged: judged once, as
+        // the logged deletion (not twice).
+        h.explicit_deletes.push(explicit(20_005, 7, A));
+        h.deletions.push(deletion(20_000, A, 2));
+        let r = check(&h, &Bounds::default());
+        assert_eq!(r.of(Invariant::NoLiveDeletion).len(), 1, "{r:#?}");
+        // The same without its log line, a controller killed just after:
+        // still flagged, from the recorder, naming the kill.
+        h.deletions.clear();
+        h.faults.push(fault(
+            FaultKind::ControllerKill,
+            "controller-0",
+            20_010,
+            21_000,
+        ));
+        let r = check(&h, &Bounds::default());
+        let v = r.of(Invariant::NoLiveDeletion);
+        assert_eq!(v.len(), 1, "{r:#?}");
+        assert_eq!(v[0].at, s(20_005));
+        assert!(v[0].context.contains("no controller logged"), "{}", v[0]);
+        assert!(v[0].context.contains("controller-0"), "{}", v[0]);
+        assert_eq!(r.violations.len(), 1, "only that: {r:#?}");
+        // An unlogged delete request of A during A's kill: the
+        // controller's job.
+        let mut dead = clean();
+        dead.explicit_deletes.push(explicit(3_300, 4, A));
+        let r = check(&dead, &Bounds::default());
+        assert_eq!(r.violations, vec![], "{r:#?}");
+    }
+
+    /// (d) for an xDS client (client 2, served by controller-1): it
+    /// learns of a removal through its controller replica, so a pause of
+    /// that replica (plus the reconnect bound) excuses its calls to a
+    /// removed endpoint; a pause of the other replica does not, and
+    /// neither excuses the library's clients.
+    #[test]
+    fn an_xds_client_is_excused_only_by_its_own_controller() {
+        let mut h = clean();
+        h.xds_clients.insert(2, "controller-1".into());
+        // B deleted at 11 s (clean); never back in this history.
+        h.etcd.retain(|e| e.revision != 6);
+        h.views.retain(|v| v.revision != 6);
+        h.calls
+            .retain(|c| !(c.endpoint.as_deref() == Some(B) && c.start > s(10_000)));
+        h.calls.push(call(2, Some(B), 14_000, 14_005, true, ""));
+        let r = check(&h, &Bounds::default());
+        assert_eq!(r.of(Invariant::NoStaleCall).len(), 1, "{r:#?}");
+        // Its replica paused 10.5-12 s: 14 s is within 5 s of the heal.
+        let mut paused = h.clone();
+        paused.faults.push(fault(
+            FaultKind::ControllerPause,
+            "controller-1",
+            10_500,
+            12_000,
+        ));
+        let r = check(&paused, &Bounds::default());
+        assert_eq!(r.violations, vec![], "{r:#?}");
+        // The other replica paused: flagged.
+        let mut other = h.clone();
+        other.faults.push(fault(
+            FaultKind::ControllerPause,
+            "controller-0",
+            10_500,
+            12_000,
+        ));
+        let r = check(&other, &Bounds::default());
+        assert_eq!(r.of(Invariant::NoStaleCall).len(), 1, "{r:#?}");
+        // A library client's call then: flagged even with the pause.
+        paused
+            .calls
+            .push(call(1, Some(B), 14_100, 14_105, true, ""));
+        let r = check(&paused, &Bounds::default());
+        let v = r.of(Invariant::NoStaleCall);
+        assert_eq!(v.len(), 1, "{r:#?}");
+        assert_eq!(v[0].client, Some(1));
+    }
+
+    /// (e) for an xDS client: etcd empty 30 ms before its failed call is
+    /// allowed (its assignment trails etcd by up to 0.5 s); for a library
+    /// client it is not, and neither is an emptiness 0.6 s before.
+    #[test]
+    fn an_xds_client_may_fail_just_after_etcd_was_empty() {
+        let mut h = clean();
+        h.xds_clients.insert(2, "controller-1".into());
+        h.etcd.push(del(30_000, 7, A));
+        h.etcd.push(del(30_000, 8, B));
+        h.etcd.push(put(30_030, 9, A, 100));
+        h.etcd.push(put(30_040, 10, B, 100));
+        for c in 0..2 {
+            h.views.push(view(30_005, c, 8, &[]));
+            h.views.push(view(30_045, c, 10, &[A, B]));
+        }
+        h.calls.retain(|c| c.start < s(30_000));
+        h.calls
+            .push(call(2, None, 30_060, 30_061, false, "UNAVAILABLE: empty"));
+        let r = check(&h, &Bounds::default());
+        assert_eq!(r.violations, vec![], "{r:#?}");
+        let mut library = h.clone();
+        library.calls.last_mut().unwrap().client = 1;
+        let r = check(&library, &Bounds::default());
+        assert_eq!(r.of(Invariant::NoFailedCall).len(), 1, "{r:#?}");
+        let mut later = h;
+        let c = later.calls.last_mut().unwrap();
+        (c.start, c.end) = (s(30_700), s(30_701));
+        let r = check(&later, &Bounds::default());
+        assert_eq!(r.of(Invariant::NoFailedCall).len(), 1, "{r:#?}");
     }
 
     #[test]

@@ -99,11 +99,20 @@ pub enum FaultKind {
     /// that cuts a watch stream between two events of one revision. Not
     /// drawn by the nemesis; excuses nothing.
     MultiKeyWrite,
+    /// Stop every etcd member, lose their data and restore it from the
+    /// snapshot taken earlier in the run (`etcdctl snapshot save`, then
+    /// `etcdctl snapshot restore` under the same names, peer URLs and
+    /// cluster token): revisions go back, keys written since the snapshot
+    /// are gone, keys deleted since come back with their leases.
+    EtcdRestore,
+    /// Stop every etcd member, lose their data and start them empty:
+    /// revisions start again from 1 and every key and lease is gone.
+    EtcdWipe,
 }
 
 impl FaultKind {
     /// Every kind.
-    pub const ALL: [FaultKind; 9] = [
+    pub const ALL: [FaultKind; 11] = [
         FaultKind::EtcdKill,
         FaultKind::EtcdPause,
         FaultKind::EtcdIsolate,
@@ -113,6 +122,8 @@ impl FaultKind {
         FaultKind::ServerPause,
         FaultKind::ControllerKill,
         FaultKind::ControllerPause,
+        FaultKind::EtcdRestore,
+        FaultKind::EtcdWipe,
     ];
 
     /// Whether it hits etcd (rather than a server).
@@ -123,7 +134,16 @@ impl FaultKind {
                 | FaultKind::EtcdPause
                 | FaultKind::EtcdIsolate
                 | FaultKind::EtcdCompact
+                | FaultKind::EtcdRestore
+                | FaultKind::EtcdWipe
         )
+    }
+
+    /// Whether etcd's data is lost (and maybe restored from a snapshot):
+    /// its revisions go back, so the checker reads the history in epochs
+    /// ([`History::epochs`]).
+    pub fn loses_data(self) -> bool {
+        matches!(self, FaultKind::EtcdRestore | FaultKind::EtcdWipe)
     }
 
     /// Whether it hits a greet-server (its window excuses that server's
@@ -228,6 +248,53 @@ pub struct History {
     /// inside the code happened.
     #[serde(default)]
     pub failpoint_hits: BTreeMap<String, u64>,
+    /// Where etcd's history started again ([`FaultKind::EtcdRestore`],
+    /// [`FaultKind::EtcdWipe`]), in the order the recorder listed the new
+    /// data: revisions from one epoch's first event on belong to the new
+    /// history and may repeat revisions of the old one.
+    #[serde(default)]
+    pub epochs: Vec<Epoch>,
+    /// Deletes the recorder saw that were delete requests, not a lease's
+    /// end: the key's lease outlived the delete (or it had none). In this
+    /// world only a controller's fenced transaction deletes so; the
+    /// checker judges those that no logged deletion names ([`Self::deletions`]
+    /// miss a deletion whose log line was lost with its process).
+    #[serde(default)]
+    pub explicit_deletes: Vec<ExplicitDelete>,
+    /// Clients that learn endpoints over xDS (not from etcd): client ->
+    /// the controller replica serving them (`controller-<i>`). They record
+    /// calls but no views.
+    #[serde(default)]
+    pub xds_clients: BTreeMap<u32, String>,
+}
+
+/// A delete request under the prefix, as the recorder classified it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExplicitDelete {
+    /// When the recorder saw the delete.
+    pub at: Duration,
+    /// The epoch of etcd's history it happened in.
+    pub epoch: usize,
+    /// The delete's revision.
+    pub revision: i64,
+    /// The deleted key's address.
+    pub addr: String,
+    /// The key's lease (alive after the delete), 0 for none.
+    pub lease: i64,
+}
+
+/// The start of a new etcd history, as the recorder listed it after a loss
+/// of etcd's data: every key listed is recorded as a put from
+/// [`Epoch::first_event`] on (and every key gone as a delete).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Epoch {
+    /// When the recorder listed the new data.
+    pub at: Duration,
+    /// The index in [`History::etcd`] of the epoch's first event.
+    pub first_event: usize,
+    /// The list's revision: the new history's state is known from here on
+    /// (below it, in this epoch, it is not).
+    pub revision: i64,
 }
 
 impl History {
@@ -252,34 +319,56 @@ impl History {
     /// `revision`, folding every recorded event up to it in revision order;
     /// `None` when the revision lies in one of the recorder's gaps
     /// ([`History::gaps`]), where that state is unknown.
+    ///
+    /// With losses of etcd's data ([`History::epochs`]) this is the first
+    /// epoch's state; [`History::etcd_state_in_epoch`] reads the others.
     pub fn etcd_state_at_revision(&self, revision: i64) -> Option<EndpointSet> {
-        if self
-            .gaps
-            .iter()
-            .any(|(lo, hi)| (*lo..=*hi).contains(&revision))
-        {
+        self.etcd_state_in_epoch(0, revision)
+    }
+
+    /// The epoch (0 before any loss of etcd's data) of the `i`-th event of
+    /// [`History::etcd`].
+    pub fn epoch_of_event(&self, i: usize) -> usize {
+        self.epochs.iter().filter(|e| e.first_event <= i).count()
+    }
+
+    /// The epoch the recorder was in at time `at`.
+    pub fn epoch_at(&self, at: Duration) -> usize {
+        self.epochs.iter().filter(|e| e.at <= at).count()
+    }
+
+    /// Each event's position in etcd's histories: (epoch, revision), which
+    /// orders events across losses of etcd's data as revisions alone do
+    /// not.
+    pub fn positions(&self) -> Vec<(usize, i64)> {
+        (0..self.etcd.len())
+            .map(|i| (self.epoch_of_event(i), self.etcd[i].revision))
+            .collect()
+    }
+
+    /// etcd's state at `revision` of epoch `epoch` (see
+    /// [`History::etcd_state_at_revision`]); `None` where it is unknown: in
+    /// a recorder gap, or in an epoch after the first below the revision of
+    /// the recorder's list of the new data. The gaps are revision ranges
+    /// without an epoch, so a gap of one epoch leaves the same revisions of
+    /// the others unjudged too (lenient, never stricter).
+    pub fn etcd_state_in_epoch(&self, epoch: usize, revision: i64) -> Option<EndpointSet> {
+        if epoch == 0 {
+            let first = self
+                .epochs
+                .first()
+                .map_or(self.etcd.len(), |e| e.first_event);
+            return fold_at_revision(&self.etcd[..first], &self.gaps, revision);
+        }
+        let start = self.epochs.get(epoch - 1)?;
+        if revision < start.revision {
             return None;
         }
-        let mut events: Vec<&EtcdEvent> = self
-            .etcd
-            .iter()
-            .filter(|e| e.revision <= revision)
-            .collect();
-        // A relist records puts at their own mod revisions and deletes at
-        // the list's revision, after later events: fold in revision order.
-        events.sort_by_key(|e| e.revision);
-        let mut state = EndpointSet::new();
-        for e in events {
-            match (e.kind, e.weight) {
-                (EventKind::Put, Some(w)) => {
-                    state.insert(e.addr.clone(), w);
-                }
-                _ => {
-                    state.remove(&e.addr);
-                }
-            }
-        }
-        Some(state)
+        let end = self
+            .epochs
+            .get(epoch)
+            .map_or(self.etcd.len(), |e| e.first_event);
+        fold_at_revision(&self.etcd[start.first_event..end], &self.gaps, revision)
     }
 
     /// etcd's final state.
@@ -304,6 +393,34 @@ impl History {
         }
         m
     }
+}
+
+/// etcd's state at `revision` from `events` of one history, folded in
+/// revision order; `None` in a gap.
+fn fold_at_revision(
+    events: &[EtcdEvent],
+    gaps: &[(i64, i64)],
+    revision: i64,
+) -> Option<EndpointSet> {
+    if gaps.iter().any(|(lo, hi)| (*lo..=*hi).contains(&revision)) {
+        return None;
+    }
+    let mut events: Vec<&EtcdEvent> = events.iter().filter(|e| e.revision <= revision).collect();
+    // A relist records puts at their own mod revisions and deletes at
+    // the list's revision, after later events: fold in revision order.
+    events.sort_by_key(|e| e.revision);
+    let mut state = EndpointSet::new();
+    for e in events {
+        match (e.kind, e.weight) {
+            (EventKind::Put, Some(w)) => {
+                state.insert(e.addr.clone(), w);
+            }
+            _ => {
+                state.remove(&e.addr);
+            }
+        }
+    }
+    Some(state)
 }
 
 /// The run's one clock: monotonic, plus the wall-clock time of its start

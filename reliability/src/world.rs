@@ -16,7 +16,7 @@
 //! end of the run, before its process (and log file) is dropped.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,8 +34,8 @@ use tokio_util::sync::CancellationToken;
 use crate::checker::Bounds;
 use crate::failpoints::Failpoints;
 use crate::history::{
-    Call, Clock, ControllerDeletion, EndpointSet, EtcdEvent, EventKind, FaultKind, FaultMark,
-    History, ServerEvent, ServerMark, ViewChange,
+    Call, Clock, ControllerDeletion, EndpointSet, EtcdEvent, EventKind, ExplicitDelete, FaultKind,
+    FaultMark, History, ServerEvent, ServerMark, ViewChange,
 };
 use crate::nemesis::{schedule, Step};
 
@@ -86,6 +86,14 @@ pub struct WorldConfig {
     /// in-code faults, or a deliberately broken build. Needs the
     /// `failpoints` feature; see [`crate::failpoints`].
     pub failpoints: Failpoints,
+    /// Fixed tracks run side by side instead of the seed's schedule (takes
+    /// precedence over `plan`, which is one track).
+    pub tracks: Option<Vec<Vec<Step>>>,
+    /// Run a grpcio client (gRPC's C core, python3) over xDS from the last
+    /// controller replica beside the library's clients, as client
+    /// `clients` (the next index): its calls are recorded and judged by
+    /// (d) and (e); it has no view to record.
+    pub xds_client: bool,
 }
 
 /// Deliberately broken clients: a run with one must be flagged by the
@@ -138,6 +146,8 @@ impl WorldConfig {
             dead_after: "1s",
             log_dir: None,
             failpoints: Failpoints::default(),
+            tracks: None,
+            xds_client: false,
         }
     }
 }
@@ -176,11 +186,18 @@ fn spawn_server(eps: &str, port: u16, cfg: &WorldConfig) -> Result<Proc> {
 struct Controller {
     proc: Proc,
     index: usize,
+    /// Its `--xds-listen` port, the same across restarts.
+    xds_port: Option<u16>,
 }
 
-fn spawn_controller(eps: &str, index: usize, cfg: &WorldConfig) -> Result<Controller> {
+fn spawn_controller(
+    eps: &str,
+    index: usize,
+    cfg: &WorldConfig,
+    xds_port: Option<u16>,
+) -> Result<Controller> {
     let blind = cfg.mutant == Some(Mutant::BlindControllers);
-    let args: Vec<String> = [
+    let mut args: Vec<String> = [
         "--listen",
         &format!("127.0.0.1:{}", free_port()),
         "--etcd-endpoints",
@@ -211,13 +228,20 @@ fn spawn_controller(eps: &str, index: usize, cfg: &WorldConfig) -> Result<Contro
         "warn,controller=info,controller::reconcile=debug",
     )];
     env.extend(Failpoints::env(&cfg.failpoints.controllers));
+    if let Some(port) = xds_port {
+        args.extend(["--xds-listen".to_owned(), format!("127.0.0.1:{port}")]);
+    }
     let proc = Proc::spawn(
         &format!("controller-{index}"),
         bin_path("controller"),
         &args,
         &env,
     )?;
-    Ok(Controller { proc, index })
+    Ok(Controller {
+        proc,
+        index,
+        xds_port,
+    })
 }
 
 /// The deletions a controller's log reports (JSON lines); lines that are
@@ -272,9 +296,9 @@ fn harvest(c: &Controller, clock: Clock, h: &Shared, cfg: &WorldConfig) {
 
 /// The index of the replica etcd's election names now, if any answers in
 /// time.
-async fn leading_controller(cluster: &Cluster) -> Option<usize> {
+async fn leading_controller(members: &[String]) -> Option<usize> {
     let ask = async {
-        let c = cluster.client().await.ok()?;
+        let c = Client::connect(members, None).await.ok()?;
         let r = c.election_client().leader(ELECTION_KEY).await.ok()?;
         let id = String::from_utf8_lossy(r.kv()?.value()).into_owned();
         id.strip_prefix("ctl")?
@@ -299,17 +323,21 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
         ..Default::default()
     }));
     let cancel = CancellationToken::new();
-    let mut cluster = Cluster::start_isolatable(3)
+    let cluster = Cluster::start_isolatable(3)
         .await
         .context("starting etcd")?;
     let eps = cluster.endpoints_arg();
     let members = cluster.endpoints();
 
+    // Odd while the nemesis is losing etcd's data, bumped again once the
+    // cluster is back: the recorder lists the new data as a new epoch.
+    let generation = Arc::new(AtomicU64::new(0));
     let recorder = tokio::spawn(recorder(
         members.clone(),
         clock,
         history.clone(),
         cancel.clone(),
+        generation.clone(),
     ));
 
     let ports: Vec<u16> = (0..cfg.servers).map(|_| free_port()).collect();
@@ -325,11 +353,12 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
     .await?;
     let mut controllers = Vec::new();
     for i in 0..cfg.controllers {
-        controllers.push(spawn_controller(&eps, i, cfg)?);
+        let xds_port = cfg.xds_client.then(free_port);
+        controllers.push(spawn_controller(&eps, i, cfg, xds_port)?);
     }
     if cfg.controllers > 0 {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while leading_controller(&cluster).await.is_none() {
+        while leading_controller(&members).await.is_none() {
             if Instant::now() > deadline {
                 let logs: Vec<String> = controllers.iter().map(|c| c.proc.log()).collect();
                 bail!("no controller leads after 30 s:\n{}", logs.join("\n"));
@@ -392,44 +421,102 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
             )));
         }
     }
+    // The snapshot a restore goes back to (taken below, and again after
+    // each loss of data has healed), and the xDS client's bootstrap.
+    let snapshots = tempfile::Builder::new()
+        .prefix("harness-snapshot")
+        .tempdir()?;
+    let xds = match controllers
+        .last()
+        .and_then(|c| c.xds_port.map(|p| (c.index, p)))
+    {
+        Some((serving, port)) if cfg.xds_client => {
+            let client = cfg.clients;
+            let child = xds_client(port, snapshots.path(), cfg, clock, &history, &cancel).await?;
+            record(&history, |h| {
+                h.xds_clients
+                    .insert(client, format!("controller-{serving}"));
+            });
+            Some(child)
+        }
+        _ => None,
+    };
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let plan = cfg.plan.clone().unwrap_or_else(|| {
-        schedule(
+    let tracks = cfg.tracks.clone().unwrap_or_else(|| match &cfg.plan {
+        Some(plan) => vec![plan.clone()],
+        None => schedule(
             cfg.seed,
             cfg.duration,
             cluster.len(),
             cfg.servers,
             cfg.controllers,
-        )
+        ),
     });
-    let mut failure = None;
-    for step in &plan {
-        if let Err(e) = inject(
-            step,
-            &mut cluster,
-            &eps,
-            &ports,
-            &mut servers,
-            &mut controllers,
-            cfg,
-            clock,
-            &history,
-        )
+    let snapshot = snapshots.path().join("etcd.db");
+    cluster
+        .snapshot(&snapshot)
         .await
-        {
-            failure = Some(e.context(format!("injecting {step:?}")));
-            break;
+        .context("saving the first etcd snapshot")?;
+    let kit = Arc::new(Kit {
+        controllers: tokio::sync::Mutex::new(controllers),
+        servers: tokio::sync::Mutex::new(servers),
+        cluster: tokio::sync::Mutex::new(cluster),
+        members: members.clone(),
+        eps: eps.clone(),
+        ports: ports.clone(),
+        snapshot,
+        generation,
+    });
+    let mut runs = Vec::new();
+    for steps in tracks {
+        let (kit, cfg, history) = (kit.clone(), cfg.clone(), history.clone());
+        runs.push(tokio::spawn(async move {
+            for step in &steps {
+                inject(step, &kit, &cfg, clock, &history)
+                    .await
+                    .with_context(|| format!("injecting {step:?}"))?;
+                if step.kind.loses_data() {
+                    save_snapshot(&kit).await;
+                }
+                tokio::time::sleep(step.gap).await;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    let mut failure = None;
+    for r in runs {
+        match r.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = failure.or(Some(e)),
+            Err(e) => failure = failure.or(Some(anyhow::anyhow!("a track panicked: {e}"))),
         }
-        tokio::time::sleep(step.gap).await;
     }
     tokio::time::sleep(cfg.quiet).await;
     // A SIGKILLed server's old lease expires up to a TTL after its restart
     // (and the new process registers then): wait until etcd has been quiet
     // for the checker's quiescence bound plus a second, for at most 20 s
     // more, so convergence can be judged.
+    // After a loss of etcd's data, the clients keep keys the new data
+    // lacks for their wipe grace: the checker judges convergence only Q
+    // after W after its heal, so wait for that too.
     let settle = Bounds::default().quiescence + Duration::from_secs(1);
     let limit = clock.now() + Duration::from_secs(20);
+    let loss_settled = {
+        let h = history.lock().expect("lock");
+        h.faults
+            .iter()
+            .filter(|f| f.kind.loses_data())
+            .filter_map(|f| f.end)
+            .max()
+            .map(|e| e + Bounds::default().data_loss + settle)
+    };
+    if let Some(t) = loss_settled {
+        let now = clock.now();
+        if t > now {
+            tokio::time::sleep(t - now).await;
+        }
+    }
     loop {
         let last = history
             .lock()
@@ -451,26 +538,31 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
         let _ = t.await;
     }
     let _ = recorder.await;
-    for c in &controllers {
+    for c in kit.controllers.lock().await.iter() {
         harvest(c, clock, &history, cfg);
     }
-    let ignored = servers
-        .iter()
-        .map(|s| s.log())
-        .chain(controllers.iter().map(|c| c.proc.log()))
-        .any(|log| crate::failpoints::ignored(&log));
-    record(&history, |h| {
-        for s in &servers {
-            crate::failpoints::count(&s.log(), h);
-        }
-        for (name, n) in armed.hits() {
-            *h.failpoint_hits.entry(name).or_default() += n;
-        }
-    });
+    let ignored = {
+        let servers = kit.servers.lock().await;
+        let controllers = kit.controllers.lock().await;
+        let ignored = servers
+            .iter()
+            .map(Proc::log)
+            .chain(controllers.iter().map(|c| c.proc.log()))
+            .any(|log| crate::failpoints::ignored(&log));
+        record(&history, |h| {
+            for s in servers.iter() {
+                crate::failpoints::count(&s.log(), h);
+            }
+            for (name, n) in armed.hits() {
+                *h.failpoint_hits.entry(name).or_default() += n;
+            }
+        });
+        ignored
+    };
     drop(armed);
-    drop(controllers);
-    drop(servers);
-    drop(cluster);
+    drop(xds);
+    drop(kit);
+    drop(snapshots);
     if let Some(e) = failure {
         return Err(e);
     }
@@ -506,31 +598,64 @@ async fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> R
     Ok(())
 }
 
+/// What the nemesis acts on, shared by the tracks. Each part has its own
+/// lock, held for a whole fault: the seed's tracks touch disjoint parts
+/// (etcd; servers and controllers), so they never wait for each other; a
+/// fixed plan that puts two faults on one part in two tracks runs them one
+/// after the other. Fields drop in order: controllers, servers, etcd.
+struct Kit {
+    controllers: tokio::sync::Mutex<Vec<Controller>>,
+    servers: tokio::sync::Mutex<Vec<Proc>>,
+    cluster: tokio::sync::Mutex<Cluster>,
+    members: Vec<String>,
+    eps: String,
+    ports: Vec<u16>,
+    /// The snapshot [`FaultKind::EtcdRestore`] goes back to.
+    snapshot: std::path::PathBuf,
+    /// The recorder's cue: odd while etcd's data is being lost.
+    generation: Arc<AtomicU64>,
+}
+
+/// Saves a fresh snapshot for the next restore (a few attempts right after
+/// a restart; on failure the older snapshot stays, which a restore can go
+/// back to as well).
+async fn save_snapshot(kit: &Kit) {
+    let cluster = kit.cluster.lock().await;
+    let fresh = kit.snapshot.with_extension("new");
+    for _ in 0..5 {
+        match cluster.snapshot(&fresh).await {
+            Ok(()) => {
+                if let Err(e) = std::fs::rename(&fresh, &kit.snapshot) {
+                    eprintln!("harness: keeping the older etcd snapshot: {e}");
+                }
+                return;
+            }
+            Err(e) => {
+                eprintln!("harness: etcd snapshot failed, retrying: {e:#}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
 /// Injects one fault, holds it, heals it; marks its window.
-#[allow(clippy::too_many_arguments)]
-async fn inject(
-    step: &Step,
-    cluster: &mut Cluster,
-    eps: &str,
-    ports: &[u16],
-    servers: &mut [Proc],
-    controllers: &mut [Controller],
-    cfg: &WorldConfig,
-    clock: Clock,
-    h: &Shared,
-) -> Result<()> {
+async fn inject(step: &Step, kit: &Kit, cfg: &WorldConfig, clock: Clock, h: &Shared) -> Result<()> {
+    let (eps, ports) = (kit.eps.as_str(), kit.ports.as_slice());
     let mut i = step.target;
     if step.kind.is_controller() {
-        if controllers.is_empty() {
+        let replicas = kit.controllers.lock().await.len();
+        if replicas == 0 {
             bail!("a controller fault in a world without controllers");
         }
         // The leader, when etcd names one; else the drawn replica.
-        i = match leading_controller(cluster).await {
-            Some(l) if l < controllers.len() => l,
-            _ => i % controllers.len(),
+        i = match leading_controller(&kit.members).await {
+            Some(l) if l < replicas => l,
+            _ => i % replicas,
         };
     }
-    let target = if step.kind.is_etcd() {
+    let target = if step.kind.loses_data() {
+        "etcd".to_owned()
+    } else if step.kind.is_etcd() {
         format!("etcd-{i}")
     } else if step.kind == FaultKind::MultiKeyWrite {
         "registry".to_owned()
@@ -539,18 +664,103 @@ async fn inject(
     } else {
         format!("127.0.0.1:{}", ports[i])
     };
+    // The part's lock is taken before the window opens: a fault waiting
+    // for another track's fault on the same part is not under way yet.
+    if step.kind.is_etcd() {
+        let mut cluster = kit.cluster.lock().await;
+        let index = open_window(h, clock, step.kind, &target);
+        etcd_fault(step, i, &mut cluster, kit).await?;
+        close_window(h, clock, index);
+    } else if matches!(step.kind, FaultKind::KeyDelete | FaultKind::MultiKeyWrite) {
+        // Writes through etcd, as a person or a script would (fixed plans
+        // only): under the etcd lock, so no loss of data runs meanwhile.
+        let cluster = kit.cluster.lock().await;
+        let index = open_window(h, clock, step.kind, &target);
+        if step.kind == FaultKind::KeyDelete {
+            crate::failpoints::delete_key(&cluster, &target).await?;
+        } else {
+            crate::failpoints::halve_weights(&cluster).await?;
+        }
+        tokio::time::sleep(step.hold).await;
+        close_window(h, clock, index);
+    } else if step.kind.is_controller() {
+        let mut controllers = kit.controllers.lock().await;
+        let index = open_window(h, clock, step.kind, &target);
+        match step.kind {
+            FaultKind::ControllerKill => {
+                controllers[i].proc.kill();
+                harvest(&controllers[i], clock, h, cfg);
+                tokio::time::sleep(step.hold).await;
+                controllers[i] = spawn_controller(eps, i, cfg, controllers[i].xds_port)?;
+            }
+            FaultKind::ControllerPause => {
+                controllers[i].proc.signal(Signal::SIGSTOP)?;
+                tokio::time::sleep(step.hold).await;
+                controllers[i].proc.signal(Signal::SIGCONT)?;
+            }
+            k => bail!("{k:?} is not a controller fault"),
+        }
+        close_window(h, clock, index);
+    } else {
+        let mut servers = kit.servers.lock().await;
+        let index = open_window(h, clock, step.kind, &target);
+        match step.kind {
+            FaultKind::ServerKill => {
+                servers[i].kill();
+                tokio::time::sleep(step.hold).await;
+                servers[i] = spawn_server(eps, ports[i], cfg)?;
+                mark(h, clock, target.clone(), ServerEvent::Started);
+            }
+            FaultKind::ServerDrain => {
+                servers[i].signal(Signal::SIGTERM)?;
+                mark(h, clock, target.clone(), ServerEvent::Drain);
+                let code = servers[i].wait_exit(Duration::from_secs(20)).await?;
+                if code != Some(0) {
+                    bail!(
+                        "{target} exited {code:?} after SIGTERM:\n{}",
+                        servers[i].log()
+                    );
+                }
+                mark(h, clock, target.clone(), ServerEvent::Deregistered);
+                tokio::time::sleep(step.hold).await;
+                servers[i] = spawn_server(eps, ports[i], cfg)?;
+                mark(h, clock, target.clone(), ServerEvent::Started);
+            }
+            FaultKind::ServerPause => {
+                servers[i].signal(Signal::SIGSTOP)?;
+                tokio::time::sleep(step.hold).await;
+                servers[i].signal(Signal::SIGCONT)?;
+            }
+            k => bail!("{k:?} is not a server fault"),
+        }
+        close_window(h, clock, index);
+    }
+    Ok(())
+}
+
+/// Marks a fault's window open (injected now); its index in the history.
+fn open_window(h: &Shared, clock: Clock, kind: FaultKind, target: &str) -> usize {
     let start = clock.now();
-    let index = {
-        let mut h = h.lock().expect("lock");
-        h.faults.push(FaultMark {
-            kind: step.kind,
-            target: target.clone(),
-            start,
-            end: None,
-        });
-        h.faults.len() - 1
-    };
-    let signal_member = |sig| -> Result<()> {
+    let mut h = h.lock().expect("lock");
+    h.faults.push(FaultMark {
+        kind,
+        target: target.to_owned(),
+        start,
+        end: None,
+    });
+    h.faults.len() - 1
+}
+
+/// Marks the window `index` healed now.
+fn close_window(h: &Shared, clock: Clock, index: usize) {
+    let end = clock.now();
+    record(h, |h| h.faults[index].end = Some(end));
+}
+
+/// Injects, holds and heals one etcd fault on member `i` (the whole
+/// cluster for a loss of data).
+async fn etcd_fault(step: &Step, i: usize, cluster: &mut Cluster, kit: &Kit) -> Result<()> {
+    let signal_member = |cluster: &Cluster, sig| -> Result<()> {
         let pid = cluster.pid(i).context("member not running")?;
         kill(Pid::from_raw(pid as i32), sig).context("signalling etcd")
     };
@@ -561,9 +771,9 @@ async fn inject(
             cluster.restart(i).await?;
         }
         FaultKind::EtcdPause => {
-            signal_member(Signal::SIGSTOP)?;
+            signal_member(cluster, Signal::SIGSTOP)?;
             tokio::time::sleep(step.hold).await;
-            signal_member(Signal::SIGCONT)?;
+            signal_member(cluster, Signal::SIGCONT)?;
         }
         FaultKind::EtcdIsolate => {
             cluster.isolate(i).await?;
@@ -574,54 +784,22 @@ async fn inject(
             compact(cluster, i).await?;
             tokio::time::sleep(step.hold).await;
         }
-        FaultKind::ServerKill => {
-            servers[i].kill();
-            tokio::time::sleep(step.hold).await;
-            servers[i] = spawn_server(eps, ports[i], cfg)?;
-            mark(h, clock, target.clone(), ServerEvent::Started);
-        }
-        FaultKind::ServerDrain => {
-            servers[i].signal(Signal::SIGTERM)?;
-            mark(h, clock, target.clone(), ServerEvent::Drain);
-            let code = servers[i].wait_exit(Duration::from_secs(20)).await?;
-            if code != Some(0) {
-                bail!(
-                    "{target} exited {code:?} after SIGTERM:\n{}",
-                    servers[i].log()
-                );
+        FaultKind::EtcdRestore | FaultKind::EtcdWipe => {
+            // Odd: the recorder stops trusting what it receives, before any
+            // member goes.
+            kit.generation.fetch_add(1, Ordering::SeqCst);
+            for m in 0..cluster.len() {
+                cluster.kill(m);
             }
-            mark(h, clock, target.clone(), ServerEvent::Deregistered);
             tokio::time::sleep(step.hold).await;
-            servers[i] = spawn_server(eps, ports[i], cfg)?;
-            mark(h, clock, target.clone(), ServerEvent::Started);
+            let from = (step.kind == FaultKind::EtcdRestore).then_some(kit.snapshot.as_path());
+            let restored = cluster.restore(from).await;
+            // Even again: the data now is the new history's.
+            kit.generation.fetch_add(1, Ordering::SeqCst);
+            restored?;
         }
-        FaultKind::ServerPause => {
-            servers[i].signal(Signal::SIGSTOP)?;
-            tokio::time::sleep(step.hold).await;
-            servers[i].signal(Signal::SIGCONT)?;
-        }
-        FaultKind::ControllerKill => {
-            controllers[i].proc.kill();
-            harvest(&controllers[i], clock, h, cfg);
-            tokio::time::sleep(step.hold).await;
-            controllers[i] = spawn_controller(eps, i, cfg)?;
-        }
-        FaultKind::ControllerPause => {
-            controllers[i].proc.signal(Signal::SIGSTOP)?;
-            tokio::time::sleep(step.hold).await;
-            controllers[i].proc.signal(Signal::SIGCONT)?;
-        }
-        FaultKind::KeyDelete => {
-            crate::failpoints::delete_key(cluster, &target).await?;
-            tokio::time::sleep(step.hold).await;
-        }
-        FaultKind::MultiKeyWrite => {
-            crate::failpoints::halve_weights(cluster).await?;
-            tokio::time::sleep(step.hold).await;
-        }
+        k => bail!("{k:?} is not an etcd fault"),
     }
-    let end = clock.now();
-    record(h, |h| h.faults[index].end = Some(end));
     Ok(())
 }
 
@@ -713,6 +891,99 @@ async fn views(
     }
 }
 
+/// Starts the grpcio client over xDS from the controller replica serving
+/// on `port` (`reliability/grpcio/xds_load.py`, bootstrapped by `controller
+/// xds-bootstrap`), records each of its calls as client `cfg.clients` on
+/// the run's clock (it prints wall-clock times), and waits for its first
+/// answer. The process goes when the returned child is dropped.
+async fn xds_client(
+    port: u16,
+    dir: &std::path::Path,
+    cfg: &WorldConfig,
+    clock: Clock,
+    h: &Shared,
+    cancel: &CancellationToken,
+) -> Result<tokio::process::Child> {
+    use tokio::io::AsyncBufReadExt;
+    let out = std::process::Command::new(bin_path("controller"))
+        .args(["xds-bootstrap", "--server"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--node-id", "harness-xds"])
+        .output()
+        .context("controller xds-bootstrap")?;
+    if !out.status.success() {
+        bail!(
+            "xds-bootstrap: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let bootstrap = dir.join("xds-bootstrap.json");
+    std::fs::write(&bootstrap, &out.stdout)?;
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("grpcio/xds_load.py");
+    let mut child = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(format!("xds:///{SERVICE}"))
+        .arg(cfg.call_timeout.as_secs_f64().to_string())
+        .env("GRPC_XDS_BOOTSTRAP", &bootstrap)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("python3 with grpcio (scripts/setup.sh installs it)")?;
+    let stdout = child.stdout.take().context("its stdout")?;
+    let (client, h2, cancel) = (cfg.clients, h.clone(), cancel.clone());
+    let wall = move |secs: f64| {
+        clock.at_wall(std::time::UNIX_EPOCH + Duration::from_secs_f64(secs.max(0.0)))
+    };
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        // Calls before the first answer (the channel resolving over xDS)
+        // are the start-up's, not the run's.
+        let mut answered = false;
+        loop {
+            let line = tokio::select! {
+                _ = cancel.cancelled() => return,
+                l = lines.next_line() => l,
+            };
+            let Ok(Some(line)) = line else { return };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let (Some(start), Some(end)) = (v["start"].as_f64(), v["end"].as_f64()) else {
+                continue;
+            };
+            let ok = v["ok"].as_bool().unwrap_or(false);
+            answered |= ok;
+            if !answered {
+                continue;
+            }
+            let call = Call {
+                client,
+                endpoint: v["from"].as_str().map(str::to_owned),
+                start: wall(start),
+                end: wall(end),
+                ok,
+                message: v["error"].as_str().unwrap_or_default().to_owned(),
+            };
+            record(&h2, |h| h.calls.push(call));
+        }
+    });
+    wait_for(
+        Duration::from_secs(30),
+        "the xDS client's first answer",
+        || {
+            h.lock()
+                .expect("lock")
+                .calls
+                .iter()
+                .any(|c| c.client == client && c.ok)
+        },
+    )
+    .await?;
+    Ok(child)
+}
+
 /// One loop of calls, each recorded.
 async fn load(
     client: u32,
@@ -766,13 +1037,36 @@ async fn load(
 /// one member at a time (round robin), resuming after the last revision
 /// seen whenever the stream fails or is silent for 3 s (a paused member).
 /// Independent of the library's watcher, so it does not share its bugs.
-async fn recorder(members: Vec<String>, clock: Clock, h: Shared, cancel: CancellationToken) {
+///
+/// It is told of losses of etcd's data by the nemesis, through
+/// `generation` (odd while the data is being lost, even once the cluster
+/// is back): a harness instrument may know what the harness did, and a
+/// revision alone cannot tell a new history from the old one once the new
+/// one has passed it. Nothing received while the generation differs from
+/// the one it listed is recorded; on a new even generation it lists the
+/// new data as a new epoch ([`History::epochs`]).
+async fn recorder(
+    members: Vec<String>,
+    clock: Clock,
+    h: Shared,
+    cancel: CancellationToken,
+    generation: Arc<AtomicU64>,
+) {
     let mut next: Option<i64> = None;
+    let mut listed = 0u64;
     let mut turn = 0usize;
     while !cancel.is_cancelled() {
         let member = members[turn % members.len()].clone();
         turn += 1;
-        let round = record_from(&member, &mut next, clock, &h, &cancel);
+        let round = record_from(
+            &member,
+            &mut next,
+            &mut listed,
+            &generation,
+            clock,
+            &h,
+            &cancel,
+        );
         if round.await.is_err() {
             // Another member next; the error itself (a dead or paused
             // member) is the nemesis's doing.
@@ -842,9 +1136,10 @@ fn relist_events(
             weight: None,
         });
     }
+    // Revisions of earlier epochs say nothing about this one.
+    let epoch_start = h.epochs.last().map_or(0, |e| e.first_event);
     for (e, created) in list {
-        let last = h
-            .etcd
+        let last = h.etcd[epoch_start..]
             .iter()
             .filter(|k| k.addr == e.addr)
             .map(|k| k.revision)
@@ -868,14 +1163,27 @@ fn relist_events(
 }
 
 /// Lists the prefix and records what differs from the recorded state as
-/// events at the list's revision (all of it on the first list).
-async fn relist(c: &mut Client, next: &mut Option<i64>, clock: Clock, h: &Shared) -> Result<()> {
+/// events at the list's revision (all of it on the first list). With
+/// `new_epoch` (etcd's data was lost), every key listed is recorded as a
+/// put and every key gone as a delete, as the first events of a new epoch.
+/// Records nothing when the data changed generation while it listed.
+async fn relist(
+    c: &mut Client,
+    next: &mut Option<i64>,
+    new_epoch: bool,
+    gen: (&AtomicU64, u64),
+    clock: Clock,
+    h: &Shared,
+) -> Result<()> {
     let r = tokio::time::timeout(
         Duration::from_secs(2),
         c.get(PREFIX, Some(GetOptions::new().with_prefix())),
     )
     .await
     .context("list timed out")??;
+    if gen.0.load(Ordering::SeqCst) != gen.1 {
+        bail!("etcd's data changed generation during the list");
+    }
     let at = clock.now();
     let rev = r.header().map_or(0, |h| h.revision());
     let list: Vec<(EtcdEvent, i64)> = r
@@ -886,6 +1194,36 @@ async fn relist(c: &mut Client, next: &mut Option<i64>, clock: Clock, h: &Shared
             Some((e, kv.create_revision()))
         })
         .collect();
+    if new_epoch {
+        record(h, |h| {
+            let listed: BTreeMap<&str, ()> =
+                list.iter().map(|(e, _)| (e.addr.as_str(), ())).collect();
+            let gone: Vec<EtcdEvent> = h
+                .etcd_final()
+                .keys()
+                .filter(|a| !listed.contains_key(a.as_str()))
+                .map(|a| EtcdEvent {
+                    at,
+                    revision: rev,
+                    addr: a.clone(),
+                    kind: EventKind::Delete,
+                    weight: None,
+                })
+                .collect();
+            let first_event = h.etcd.len();
+            h.epochs.push(crate::history::Epoch {
+                at,
+                first_event,
+                revision: rev,
+            });
+            h.etcd.extend(gone);
+            let mut puts: Vec<EtcdEvent> = list.iter().map(|(e, _)| e.clone()).collect();
+            puts.sort_by_key(|e| e.revision);
+            h.etcd.extend(puts);
+        });
+        *next = Some(rev + 1);
+        return Ok(());
+    }
     // What happened between the last revision watched and the list's is
     // unknown one event at a time: a gap for the checker.
     let unknown_from = next.unwrap_or(0);
@@ -903,10 +1241,16 @@ async fn relist(c: &mut Client, next: &mut Option<i64>, clock: Clock, h: &Shared
 async fn record_from(
     member: &str,
     next: &mut Option<i64>,
+    listed: &mut u64,
+    generation: &Arc<AtomicU64>,
     clock: Clock,
     h: &Shared,
     cancel: &CancellationToken,
 ) -> Result<()> {
+    let gen = generation.load(Ordering::SeqCst);
+    if gen % 2 == 1 {
+        bail!("etcd's data is being lost");
+    }
     // Require a leader: an isolated member then ends the watch instead of
     // holding it silent.
     let opts = etcd_client::ConnectOptions::new().with_require_leader(true);
@@ -914,11 +1258,19 @@ async fn record_from(
     let mut c = tokio::time::timeout(Duration::from_secs(2), connect)
         .await
         .context("connect timed out")??;
-    if next.is_none() {
-        relist(&mut c, next, clock, h).await?;
+    if next.is_none() || gen != *listed {
+        // The first list, or the first since etcd's data was lost.
+        let new_epoch = next.is_some();
+        relist(&mut c, next, new_epoch, (generation, gen), clock, h).await?;
+        *listed = gen;
     }
     let from = next.expect("listed");
-    let opts = WatchOptions::new().with_prefix().with_start_revision(from);
+    // With each delete's previous value: its lease tells an explicit
+    // delete from a lease's end (see `classify_delete`).
+    let opts = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(from)
+        .with_prev_key();
     let mut stream = tokio::time::timeout(Duration::from_secs(2), c.watch(PREFIX, Some(opts)))
         .await
         .context("watch timed out")??;
@@ -933,10 +1285,13 @@ async fn record_from(
         let Some(resp) = msg? else {
             bail!("stream ended");
         };
+        if generation.load(Ordering::SeqCst) != gen {
+            bail!("etcd's data is being lost; nothing more from this stream");
+        }
         if resp.compact_revision() > 0 {
             // Fell behind a compaction: list again and record the
             // difference, then watch on from the list's revision.
-            relist(&mut c, next, clock, h).await?;
+            relist(&mut c, next, false, (generation, gen), clock, h).await?;
             bail!("compacted at {}, relisted", resp.compact_revision());
         }
         let at = clock.now();
@@ -945,6 +1300,15 @@ async fn record_from(
             let Some(kv) = ev.kv() else { continue };
             let put = ev.event_type() == EventType::Put;
             if let Some(e) = event_of(at, kv.key(), kv.value(), kv.mod_revision(), put) {
+                if let (false, Some(prev)) = (put, ev.prev_kv()) {
+                    tokio::spawn(classify_delete(
+                        c.clone(),
+                        e.clone(),
+                        prev.lease(),
+                        (generation.clone(), gen),
+                        h.clone(),
+                    ));
+                }
                 batch.push(e);
             }
             *next = Some(kv.mod_revision() + 1);
@@ -953,6 +1317,61 @@ async fn record_from(
             record(h, |h| h.etcd.extend(batch));
         }
     }
+}
+
+/// Records `delete` as explicit ([`History::explicit_deletes`]) when the
+/// deleted key had no lease or its lease still lives after the delete: a
+/// lease that expired or was revoked (a drain) takes its keys with it at
+/// the delete's revision and is gone from then on, so a delete whose lease
+/// outlives it was a delete request (in this world, only the controllers'
+/// fenced transactions delete under the prefix). A lease that ends between
+/// the delete and this question makes an explicit delete look like an
+/// expiry (it is then not judged: lenient); the opposite cannot happen,
+/// except through a restore that brings the lease back, so an answer given
+/// while etcd's data changed generation is dropped.
+async fn classify_delete(
+    mut c: Client,
+    delete: EtcdEvent,
+    lease: i64,
+    gen: (Arc<AtomicU64>, u64),
+    h: Shared,
+) {
+    let mut alive = (lease == 0).then_some(true);
+    // The delete came from the member the recorder watches; the member
+    // that answers the question may apply a revoke (a drain) a moment
+    // later, and would still show the lease: ask only after every member
+    // has surely applied it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A few attempts: the member may be slow right after another fault.
+    for _ in 0..3 {
+        if alive.is_some() {
+            break;
+        }
+        let ask = c.lease_time_to_live(lease, None);
+        match tokio::time::timeout(Duration::from_secs(1), ask).await {
+            // etcd answers TTL -1 for a lease it does not know and 0 for
+            // one with under a second left, or expired with its revoke
+            // not applied yet where the question is answered (the delete
+            // may come from a member that applied it first): only a
+            // second or more left proves the delete was not the lease's
+            // end (batch 7: two expiries read as requests with `>= 0`).
+            Ok(Ok(r)) => alive = Some(r.ttl() > 0),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    if gen.0.load(Ordering::SeqCst) != gen.1 || alive != Some(true) {
+        return;
+    }
+    record(&h, |h| {
+        let epoch = h.epochs.len();
+        h.explicit_deletes.push(ExplicitDelete {
+            at: delete.at,
+            epoch,
+            revision: delete.revision,
+            addr: delete.addr,
+            lease,
+        })
+    });
 }
 
 /// The mutants' discovery: list and watch one member; on any failure list

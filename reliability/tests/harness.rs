@@ -14,11 +14,14 @@ use reliability::history::FaultKind;
 use reliability::world::{run, WorldConfig};
 
 /// The seeds CI runs (any seed found failing is added here once fixed).
-/// Together their schedules draw every fault kind (asserted below): 1 has
-/// controller leader kills, etcd pauses, a compaction and an isolation; 2
-/// etcd member kills and server kills long enough for the controller to
-/// delete the dead server's key; 3 a drain, server pauses and a controller
-/// leader paused past its election TTL.
+/// Together their schedules (two tracks side by side since the kinds that
+/// lose etcd's data joined) draw every fault kind (asserted below): 1 has
+/// two restores of etcd's data from a snapshot, an etcd member kill, pauses
+/// and a compaction beside server kills, drains and controller leader
+/// kills; 2 etcd member kills and isolations beside server kills long
+/// enough for the controller to delete the dead server's key and a
+/// controller leader paused; 3 a wipe of etcd's data, isolations and
+/// compactions beside drains, server pauses and controller faults.
 const SEEDS: [u64; 3] = [1, 2, 3];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,6 +53,10 @@ struct Args {
     /// `FAILPOINTS` of every controller replica.
     #[arg(long, env = "HARNESS_FAILPOINTS_CONTROLLERS", default_value = "")]
     failpoints_controllers: String,
+    /// Add a grpcio client (python3) that gets its endpoints over xDS from
+    /// the last controller replica; its calls are judged with the others'.
+    #[arg(long, env = "HARNESS_XDS")]
+    xds: bool,
 }
 
 /// Checks kept histories again; exit code 1 on any violation.
@@ -107,6 +111,7 @@ async fn main() -> Result<()> {
             servers: args.failpoints_servers.clone(),
             controllers: args.failpoints_controllers.clone(),
         };
+        cfg.xds_client = args.xds;
         // SIGINT or SIGTERM drops the run (its processes are killed on
         // drop) and ends the batch.
         let mut term = signal(SignalKind::terminate())?;
