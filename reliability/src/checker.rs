@@ -483,7 +483,19 @@ fn live_deletions(h: &History, b: &Bounds, r: &mut Report) {
             .deletions
             .iter()
             .any(|d| d.addr == x.addr && d.at.abs_diff(x.at) <= b.recorder_slack);
-        if logged {
+        // The harness deleting the key by hand (a KeyDelete fault, in
+        // fixed plans) is not a controller's deletion.
+        let by_hand = h.faults.iter().any(|f| {
+            f.kind == FaultKind::KeyDelete
+                && f.target == x.addr
+                && overlaps(
+                    f,
+                    x.at.saturating_sub(b.recorder_slack),
+                    x.at,
+                    b.fault_margin,
+                )
+        });
+        if logged || by_hand {
             continue;
         }
         let from = h
@@ -1481,6 +1493,19 @@ mod tests {
         dead.explicit_deletes.push(explicit(3_300, 4, A));
         let r = check(&dead, &Bounds::default());
         assert_eq!(r.violations, vec![], "{r:#?}");
+        // The harness's own hand delete of A (a KeyDelete fault, fixed
+        // plans only) is nobody's deletion to judge; a hand delete of B
+        // excuses nothing for A.
+        let mut by_hand = clean();
+        by_hand.explicit_deletes.push(explicit(20_005, 7, A));
+        by_hand
+            .faults
+            .push(fault(FaultKind::KeyDelete, A, 20_000, 20_004));
+        let r = check(&by_hand, &Bounds::default());
+        assert_eq!(r.violations, vec![], "{r:#?}");
+        by_hand.faults.last_mut().expect("pushed").target = B.into();
+        let r = check(&by_hand, &Bounds::default());
+        assert_eq!(r.of(Invariant::NoLiveDeletion).len(), 1, "{r:#?}");
     }
 
     /// (d) for an xDS client (client 2, served by controller-1): it
