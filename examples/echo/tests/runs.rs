@@ -27,8 +27,15 @@ async fn the_echo_example_registers_balances_streams_and_drains() -> anyhow::Res
     let by_server = report["by_server"].as_object().expect("by_server");
     let mut counts: Vec<u64> = by_server.values().filter_map(|v| v.as_u64()).collect();
     counts.sort_unstable();
-    // Weights 100, 200, 300 over 600 calls.
-    assert_eq!(counts, [100, 200, 300], "{report}");
+    // Weights 100, 200, 300 over 600 calls: 100/200/300 on an idle
+    // machine. The default (load-aware) picker passes over an endpoint
+    // that looks far slower for a moment, so on a loaded one a call or two
+    // moves (CI once saw 98/201/301); exact weights are the scheduler's
+    // unit tests and greet-client's 30,000-call test.
+    assert_eq!(counts.iter().sum::<u64>(), 600, "{report}");
+    for (got, want) in counts.iter().zip([100u64, 200, 300]) {
+        assert!(got.abs_diff(want) <= 6, "{report}");
+    }
     assert_eq!(report["chat_replies"], 5, "{report}");
     assert_eq!(report["calls_to_drained_after_drain"], 0, "{report}");
 
