@@ -1,7 +1,9 @@
 //! Scenario 9: tails. Three greet-servers at `--latency 1ms`, each
 //! stalling 1 % of its calls (at random) for 100 ms (`--stall-ratio 0.01
 //! --stall 100ms`); our balancer with hedging off and on, alternated, at
-//! concurrency 16. Prints calls/s, p50, p99, p99.9, attempts per call
+//! concurrency 16, after a floor: three more servers that never stall,
+//! hedging off (the tail this machine gives without stalls, the best any
+//! hedging could reach). Prints calls/s, p50, p99, p99.9, attempts per call
 //! counted at the servers (their `grpc_server_started_total` for Morning,
 //! scraped from `--metrics-listen`: hedges and retries included, the
 //! cancelled losers too) and by the client (`lb_attempts_total`), and
@@ -81,6 +83,8 @@ struct Run {
     attempts: f64,
     hedges: f64,
     won: f64,
+    /// Morning's hedging delay at the end of the run.
+    delay: Option<Duration>,
 }
 
 async fn run_one(
@@ -134,6 +138,7 @@ async fn run_one(
         attempts: 0.0,
         hedges: 0.0,
         won: 0.0,
+        delay: bal.hedging_delay(MORNING),
     };
     // The losers' cancellations reach the servers a moment later.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -147,39 +152,12 @@ async fn run_one(
 /// Runs the scenario: `rounds` off/on pairs of `secs` each.
 pub async fn run(secs: f64, rounds: usize) -> Result<Table> {
     let etcd = Etcd::start().await?;
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let metrics: Vec<std::net::SocketAddr> = (0..3)
-        .map(|_| format!("127.0.0.1:{}", free_port()).parse())
-        .collect::<Result<_, _>>()?;
-    let _servers: Vec<Proc> = ports
-        .iter()
-        .zip(&metrics)
-        .map(|(p, m)| {
-            let m = m.to_string();
-            server(
-                &etcd,
-                *p,
-                "1ms",
-                &[
-                    "--stall-ratio",
-                    "0.01",
-                    "--stall",
-                    "100ms",
-                    "--metrics-listen",
-                    &m,
-                ],
-            )
-        })
-        .collect::<Result<_>>()?;
-    let addrs: Vec<Addr> = ports
-        .iter()
-        .map(|p| Addr::new(&format!("127.0.0.1:{p}")))
-        .collect::<Result<_, _>>()?;
-    wait_answering(&addrs).await?;
+    let (stalling, stalling_metrics, _s) = fleet(&etcd, true).await?;
+    let (steady, steady_metrics, _f) = fleet(&etcd, false).await?;
     let mut t = Table::new(
         "9. Tails: 1 % of calls stall 100 ms on every server (concurrency 16)",
         &[
-            "hedging",
+            "fleet, hedging",
             "calls/s",
             "p50",
             "p99",
@@ -191,14 +169,25 @@ pub async fn run(secs: f64, rounds: usize) -> Result<Table> {
             "errors",
         ],
     );
-    let mut merged: Vec<Option<Run>> = vec![None, None];
+    let mut merged: Vec<Option<Run>> = vec![None, None, None];
     let load_before = load_average();
     let mut cuts = Vec::new();
+    let mut delays = Vec::new();
     for _ in 0..rounds {
-        let mut p999 = [0u64; 2];
-        for (i, hedging) in [false, true].into_iter().enumerate() {
-            let r = run_one(&addrs, &metrics, hedging, secs).await?;
+        let mut p999 = [0u64; 3];
+        for (i, (fleet, metrics, hedging)) in [
+            (&steady, &steady_metrics, false),
+            (&stalling, &stalling_metrics, false),
+            (&stalling, &stalling_metrics, true),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let r = run_one(fleet, metrics, hedging, secs).await?;
             p999[i] = r.hist.value_at_quantile(0.999);
+            if hedging {
+                delays.push(r.delay);
+            }
             match &mut merged[i] {
                 None => merged[i] = Some(r),
                 Some(m) => {
@@ -214,10 +203,13 @@ pub async fn run(secs: f64, rounds: usize) -> Result<Table> {
                 }
             }
         }
-        cuts.push(p999[0] as f64 / p999[1].max(1) as f64);
+        cuts.push((p999[1] as f64 / p999[2].max(1) as f64, p999[0], p999[2]));
     }
     let ms = |us: u64| format!("{:.2} ms", us as f64 / 1e3);
-    for (i, name) in ["off", "on"].iter().enumerate() {
+    for (i, name) in ["no stalls (floor), off", "stalling, off", "stalling, on"]
+        .iter()
+        .enumerate()
+    {
         let Some(m) = &merged[i] else { continue };
         t.row(vec![
             (*name).to_owned(),
@@ -233,18 +225,39 @@ pub async fn run(secs: f64, rounds: usize) -> Result<Table> {
         ]);
     }
     t.note(format!(
-        "{rounds} rounds of off then on, {secs} s each after 200 sequential warm-up calls; \
+        "{rounds} rounds of floor, off, on, {secs} s each after 200 sequential warm-up calls; \
          attempts counted at the servers (grpc_server_started_total) and by the client (lb_attempts_total)"
     ));
-    if let [Some(off), Some(on)] = &merged[..] {
-        let per_round: Vec<String> = cuts.iter().map(|c| format!("{c:.1}x")).collect();
+    if let [Some(_), Some(off), Some(on)] = &merged[..] {
+        let per_round: Vec<String> = cuts
+            .iter()
+            .map(|(cut, floor, on)| {
+                format!(
+                    "{cut:.1}x (on {:.2} ms, floor {:.2} ms)",
+                    *on as f64 / 1e3,
+                    *floor as f64 / 1e3
+                )
+            })
+            .collect();
         t.note(format!(
-            "p99.9 cut (off / on): {:.1}x over all rounds; per round {}",
+            "p99.9 cut (stalling off / on): {:.1}x over all rounds; per round {}",
             off.hist.value_at_quantile(0.999) as f64
                 / on.hist.value_at_quantile(0.999).max(1) as f64,
             per_round.join(", ")
         ));
     }
+    let delays: Vec<String> = delays
+        .iter()
+        .map(|d| {
+            d.map_or("none".into(), |d| {
+                format!("{:.2} ms", d.as_secs_f64() * 1e3)
+            })
+        })
+        .collect();
+    t.note(format!(
+        "Morning's hedging delay at the end of each hedged run: {}",
+        delays.join(", ")
+    ));
     t.note(format!(
         "load average (1 min) before / after: {load_before} / {}: the hedged tail is the \
          hedging delay plus a second attempt, both stretched on a machine shared with builds",
@@ -253,4 +266,34 @@ pub async fn run(secs: f64, rounds: usize) -> Result<Table> {
     t.note(format!("hedging: {:?}", hedging_config()));
     t.note("target (issue 34): p99.9 at least 10x lower with hedging, at most 5 % extra attempts");
     Ok(t)
+}
+
+/// Three greet-servers at `--latency 1ms` with `--metrics-listen`, stalling
+/// 1 % of calls for 100 ms or never; answering when this returns.
+async fn fleet(
+    etcd: &Etcd,
+    stalls: bool,
+) -> Result<(Vec<Addr>, Vec<std::net::SocketAddr>, Vec<Proc>)> {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let metrics: Vec<std::net::SocketAddr> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()).parse())
+        .collect::<Result<_, _>>()?;
+    let procs: Vec<Proc> = ports
+        .iter()
+        .zip(&metrics)
+        .map(|(p, m)| {
+            let m = m.to_string();
+            let mut args = vec!["--metrics-listen", m.as_str()];
+            if stalls {
+                args.extend(["--stall-ratio", "0.01", "--stall", "100ms"]);
+            }
+            server(etcd, *p, "1ms", &args)
+        })
+        .collect::<Result<_>>()?;
+    let addrs: Vec<Addr> = ports
+        .iter()
+        .map(|p| Addr::new(&format!("127.0.0.1:{p}")))
+        .collect::<Result<_, _>>()?;
+    wait_answering(&addrs).await?;
+    Ok((addrs, metrics, procs))
 }

@@ -347,9 +347,13 @@ impl Balancer {
                 let me = me.clone();
                 Inner {
                     budget: cfg.retry_budget.as_ref().map(RetryBudget::new),
-                    hedgers: cfg
-                        .hedging
-                        .map(|h| Hedgers::new(h, &cfg.retry.retryable_methods)),
+                    hedgers: cfg.hedging.map(|h| {
+                        Hedgers::new(h, &cfg.retry.retryable_methods, |path| {
+                            cfg.metrics
+                                .as_ref()
+                                .map(|m| m.hedging_delay(&cfg.service, path))
+                        })
+                    }),
                     ejector: Arc::new(move |addr: &Addr, generation: u64| {
                         if let Some(inner) = me.upgrade() {
                             Balancer { inner }.eject(addr, generation);
@@ -568,6 +572,14 @@ impl Balancer {
     /// Whether no endpoint is known.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// How long an attempt of the method at `path` (`/pkg.Service/Method`)
+    /// runs before it is hedged now; `None` when hedging is off, the method
+    /// is not listed as idempotent, or too few of its answers were seen.
+    /// The same figure as `lb_hedging_delay_seconds`.
+    pub fn hedging_delay(&self, path: &str) -> Option<std::time::Duration> {
+        self.hedger(path, true).and_then(Hedger::delay)
     }
 
     /// The weight the balancer holds for `addr`, if known.
@@ -992,7 +1004,7 @@ impl Balancer {
                 if let Some(ext) = extensions.take() {
                     *req.extensions_mut() = ext;
                 }
-                return match self.attempt(picked, req, false, deadline).await {
+                return match self.attempt(picked, req, false, None, deadline).await {
                     Outcome::Answered(resp) => Ok(resp),
                     Outcome::Failed(_, status) | Outcome::DeadlineExceeded(status) => {
                         Err(status.into())
@@ -1019,11 +1031,13 @@ impl Balancer {
                 *req.extensions_mut() = ext;
             }
             let first = avoid.is_none() && tries == Tries::default();
-            let (addr, outcome) = match self.hedger(parts.uri.path(), retryable) {
+            let hedger = self.hedger(parts.uri.path(), retryable);
+            let (addr, outcome) = match hedger {
                 Some(h) if first => self.hedged(h, picked, req, make, deadline).await,
                 _ => {
                     let addr = picked.addr.clone();
-                    (addr, self.attempt(picked, req, retryable, deadline).await)
+                    let out = self.attempt(picked, req, retryable, hedger, deadline);
+                    (addr, out.await)
                 }
             };
             let (failed, status) = match outcome {
@@ -1083,12 +1097,14 @@ impl Balancer {
     /// is alive and merely slow, so the attempt keeps waiting (to the
     /// deadline); one that does not is behind a silent connection (a
     /// partition drops packets, no reset comes) and costs one bounded
-    /// attempt, not the whole deadline.
+    /// attempt, not the whole deadline. An answered attempt's latency goes
+    /// to `hedger`, the method's hedging record, when it has one.
     pub(crate) async fn attempt(
         &self,
         picked: Picked,
         req: http::Request<Body>,
         retryable: bool,
+        hedger: Option<&Hedger>,
         deadline: Option<Instant>,
     ) -> Outcome {
         let Picked {
@@ -1106,7 +1122,6 @@ impl Balancer {
         }
         // The clock is read only for what needs it: latency metrics, the
         // load-aware picker and the per-try bound.
-        let hedger = self.hedger(req.uri().path(), retryable);
         let sent_at =
             (metrics.is_some() || per_try.is_some() || load.is_some() || hedger.is_some())
                 .then(Instant::now);

@@ -105,6 +105,12 @@ struct ServiceLabel {
     service: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    service: String,
+    method: String,
+}
+
 /// Every metric of the client library.
 #[derive(Debug)]
 pub struct ClientMetrics {
@@ -122,6 +128,7 @@ pub struct ClientMetrics {
     estimate: Family<EndpointLabels, Gauge<f64, AtomicU64>>,
     hedges: Family<ServiceLabel, Counter>,
     hedges_won: Family<ServiceLabel, Counter>,
+    hedging_delay: Family<MethodLabels, Gauge<f64, AtomicU64>>,
 }
 
 /// Why a call went to another attempt (the `reason` label of
@@ -171,6 +178,7 @@ impl ClientMetrics {
             estimate: Family::default(),
             hedges: Family::default(),
             hedges_won: Family::default(),
+            hedging_delay: Family::default(),
         };
         registry.register(
             "lb_attempts",
@@ -233,6 +241,11 @@ impl ClientMetrics {
             m.hedges_won.clone(),
         );
         registry.register(
+            "lb_hedging_delay_seconds",
+            "How long an attempt of a hedged method runs before it is hedged (the configured quantile of the method's recent latency); NaN until enough answers are seen",
+            m.hedging_delay.clone(),
+        );
+        registry.register(
             "lb_view_age_seconds",
             "Seconds since etcd last confirmed the view (an event or a progress notice)",
             m.view_age.clone(),
@@ -285,6 +298,20 @@ impl ClientMetrics {
                 reason: reason.label(),
             })
             .inc();
+    }
+
+    /// The gauge of one hedged method's delay (`path`: `/pkg.Service/Method`),
+    /// NaN until the method's record is warm.
+    pub(crate) fn hedging_delay(&self, service: &str, path: &str) -> Gauge<f64, AtomicU64> {
+        let g = self
+            .hedging_delay
+            .get_or_create(&MethodLabels {
+                service: service.to_owned(),
+                method: path.to_owned(),
+            })
+            .clone();
+        g.set(f64::NAN);
+        g
     }
 
     /// A hedge was sent (`won`: false), or won (true).

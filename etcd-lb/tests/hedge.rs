@@ -86,6 +86,19 @@ async fn a_stalled_attempt_is_hedged_to_another_endpoint() -> Result<()> {
         sample(&registry, "lb_hedges_won_total{"),
     );
     assert!(sent >= 4.0 && won >= 4.0, "sent {sent}, won {won}");
+    // The delay is exported per method, and is the one the balancer uses:
+    // the 95th percentile of fast answers, far below the stall.
+    let delay = bal.hedging_delay(MORNING).expect("warm");
+    assert!(delay < Duration::from_millis(100), "{delay:?}");
+    let exported = sample(
+        &registry,
+        &format!("lb_hedging_delay_seconds{{service=\"greet_service\",method=\"{MORNING}\"}}"),
+    );
+    assert!(
+        (exported - delay.as_secs_f64()).abs() < 0.02,
+        "exported {exported}, held {delay:?}"
+    );
+    assert_eq!(bal.hedging_delay("/greet.Greet/Other"), None);
     Ok(())
 }
 
