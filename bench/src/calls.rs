@@ -67,12 +67,7 @@ async fn drive<T>(
     timeout: Option<Duration>,
 ) -> anyhow::Result<()>
 where
-    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
-    T::Future: Send,
-    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    T::ResponseBody: tonic::transport::Body<Data = bytes::Bytes> + Send + 'static,
-    <T::ResponseBody as tonic::transport::Body>::Error:
-        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+    T: crate::timed::Transport,
 {
     let one = |mut c: GreetClient<T>, n: u64| async move {
         let mut failed = 0u64;

@@ -55,23 +55,24 @@ fn load_average() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// Morning calls the servers started, from their `/metrics`.
-async fn started_at_servers(metrics: &[std::net::SocketAddr]) -> Result<f64> {
+/// Morning calls each server started, from its `/metrics`.
+async fn started_at_each(metrics: &[std::net::SocketAddr]) -> Result<Vec<f64>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut sum = 0.0;
+    let mut each = Vec::new();
     for addr in metrics {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
             .await?;
         let mut text = String::new();
         s.read_to_string(&mut text).await?;
-        sum += text
-            .lines()
-            .filter(|l| l.starts_with("grpc_server_started_total{") && l.contains("Morning"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>();
+        each.push(
+            text.lines()
+                .filter(|l| l.starts_with("grpc_server_started_total{") && l.contains("Morning"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>(),
+        );
     }
-    Ok(sum)
+    Ok(each)
 }
 
 struct Run {
@@ -85,6 +86,8 @@ struct Run {
     won: f64,
     /// Morning's hedging delay at the end of the run.
     delay: Option<Duration>,
+    /// Each server's share of the attempts it started.
+    shares: Vec<f64>,
 }
 
 async fn run_one(
@@ -92,6 +95,7 @@ async fn run_one(
     metrics: &[std::net::SocketAddr],
     hedging: bool,
     secs: f64,
+    weights: &[u32],
 ) -> Result<Run> {
     let mut registry = Registry::default();
     let bal = Balancer::new(BalancerConfig {
@@ -100,8 +104,8 @@ async fn run_one(
         metrics: Some(ClientMetrics::register(&mut registry)),
         ..BalancerConfig::new("greet_service")
     });
-    for a in fleet {
-        bal.upsert(a, 100, "");
+    for (a, w) in fleet.iter().zip(weights) {
+        bal.upsert(a, *w, "");
     }
     let call = |c: &mut GreetClient<Balancer>| {
         let mut req = tonic::Request::new(GreetRequest {
@@ -116,7 +120,7 @@ async fn run_one(
     for _ in 0..200 {
         let _ = call(&mut c).await;
     }
-    let s0 = started_at_servers(metrics).await?;
+    let s0 = started_at_each(metrics).await?;
     let (a0, h0, w0) = (
         total(&registry, "lb_attempts_total{"),
         total(&registry, "lb_hedges_total{"),
@@ -139,17 +143,28 @@ async fn run_one(
         hedges: 0.0,
         won: 0.0,
         delay: bal.hedging_delay(MORNING),
+        shares: Vec::new(),
     };
     // The losers' cancellations reach the servers a moment later.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    run.server_attempts = started_at_servers(metrics).await? - s0;
+    let s1 = started_at_each(metrics).await?;
+    run.shares = s1.iter().zip(&s0).map(|(a, b)| a - b).collect();
+    run.server_attempts = run.shares.iter().sum();
+    for share in &mut run.shares {
+        *share /= run.server_attempts.max(1.0);
+    }
     run.attempts = total(&registry, "lb_attempts_total{") - a0;
     run.hedges = total(&registry, "lb_hedges_total{") - h0;
     run.won = total(&registry, "lb_hedges_won_total{") - w0;
     Ok(run)
 }
 
-/// Runs the scenario: `rounds` off/on pairs of `secs` each.
+/// Weights issue 34 holds uniform fleets to, to see what hedging does to
+/// them.
+const WEIGHTS: [[u32; 3]; 2] = [[9900, 50, 50], [100, 200, 300]];
+
+/// Runs the scenario: `rounds` of floor, off, on, `secs` each; then the
+/// floor fleet at each of [`WEIGHTS`], off and on.
 pub async fn run(secs: f64, rounds: usize) -> Result<Table> {
     let etcd = Etcd::start().await?;
     let (stalling, stalling_metrics, _s) = fleet(&etcd, true).await?;
@@ -183,7 +198,7 @@ pub async fn run(secs: f64, rounds: usize) -> Result<Table> {
         .into_iter()
         .enumerate()
         {
-            let r = run_one(fleet, metrics, hedging, secs).await?;
+            let r = run_one(fleet, metrics, hedging, secs, &[100, 100, 100]).await?;
             p999[i] = r.hist.value_at_quantile(0.999);
             if hedging {
                 delays.push(r.delay);
@@ -263,6 +278,36 @@ pub async fn run(secs: f64, rounds: usize) -> Result<Table> {
          hedging delay plus a second attempt, both stretched on a machine shared with builds",
         load_average()
     ));
+    // What hedges do to weights: they put load where the weights did not
+    // send it.
+    for weights in WEIGHTS {
+        let mut seen = Vec::new();
+        for hedging in [false, true] {
+            let r = run_one(&steady, &steady_metrics, hedging, secs, &weights).await?;
+            let shares: Vec<String> = r
+                .shares
+                .iter()
+                .map(|s| format!("{:.2} %", s * 100.0))
+                .collect();
+            seen.push(format!(
+                "hedging {}: {} ({:.2} % extra attempts)",
+                if hedging { "on" } else { "off" },
+                shares.join(" / "),
+                (r.server_attempts / r.calls.max(1) as f64 - 1.0) * 100.0
+            ));
+        }
+        let sum: u32 = weights.iter().sum();
+        let want: Vec<String> = weights
+            .iter()
+            .map(|w| format!("{:.2} %", f64::from(*w) * 100.0 / f64::from(sum)))
+            .collect();
+        t.note(format!(
+            "weights {} on the floor fleet ({}), shares of the attempts the servers started: {}",
+            weights.map(|w| w.to_string()).join(":"),
+            want.join(" / "),
+            seen.join("; ")
+        ));
+    }
     t.note(format!("hedging: {:?}", hedging_config()));
     t.note("target (issue 34): p99.9 at least 10x lower with hedging, at most 5 % extra attempts");
     Ok(t)

@@ -47,12 +47,7 @@ pub struct Cell {
 /// Drives `concurrency` callers of Morning for `secs` (no deadline).
 pub async fn drive<T>(client: GreetClient<T>, concurrency: usize, secs: f64) -> Cell
 where
-    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
-    T::Future: Send,
-    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    T::ResponseBody: tonic::transport::Body<Data = bytes::Bytes> + Send + 'static,
-    <T::ResponseBody as tonic::transport::Body>::Error:
-        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+    T: crate::timed::Transport,
 {
     let run = crate::timed::drive(client, concurrency, secs, None).await;
     Cell {

@@ -77,12 +77,7 @@ struct Run {
 /// address the slow server signs its answers with.
 async fn drive<T>(client: GreetClient<T>, concurrency: usize, secs: f64, slow: &str) -> Run
 where
-    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
-    T::Future: Send,
-    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    T::ResponseBody: tonic::transport::Body<Data = bytes::Bytes> + Send + 'static,
-    <T::ResponseBody as tonic::transport::Body>::Error:
-        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+    T: crate::timed::Transport,
 {
     let run = crate::timed::drive(client, concurrency, secs, Some(Duration::from_secs(5))).await;
     Run {

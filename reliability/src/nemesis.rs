@@ -29,6 +29,17 @@ pub struct Step {
 }
 
 impl Step {
+    /// A step of a fixed plan: `kind` on `target`, held `hold_ms`, then
+    /// `gap_ms` of quiet.
+    pub fn new(kind: FaultKind, target: usize, hold_ms: u64, gap_ms: u64) -> Self {
+        Self {
+            kind,
+            target,
+            hold: Duration::from_millis(hold_ms),
+            gap: Duration::from_millis(gap_ms),
+        }
+    }
+
     /// A rough length of the step, for filling a run.
     fn estimate(&self) -> Duration {
         let own = match self.kind {

@@ -22,15 +22,6 @@ use reliability::history::{FaultKind, History};
 use reliability::nemesis::Step;
 use reliability::world::{run, WorldConfig};
 
-fn step(kind: FaultKind, target: usize, hold_ms: u64, gap_ms: u64) -> Step {
-    Step {
-        kind,
-        target,
-        hold: Duration::from_millis(hold_ms),
-        gap: Duration::from_millis(gap_ms),
-    }
-}
-
 /// Runs a world with `failpoints` and a fixed `plan`; prints what the
 /// checker found.
 async fn world(failpoints: Failpoints, plan: Vec<Step>) -> Result<(History, Report)> {
@@ -69,6 +60,32 @@ fn fired(h: &History, name: &str) -> u64 {
     h.failpoint_hits.get(name).copied().unwrap_or(0)
 }
 
+/// A broken build under `plan`: its failpoint `name` fired at least `min`
+/// times and `invariant` flags what it broke.
+async fn caught(
+    failpoints: Failpoints,
+    plan: Vec<Step>,
+    name: &str,
+    min: u64,
+    invariant: Invariant,
+) -> Result<()> {
+    let (h, r) = world(failpoints, plan).await?;
+    assert!(fired(&h, name) >= min, "{name}: {:?}", h.failpoint_hits);
+    assert!(
+        !r.of(invariant).is_empty(),
+        "{invariant:?} flags {name}: {r:#?}"
+    );
+    Ok(())
+}
+
+/// The correct code under an in-code fault: `name` fired and every
+/// invariant held, none skipped.
+fn kept(h: &History, r: &Report, name: &str) {
+    assert!(fired(h, name) >= 1, "{name}: {:?}", h.failpoint_hits);
+    assert!(r.violations.is_empty(), "{r:#?}");
+    assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+}
+
 fn clients(list: &str) -> Failpoints {
     Failpoints {
         clients: list.into(),
@@ -103,7 +120,7 @@ fn the_harness_names_the_controllers_failpoints_as_the_controller_does() {
 async fn a_reflector_that_drops_a_delete_event_is_caught() -> Result<()> {
     let (h, r) = world(
         clients("watch-drop-delete=1*return"),
-        vec![step(FaultKind::ServerKill, 0, 12_000, 1_000)],
+        vec![Step::new(FaultKind::ServerKill, 0, 12_000, 1_000)],
     )
     .await?;
     assert_eq!(fired(&h, "watch-drop-delete"), 1, "{:?}", h.failpoint_hits);
@@ -122,21 +139,14 @@ async fn a_reflector_that_drops_a_delete_event_is_caught() -> Result<()> {
 /// until the restarted server registers: (h).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_resumed_from_the_wrong_revision_is_caught() -> Result<()> {
-    let (h, r) = world(
+    caught(
         clients("watch-resume-skip=return"),
-        vec![step(FaultKind::ServerKill, 0, 12_000, 1_000)],
+        vec![Step::new(FaultKind::ServerKill, 0, 12_000, 1_000)],
+        "watch-resume-skip",
+        2,
+        Invariant::ViewAtRevision,
     )
-    .await?;
-    assert!(
-        fired(&h, "watch-resume-skip") >= 2,
-        "{:?}",
-        h.failpoint_hits
-    );
-    assert!(
-        !r.of(Invariant::ViewAtRevision).is_empty(),
-        "the skipped revision is flagged: {r:#?}"
-    );
-    Ok(())
+    .await
 }
 
 /// The library's reflector reports every key removed when its watch fails
@@ -145,23 +155,16 @@ async fn a_watch_resumed_from_the_wrong_revision_is_caught() -> Result<()> {
 /// address its view lost while etcd still held it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reflector_that_empties_the_view_on_an_outage_is_caught() -> Result<()> {
-    let (h, r) = world(
+    caught(
         clients("watch-empty-on-outage=return"),
         (0..3)
-            .map(|m| step(FaultKind::EtcdKill, m, 2_000, 1_000))
+            .map(|m| Step::new(FaultKind::EtcdKill, m, 2_000, 1_000))
             .collect(),
+        "watch-empty-on-outage",
+        1,
+        Invariant::StaticStability,
     )
-    .await?;
-    assert!(
-        fired(&h, "watch-empty-on-outage") >= 1,
-        "{:?}",
-        h.failpoint_hits
-    );
-    assert!(
-        !r.of(Invariant::StaticStability).is_empty(),
-        "the emptied view is flagged: {r:#?}"
-    );
-    Ok(())
+    .await
 }
 
 /// greet-server does not register again when its key vanishes
@@ -171,22 +174,17 @@ async fn a_reflector_that_empties_the_view_on_an_outage_is_caught() -> Result<()
 /// the same way with the correct server, which registers again.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_does_not_register_again_is_caught() -> Result<()> {
-    let (h, r) = world(
+    caught(
         Failpoints {
             servers: "registrar-no-reregister=return".into(),
             ..Default::default()
         },
-        vec![step(FaultKind::KeyDelete, 0, 0, 4_000)],
+        vec![Step::new(FaultKind::KeyDelete, 0, 0, 4_000)],
+        "registrar-no-reregister",
+        1,
+        Invariant::LiveRegistered,
     )
-    .await?;
-    assert!(
-        fired(&h, "registrar-no-reregister") >= 1,
-        "{:?}",
-        h.failpoint_hits
-    );
-    let missing = r.of(Invariant::LiveRegistered);
-    assert!(!missing.is_empty(), "the missing server is flagged: {r:#?}");
-    Ok(())
+    .await
 }
 
 /// The leading controller's deletions are held 5 s between plan and
@@ -198,25 +196,18 @@ async fn a_server_that_does_not_register_again_is_caught() -> Result<()> {
 /// the fresh registration of a live, answering server: (f).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_deleting_without_its_fence_is_caught() -> Result<()> {
-    let (h, r) = world(
+    caught(
         Failpoints {
             controllers: "controller-delete-delay=return(5000);controller-delete-unfenced=return"
                 .into(),
             ..Default::default()
         },
-        vec![step(FaultKind::ServerKill, 0, 3_000, 8_000)],
+        vec![Step::new(FaultKind::ServerKill, 0, 3_000, 8_000)],
+        CONTROLLER_DELETE_UNFENCED,
+        1,
+        Invariant::NoLiveDeletion,
     )
-    .await?;
-    assert!(
-        fired(&h, CONTROLLER_DELETE_UNFENCED) >= 1,
-        "{:?}",
-        h.failpoint_hits
-    );
-    assert!(
-        !r.of(Invariant::NoLiveDeletion).is_empty(),
-        "the unfenced deletion of a fresh registration is flagged: {r:#?}"
-    );
-    Ok(())
+    .await
 }
 
 /// The same delayed deletion with the fence: the transaction compares the
@@ -229,16 +220,10 @@ async fn the_fence_keeps_a_delayed_deletion_off_a_fresh_registration() -> Result
             controllers: "controller-delete-delay=return(5000)".into(),
             ..Default::default()
         },
-        vec![step(FaultKind::ServerKill, 0, 3_000, 8_000)],
+        vec![Step::new(FaultKind::ServerKill, 0, 3_000, 8_000)],
     )
     .await?;
-    assert!(
-        fired(&h, CONTROLLER_DELETE_DELAY) >= 1,
-        "{:?}",
-        h.failpoint_hits
-    );
-    assert!(r.violations.is_empty(), "{r:#?}");
-    assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+    kept(&h, &r, CONTROLLER_DELETE_DELAY);
     Ok(())
 }
 
@@ -259,18 +244,12 @@ async fn in_code_fault_a_watch_cut_mid_revision_keeps_every_invariant() -> Resul
     let (h, r) = world_with(
         clients("watch-cut-mid-revision=80%return"),
         (0..4)
-            .map(|_| step(FaultKind::MultiKeyWrite, 0, 0, 6_000))
+            .map(|_| Step::new(FaultKind::MultiKeyWrite, 0, 0, 6_000))
             .collect(),
         |cfg| cfg.ttl = "90s",
     )
     .await?;
-    assert!(
-        fired(&h, "watch-cut-mid-revision") >= 1,
-        "{:?}",
-        h.failpoint_hits
-    );
-    assert!(r.violations.is_empty(), "{r:#?}");
-    assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+    kept(&h, &r, "watch-cut-mid-revision");
     Ok(())
 }
 
@@ -286,18 +265,12 @@ async fn in_code_fault_b_lost_keepalive_answers_keep_every_invariant() -> Result
             ..Default::default()
         },
         vec![
-            step(FaultKind::EtcdKill, 1, 2_000, 3_000),
-            step(FaultKind::ServerKill, 2, 500, 6_000),
+            Step::new(FaultKind::EtcdKill, 1, 2_000, 3_000),
+            Step::new(FaultKind::ServerKill, 2, 500, 6_000),
         ],
     )
     .await?;
-    assert!(
-        fired(&h, "keepalive-answer-lost") >= 1,
-        "{:?}",
-        h.failpoint_hits
-    );
-    assert!(r.violations.is_empty(), "{r:#?}");
-    assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+    kept(&h, &r, "keepalive-answer-lost");
     Ok(())
 }
 
@@ -315,14 +288,12 @@ async fn in_code_fault_c_slow_etcd_answers_keep_every_invariant() -> Result<()> 
             ..Default::default()
         },
         vec![
-            step(FaultKind::KeyDelete, 0, 0, 3_000),
-            step(FaultKind::EtcdKill, 2, 2_000, 3_000),
-            step(FaultKind::ServerKill, 1, 500, 3_000),
+            Step::new(FaultKind::KeyDelete, 0, 0, 3_000),
+            Step::new(FaultKind::EtcdKill, 2, 2_000, 3_000),
+            Step::new(FaultKind::ServerKill, 1, 500, 3_000),
         ],
     )
     .await?;
-    assert!(fired(&h, "etcd-slow-answer") >= 1, "{:?}", h.failpoint_hits);
-    assert!(r.violations.is_empty(), "{r:#?}");
-    assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+    kept(&h, &r, "etcd-slow-answer");
     Ok(())
 }

@@ -18,12 +18,7 @@ async fn a_client_that_empties_its_view_on_an_outage_is_caught() -> Result<()> {
     let mut cfg = WorldConfig::new(0, Duration::ZERO);
     cfg.mutant = Some(Mutant::EmptyOnOutage);
     cfg.quiet = Duration::from_secs(6);
-    cfg.plan = Some(vec![Step {
-        kind: FaultKind::EtcdKill,
-        target: 0,
-        hold: Duration::from_secs(3),
-        gap: Duration::from_secs(1),
-    }]);
+    cfg.plan = Some(vec![Step::new(FaultKind::EtcdKill, 0, 3000, 1000)]);
     let h = run(&cfg).await?;
     let r = check(&h, &Bounds::default());
     for v in &r.violations {
@@ -50,12 +45,7 @@ async fn a_client_that_ignores_drains_is_caught() -> Result<()> {
     cfg.mutant = Some(Mutant::IgnoreDrains);
     cfg.drain = "3s";
     cfg.quiet = Duration::from_secs(6);
-    cfg.plan = Some(vec![Step {
-        kind: FaultKind::ServerDrain,
-        target: 0,
-        hold: Duration::from_secs(2),
-        gap: Duration::from_secs(1),
-    }]);
+    cfg.plan = Some(vec![Step::new(FaultKind::ServerDrain, 0, 2000, 1000)]);
     let h = run(&cfg).await?;
     let r = check(&h, &Bounds::default());
     for v in &r.violations {
@@ -84,12 +74,7 @@ async fn a_client_that_drops_a_watch_event_is_caught() -> Result<()> {
     let mut cfg = WorldConfig::new(0, Duration::ZERO);
     cfg.mutant = Some(Mutant::DropFirstDelete);
     cfg.quiet = Duration::from_secs(6);
-    cfg.plan = Some(vec![Step {
-        kind: FaultKind::ServerKill,
-        target: 0,
-        hold: Duration::from_secs(9),
-        gap: Duration::from_secs(1),
-    }]);
+    cfg.plan = Some(vec![Step::new(FaultKind::ServerKill, 0, 9000, 1000)]);
     let h = run(&cfg).await?;
     let r = check(&h, &Bounds::default());
     for v in &r.violations {

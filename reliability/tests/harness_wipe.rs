@@ -19,24 +19,15 @@ use reliability::history::FaultKind;
 use reliability::nemesis::Step;
 use reliability::world::{run, WorldConfig};
 
-fn step(kind: FaultKind, target: usize, hold: u64, gap: u64) -> Step {
-    Step {
-        kind,
-        target,
-        hold: Duration::from_millis(hold),
-        gap: Duration::from_millis(gap),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_restored_and_wiped_under_load_keeps_every_invariant() -> Result<()> {
     let mut cfg = WorldConfig::new(0, Duration::ZERO);
     cfg.quiet = Duration::from_secs(6);
     cfg.plan = Some(vec![
-        step(FaultKind::ServerKill, 0, 2500, 1500),
-        step(FaultKind::ServerDrain, 1, 300, 1500),
-        step(FaultKind::EtcdRestore, 0, 500, 7000),
-        step(FaultKind::EtcdWipe, 0, 300, 3000),
+        Step::new(FaultKind::ServerKill, 0, 2500, 1500),
+        Step::new(FaultKind::ServerDrain, 1, 300, 1500),
+        Step::new(FaultKind::EtcdRestore, 0, 500, 7000),
+        Step::new(FaultKind::EtcdWipe, 0, 300, 3000),
     ]);
     let h = run(&cfg).await?;
     let r = check(&h, &Bounds::default());

@@ -18,15 +18,6 @@ use reliability::history::FaultKind;
 use reliability::nemesis::Step;
 use reliability::world::{run, WorldConfig};
 
-fn step(kind: FaultKind, target: usize, hold: u64, gap: u64) -> Step {
-    Step {
-        kind,
-        target,
-        hold: Duration::from_millis(hold),
-        gap: Duration::from_millis(gap),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpcio_client_over_xds_keeps_every_invariant() -> Result<()> {
     let mut cfg = WorldConfig::new(0, Duration::ZERO);
@@ -34,14 +25,14 @@ async fn a_grpcio_client_over_xds_keeps_every_invariant() -> Result<()> {
     cfg.quiet = Duration::from_secs(6);
     cfg.tracks = Some(vec![
         vec![
-            step(FaultKind::ServerDrain, 0, 300, 1500),
-            step(FaultKind::ServerKill, 1, 2500, 1500),
-            step(FaultKind::ControllerKill, 0, 2000, 1500),
-            step(FaultKind::ControllerPause, 0, 2000, 1500),
+            Step::new(FaultKind::ServerDrain, 0, 300, 1500),
+            Step::new(FaultKind::ServerKill, 1, 2500, 1500),
+            Step::new(FaultKind::ControllerKill, 0, 2000, 1500),
+            Step::new(FaultKind::ControllerPause, 0, 2000, 1500),
         ],
         vec![
-            step(FaultKind::EtcdKill, 0, 2000, 2000),
-            step(FaultKind::EtcdRestore, 0, 500, 2000),
+            Step::new(FaultKind::EtcdKill, 0, 2000, 2000),
+            Step::new(FaultKind::EtcdRestore, 0, 500, 2000),
         ],
     ]);
     let h = run(&cfg).await?;
