@@ -42,6 +42,16 @@ use crate::session::Session;
 /// The smallest TTL etcd grants.
 pub const MIN_TTL: Duration = Duration::from_secs(2);
 
+/// How long one try of the revoke at deregistration waits for its answer
+/// (a healthy member answers in milliseconds, one after an election
+/// within about a second).
+pub const REVOKE_TRY: Duration = Duration::from_millis(1500);
+
+/// How long the revoke is tried, each try after a failure on the next
+/// member (a quick "no leader" during an election is tried again 200 ms
+/// later): within greet-server's 5 s deregistration bound.
+pub const REVOKE_FOR: Duration = Duration::from_millis(4500);
+
 /// What to register.
 #[derive(Debug, Clone)]
 pub struct RegistrarConfig {
@@ -426,18 +436,62 @@ impl Worker {
         if let Some(keeper) = self.keeper.take() {
             let id = keeper.id();
             keeper.stop().await;
-            match self
-                .session
-                .call(|mut c| async move { c.lease_revoke(id).await })
-                .await
-            {
-                Ok(_) => info!(lease = id, "deregistered: lease revoked, key deleted"),
-                Err(e) => {
-                    warn!(lease = id, error = %e, "revoke failed; the key expires with its lease")
-                }
-            }
+            self.revoke(id).await;
         }
         self.set_status(RegistrationStatus::Deregistered);
+    }
+
+    /// Revokes lease `id` (deleting our key), trying the members in turn: a
+    /// member cut off from its peers, or left without a leader, does not
+    /// answer, where the majority may through another. A key left behind
+    /// holds the address until its lease expires, and a leader election
+    /// on the way renews every lease: the process restarted on the same
+    /// address waits behind it (it never takes a key on another live
+    /// lease), for 12 s in one run of the robustness harness. Each try is
+    /// bounded by [`REVOKE_TRY`], all by [`REVOKE_FOR`]; the handle's
+    /// deregistration wait bounds the whole as well.
+    async fn revoke(&mut self, id: i64) {
+        let until = Instant::now() + REVOKE_FOR;
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            let left = until.saturating_duration_since(Instant::now());
+            let answer = timeout(
+                REVOKE_TRY.min(left),
+                self.session
+                    .call(|mut c| async move { c.lease_revoke(id).await }),
+            )
+            .await;
+            let error = match answer {
+                Ok(Ok(_)) => {
+                    info!(
+                        lease = id,
+                        tries, "deregistered: lease revoked, key deleted"
+                    );
+                    return;
+                }
+                // An earlier try's answer was lost on its way back.
+                Ok(Err(e)) if is_lease_not_found(&e) => {
+                    info!(
+                        lease = id,
+                        tries, "deregistered: the lease was already revoked"
+                    );
+                    return;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => {
+                    self.session.reset();
+                    format!("no answer within {:?}", REVOKE_TRY.min(left))
+                }
+            };
+            let pause = Duration::from_millis(200);
+            if Instant::now() + pause >= until {
+                warn!(lease = id, tries, %error, "revoke failed; the key expires with its lease");
+                return;
+            }
+            debug!(lease = id, tries, %error, "revoke failed; trying the next member");
+            tokio::time::sleep(pause).await;
+        }
     }
 
     fn set_status(&self, status: RegistrationStatus) {

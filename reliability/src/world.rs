@@ -172,7 +172,9 @@ fn spawn_server(eps: &str, port: u16, cfg: &WorldConfig) -> Result<Proc> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut env = vec![("RUST_LOG", "warn")];
+    // The registry's info lines (each registration, each lease lost)
+    // explain a (g) finding when the log is kept.
+    let mut env = vec![("RUST_LOG", "warn,etcd_lb_registry=info")];
     env.extend(Failpoints::env(&cfg.failpoints.servers));
     Proc::spawn(
         &format!("server:{port}"),
@@ -278,19 +280,24 @@ fn harvest(c: &Controller, clock: Clock, h: &Shared, cfg: &WorldConfig) {
         crate::failpoints::count(&log, &mut h);
         h.seed
     };
-    if let Some(dir) = &cfg.log_dir {
-        use std::io::Write;
-        let path = dir.join(format!("{seed}-controller-{}.log", c.index));
-        let kept = std::fs::create_dir_all(dir).and_then(|()| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)?
-                .write_all(log.as_bytes())
-        });
-        if let Err(e) = kept {
-            eprintln!("cannot keep {}: {e}", path.display());
-        }
+    keep_log(cfg, seed, &format!("controller-{}", c.index), &log);
+}
+
+/// Appends `log` to `<seed>-<name>.log` in `cfg.log_dir`, if set (a
+/// process's log goes with its process).
+fn keep_log(cfg: &WorldConfig, seed: u64, name: &str, log: &str) {
+    let Some(dir) = &cfg.log_dir else { return };
+    use std::io::Write;
+    let path = dir.join(format!("{seed}-{name}.log"));
+    let kept = std::fs::create_dir_all(dir).and_then(|()| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?
+            .write_all(log.as_bytes())
+    });
+    if let Err(e) = kept {
+        eprintln!("cannot keep {}: {e}", path.display());
     }
 }
 
@@ -549,6 +556,9 @@ pub async fn run(cfg: &WorldConfig) -> Result<History> {
             .map(Proc::log)
             .chain(controllers.iter().map(|c| c.proc.log()))
             .any(|log| crate::failpoints::ignored(&log));
+        for (s, port) in servers.iter().zip(&ports) {
+            keep_log(cfg, cfg.seed, &format!("server-{port}"), &s.log());
+        }
         record(&history, |h| {
             for s in servers.iter() {
                 crate::failpoints::count(&s.log(), h);
@@ -707,6 +717,12 @@ async fn inject(step: &Step, kit: &Kit, cfg: &WorldConfig, clock: Clock, h: &Sha
         match step.kind {
             FaultKind::ServerKill => {
                 servers[i].kill();
+                keep_log(
+                    cfg,
+                    cfg.seed,
+                    &format!("server-{}", ports[i]),
+                    &servers[i].log(),
+                );
                 tokio::time::sleep(step.hold).await;
                 servers[i] = spawn_server(eps, ports[i], cfg)?;
                 mark(h, clock, target.clone(), ServerEvent::Started);
@@ -722,6 +738,12 @@ async fn inject(step: &Step, kit: &Kit, cfg: &WorldConfig, clock: Clock, h: &Sha
                     );
                 }
                 mark(h, clock, target.clone(), ServerEvent::Deregistered);
+                keep_log(
+                    cfg,
+                    cfg.seed,
+                    &format!("server-{}", ports[i]),
+                    &servers[i].log(),
+                );
                 tokio::time::sleep(step.hold).await;
                 servers[i] = spawn_server(eps, ports[i], cfg)?;
                 mark(h, clock, target.clone(), ServerEvent::Started);

@@ -30,8 +30,20 @@ async fn random_fault_schedules_keep_every_invariant() -> Result<()> {
     let mut kinds = BTreeSet::new();
     let mut deletions = 0;
     for seed in SEEDS {
-        let h = run(&WorldConfig::new(seed, Duration::from_secs(20))).await?;
+        // Logs are kept, and the history beside them when the seed fails,
+        // so a failure seen once (CI's machine, its load) can be read and
+        // rechecked: `harness --recheck <dir>`.
+        let dir = std::env::temp_dir().join(format!("harness-ci-{}-{seed}", std::process::id()));
+        let mut cfg = WorldConfig::new(seed, Duration::from_secs(20));
+        cfg.log_dir = Some(dir.clone());
+        let h = run(&cfg).await?;
         let r = check(&h, &Bounds::default());
+        if r.violations.is_empty() {
+            let _ = std::fs::remove_dir_all(&dir);
+        } else {
+            std::fs::write(dir.join(format!("{seed}.json")), serde_json::to_vec(&h)?)?;
+            eprintln!("seed {seed}: history and logs kept in {}", dir.display());
+        }
         eprintln!(
             "seed {seed}: faults {:?}, calls {} ({} failed), controller deletions {}, violations {}",
             h.faults_by_kind(),
